@@ -1,0 +1,34 @@
+"""A batch plan: what a policy asks the backend to run in one iteration."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from fairbatching.core.request import Request
+
+
+@dataclass(slots=True)
+class BatchPlan:
+    """Requests to preempt (by recompute) first, then ``(request, num_new_tokens)`` to run, in order.
+
+    The aggregate shape (new tokens, context read, sequences, attention work) is what the cost model
+    prices; ``predicted_time`` is the policy's own estimate of the batch duration.
+    """
+
+    items: list[tuple[Request, int]] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+    new_tokens: int = 0
+    context_tokens: int = 0
+    attn_work: float = 0.0
+    predicted_time: float = 0.0
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.items)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.items
+
+    def tokens_by_id(self) -> dict[str, int]:
+        return {r.request_id: n for r, n in self.items}

@@ -1,0 +1,120 @@
+"""Fitting the cost model to measured batches by least squares on relative error."""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy.optimize import least_squares, nnls
+
+from fairbatching.costmodel.model import CostModel, CostParams, predict_with
+from fairbatching.errors import ProfileError
+
+ROW_FIELDS = ("new_tokens", "context_tokens", "num_seqs", "attn_work", "latency_s")
+
+
+@dataclass(frozen=True)
+class FitReport:
+    model: CostModel
+    train_rows: int
+    holdout_rows: int
+    train_mape: float
+    holdout_mape: float
+    holdout_max_error: float
+
+    def as_dict(self) -> dict[str, float]:
+        return {
+            "train_rows": self.train_rows,
+            "holdout_rows": self.holdout_rows,
+            "train_mape": self.train_mape,
+            "holdout_mape": self.holdout_mape,
+            "holdout_max_error": self.holdout_max_error,
+        }
+
+
+def load_profile_rows(path: str | Path) -> np.ndarray:
+    """Rows ``[new_tokens, context_tokens, num_seqs, attn_work, latency_s]`` from a CSV or JSON(L) file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ProfileError(f"{path}: cannot read profile rows: {exc.strerror}") from None
+    if path.suffix in (".json", ".jsonl"):
+        records = _json_records(path, text)
+    else:
+        reader = csv.DictReader(text.splitlines())
+        missing = [f for f in ROW_FIELDS if f not in (reader.fieldnames or [])]
+        if missing:
+            raise ProfileError(f"{path}: line 1: missing column(s) {', '.join(missing)}")
+        records = [(i + 2, row) for i, row in enumerate(reader)]
+    rows = []
+    for line, rec in records:
+        try:
+            values = [float(rec[f]) for f in ROW_FIELDS]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ProfileError(f"{path}: line {line}: bad or missing value ({exc})") from None
+        if not all(np.isfinite(values)) or min(values) < 0 or values[2] < 1 or values[4] <= 0:
+            raise ProfileError(f"{path}: line {line}: values must be finite, non-negative, with seqs >= 1")
+        rows.append(values)
+    if not rows:
+        raise ProfileError(f"{path}: no profile rows")
+    return np.asarray(rows, dtype=float)
+
+
+def _json_records(path: Path, text: str) -> list[tuple[int, dict]]:
+    try:
+        if path.suffix == ".jsonl":
+            return [(i + 1, json.loads(s)) for i, s in enumerate(text.splitlines()) if s.strip()]
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ProfileError(f"{path}: line {exc.lineno}: not valid JSON: {exc.msg}") from None
+    if isinstance(data, dict):
+        data = data.get("rows", [])
+    return [(i + 1, r) for i, r in enumerate(data)]
+
+
+def _mape(theta: np.ndarray, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    err = np.abs(predict_with(theta, x) - y) / y
+    return float(err.mean()), float(err.max())
+
+
+def fit_cost_model(rows: np.ndarray, holdout_fraction: float = 0.2, seed: int = 0) -> FitReport:
+    """Fit on a random split and report error on the held-out rows.
+
+    The additive model (p = 1) is fitted first by non-negative least squares; that seeds a bounded
+    nonlinear least-squares fit of all parameters, from a few starting sharpness values, on relative
+    residuals, so short decode steps weigh as much as long prefills.
+    """
+    rows = np.asarray(rows, dtype=float)
+    if rows.ndim != 2 or rows.shape[1] != len(ROW_FIELDS):
+        raise ProfileError(f"profile rows must have {len(ROW_FIELDS)} columns: {', '.join(ROW_FIELDS)}")
+    if len(rows) < 10:
+        raise ProfileError(f"need at least 10 profile rows to fit 7 parameters and hold some out, got {len(rows)}")
+    order = np.random.default_rng(seed).permutation(len(rows))
+    n_hold = max(1, int(round(len(rows) * holdout_fraction)))
+    hold, train = rows[order[:n_hold]], rows[order[n_hold:]]
+    x, y = train[:, :4], train[:, 4]
+
+    # Additive model, relative residuals: [const, seqs, context, new, attn] / y . coef ~= 1.
+    design = np.column_stack([np.ones(len(x)), x[:, 2], x[:, 1], x[:, 0], x[:, 3]]) / y[:, None]
+    lin, _ = nnls(design, np.ones(len(y)))
+    base = np.array([lin[0] * 0.5, lin[1], lin[0] * 0.5, lin[2], lin[3], lin[4]])
+    scale = np.maximum(np.abs(base), 1e-12)
+
+    def residual(z: np.ndarray) -> np.ndarray:
+        return predict_with(np.append(z[:-1] * scale, z[-1]), x) / y - 1.0
+
+    best = None
+    for p0 in (1.0, 2.0, 4.0, 8.0):
+        z0 = np.append(np.maximum(base / scale, 1e-6), p0)
+        sol = least_squares(residual, z0, bounds=(np.append(np.zeros(6), 1.0), np.append(np.full(6, np.inf), 32.0)))
+        if best is None or sol.cost < best.cost:
+            best = sol
+    theta = np.append(best.x[:-1] * scale, best.x[-1])
+    model = CostModel(CostParams(*map(float, theta)))
+    train_mape, _ = _mape(theta, x, y)
+    hold_mape, hold_max = _mape(theta, hold[:, :4], hold[:, 4])
+    return FitReport(model, len(train), len(hold), train_mape, hold_mape, hold_max)

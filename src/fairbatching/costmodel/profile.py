@@ -1,0 +1,103 @@
+"""Profiles: a fitted cost model plus the model, hardware and KV capacity it describes, as JSON."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from fairbatching.core.kv import KVCacheConfig
+from fairbatching.costmodel.model import CostModel, CostParams
+from fairbatching.errors import ConfigError, ProfileError
+
+DEFAULT_PROFILE = "llama-3-8b-h100-analytic"
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    source: str
+    model: dict[str, Any]
+    hardware: dict[str, Any]
+    params: CostParams
+    kv: KVCacheConfig
+    fit: dict[str, Any] | None = None
+    note: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def cost_model(self) -> CostModel:
+        return CostModel(self.params)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "source": self.source,
+            "model": self.model,
+            "hardware": self.hardware,
+            "params": asdict(self.params),
+            "kv": {"num_blocks": self.kv.num_blocks, "block_size": self.kv.block_size},
+            "fit": self.fit,
+            "note": self.note,
+            **({"extra": self.extra} if self.extra else {}),
+        }
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_json(), indent=2) + "\n")
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], origin: str = "<json>") -> Profile:
+        try:
+            return cls(
+                name=str(data["name"]),
+                source=str(data["source"]),
+                model=dict(data.get("model", {})),
+                hardware=dict(data.get("hardware", {})),
+                params=CostParams(**data["params"]),
+                kv=KVCacheConfig(**data["kv"]),
+                fit=data.get("fit"),
+                note=str(data.get("note", "")),
+                extra=dict(data.get("extra", {})),
+            )
+        except KeyError as exc:
+            raise ProfileError(f"{origin}: profile is missing the field {exc.args[0]!r}") from None
+        except TypeError as exc:
+            raise ProfileError(f"{origin}: malformed profile: {exc}") from None
+
+    @classmethod
+    def load(cls, path: str | Path) -> Profile:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except OSError as exc:
+            raise ProfileError(f"{path}: cannot read profile: {exc.strerror}") from None
+        except json.JSONDecodeError as exc:
+            raise ProfileError(f"{path}: line {exc.lineno}: not valid JSON: {exc.msg}") from None
+        if not isinstance(data, dict):
+            raise ProfileError(f"{path}: a profile must be a JSON object")
+        return cls.from_json(data, origin=str(path))
+
+
+def _bundled() -> dict[str, Path]:
+    folder = resources.files("fairbatching.costmodel") / "profiles"
+    return {Path(str(p)).stem: Path(str(p)) for p in folder.iterdir() if str(p).endswith(".json")}
+
+
+def available_profiles() -> list[str]:
+    return sorted({DEFAULT_PROFILE, *_bundled()})
+
+
+def load_profile(name_or_path: str | None = None) -> Profile:
+    """A bundled profile by name, the analytic default, or a profile JSON file by path."""
+    from fairbatching.costmodel.roofline import analytic_profile
+
+    name = name_or_path or DEFAULT_PROFILE
+    bundled = _bundled()
+    if name in bundled:
+        return Profile.load(bundled[name])
+    if name == DEFAULT_PROFILE:
+        return analytic_profile()
+    if Path(name).is_file():
+        return Profile.load(name)
+    raise ConfigError(f"unknown profile {name!r}: not a file, and not one of {', '.join(available_profiles())}")

@@ -1,0 +1,17 @@
+"""User-facing errors: each names the offending input so the CLI can print it without a traceback."""
+
+
+class FairBatchingError(Exception):
+    """Base class for errors caused by user input (files, configs, SLOs), not by bugs."""
+
+
+class ConfigError(FairBatchingError, ValueError):
+    """An invalid setting: impossible SLO, unknown policy or profile, bad numeric range."""
+
+
+class WorkloadError(FairBatchingError, ValueError):
+    """A malformed workload or trace file; the message names the file and line."""
+
+
+class ProfileError(FairBatchingError, ValueError):
+    """A malformed or unusable cost-model profile or profile-row file."""

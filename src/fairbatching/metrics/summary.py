@@ -1,0 +1,172 @@
+"""Per-request metrics and their aggregate.
+
+TTFT is first token minus arrival; TPOT is the mean gap between a request's output tokens after the
+first; TBT is every individual gap. A request meets its SLO when TTFT <= its TTFT target and TPOT <= its
+TPOT target; one that was rejected or timed out meets neither. "Envelope" attainment is stricter: every
+token by its envelope deadline.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+
+from fairbatching.core.request import Request, RequestStatus
+
+PERCENTILES = (50, 90, 99)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestMetrics:
+    request_id: str
+    status: str
+    reason: str
+    arrival: float
+    prompt_len: int
+    output_len: int
+    ttft: float
+    tpot: float
+    e2e: float
+    queue_delay: float
+    max_tbt: float
+    preemptions: int
+    ttft_slo: float
+    tpot_slo: float
+    ttft_met: bool
+    tpot_met: bool
+    envelope_met: bool
+
+    @property
+    def slo_met(self) -> bool:
+        return self.ttft_met and self.tpot_met
+
+
+def request_metrics(r: Request) -> RequestMetrics:
+    times = r.token_times
+    n = len(times)
+    nan = math.nan
+    ttft = times[0] - r.arrival if n else nan
+    tpot = (times[-1] - times[0]) / (n - 1) if n > 1 else 0.0 if n == 1 else nan
+    max_tbt = max(b - a for a, b in zip(times, times[1:], strict=False)) if n > 1 else 0.0 if n else nan
+    finished = r.status is RequestStatus.FINISHED
+    # 1e-9 absorbs float noise in clock arithmetic; SLOs are in seconds, far above it.
+    envelope = finished and all(
+        t <= r.first_deadline + i * r.slo.tpot + 1e-9 for i, t in enumerate(times)
+    )
+    return RequestMetrics(
+        request_id=r.request_id,
+        status=r.status.value,
+        reason=r.finish_reason or "",
+        arrival=r.arrival,
+        prompt_len=r.prompt_len,
+        output_len=n,
+        ttft=ttft,
+        tpot=tpot,
+        e2e=times[-1] - r.arrival if n else nan,
+        queue_delay=(r.first_scheduled - r.arrival) if r.first_scheduled is not None else nan,
+        max_tbt=max_tbt,
+        preemptions=r.num_preemptions,
+        ttft_slo=r.slo.ttft,
+        tpot_slo=r.slo.tpot,
+        ttft_met=finished and ttft <= r.slo.ttft + 1e-9,
+        tpot_met=finished and tpot <= r.slo.tpot + 1e-9,
+        envelope_met=envelope,
+    )
+
+
+def _dist(values: np.ndarray) -> dict[str, float]:
+    values = values[~np.isnan(values)]
+    if not len(values):
+        return {"mean": math.nan, **{f"p{p}": math.nan for p in PERCENTILES}, "max": math.nan}
+    pct = np.percentile(values, PERCENTILES)
+    return {"mean": float(values.mean()), **{f"p{p}": float(v) for p, v in zip(PERCENTILES, pct, strict=True)},
+            "max": float(values.max())}
+
+
+@dataclass
+class Summary:
+    policy: str
+    workload: str
+    requests: int
+    finished: int
+    rejected: int
+    timed_out: int
+    duration_s: float
+    ttft: dict[str, float]
+    tpot: dict[str, float]
+    tbt: dict[str, float]
+    e2e: dict[str, float]
+    queue_delay: dict[str, float]
+    ttft_attainment: float
+    tpot_attainment: float
+    slo_attainment: float
+    envelope_attainment: float
+    goodput_rps: float
+    throughput_tok_s: float
+    gpu_busy: float
+    preemptions: int
+    per_request: list[RequestMetrics]
+
+    def to_dict(self, with_requests: bool = False) -> dict:
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "per_request"}
+        if with_requests:
+            d["per_request"] = [asdict(m) for m in self.per_request]
+        return d
+
+    def write_json(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, allow_nan=True) + "\n")
+
+    def write_requests_csv(self, path: str | Path) -> None:
+        names = [f.name for f in fields(RequestMetrics)]
+        with Path(path).open("w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(names)
+            for m in self.per_request:
+                w.writerow([getattr(m, n) for n in names])
+
+
+def summarize(
+    policy: str,
+    workload: str,
+    requests: list[Request],
+    end_time: float,
+    busy_time: float,
+    preemptions: int,
+) -> Summary:
+    per = [request_metrics(r) for r in requests]
+    n = len(per)
+    start = min((r.arrival for r in requests), default=0.0)
+    duration = max(end_time - start, 1e-12)
+    col = {k: np.array([getattr(m, k) for m in per], dtype=float) for k in ("ttft", "tpot", "e2e", "queue_delay")}
+    gaps = [np.diff(r.token_times) for r in requests if len(r.token_times) > 1]
+    tbt = np.concatenate(gaps) if gaps else np.array([])
+    good = sum(m.slo_met for m in per)
+    share = (lambda k: sum(getattr(m, k) for m in per) / n) if n else (lambda k: math.nan)
+    return Summary(
+        policy=policy,
+        workload=workload,
+        requests=n,
+        finished=sum(m.status == RequestStatus.FINISHED.value for m in per),
+        rejected=sum(m.status == RequestStatus.REJECTED.value for m in per),
+        timed_out=sum(m.status == RequestStatus.TIMED_OUT.value for m in per),
+        duration_s=duration,
+        ttft=_dist(col["ttft"]),
+        tpot=_dist(col["tpot"]),
+        tbt=_dist(tbt),
+        e2e=_dist(col["e2e"]),
+        queue_delay=_dist(col["queue_delay"]),
+        ttft_attainment=share("ttft_met"),
+        tpot_attainment=share("tpot_met"),
+        slo_attainment=good / n if n else math.nan,
+        envelope_attainment=share("envelope_met"),
+        goodput_rps=good / duration,
+        throughput_tok_s=sum(m.output_len for m in per) / duration,
+        gpu_busy=min(1.0, busy_time / duration),
+        preemptions=preemptions,
+        per_request=per,
+    )

@@ -1,0 +1,171 @@
+"""What every policy shares: the state it sees, and a builder that enforces budgets, KV and preemption."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+from fairbatching.core.kv import BlockAllocator
+from fairbatching.core.plan import BatchPlan
+from fairbatching.core.request import Request
+from fairbatching.costmodel.model import CostModel
+
+
+@dataclass(slots=True)
+class SchedulerState:
+    """What a backend shows a policy: the clock, requests holding KV (admission order) and those waiting.
+
+    ``running`` holds requests with KV allocated (decoding, or mid-prefill); ``waiting`` holds requests
+    without KV, new or preempted, in queue order. Policies read this and return a plan; they never mutate it.
+    """
+
+    now: float
+    running: list[Request]
+    waiting: list[Request]
+    kv: BlockAllocator
+
+
+class Policy(ABC):
+    """A batch-formation policy. One ``schedule`` call plans one iteration."""
+
+    name: str = "policy"
+
+    def __init__(self, cost_model: CostModel, max_num_batched_tokens: int = 8192, max_num_seqs: int = 256) -> None:
+        if max_num_batched_tokens < 1 or max_num_seqs < 1:
+            raise ValueError("max_num_batched_tokens and max_num_seqs must be >= 1")
+        self.cost_model = cost_model
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_num_seqs = max_num_seqs
+
+    @abstractmethod
+    def schedule(self, state: SchedulerState) -> BatchPlan: ...
+
+    def builder(self, state: SchedulerState, token_budget: int | None = None) -> BatchBuilder:
+        budget = self.max_num_batched_tokens if token_budget is None else token_budget
+        return BatchBuilder(state, self.cost_model, budget, self.max_num_seqs)
+
+
+class BatchBuilder:
+    """Accumulates a batch while tracking tokens, sequences, KV blocks and the predicted batch time.
+
+    KV is reserved as items are added; when a running request needs a block and none is free, the newest
+    running request not yet in the batch is preempted by recompute, as vLLM does.
+    """
+
+    __slots__ = (
+        "state", "cost", "token_budget", "max_seqs", "block_size", "free_blocks",
+        "plan", "scheduled", "new_tokens", "context", "attn", "seqs", "_victims",
+    )
+
+    def __init__(self, state: SchedulerState, cost: CostModel, token_budget: int, max_seqs: int) -> None:
+        self.state = state
+        self.cost = cost
+        self.token_budget = token_budget
+        self.max_seqs = max_seqs
+        self.block_size = state.kv.block_size
+        self.free_blocks = state.kv.free_blocks
+        self.plan = BatchPlan()
+        self.scheduled: set[int] = set()
+        self.new_tokens = 0
+        self.context = 0
+        self.attn = 0.0
+        self.seqs = 0
+        self._victims: list[Request] | None = None
+
+    @property
+    def tokens_left(self) -> int:
+        return self.token_budget - self.new_tokens
+
+    @property
+    def full(self) -> bool:
+        return self.seqs >= self.max_seqs or self.new_tokens >= self.token_budget
+
+    def time(self) -> float:
+        return self.cost.predict(self.new_tokens, self.context, self.seqs, self.attn)
+
+    def time_with(self, request: Request, n: int) -> float:
+        c = request.num_computed
+        return self.cost.predict(
+            self.new_tokens + n, self.context + c + n, self.seqs + 1, self.attn + n * (c + (n + 1) * 0.5)
+        )
+
+    def blocks_needed(self, request: Request, n: int) -> int:
+        return max(0, -(-(request.num_computed + n) // self.block_size) - request.num_blocks)
+
+    def add(self, request: Request, n: int, preempt: bool = False) -> bool:
+        """Add ``n`` tokens of ``request`` if budgets and KV allow (preempting others if ``preempt``)."""
+        if n <= 0 or self.seqs >= self.max_seqs or n > self.token_budget - self.new_tokens:
+            return False
+        if self.plan.preempted and request in self.plan.preempted:
+            return False
+        need = self.blocks_needed(request, n)
+        while need > self.free_blocks:
+            if not preempt:
+                return False
+            if not self._preempt_one(exclude=request):
+                self._preempt_self(request)
+                return False
+        self.free_blocks -= need
+        c = request.num_computed
+        self.plan.items.append((request, n))
+        self.scheduled.add(id(request))
+        self.new_tokens += n
+        self.context += c + n
+        self.attn += n * (c + (n + 1) * 0.5)
+        self.seqs += 1
+        return True
+
+    def add_decodes(self, decodes: list[Request]) -> int:
+        """Add decodes in order (preempting for KV as needed); returns how many were added."""
+        added = 0
+        for r in decodes:
+            if id(r) in self.scheduled:
+                continue
+            if not self.add(r, 1, preempt=True):
+                break
+            added += 1
+        return added
+
+    def _preempt_one(self, exclude: Request) -> bool:
+        if self._victims is None:
+            self._victims = [r for r in self.state.running if id(r) not in self.scheduled]
+        while self._victims:
+            victim = self._victims.pop()
+            if victim is exclude or id(victim) in self.scheduled or victim in self.plan.preempted:
+                continue
+            self.plan.preempted.append(victim)
+            self.free_blocks += victim.num_blocks
+            return True
+        return False
+
+    def _preempt_self(self, request: Request) -> None:
+        """No one else left to evict: a running request that cannot grow gives its own KV back (as vLLM)."""
+        if request.num_blocks and request not in self.plan.preempted:
+            self.plan.preempted.append(request)
+            self.free_blocks += request.num_blocks
+
+    def largest_chunk(self, request: Request, limit: int, time_budget: float) -> int:
+        """Largest ``n <= limit`` whose addition keeps the batch within ``time_budget`` (0 if none)."""
+        if limit <= 0 or self.time_with(request, 1) > time_budget:
+            return 0
+        if self.time_with(request, limit) <= time_budget:
+            return limit
+        lo, hi = 1, limit
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if self.time_with(request, mid) <= time_budget:
+                lo = mid
+            else:
+                hi = mid
+        return lo
+
+    def kv_limited_chunk(self, request: Request, n: int) -> int:
+        """Largest chunk ``<= n`` whose KV fits in the blocks still free (no preemption)."""
+        room = (request.num_blocks + self.free_blocks) * self.block_size - request.num_computed
+        return max(0, min(n, room))
+
+    def finish(self) -> BatchPlan:
+        plan = self.plan
+        plan.new_tokens, plan.context_tokens, plan.attn_work = self.new_tokens, self.context, self.attn
+        plan.predicted_time = self.time()
+        return plan

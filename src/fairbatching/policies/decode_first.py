@@ -1,0 +1,114 @@
+"""Decode-first (stall-free) baselines: vLLM V1's default scheduler and Sarathi-Serve."""
+
+from __future__ import annotations
+
+from fairbatching.core.plan import BatchPlan
+from fairbatching.core.request import Request
+from fairbatching.costmodel.model import CostModel, attn_work
+from fairbatching.errors import ConfigError
+from fairbatching.policies.base import Policy, SchedulerState
+
+
+class VLLMPolicy(Policy):
+    """vLLM V1: running requests first in queue order (preempting the newest for KV), then FCFS waiting
+    prefills, chunked to fit ``max_num_batched_tokens``. No new request is admitted in a step that preempts."""
+
+    name = "vllm"
+
+    def token_budget(self) -> int:
+        return self.max_num_batched_tokens
+
+    def running_order(self, running: list[Request]) -> list[Request]:
+        return running
+
+    def schedule(self, state: SchedulerState) -> BatchPlan:
+        b = self.builder(state, self.token_budget())
+        for r in self.running_order(state.running):
+            if b.full:
+                break
+            if not b.add(r, min(r.num_tokens - r.num_computed, b.tokens_left), preempt=True):
+                break
+        if not b.plan.preempted:
+            for r in state.waiting:
+                if b.full or not b.add(r, min(r.num_tokens - r.num_computed, b.tokens_left)):
+                    break
+        return b.finish()
+
+
+class SarathiPolicy(VLLMPolicy):
+    """Sarathi-Serve stall-free batching: every running decode, then ongoing and new prefills (FCFS) in
+    chunks up to a fixed token budget chosen so that a typical mixed batch meets the TPOT SLO."""
+
+    name = "sarathi"
+
+    def __init__(
+        self,
+        cost_model: CostModel,
+        tpot_slo: float | None = None,
+        token_budget: int | None = None,
+        max_num_seqs: int = 256,
+    ) -> None:
+        if token_budget is None:
+            if tpot_slo is None:
+                raise ConfigError("sarathi needs a token budget or a TPOT SLO to derive one from")
+            token_budget = budget_for_tpot(cost_model, tpot_slo)
+        super().__init__(cost_model, max_num_batched_tokens=token_budget, max_num_seqs=max_num_seqs)
+
+    def running_order(self, running: list[Request]) -> list[Request]:
+        decodes = [r for r in running if r.num_tokens - r.num_computed == 1 and r.token_times]
+        if len(decodes) == len(running):
+            return running
+        return decodes + [r for r in running if not (r.num_tokens - r.num_computed == 1 and r.token_times)]
+
+
+def budget_for_tpot(
+    cost_model: CostModel, tpot_slo: float, ref_decodes: int = 32, ref_context: int = 1024, granularity: int = 64
+) -> int:
+    """Largest token budget (a multiple of ``granularity``) whose reference batch fits in ``tpot_slo``.
+
+    The reference batch is ``ref_decodes`` decodes at ``ref_context`` tokens of context plus one prefill
+    chunk filling the rest of the budget, as Sarathi-Serve sizes its chunks from profiled iteration times.
+    """
+
+    def batch_time(budget: int) -> float:
+        chunk = budget - ref_decodes
+        return cost_model.predict(
+            budget,
+            ref_decodes * (ref_context + 1) + chunk,
+            ref_decodes + 1,
+            ref_decodes * attn_work(1, ref_context) + attn_work(chunk, 0),
+        )
+
+    floor = ref_decodes + granularity
+    if batch_time(floor) > tpot_slo:
+        raise ConfigError(
+            f"TPOT SLO {tpot_slo * 1e3:.1f} ms is below the predicted time of a minimal mixed batch "
+            f"({batch_time(floor) * 1e3:.1f} ms): no token budget can meet it on this profile"
+        )
+    lo, hi = floor, floor
+    while batch_time(hi) <= tpot_slo and hi < 1 << 20:
+        lo, hi = hi, hi * 2
+    while hi - lo > granularity:
+        mid = (lo + hi) // 2 // granularity * granularity
+        lo, hi = (mid, hi) if batch_time(mid) <= tpot_slo else (lo, mid)
+    return lo
+
+
+class PrefillFirstPolicy(Policy):
+    """Orca / vLLM v0: whole prompts first, FCFS, in prefill-only batches; decodes run only when no
+    prompt is admitted. The first prompt is admitted even when longer than the token budget."""
+
+    name = "prefill-first"
+
+    def schedule(self, state: SchedulerState) -> BatchPlan:
+        if state.waiting:
+            head = state.waiting[0].num_tokens - state.waiting[0].num_computed
+            b = self.builder(state, max(self.max_num_batched_tokens, head))
+            for r in state.waiting:
+                if not b.add(r, r.num_tokens - r.num_computed):
+                    break
+            if b.seqs:
+                return b.finish()
+        b = self.builder(state)
+        b.add_decodes(state.running)
+        return b.finish()

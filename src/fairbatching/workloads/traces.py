@@ -1,0 +1,129 @@
+"""Loaders for public LLM serving traces; each accepts any user file of the same format.
+
+- Azure LLM inference trace 2023 (CSV: TIMESTAMP, ContextTokens, GeneratedTokens; absolute wall clock)
+- BurstGPT (CSV: Timestamp [s from start], Model, Request tokens, Response tokens, Total tokens, Log Type)
+- Mooncake (JSONL: timestamp [ms from start], input_length, output_length, hash_ids)
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Callable, Iterator
+from datetime import datetime
+from pathlib import Path
+
+from fairbatching.errors import WorkloadError
+from fairbatching.workloads.spec import RequestSpec, Workload
+
+Row = tuple[float, int, int]
+
+
+def _csv_rows(path: Path, required: tuple[str, ...]) -> Iterator[tuple[int, dict[str, str]]]:
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        header = [h.strip() for h in (reader.fieldnames or [])]
+        missing = [c for c in required if c not in header]
+        if missing:
+            raise WorkloadError(f"{path}: line 1: missing column(s) {', '.join(missing)}; found {', '.join(header)}")
+        reader.fieldnames = header
+        for i, row in enumerate(reader, start=2):
+            yield i, row
+
+
+def _int_field(path: Path, line: int, row: dict, key: str, minimum: int) -> int:
+    raw = row.get(key)
+    try:
+        value = int(float(raw))
+    except (TypeError, ValueError):
+        raise WorkloadError(f"{path}: line {line}: {key} is not a number: {raw!r}") from None
+    if value < minimum:
+        raise WorkloadError(f"{path}: line {line}: {key} must be >= {minimum}, got {value}")
+    return value
+
+
+def _azure(path: Path) -> Iterator[Row]:
+    t0 = None
+    for line, row in _csv_rows(path, ("TIMESTAMP", "ContextTokens", "GeneratedTokens")):
+        raw = (row.get("TIMESTAMP") or "").strip()
+        try:
+            ts = datetime.fromisoformat(raw[:26] if "." in raw else raw).timestamp()
+        except ValueError:
+            raise WorkloadError(f"{path}: line {line}: TIMESTAMP is not a date-time: {raw!r}") from None
+        t0 = ts if t0 is None else t0
+        yield ts - t0, _int_field(path, line, row, "ContextTokens", 1), _int_field(path, line, row, "GeneratedTokens", 1)
+
+
+def _burstgpt(path: Path) -> Iterator[Row]:
+    for line, row in _csv_rows(path, ("Timestamp", "Request tokens", "Response tokens")):
+        try:
+            ts = float(row["Timestamp"])
+        except (TypeError, ValueError):
+            raise WorkloadError(f"{path}: line {line}: Timestamp is not a number: {row['Timestamp']!r}") from None
+        prompt = _int_field(path, line, row, "Request tokens", 0)
+        output = _int_field(path, line, row, "Response tokens", 0)
+        if prompt == 0 or output == 0:
+            continue  # BurstGPT logs failed requests with zero tokens; they carry no work to replay.
+        yield ts, prompt, output
+
+
+def _mooncake(path: Path) -> Iterator[Row]:
+    with path.open() as f:
+        for line, text in enumerate(f, start=1):
+            if not text.strip():
+                continue
+            try:
+                rec = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise WorkloadError(f"{path}: line {line}: not valid JSON: {exc.msg}") from None
+            if not isinstance(rec, dict):
+                raise WorkloadError(f"{path}: line {line}: expected a JSON object")
+            missing = [k for k in ("timestamp", "input_length", "output_length") if k not in rec]
+            if missing:
+                raise WorkloadError(f"{path}: line {line}: missing field(s) {', '.join(missing)}")
+            try:
+                ts = float(rec["timestamp"]) / 1000.0
+            except (TypeError, ValueError):
+                raise WorkloadError(f"{path}: line {line}: timestamp is not a number") from None
+            yield ts, _int_field(path, line, rec, "input_length", 1), _int_field(path, line, rec, "output_length", 1)
+
+
+TRACE_FORMATS: dict[str, Callable[[Path], Iterator[Row]]] = {
+    "azure": _azure,
+    "burstgpt": _burstgpt,
+    "mooncake": _mooncake,
+}
+
+
+def detect_format(path: Path) -> str:
+    if path.suffix in (".jsonl", ".json"):
+        return "mooncake"
+    with path.open() as f:
+        header = f.readline()
+    if "TIMESTAMP" in header and "ContextTokens" in header:
+        return "azure"
+    if "Request tokens" in header:
+        return "burstgpt"
+    raise WorkloadError(f"{path}: line 1: cannot tell the trace format from the header {header.strip()!r}; "
+                        f"pass the format ({', '.join(TRACE_FORMATS)})")
+
+
+def load_trace(path: str | Path, fmt: str = "auto", limit: int | None = None) -> Workload:
+    """Load a trace file; arrivals start at 0 and are sorted (stable, so ties keep file order)."""
+    path = Path(path)
+    if not path.is_file():
+        raise WorkloadError(f"{path}: no such trace file")
+    fmt = detect_format(path) if fmt == "auto" else fmt
+    if fmt not in TRACE_FORMATS:
+        raise WorkloadError(f"unknown trace format {fmt!r}; choose from auto, {', '.join(TRACE_FORMATS)}")
+    rows: list[Row] = []
+    for row in TRACE_FORMATS[fmt](path):
+        rows.append(row)
+        if limit is not None and len(rows) >= limit:
+            break
+    if not rows:
+        raise WorkloadError(f"{path}: the trace has no requests")
+    rows.sort(key=lambda r: r[0])
+    t0 = rows[0][0]
+    reqs = tuple(RequestSpec(f"{path.stem}-{i}", t - t0, p, o) for i, (t, p, o) in enumerate(rows))
+    return Workload(path.stem, reqs, {"kind": "trace", "format": fmt, "path": str(path)})
