@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 from fairbatching.errors import ConfigError
 
@@ -28,7 +28,7 @@ class SLO:
                 raise ConfigError(f"SLO {name} must be a positive finite number of seconds, got {value!r}")
 
 
-class RequestStatus(str, Enum):
+class RequestStatus(StrEnum):
     WAITING = "waiting"
     RUNNING = "running"
     FINISHED = "finished"

@@ -55,9 +55,7 @@ def request_metrics(r: Request) -> RequestMetrics:
     max_tbt = max(b - a for a, b in zip(times, times[1:], strict=False)) if n > 1 else 0.0 if n else nan
     finished = r.status is RequestStatus.FINISHED
     # 1e-9 absorbs float noise in clock arithmetic; SLOs are in seconds, far above it.
-    envelope = finished and all(
-        t <= r.first_deadline + i * r.slo.tpot + 1e-9 for i, t in enumerate(times)
-    )
+    envelope = finished and all(t <= r.first_deadline + i * r.slo.tpot + 1e-9 for i, t in enumerate(times))
     return RequestMetrics(
         request_id=r.request_id,
         status=r.status.value,
@@ -84,8 +82,11 @@ def _dist(values: np.ndarray) -> dict[str, float]:
     if not len(values):
         return {"mean": math.nan, **{f"p{p}": math.nan for p in PERCENTILES}, "max": math.nan}
     pct = np.percentile(values, PERCENTILES)
-    return {"mean": float(values.mean()), **{f"p{p}": float(v) for p, v in zip(PERCENTILES, pct, strict=True)},
-            "max": float(values.max())}
+    return {
+        "mean": float(values.mean()),
+        **{f"p{p}": float(v) for p, v in zip(PERCENTILES, pct, strict=True)},
+        "max": float(values.max()),
+    }
 
 
 @dataclass

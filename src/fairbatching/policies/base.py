@@ -53,8 +53,19 @@ class BatchBuilder:
     """
 
     __slots__ = (
-        "state", "cost", "token_budget", "max_seqs", "block_size", "free_blocks",
-        "plan", "scheduled", "new_tokens", "context", "attn", "seqs", "_victims",
+        "state",
+        "cost",
+        "token_budget",
+        "max_seqs",
+        "block_size",
+        "free_blocks",
+        "plan",
+        "scheduled",
+        "new_tokens",
+        "context",
+        "attn",
+        "seqs",
+        "_victims",
     )
 
     def __init__(self, state: SchedulerState, cost: CostModel, token_budget: int, max_seqs: int) -> None:

@@ -73,9 +73,7 @@ class FairBatchingPolicy(Policy):
             self._add_slack_decodes(b, decodes, budget if backlog else math.inf)
         return b.finish()
 
-    def _add_prefills(
-        self, b: BatchBuilder, running: list[Request], waiting: list[Request], budget: float
-    ) -> bool:
+    def _add_prefills(self, b: BatchBuilder, running: list[Request], waiting: list[Request], budget: float) -> bool:
         """Phase 2, earliest deadline first over ongoing prefills and the head of the queue.
 
         Only the first ``edf_window`` queued requests are ordered by deadline (bounded look-ahead keeps a

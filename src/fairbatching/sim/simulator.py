@@ -72,9 +72,7 @@ class Simulator:
     def run(self, workload: Workload, progress: ProgressFn | None = None) -> SimResult:
         cfg = self.config
         kv = BlockAllocator(cfg.kv)
-        pending = [
-            Request(s.request_id, s.arrival, s.prompt_len, s.slo or cfg.default_slo) for s in workload.requests
-        ]
+        pending = [Request(s.request_id, s.arrival, s.prompt_len, s.slo or cfg.default_slo) for s in workload.requests]
         targets = {s.request_id: s.output_len for s in workload.requests}
         pending.sort(key=lambda r: r.arrival)
         total = len(pending)
@@ -136,9 +134,7 @@ class Simulator:
                     progress(len(done), total)
         if progress is not None:
             progress(len(done), total)
-        return SimResult(
-            self.policy.name, done, targets, clock, busy, iterations, preemptions, log, cfg.kv.num_blocks
-        )
+        return SimResult(self.policy.name, done, targets, clock, busy, iterations, preemptions, log, cfg.kv.num_blocks)
 
     def _admission_problem(self, r: Request, output_len: int, kv: BlockAllocator) -> str | None:
         total_len = r.prompt_len + output_len
@@ -199,7 +195,9 @@ def _end(r: Request, status: RequestStatus, reason: str, kv: BlockAllocator, don
     done.append(r)
 
 
-def _log_iteration(log: IterationLog, t: float, dt: float, plan: BatchPlan, running: int, waiting: int, kv: int) -> None:
+def _log_iteration(
+    log: IterationLog, t: float, dt: float, plan: BatchPlan, running: int, waiting: int, kv: int
+) -> None:
     decodes = sum(1 for r, n in plan.items if n == 1 and r.token_times)
     log.start.append(t)
     log.duration.append(dt)

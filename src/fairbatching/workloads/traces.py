@@ -27,8 +27,7 @@ def _csv_rows(path: Path, required: tuple[str, ...]) -> Iterator[tuple[int, dict
         if missing:
             raise WorkloadError(f"{path}: line 1: missing column(s) {', '.join(missing)}; found {', '.join(header)}")
         reader.fieldnames = header
-        for i, row in enumerate(reader, start=2):
-            yield i, row
+        yield from enumerate(reader, start=2)
 
 
 def _int_field(path: Path, line: int, row: dict, key: str, minimum: int) -> int:
@@ -51,7 +50,11 @@ def _azure(path: Path) -> Iterator[Row]:
         except ValueError:
             raise WorkloadError(f"{path}: line {line}: TIMESTAMP is not a date-time: {raw!r}") from None
         t0 = ts if t0 is None else t0
-        yield ts - t0, _int_field(path, line, row, "ContextTokens", 1), _int_field(path, line, row, "GeneratedTokens", 1)
+        yield (
+            ts - t0,
+            _int_field(path, line, row, "ContextTokens", 1),
+            _int_field(path, line, row, "GeneratedTokens", 1),
+        )
 
 
 def _burstgpt(path: Path) -> Iterator[Row]:
@@ -104,8 +107,10 @@ def detect_format(path: Path) -> str:
         return "azure"
     if "Request tokens" in header:
         return "burstgpt"
-    raise WorkloadError(f"{path}: line 1: cannot tell the trace format from the header {header.strip()!r}; "
-                        f"pass the format ({', '.join(TRACE_FORMATS)})")
+    raise WorkloadError(
+        f"{path}: line 1: cannot tell the trace format from the header {header.strip()!r}; "
+        f"pass the format ({', '.join(TRACE_FORMATS)})"
+    )
 
 
 def load_trace(path: str | Path, fmt: str = "auto", limit: int | None = None) -> Workload:
