@@ -2,11 +2,15 @@
 
 Token 1 is due at ``arrival + TTFT``; token k at that plus ``(k - 1) * TPOT``. A request's slack is the
 time left until its next token is due: positive means ahead of its envelope, negative means late.
+Scheduling deadlines after the first token follow ``decode_anchor`` (re-anchored when the first token
+was late); ``token_deadline`` is the SLO's own envelope, used to report envelope attainment.
 """
 
 from __future__ import annotations
 
-from fairbatching.core.request import Request
+from fairbatching.core.request import Request, decode_anchor
+
+__all__ = ["decode_anchor", "emission_slack", "is_urgent", "slack", "token_deadline"]
 
 
 def token_deadline(request: Request, k: int) -> float:

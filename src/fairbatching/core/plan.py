@@ -18,6 +18,7 @@ class BatchPlan:
     items: list[tuple[Request, int]] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
     new_tokens: int = 0
+    num_decodes: int = 0
     context_tokens: int = 0
     attn_work: float = 0.0
     predicted_time: float = 0.0

@@ -15,6 +15,20 @@ from enum import StrEnum
 from fairbatching.errors import ConfigError
 
 
+def decode_anchor(first_deadline: float, first_token_time: float, slack_carry: float, grace: float = 0.0) -> float:
+    """Where the decode envelope starts: token k (k >= 2) is due at ``anchor + (k - 1) * TPOT``.
+
+    The paper's envelope anchors at ``arrival + TTFT`` (``slack_carry = 1``): a request whose first token
+    came early keeps that lead as decode slack. ``slack_carry`` scales how much of the lead is kept (0 means
+    decode deadlines run from the first token, which bounds the request's mean TPOT). A first token that
+    came late re-anchors at its own time: the TTFT is lost, but the request can still meet its TPOT, and an
+    envelope already in the past would make it urgent forever and starve every prefill. ``grace`` (seconds)
+    lets the first decode tokens run late by that much: the SLO is on the mean TPOT, which a decode running
+    faster than its TPOT afterwards wins back within a few tokens.
+    """
+    return first_token_time + slack_carry * max(0.0, first_deadline - first_token_time) + grace
+
+
 @dataclass(frozen=True, slots=True)
 class SLO:
     """Per-request latency targets in seconds: time to first token, and time per output token after it."""
@@ -44,11 +58,14 @@ class Request:
         "arrival",
         "prompt_len",
         "slo",
+        "tpot",
         "num_tokens",
         "num_computed",
         "num_blocks",
         "token_times",
         "first_deadline",
+        "slack_carry",
+        "decode_grace",
         "next_deadline",
         "first_scheduled",
         "num_preemptions",
@@ -56,7 +73,16 @@ class Request:
         "finish_reason",
     )
 
-    def __init__(self, request_id: str, arrival: float, prompt_len: int, slo: SLO, num_cached: int = 0) -> None:
+    def __init__(
+        self,
+        request_id: str,
+        arrival: float,
+        prompt_len: int,
+        slo: SLO,
+        num_cached: int = 0,
+        slack_carry: float = 1.0,
+        decode_grace: float = 0.0,
+    ) -> None:
         if prompt_len <= 0:
             raise ConfigError(f"request {request_id}: prompt length must be positive, got {prompt_len}")
         if not 0 <= num_cached < prompt_len:
@@ -65,11 +91,14 @@ class Request:
         self.arrival = arrival
         self.prompt_len = prompt_len
         self.slo = slo
+        self.tpot = slo.tpot
         self.num_tokens = prompt_len
         self.num_computed = num_cached
         self.num_blocks = 0
         self.token_times: list[float] = []
         self.first_deadline = arrival + slo.ttft
+        self.slack_carry = slack_carry
+        self.decode_grace = decode_grace
         self.next_deadline = self.first_deadline
         self.first_scheduled: float | None = None
         self.num_preemptions = 0
@@ -90,10 +119,19 @@ class Request:
         return self.num_computed == self.num_tokens - 1 and bool(self.token_times)
 
     def record_token(self, t: float) -> None:
-        """Register a sampled token at time ``t`` and move the envelope deadline to the next token."""
-        self.token_times.append(t)
+        """Register a sampled token at time ``t`` and move the deadline to the next token.
+
+        Decode deadlines run from an anchor fixed at the first token (see ``envelope.decode_anchor``).
+        """
+        times = self.token_times
+        times.append(t)
         self.num_tokens += 1
-        self.next_deadline = self.first_deadline + len(self.token_times) * self.slo.tpot
+        if len(times) == 1:
+            self.next_deadline = (
+                decode_anchor(self.first_deadline, t, self.slack_carry, self.decode_grace * self.tpot) + self.tpot
+            )
+        else:
+            self.next_deadline += self.tpot
 
     def reset_for_recompute(self) -> None:
         """Preemption by recompute (vLLM's default): the KV is dropped, prompt and output are prefilled again."""

@@ -29,6 +29,11 @@ class Policy(ABC):
     """A batch-formation policy. One ``schedule`` call plans one iteration."""
 
     name: str = "policy"
+    #: How much of a first token's lead over its TTFT deadline a backend carries into decode deadlines
+    #: (``Request.slack_carry``); only deadline-aware policies care.
+    slack_carry: float = 1.0
+    #: Grace before decode deadlines bind, in units of the request's TPOT (``Request.decode_grace``).
+    decode_grace: float = 0.0
 
     def __init__(self, cost_model: CostModel, max_num_batched_tokens: int = 8192, max_num_seqs: int = 256) -> None:
         if max_num_batched_tokens < 1 or max_num_seqs < 1:
@@ -103,13 +108,19 @@ class BatchBuilder:
     def blocks_needed(self, request: Request, n: int) -> int:
         return max(0, -(-(request.num_computed + n) // self.block_size) - request.num_blocks)
 
-    def add(self, request: Request, n: int, preempt: bool = False) -> bool:
-        """Add ``n`` tokens of ``request`` if budgets and KV allow (preempting others if ``preempt``)."""
+    def add(self, request: Request, n: int, preempt: bool = False, reserve: int = 0) -> bool:
+        """Add ``n`` tokens of ``request`` if budgets and KV allow.
+
+        ``preempt``: evict other running requests for KV if needed. ``reserve``: blocks that must stay
+        free after this allocation (admission headroom for the running requests to keep growing).
+        """
         if n <= 0 or self.seqs >= self.max_seqs or n > self.token_budget - self.new_tokens:
             return False
         if self.plan.preempted and request in self.plan.preempted:
             return False
         need = self.blocks_needed(request, n)
+        if reserve and need + reserve > self.free_blocks:
+            return False
         while need > self.free_blocks:
             if not preempt:
                 return False
@@ -124,14 +135,46 @@ class BatchBuilder:
         self.context += c + n
         self.attn += n * (c + (n + 1) * 0.5)
         self.seqs += 1
+        if n == 1 and request.token_times:
+            self.plan.num_decodes += 1
         return True
 
     def add_decodes(self, decodes: list[Request]) -> int:
-        """Add decodes in order (preempting for KV as needed); returns how many were added."""
+        """Add one token for each decode, in order, preempting for KV as needed; returns how many were added.
+
+        Fast path: when the sequence and token limits and the free blocks cover them all, they are added in
+        one pass (a decode needs a new block only when its KV exactly fills the blocks it holds).
+        """
+        scheduled = self.scheduled
+        todo = [r for r in decodes if id(r) not in scheduled] if scheduled else decodes
+        n = len(todo)
+        if not n:
+            return 0
+        bs = self.block_size
+        need = 0
+        ctx = 0
+        for r in todo:
+            c = r.num_computed
+            ctx += c
+            if c >= r.num_blocks * bs:
+                need += 1
+        if (
+            need <= self.free_blocks
+            and self.seqs + n <= self.max_seqs
+            and self.new_tokens + n <= self.token_budget
+            and not self.plan.preempted
+        ):
+            self.free_blocks -= need
+            self.plan.items.extend([(r, 1) for r in todo])
+            scheduled.update(map(id, todo))
+            self.new_tokens += n
+            self.context += ctx + n
+            self.attn += ctx + n
+            self.seqs += n
+            self.plan.num_decodes += n
+            return n
         added = 0
-        for r in decodes:
-            if id(r) in self.scheduled:
-                continue
+        for r in todo:
             if not self.add(r, 1, preempt=True):
                 break
             added += 1

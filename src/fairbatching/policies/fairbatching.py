@@ -17,12 +17,18 @@ class FairBatchingPolicy(Policy):
     """Shares each iteration's GPU time between prefills and decodes by their envelope deadlines.
 
     Capacity: the batch may last as long as the tightest decode deadline allows (``min slack``), capped by
-    ``max_batch_time`` and the token limit, but never less than the urgent decodes need.
+    ``max_batch_time`` and the token limit, but never less than the urgent decodes need, nor less than
+    ``min_budget_fraction`` of the tightest TPOT SLO: a deadline already missed cannot be saved, and letting
+    it shrink every batch to a few decodes would collapse throughput exactly when the node is behind.
     Formation:
       1. urgent decodes: those that would miss their next deadline if they waited for the next batch;
-      2. prefills (ongoing and new), earliest first-token deadline first, chunked to the time budget;
-      3. the other decodes, least slack first, in whatever time is left. With no prefill backlog every
-         decode runs (skipping one would idle the GPU for nothing).
+      2. prefills (ongoing and new), earliest first-token deadline first, chunked to the time budget; a
+         new request is admitted only while the blocks that this iteration's other decodes need (plus
+         ``kv_reserve_fraction`` of the cache) stay free, so admissions never force a decode out;
+      3. the other decodes, least slack first, in whatever time is left. Every decode runs when there is
+         no prefill backlog (skipping one would idle the GPU for nothing) or when KV use is above
+         ``kv_high_watermark``: a decode held back holds its KV longer, and under memory pressure finishing
+         decodes is what frees room for the prefills waiting.
     """
 
     name = "fairbatching"
@@ -36,6 +42,11 @@ class FairBatchingPolicy(Policy):
         min_chunk: int = 32,
         urgency_margin: float = 1.0,
         edf_window: int = 128,
+        slack_carry: float = 0.0,
+        min_budget_fraction: float = 0.5,
+        kv_reserve_fraction: float = 0.01,
+        kv_high_watermark: float = 0.9,
+        decode_grace: float = 0.0,
     ) -> None:
         super().__init__(cost_model, max_num_batched_tokens, max_num_seqs)
         if max_batch_time is not None and max_batch_time <= 0:
@@ -44,16 +55,33 @@ class FairBatchingPolicy(Policy):
         self.min_chunk = min_chunk
         self.urgency_margin = urgency_margin
         self.edf_window = edf_window
+        if not 0.0 <= slack_carry <= 1.0:
+            raise ValueError("slack_carry must be in [0, 1]")
+        self.slack_carry = slack_carry
+        if not 0.0 <= min_budget_fraction <= 1.0:
+            raise ValueError("min_budget_fraction must be in [0, 1]")
+        self.min_budget_fraction = min_budget_fraction
+        self.kv_reserve_fraction = kv_reserve_fraction
+        self.kv_high_watermark = kv_high_watermark
+        if decode_grace < 0:
+            raise ValueError("decode_grace must be >= 0")
+        self.decode_grace = decode_grace
 
     def schedule(self, state: SchedulerState) -> BatchPlan:
         now = state.now
         decodes: list[Request] = []
         prefills: list[Request] = []
         ctx = 0
+        tightest = math.inf
+        min_tpot = math.inf
         for r in state.running:
             if r.num_tokens - r.num_computed == 1 and r.token_times:
                 decodes.append(r)
                 ctx += r.num_computed + 1
+                if r.next_deadline < tightest:
+                    tightest = r.next_deadline
+                if r.tpot < min_tpot:
+                    min_tpot = r.tpot
             else:
                 prefills.append(r)
         b = self.builder(state)
@@ -61,19 +89,31 @@ class FairBatchingPolicy(Policy):
         if decodes:
             n = len(decodes)
             decode_time = self.cost_model.predict(n, ctx, n, ctx)
-            budget = min(budget, min(map(_deadline, decodes)) - now)
-            cutoff = now + max(budget, 0.0) + self.urgency_margin * decode_time
+            floor = self.min_budget_fraction * min_tpot
+            budget = min(budget, max(tightest - now, floor))
+            cutoff = now + budget + self.urgency_margin * decode_time
             urgent = [r for r in decodes if r.next_deadline < cutoff]
             if urgent:
                 urgent.sort(key=_deadline)
                 b.add_decodes(urgent)
             budget = max(budget, b.time())
-        backlog = self._add_prefills(b, prefills, state.waiting, budget)
+        backlog = self._add_prefills(b, prefills, state.waiting, budget, decodes)
         if len(decodes) > b.seqs or b.plan.preempted:
-            self._add_slack_decodes(b, decodes, budget if backlog else math.inf)
+            kv = state.kv
+            spend_slack = backlog and kv.free_blocks > (1.0 - self.kv_high_watermark) * kv.num_blocks
+            self._add_slack_decodes(b, decodes, budget if spend_slack else math.inf)
         return b.finish()
 
-    def _add_prefills(self, b: BatchBuilder, running: list[Request], waiting: list[Request], budget: float) -> bool:
+    def _decode_block_reserve(self, b: BatchBuilder, decodes: list[Request]) -> int:
+        """Blocks that unscheduled decodes need this iteration, plus ``kv_reserve_fraction`` of the cache."""
+        bs = b.block_size
+        scheduled = b.scheduled
+        need = sum(1 for r in decodes if r.num_computed >= r.num_blocks * bs and id(r) not in scheduled)
+        return need + int(self.kv_reserve_fraction * b.state.kv.num_blocks)
+
+    def _add_prefills(
+        self, b: BatchBuilder, running: list[Request], waiting: list[Request], budget: float, decodes: list[Request]
+    ) -> bool:
         """Phase 2, earliest deadline first over ongoing prefills and the head of the queue.
 
         Only the first ``edf_window`` queued requests are ordered by deadline (bounded look-ahead keeps a
@@ -83,6 +123,7 @@ class FairBatchingPolicy(Policy):
         pool = running + waiting[: self.edf_window] if waiting else running
         if not pool:
             return False
+        reserve = self._decode_block_reserve(b, decodes) if waiting else 0
         pool.sort(key=_deadline)
         for r in pool:
             remaining = r.num_tokens - r.num_computed
@@ -91,7 +132,8 @@ class FairBatchingPolicy(Policy):
             n = b.largest_chunk(r, min(remaining, b.tokens_left), budget)
             if n < remaining and n < self.min_chunk:
                 return True
-            if not b.add(r, n, preempt=r.num_blocks > 0) or n < remaining:
+            held = r.num_blocks > 0
+            if not b.add(r, n, preempt=held, reserve=0 if held else reserve) or n < remaining:
                 return True
         return len(waiting) > self.edf_window
 

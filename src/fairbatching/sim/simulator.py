@@ -20,6 +20,8 @@ from fairbatching.policies.base import Policy, SchedulerState
 from fairbatching.workloads.spec import Workload
 
 ProgressFn = Callable[[int, int], None]
+FINISHED = RequestStatus.FINISHED
+WAITING = RequestStatus.WAITING
 
 
 @dataclass(frozen=True)
@@ -72,7 +74,13 @@ class Simulator:
     def run(self, workload: Workload, progress: ProgressFn | None = None) -> SimResult:
         cfg = self.config
         kv = BlockAllocator(cfg.kv)
-        pending = [Request(s.request_id, s.arrival, s.prompt_len, s.slo or cfg.default_slo) for s in workload.requests]
+        carry, grace = self.policy.slack_carry, self.policy.decode_grace
+        pending = [
+            Request(
+                s.request_id, s.arrival, s.prompt_len, s.slo or cfg.default_slo, slack_carry=carry, decode_grace=grace
+            )
+            for s in workload.requests
+        ]
         targets = {s.request_id: s.output_len for s in workload.requests}
         pending.sort(key=lambda r: r.arrival)
         total = len(pending)
@@ -122,8 +130,8 @@ class Simulator:
                 r.num_computed += n
                 if r.num_computed == r.num_tokens:
                     r.record_token(clock)
-                    if len(r.token_times) >= targets[r.request_id]:
-                        r.status = RequestStatus.FINISHED
+                    if r.num_tokens - r.prompt_len >= targets[r.request_id]:
+                        r.status = FINISHED
                         r.finish_reason = "length"
                         kv.free(r)
                         done.append(r)
@@ -158,10 +166,14 @@ class Simulator:
 
     @staticmethod
     def _admit(plan: BatchPlan, running: list[Request], waiting: list[Request], kv: BlockAllocator, now: float) -> None:
+        """Reserve the plan's KV and move newly scheduled requests from waiting to running."""
+        bs = kv.block_size
         admitted = None
         for r, n in plan.items:
-            kv.allocate(r, n)
-            if r.status is RequestStatus.WAITING:
+            held = r.num_blocks
+            if r.num_computed + n > held * bs:
+                kv.allocate(r, n)
+            if not held and r.status is WAITING:
                 r.status = RequestStatus.RUNNING
                 if r.first_scheduled is None:
                     r.first_scheduled = now
@@ -198,7 +210,7 @@ def _end(r: Request, status: RequestStatus, reason: str, kv: BlockAllocator, don
 def _log_iteration(
     log: IterationLog, t: float, dt: float, plan: BatchPlan, running: int, waiting: int, kv: int
 ) -> None:
-    decodes = sum(1 for r, n in plan.items if n == 1 and r.token_times)
+    decodes = plan.num_decodes
     log.start.append(t)
     log.duration.append(dt)
     log.prefill_tokens.append(plan.new_tokens - decodes)
