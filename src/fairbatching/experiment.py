@@ -1,0 +1,100 @@
+"""One experiment = one workload, one profile, one SLO, one or more policies: the unit the CLI, the
+benchmarks and the sweeps run. Keeps wiring (workload -> policy -> simulator -> summary) in one place."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from fairbatching.core.request import SLO
+from fairbatching.costmodel.profile import Profile
+from fairbatching.errors import ConfigError
+from fairbatching.metrics.summary import Summary, summarize
+from fairbatching.policies import POLICIES, make_policy
+from fairbatching.sim.simulator import SimConfig, SimResult, simulate
+from fairbatching.workloads.spec import Workload
+from fairbatching.workloads.synthetic import default_workload
+from fairbatching.workloads.traces import load_trace
+
+DEFAULT_SLO = SLO(ttft=2.0, tpot=0.1)
+# Load of the embedded default workload: near the knee where SLO attainment starts to fall on the
+# default (analytic H100) profile, where scheduling decisions matter.
+DEFAULT_QPS = 16.5
+
+
+@dataclass(frozen=True)
+class WorkloadSpec:
+    """How to build a workload: a trace file (optionally sliced and rescaled) or the embedded default."""
+
+    trace: str | None = None
+    fmt: str = "auto"
+    num_requests: int | None = None
+    start: int = 0
+    qps: float | None = None
+    seed: int = 0
+
+    def build(self) -> Workload:
+        if self.trace is None:
+            return default_workload(self.num_requests or 2000, self.qps or DEFAULT_QPS, self.seed)
+        limit = None if self.num_requests is None else self.start + self.num_requests
+        w = load_trace(self.trace, self.fmt, limit=limit)
+        if self.num_requests is not None or self.start:
+            w = w.head(self.num_requests or len(w) - self.start, self.start)
+        return w.rescaled(self.qps) if self.qps is not None else w
+
+
+@dataclass
+class RunResult:
+    summary: Summary
+    sim: SimResult
+
+
+@dataclass
+class Experiment:
+    workload: Workload
+    profile: Profile
+    slo: SLO = DEFAULT_SLO
+    max_model_len: int = 131072
+    queue_timeout: float | None = None
+    policy_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_slo_feasible(self.slo, self.profile)
+
+    def run(self, policy: str, progress: Callable[[int, int], None] | None = None) -> RunResult:
+        cost = self.profile.cost_model()
+        pol = make_policy(policy, cost, tpot_slo=self.slo.tpot, **self.policy_options.get(policy, {}))
+        cfg = SimConfig(
+            default_slo=self.slo, kv=self.profile.kv, max_model_len=self.max_model_len, queue_timeout=self.queue_timeout
+        )
+        res = simulate(pol, cost, self.workload, cfg, progress)
+        if len(res.requests) != len(self.workload):
+            raise RuntimeError(f"simulator accounted for {len(res.requests)} of {len(self.workload)} requests")
+        summary = summarize(policy, self.workload.name, res.requests, res.end_time, res.busy_time, res.preemptions)
+        return RunResult(summary, res)
+
+    def run_all(
+        self, policies: Sequence[str] = tuple(POLICIES), progress: Callable[[str, int, int], None] | None = None
+    ) -> list[RunResult]:
+        return [self.run(p, None if progress is None else _bind(progress, p)) for p in policies]
+
+
+def _bind(progress: Callable[[str, int, int], None], policy: str) -> Callable[[int, int], None]:
+    return lambda done, total: progress(policy, done, total)
+
+
+def check_slo_feasible(slo: SLO, profile: Profile) -> None:
+    """Reject SLOs no schedule can meet on this hardware: a TPOT below one lone decode step."""
+    cost = profile.cost_model()
+    step = cost.predict(1, 1, 1, 1.0)
+    if slo.tpot < step:
+        raise ConfigError(
+            f"TPOT SLO {slo.tpot * 1e3:.2f} ms is below the fastest possible decode step "
+            f"({step * 1e3:.2f} ms on profile {profile.name}): no policy can meet it"
+        )
+    if slo.ttft < step:
+        raise ConfigError(
+            f"TTFT SLO {slo.ttft * 1e3:.2f} ms is below the fastest possible iteration "
+            f"({step * 1e3:.2f} ms on profile {profile.name}): no policy can meet it"
+        )

@@ -1,0 +1,74 @@
+"""Comparison plots: TTFT and TPOT CDFs, and latency and queue length over time, one line per policy."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from fairbatching.metrics.summary import Summary  # noqa: E402
+from fairbatching.sim.simulator import IterationLog  # noqa: E402
+
+
+def _cdf(ax, values: np.ndarray, label: str, scale: float = 1.0) -> None:
+    v = np.sort(values[~np.isnan(values)]) * scale
+    if len(v):
+        ax.plot(v, np.arange(1, len(v) + 1) / len(v), label=label)
+
+
+def _rolling_p99(t: np.ndarray, v: np.ndarray, window: float) -> tuple[np.ndarray, np.ndarray]:
+    order = np.argsort(t)
+    t, v = t[order], v[order]
+    edges = np.arange(t.min(), t.max() + window, window) if len(t) else np.array([])
+    centers, p99 = [], []
+    for lo in edges:
+        sel = v[(t >= lo) & (t < lo + window)]
+        if len(sel):
+            centers.append(lo + window / 2)
+            p99.append(np.percentile(sel, 99))
+    return np.array(centers), np.array(p99)
+
+
+def plot_comparison(
+    summaries: Sequence[Summary], logs: Sequence[IterationLog], path: str | Path, title: str = ""
+) -> Path:
+    """Four panels: TTFT CDF, TPOT CDF (with SLO lines), rolling P99 TTFT by arrival time, queue length."""
+    fig, axes = plt.subplots(2, 2, figsize=(13, 8.5))
+    (a_ttft, a_tpot), (a_time, a_queue) = axes
+    duration = max(s.duration_s for s in summaries)
+    window = max(duration / 60, 1.0)
+    for s, log in zip(summaries, logs, strict=True):
+        ttft = np.array([m.ttft for m in s.per_request])
+        tpot = np.array([m.tpot for m in s.per_request])
+        _cdf(a_ttft, ttft, s.policy)
+        _cdf(a_tpot, tpot, s.policy, scale=1e3)
+        arrivals = np.array([m.arrival for m in s.per_request])
+        ok = ~np.isnan(ttft)
+        x, y = _rolling_p99(arrivals[ok], ttft[ok], window)
+        a_time.plot(x, y, label=s.policy)
+        if log.start:
+            a_queue.plot(log.start, log.waiting, label=s.policy, linewidth=0.8)
+    if summaries:
+        s0 = summaries[0].per_request
+        if s0:
+            a_ttft.axvline(s0[0].ttft_slo, color="grey", linestyle="--", linewidth=0.8, label="TTFT SLO")
+            a_tpot.axvline(s0[0].tpot_slo * 1e3, color="grey", linestyle="--", linewidth=0.8, label="TPOT SLO")
+    a_ttft.set(xlabel="TTFT (s)", ylabel="fraction of requests", title="TTFT CDF", xscale="log")
+    a_tpot.set(xlabel="TPOT (ms)", ylabel="fraction of requests", title="TPOT CDF")
+    a_time.set(xlabel="arrival time (s)", ylabel="P99 TTFT (s)", title=f"P99 TTFT over time ({window:.0f} s windows)")
+    a_queue.set(xlabel="time (s)", ylabel="waiting requests", title="queue length")
+    for ax in axes.flat:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
