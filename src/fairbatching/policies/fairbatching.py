@@ -7,7 +7,7 @@ from operator import attrgetter
 
 from fairbatching.core.plan import BatchPlan
 from fairbatching.core.request import Request
-from fairbatching.costmodel.model import CostModel
+from fairbatching.costmodel.model import CostModel, attn_work
 from fairbatching.policies.base import BatchBuilder, Policy, SchedulerState
 
 _deadline = attrgetter("next_deadline")
@@ -90,7 +90,10 @@ class FairBatchingPolicy(Policy):
             n = len(decodes)
             decode_time = self.cost_model.predict(n, ctx, n, ctx)
             floor = self.min_budget_fraction * min_tpot
-            budget = min(budget, max(tightest - now, floor))
+            # No batch can outlast one at the token cap, so deadlines beyond that are not urgent.
+            cap = self.max_num_batched_tokens
+            full_batch = self.cost_model.predict(cap, ctx + cap, n + 1, ctx + attn_work(max(cap - n, 0), 0))
+            budget = min(budget, full_batch, max(tightest - now, floor))
             cutoff = now + budget + self.urgency_margin * decode_time
             urgent = [r for r in decodes if r.next_deadline < cutoff]
             if urgent:

@@ -1,0 +1,52 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fairbatching.core import SLO, BlockAllocator, KVCacheConfig, Request
+from fairbatching.costmodel import CostModel, CostParams
+from fairbatching.policies import SchedulerState
+
+SHARED_TRACES = Path(__file__).resolve().parents[1].parent / "shared" / "traces"
+
+# A simple additive cost model: 5 ms per iteration + 20 us per new token + 20 ns per context token.
+SIMPLE = CostParams(t_fixed=0.0, c_seq=0.0, t_weights=0.005, c_kv=2e-8, c_tok=2e-5, c_attn=0.0, p=1.0)
+
+
+@pytest.fixture
+def cost() -> CostModel:
+    return CostModel(SIMPLE)
+
+
+@pytest.fixture
+def shared_traces() -> Path:
+    if not SHARED_TRACES.is_dir():
+        pytest.skip(f"shared traces not found at {SHARED_TRACES} (run from a checkout with ../shared beside it)")
+    return SHARED_TRACES
+
+
+def decode(rid: str, now: float, slack: float, prompt: int = 512, generated: int = 5, tpot: float = 0.1) -> Request:
+    """A running decode whose next token is due ``slack`` seconds from ``now``."""
+    r = Request(rid, arrival=now - 10.0, prompt_len=prompt, slo=SLO(ttft=2.0, tpot=tpot), slack_carry=0.0)
+    r.num_computed = prompt
+    for i in range(generated):
+        r.record_token(now - 5.0 + i * 0.01)
+    r.num_computed = r.num_tokens - 1
+    r.next_deadline = now + slack
+    r.num_blocks = -(-r.num_tokens // 16) + 1
+    from fairbatching.core.request import RequestStatus
+
+    r.status = RequestStatus.RUNNING
+    return r
+
+
+def waiting(rid: str, now: float, age: float, prompt: int = 1024, ttft: float = 2.0) -> Request:
+    """A new request that arrived ``age`` seconds ago."""
+    return Request(rid, arrival=now - age, prompt_len=prompt, slo=SLO(ttft=ttft, tpot=0.1))
+
+
+def state(now: float, running: list[Request], queue: list[Request], blocks: int = 100_000) -> SchedulerState:
+    kv = BlockAllocator(KVCacheConfig(num_blocks=blocks, block_size=16))
+    kv.free_blocks -= sum(r.num_blocks for r in running)
+    return SchedulerState(now, running, queue, kv)

@@ -1,0 +1,157 @@
+import pytest
+
+from fairbatching.core import SLO, Request
+from fairbatching.policies import (
+    FairBatchingPolicy,
+    PrefillFirstPolicy,
+    SarathiPolicy,
+    VLLMPolicy,
+    budget_for_tpot,
+    make_policy,
+)
+from fairbatching.errors import ConfigError
+
+from conftest import decode, state, waiting
+
+NOW = 100.0
+
+
+def ids(plan):
+    return [r.request_id for r, _ in plan.items]
+
+
+def test_prefill_about_to_miss_ttft_beats_decodes_with_slack_under_fairbatching_not_sarathi(cost):
+    decodes = [decode(f"d{i}", NOW, slack=5.0) for i in range(256)]
+    late_prefill = waiting("p", NOW, age=1.9, prompt=256)  # TTFT deadline in 0.1 s
+    fb = FairBatchingPolicy(cost, max_num_batched_tokens=256)
+    sarathi = SarathiPolicy(cost, token_budget=256)
+
+    fb_plan = fb.schedule(state(NOW, list(decodes), [late_prefill]))
+    sarathi_plan = sarathi.schedule(state(NOW, list(decodes), [late_prefill]))
+
+    assert "p" in ids(fb_plan) and ids(fb_plan)[0] == "p"
+    assert "p" not in ids(sarathi_plan)
+    assert len(sarathi_plan.items) == 256
+
+
+def test_decode_about_to_miss_its_deadline_goes_first(cost):
+    relaxed = [decode(f"d{i}", NOW, slack=3.0) for i in range(8)]
+    urgent = decode("urgent", NOW, slack=0.004)
+    prefill = waiting("p", NOW, age=1.95, prompt=4096)
+    plan = FairBatchingPolicy(cost).schedule(state(NOW, [*relaxed, urgent], [prefill]))
+    assert ids(plan)[0] == "urgent"
+    assert "p" in ids(plan)
+
+
+def test_adaptive_capacity_keeps_the_batch_within_the_tightest_decode_deadline(cost):
+    decodes = [decode(f"d{i}", NOW, slack=0.08 + 0.01 * i) for i in range(4)]
+    big_prefill = waiting("p", NOW, age=0.1, prompt=16000)
+    plan = FairBatchingPolicy(cost).schedule(state(NOW, decodes, [big_prefill]))
+    assert plan.predicted_time <= 0.08 + 1e-9
+    chunk = dict((r.request_id, n) for r, n in plan.items)["p"]
+    assert 0 < chunk < 16000  # chunked to the time budget, not the token cap
+
+
+def test_capacity_grows_when_decodes_have_slack(cost):
+    tight = FairBatchingPolicy(cost).schedule(state(NOW, [decode("d", NOW, 0.05)], [waiting("p", NOW, 0.1, 16000)]))
+    loose = FairBatchingPolicy(cost).schedule(state(NOW, [decode("d", NOW, 5.0)], [waiting("p", NOW, 0.1, 16000)]))
+    assert loose.new_tokens > tight.new_tokens
+    assert loose.new_tokens == 8192  # capped by max_num_batched_tokens
+
+
+def test_decodes_with_slack_run_when_there_is_no_prefill_backlog(cost):
+    decodes = [decode(f"d{i}", NOW, slack=10.0) for i in range(32)]
+    plan = FairBatchingPolicy(cost).schedule(state(NOW, decodes, []))
+    assert len(plan.items) == 32
+
+
+def test_late_decodes_do_not_shrink_the_batch_below_the_floor(cost):
+    late = [decode(f"d{i}", NOW, slack=-1.0) for i in range(4)]
+    plan = FairBatchingPolicy(cost, min_budget_fraction=0.5).schedule(state(NOW, late, [waiting("p", NOW, 1.0, 8000)]))
+    assert {f"d{i}" for i in range(4)} <= set(ids(plan))
+    assert plan.predicted_time == pytest.approx(0.05, rel=0.05)  # half the 100 ms TPOT
+
+
+def test_new_requests_do_not_take_blocks_the_decodes_need(cost):
+    decodes = [decode(f"d{i}", NOW, slack=5.0) for i in range(4)]
+    for r in decodes:  # each decode's KV exactly fills its blocks: the next token needs a new one
+        r.num_blocks = r.num_computed // 16
+        r.num_computed = r.num_blocks * 16
+        r.num_tokens = r.num_computed + 1
+    st = state(NOW, decodes, [waiting("p", NOW, 1.5, prompt=64)], blocks=sum(r.num_blocks for r in decodes) + 4)
+    plan = FairBatchingPolicy(cost, kv_reserve_fraction=0.0).schedule(st)
+    assert not plan.preempted
+    assert {f"d{i}" for i in range(4)} <= set(ids(plan))
+    assert "p" not in ids(plan)
+
+
+def test_vllm_is_decode_first_fcfs_and_chunks_to_its_token_budget(cost):
+    decodes = [decode(f"d{i}", NOW, slack=-5.0) for i in range(10)]
+    queue = [waiting("a", NOW, 5.0, prompt=600), waiting("b", NOW, 4.0, prompt=600)]
+    plan = VLLMPolicy(cost, max_num_batched_tokens=1000).schedule(state(NOW, decodes, queue))
+    assert ids(plan)[:10] == [f"d{i}" for i in range(10)]
+    tokens = plan.tokens_by_id()
+    assert tokens["a"] == 600 and tokens["b"] == 390
+    assert plan.new_tokens == 1000
+
+
+def test_vllm_respects_max_num_seqs(cost):
+    queue = [waiting(f"w{i}", NOW, 1.0, prompt=10) for i in range(10)]
+    plan = VLLMPolicy(cost, max_num_seqs=4).schedule(state(NOW, [], queue))
+    assert ids(plan) == ["w0", "w1", "w2", "w3"]
+
+
+def test_vllm_preempts_the_newest_running_request_when_kv_runs_out(cost):
+    running = [decode(f"d{i}", NOW, slack=1.0) for i in range(3)]
+    for r in running:
+        r.num_blocks = r.num_computed // 16
+        r.num_computed = r.num_blocks * 16
+        r.num_tokens = r.num_computed + 1
+    st = state(NOW, running, [], blocks=sum(r.num_blocks for r in running) + 1)
+    plan = VLLMPolicy(cost).schedule(st)
+    assert [r.request_id for r in plan.preempted] == ["d2"]
+    assert ids(plan) == ["d0", "d1"]
+
+
+def test_sarathi_budget_is_derived_from_the_tpot_slo(cost):
+    loose, tight = budget_for_tpot(cost, 0.2), budget_for_tpot(cost, 0.05)
+    assert loose > tight > 0 and loose % 64 == 0
+    with pytest.raises(ConfigError, match="no token budget can meet it"):
+        budget_for_tpot(cost, 0.001)
+    assert SarathiPolicy(cost, tpot_slo=0.05).max_num_batched_tokens == tight
+
+
+def test_sarathi_runs_all_decodes_before_ongoing_prefills(cost):
+    partial = Request("partial", arrival=NOW - 1, prompt_len=4000, slo=SLO(2.0, 0.1))
+    partial.num_computed, partial.num_blocks = 1000, 63
+    decodes = [decode(f"d{i}", NOW, slack=1.0) for i in range(3)]
+    plan = SarathiPolicy(cost, token_budget=512).schedule(state(NOW, [partial, *decodes], []))
+    assert ids(plan) == ["d0", "d1", "d2", "partial"]
+    assert plan.tokens_by_id()["partial"] == 509
+
+
+def test_prefill_first_runs_whole_prompts_before_decodes(cost):
+    decodes = [decode(f"d{i}", NOW, slack=0.01) for i in range(3)]
+    queue = [waiting("big", NOW, 0.5, prompt=12000)]
+    plan = PrefillFirstPolicy(cost, max_num_batched_tokens=8192).schedule(state(NOW, decodes, queue))
+    assert ids(plan) == ["big"] and plan.new_tokens == 12000
+    assert ids(PrefillFirstPolicy(cost).schedule(state(NOW, decodes, []))) == ["d0", "d1", "d2"]
+
+
+@pytest.mark.parametrize("name", ["fairbatching", "sarathi", "vllm", "prefill-first"])
+def test_policies_do_not_mutate_the_state(cost, name):
+    decodes = [decode(f"d{i}", NOW, slack=0.05 * i) for i in range(20)]
+    queue = [waiting(f"w{i}", NOW, 1.0, prompt=900) for i in range(5)]
+    st = state(NOW, list(decodes), list(queue))
+    before = [(r.request_id, r.num_computed, r.num_tokens, r.num_blocks) for r in st.running + st.waiting]
+    free = st.kv.free_blocks
+    make_policy(name, cost, tpot_slo=0.1).schedule(st)
+    assert [(r.request_id, r.num_computed, r.num_tokens, r.num_blocks) for r in st.running + st.waiting] == before
+    assert st.kv.free_blocks == free and [r.request_id for r in st.running] == [f"d{i}" for i in range(20)]
+
+
+def test_unknown_policy_and_bad_options_are_config_errors(cost):
+    with pytest.raises(ConfigError, match="unknown policy 'edf'"):
+        make_policy("edf", cost)
+    with pytest.raises(ConfigError, match="bad option"):
+        make_policy("vllm", cost, chunk=3)
