@@ -1,6 +1,8 @@
 import pytest
+from conftest import decode, state, waiting
 
 from fairbatching.core import SLO, Request
+from fairbatching.errors import ConfigError
 from fairbatching.policies import (
     FairBatchingPolicy,
     PrefillFirstPolicy,
@@ -9,9 +11,6 @@ from fairbatching.policies import (
     budget_for_tpot,
     make_policy,
 )
-from fairbatching.errors import ConfigError
-
-from conftest import decode, state, waiting
 
 NOW = 100.0
 

@@ -20,7 +20,7 @@ from fairbatching.metrics.table import markdown_table, summary_table, write_summ
 from fairbatching.policies import POLICIES
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="FairBatching: SLO-fair LLM batch scheduling.")
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 out_console = Console(width=None if sys.stdout.isatty() else 200)
 
 TraceOpt = Annotated[

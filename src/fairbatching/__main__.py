@@ -1,0 +1,3 @@
+from fairbatching.cli import main
+
+main()

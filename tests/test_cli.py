@@ -1,0 +1,87 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def cli(*args, cwd=None):
+    return subprocess.run(
+        [sys.executable, "-m", "fairbatching", *args], capture_output=True, text=True, cwd=cwd, timeout=300
+    )
+
+
+def test_compare_writes_tables_json_csv_plot_and_report(tmp_path):
+    out = tmp_path / "cmp"
+    res = cli("compare", "-n", "150", "--policies", "fairbatching,sarathi", "--out", str(out))
+    assert res.returncode == 0, res.stderr
+    assert "fairbatching" in res.stdout and "sarathi" in res.stdout and "TTFT p99" in res.stdout
+    for name in ("summary.json", "summary.csv", "summary.md", "compare.png", "report.html"):
+        assert (out / name).stat().st_size > 0, name
+    data = json.loads((out / "summary.json").read_text())
+    assert [r["policy"] for r in data["results"]] == ["fairbatching", "sarathi"]
+    assert all(r["requests"] == 150 for r in data["results"])
+    assert data["profile"]["source"] == "analytic"
+    assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
+    assert "data:image/png;base64," in (out / "report.html").read_text()
+
+
+def test_simulate_json(tmp_path):
+    res = cli("simulate", "-p", "vllm", "-n", "100", "--json", "--out", str(tmp_path))
+    assert res.returncode == 0, res.stderr
+    data = json.loads(res.stdout)
+    assert data["summary"]["policy"] == "vllm" and data["summary"]["requests"] == 100
+    assert (tmp_path / "requests.csv").read_text().count("\n") == 101
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["simulate", "-p", "edf"], "unknown policy 'edf'"),
+        (["compare", "--policies", "vllm,nope"], "unknown policy nope"),
+        (["simulate", "--tpot-slo", "0.0001"], "below the fastest possible decode step"),
+        (["simulate", "--ttft-slo", "-1"], "SLO ttft must be a positive"),
+        (["simulate", "--profile", "gpt-17-tpu"], "unknown profile 'gpt-17-tpu'"),
+        (["simulate", "--trace", "missing.csv"], "no such trace file"),
+    ],
+)
+def test_bad_input_is_one_clear_line_not_a_traceback(args, message, tmp_path):
+    res = cli(*args, cwd=tmp_path)
+    assert res.returncode == 2
+    assert message in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_malformed_trace_names_file_and_line(tmp_path):
+    trace = tmp_path / "t.csv"
+    trace.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:17:03,5,1\n2023-11-16 18:17:04,-3,1\n")
+    res = cli("simulate", "--trace", str(trace))
+    assert res.returncode == 2 and "t.csv: line 3: ContextTokens must be >= 1" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_fit_profile_roundtrip(tmp_path):
+    import numpy as np
+
+    from fairbatching.costmodel import analytic_profile
+    from fairbatching.costmodel.model import predict_with
+
+    rng = np.random.default_rng(0)
+    rows = np.column_stack([rng.integers(1, 4096, 60), rng.integers(1, 200_000, 60), rng.integers(1, 64, 60)])
+    attn = rows[:, 0] * 100.0
+    x = np.column_stack([rows, attn]).astype(float)
+    y = predict_with(analytic_profile().params.as_array(), x)
+    path = tmp_path / "rows.csv"
+    np.savetxt(
+        path,
+        np.column_stack([x, y]),
+        delimiter=",",
+        comments="",
+        header="new_tokens,context_tokens,num_seqs,attn_work,latency_s",
+    )
+    res = cli("fit-profile", str(path), "--out", str(tmp_path / "p.json"), "--name", "mine")
+    assert res.returncode == 0, res.stderr
+    assert "held-out MAPE" in res.stdout
+    res = cli("simulate", "-n", "50", "--profile", str(tmp_path / "p.json"), "--json")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["profile"]["name"] == "mine"

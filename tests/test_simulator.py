@@ -1,0 +1,97 @@
+import pytest
+
+from fairbatching.core import SLO, KVCacheConfig
+from fairbatching.core.request import RequestStatus
+from fairbatching.costmodel import load_profile
+from fairbatching.policies import POLICIES, make_policy
+from fairbatching.sim import SimConfig, simulate
+from fairbatching.workloads import synthetic_workload
+from fairbatching.workloads.spec import RequestSpec, Workload
+
+SLO_ = SLO(ttft=2.0, tpot=0.1)
+
+
+@pytest.fixture(scope="module")
+def profile():
+    return load_profile()
+
+
+def run(policy, workload, profile, kv=None, **cfg):
+    cost = profile.cost_model()
+    config = SimConfig(default_slo=SLO_, kv=kv or profile.kv, **cfg)
+    return simulate(make_policy(policy, cost, tpot_slo=SLO_.tpot), cost, workload, config)
+
+
+@pytest.mark.parametrize("policy", list(POLICIES))
+def test_every_request_accounted_once_and_tokens_conserved(policy, profile):
+    w = synthetic_workload(300, qps=20, burstiness=3, seed=1)
+    res = run(policy, w, profile)
+    got = [r.request_id for r in res.requests]
+    assert sorted(got) == sorted(s.request_id for s in w.requests)
+    assert len(set(got)) == len(got)
+    for r in res.requests:
+        assert r.status is RequestStatus.FINISHED
+        assert len(r.token_times) == res.output_lens[r.request_id]
+        assert r.num_tokens == r.prompt_len + len(r.token_times)
+        assert r.token_times == sorted(r.token_times) and r.token_times[0] > r.arrival
+        assert r.num_blocks == 0
+
+
+@pytest.mark.parametrize("policy", list(POLICIES))
+def test_kv_never_over_capacity_and_preemptions_recover(policy, profile, monkeypatch):
+    from fairbatching.core import kv as kvmod
+
+    peak = {"used": 0}
+    original = kvmod.BlockAllocator.allocate
+
+    def watched(self, request, new_tokens):
+        original(self, request, new_tokens)
+        assert 0 <= self.free_blocks <= self.num_blocks
+        peak["used"] = max(peak["used"], self.used_blocks)
+
+    monkeypatch.setattr(kvmod.BlockAllocator, "allocate", watched)
+    small_kv = KVCacheConfig(num_blocks=1200, block_size=16)  # ~19k tokens: forces KV pressure
+    w = synthetic_workload(200, qps=30, seed=2)
+    res = run(policy, w, profile, kv=small_kv)
+    assert peak["used"] <= small_kv.num_blocks
+    assert len(res.requests) == 200
+    finished = [r for r in res.requests if r.status is RequestStatus.FINISHED]
+    assert all(len(r.token_times) == res.output_lens[r.request_id] for r in finished)
+    if policy == "vllm":
+        assert res.preemptions > 0  # the small cache must have forced some
+
+
+def test_same_seed_same_result(profile):
+    w = synthetic_workload(200, qps=18, burstiness=4, seed=5)
+    a = run("fairbatching", w, profile)
+    b = run("fairbatching", w, profile)
+    assert [(r.request_id, r.token_times) for r in a.requests] == [(r.request_id, r.token_times) for r in b.requests]
+    assert a.end_time == b.end_time and a.iterations == b.iterations
+
+
+def test_impossible_requests_are_rejected_with_a_reason(profile):
+    reqs = (
+        RequestSpec("ok", 0.0, 100, 10),
+        RequestSpec("too-long", 0.1, 200_000, 10),
+        RequestSpec("no-kv", 0.2, 5000, 10),
+    )
+    res = run("vllm", Workload("w", reqs), profile, kv=KVCacheConfig(num_blocks=200), max_model_len=131072)
+    by_id = {r.request_id: r for r in res.requests}
+    assert by_id["ok"].status is RequestStatus.FINISHED
+    assert by_id["too-long"].status is RequestStatus.REJECTED and "max_model_len" in by_id["too-long"].finish_reason
+    assert by_id["no-kv"].status is RequestStatus.REJECTED and "KV blocks" in by_id["no-kv"].finish_reason
+
+
+def test_queue_timeout_ends_requests_with_a_reason(profile):
+    w = Workload("burst", tuple(RequestSpec(f"r{i}", 0.0, 8000, 5) for i in range(60)))
+    res = run("vllm", w, profile, queue_timeout=1.0)
+    statuses = {r.status for r in res.requests}
+    assert RequestStatus.TIMED_OUT in statuses and len(res.requests) == 60
+    timed_out = [r for r in res.requests if r.status is RequestStatus.TIMED_OUT]
+    assert all("waited over 1 s" in r.finish_reason and not r.token_times for r in timed_out)
+
+
+def test_idle_gaps_do_not_count_as_busy(profile):
+    w = Workload("sparse", (RequestSpec("a", 0.0, 100, 3), RequestSpec("b", 100.0, 100, 3)))
+    res = run("fairbatching", w, profile)
+    assert res.end_time > 100.0 and res.busy_time < 1.0

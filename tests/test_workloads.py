@@ -1,0 +1,124 @@
+import numpy as np
+import pytest
+
+from fairbatching.errors import ConfigError, WorkloadError
+from fairbatching.workloads import LengthDist, default_workload, load_trace, synthetic_workload
+
+
+def write(tmp_path, name, text):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_azure_csv(tmp_path):
+    p = write(
+        tmp_path,
+        "az.csv",
+        "TIMESTAMP,ContextTokens,GeneratedTokens\n"
+        "2023-11-16 18:17:03.9799600,4808,10\n2023-11-16 18:17:04.0319600,3180,8\n2023-11-16 18:17:05.5,100,1\n",
+    )
+    w = load_trace(p)
+    assert [r.prompt_len for r in w.requests] == [4808, 3180, 100]
+    assert [r.arrival for r in w.requests] == pytest.approx([0.0, 0.052, 1.52004])
+
+
+def test_burstgpt_csv_skips_failed_zero_token_rows(tmp_path):
+    p = write(
+        tmp_path,
+        "bg.csv",
+        "Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type\n"
+        "5,ChatGPT,472,18,490,Conversation log\n45,ChatGPT,1087,0,1087,Conversation log\n46,GPT-4,200,30,230,API log\n",
+    )
+    w = load_trace(p)
+    assert [(r.arrival, r.prompt_len, r.output_len) for r in w.requests] == [(0.0, 472, 18), (41.0, 200, 30)]
+
+
+def test_mooncake_jsonl(tmp_path):
+    p = write(
+        tmp_path,
+        "mc.jsonl",
+        '{"timestamp": 0, "input_length": 6758, "output_length": 500, "hash_ids": [0, 1]}\n\n'
+        '{"timestamp": 1500, "input_length": 10, "output_length": 3}\n',
+    )
+    w = load_trace(p)
+    assert [(r.arrival, r.prompt_len) for r in w.requests] == [(0.0, 6758), (1.5, 10)]
+
+
+@pytest.mark.parametrize(
+    "name,text,message",
+    [
+        ("a.csv", "TIMESTAMP,ContextTokens\n2023-11-16 18:17:03,5\n", "line 1: missing column.*GeneratedTokens"),
+        (
+            "b.csv",
+            "TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:17:03,5,1\nyesterday,5,1\n",
+            "line 3: TIMESTAMP",
+        ),
+        (
+            "c.csv",
+            "TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:17:03,-5,1\n",
+            "line 2: ContextTokens must be >= 1",
+        ),
+        (
+            "d.csv",
+            "TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:17:03,5,many\n",
+            "line 2: GeneratedTokens is not",
+        ),
+        (
+            "e.jsonl",
+            '{"timestamp": 0, "input_length": 5, "output_length": 1}\n{"timestamp": 1,\n',
+            "line 2: not valid JSON",
+        ),
+        ("f.jsonl", '{"timestamp": 0, "input_length": 5}\n', "line 1: missing field.*output_length"),
+        ("g.csv", "a,b,c\n1,2,3\n", "cannot tell the trace format"),
+        ("h.csv", "TIMESTAMP,ContextTokens,GeneratedTokens\n", "has no requests"),
+    ],
+)
+def test_malformed_traces_name_file_and_line(tmp_path, name, text, message):
+    p = write(tmp_path, name, text)
+    with pytest.raises(WorkloadError, match=message) as info:
+        load_trace(p)
+    assert name in str(info.value) or "has no requests" in message
+
+
+def test_missing_file_and_unknown_format(tmp_path):
+    with pytest.raises(WorkloadError, match="no such trace file"):
+        load_trace(tmp_path / "nope.csv")
+    p = write(tmp_path, "x.csv", "TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:17:03,5,1\n")
+    with pytest.raises(WorkloadError, match="unknown trace format 'sharegpt'"):
+        load_trace(p, fmt="sharegpt")
+
+
+def test_rescale_preserves_order_and_hits_target_rate():
+    w = synthetic_workload(500, qps=3.0, burstiness=2.0, seed=3)
+    fast = w.rescaled(12.0)
+    assert fast.qps == pytest.approx(12.0)
+    assert [r.request_id for r in fast.requests] == [r.request_id for r in w.requests]
+    gaps, fast_gaps = np.diff([r.arrival for r in w.requests]), np.diff([r.arrival for r in fast.requests])
+    assert fast_gaps == pytest.approx(gaps / 4.0)
+    with pytest.raises(ConfigError):
+        w.rescaled(0)
+
+
+def test_burstiness_raises_gap_variability():
+    def cv2(w):
+        g = np.diff([r.arrival for r in w.requests])
+        return g.var() / g.mean() ** 2
+
+    assert cv2(synthetic_workload(4000, 10, burstiness=1.0, seed=0)) == pytest.approx(1.0, abs=0.15)
+    assert cv2(synthetic_workload(4000, 10, burstiness=6.0, seed=0)) > 4.0
+
+
+def test_default_workload_is_deterministic_and_bad_lengths_rejected():
+    assert default_workload(100).requests == default_workload(100).requests
+    with pytest.raises(ConfigError):
+        LengthDist(median=-1, sigma=1).sample(np.random.default_rng(0), 3)
+
+
+def test_shared_traces_load(shared_traces):
+    code = load_trace(shared_traces / "AzureLLMInferenceTrace_code.csv")
+    conv = load_trace(shared_traces / "AzureLLMInferenceTrace_conv.csv")
+    moon = load_trace(shared_traces / "mooncake_conversation_trace.jsonl")
+    assert (len(code), len(conv), len(moon)) == (8819, 19366, 12031)  # the CSVs end without a newline
+    assert 2000 < code.stats()["prompt_mean"] < 2100 and 11000 < moon.stats()["prompt_mean"] < 13000
+    assert moon.duration == pytest.approx(3536.999, rel=1e-6)
