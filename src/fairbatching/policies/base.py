@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from operator import attrgetter
 
 from fairbatching.core.kv import BlockAllocator
 from fairbatching.core.plan import BatchPlan
 from fairbatching.core.request import Request
 from fairbatching.costmodel.model import CostModel
+
+_computed = attrgetter("num_computed")
 
 
 @dataclass(slots=True)
@@ -34,6 +37,10 @@ class Policy(ABC):
     slack_carry: float = 1.0
     #: Grace before decode deadlines bind, in units of the request's TPOT (``Request.decode_grace``).
     decode_grace: float = 0.0
+    #: Promise that with nothing waiting and every running request decoding, ``schedule`` runs all of
+    #: them (within its sequence and token limits). Lets a simulator replay such stretches without asking
+    #: each iteration; a test holds every policy that sets it to the promise.
+    schedules_all_decodes_when_idle: bool = True
 
     def __init__(self, cost_model: CostModel, max_num_batched_tokens: int = 8192, max_num_seqs: int = 256) -> None:
         if max_num_batched_tokens < 1 or max_num_seqs < 1:
@@ -65,7 +72,7 @@ class BatchBuilder:
         "block_size",
         "free_blocks",
         "plan",
-        "scheduled",
+        "_scheduled",
         "new_tokens",
         "context",
         "attn",
@@ -81,7 +88,7 @@ class BatchBuilder:
         self.block_size = state.kv.block_size
         self.free_blocks = state.kv.free_blocks
         self.plan = BatchPlan()
-        self.scheduled: set[int] = set()
+        self._scheduled: set[int] | None = None
         self.new_tokens = 0
         self.context = 0
         self.attn = 0.0
@@ -130,7 +137,8 @@ class BatchBuilder:
         self.free_blocks -= need
         c = request.num_computed
         self.plan.items.append((request, n))
-        self.scheduled.add(id(request))
+        if self._scheduled is not None:
+            self._scheduled.add(id(request))
         self.new_tokens += n
         self.context += c + n
         self.attn += n * (c + (n + 1) * 0.5)
@@ -139,37 +147,36 @@ class BatchBuilder:
             self.plan.num_decodes += 1
         return True
 
-    def add_decodes(self, decodes: list[Request]) -> int:
+    def add_decodes(self, decodes: list[Request], fresh: bool = False) -> int:
         """Add one token for each decode, in order, preempting for KV as needed; returns how many were added.
 
+        ``fresh``: the caller guarantees none of ``decodes`` is in the batch yet (skips a membership pass).
         Fast path: when the sequence and token limits and the free blocks cover them all, they are added in
         one pass (a decode needs a new block only when its KV exactly fills the blocks it holds).
         """
-        scheduled = self.scheduled
-        todo = [r for r in decodes if id(r) not in scheduled] if scheduled else decodes
+        if fresh or not self.plan.items:
+            todo = decodes
+        else:
+            scheduled = self.scheduled_ids()
+            todo = [r for r in decodes if id(r) not in scheduled]
         n = len(todo)
         if not n:
             return 0
         bs = self.block_size
-        need = 0
-        ctx = 0
-        for r in todo:
-            c = r.num_computed
-            ctx += c
-            if c >= r.num_blocks * bs:
-                need += 1
+        need = len([1 for r in todo if r.num_computed >= r.num_blocks * bs])
         if (
             need <= self.free_blocks
             and self.seqs + n <= self.max_seqs
             and self.new_tokens + n <= self.token_budget
             and not self.plan.preempted
         ):
+            ctx = sum(map(_computed, todo)) + n
             self.free_blocks -= need
-            self.plan.items.extend([(r, 1) for r in todo])
-            scheduled.update(map(id, todo))
+            self.plan.items.extend(zip(todo, [1] * n, strict=True))
+            self._scheduled = None
             self.new_tokens += n
-            self.context += ctx + n
-            self.attn += ctx + n
+            self.context += ctx
+            self.attn += ctx
             self.seqs += n
             self.plan.num_decodes += n
             return n
@@ -180,12 +187,19 @@ class BatchBuilder:
             added += 1
         return added
 
+    def scheduled_ids(self) -> set[int]:
+        """Identities of the requests in the batch so far (built on demand: most plans never ask)."""
+        if self._scheduled is None:
+            self._scheduled = {id(r) for r, _ in self.plan.items}
+        return self._scheduled
+
     def _preempt_one(self, exclude: Request) -> bool:
         if self._victims is None:
-            self._victims = [r for r in self.state.running if id(r) not in self.scheduled]
+            scheduled = self.scheduled_ids()
+            self._victims = [r for r in self.state.running if id(r) not in scheduled]
         while self._victims:
             victim = self._victims.pop()
-            if victim is exclude or id(victim) in self.scheduled or victim in self.plan.preempted:
+            if victim is exclude or id(victim) in self.scheduled_ids() or victim in self.plan.preempted:
                 continue
             self.plan.preempted.append(victim)
             self.free_blocks += victim.num_blocks

@@ -23,7 +23,11 @@ class VLLMPolicy(Policy):
 
     def schedule(self, state: SchedulerState) -> BatchPlan:
         b = self.builder(state, self.token_budget())
-        for r in self.running_order(state.running):
+        running = self.running_order(state.running)
+        lead = _leading_decodes(running)
+        if lead and b.add_decodes(running[:lead], fresh=True) < lead:
+            lead = len(running)  # ran out of budget or KV inside the decodes: nothing else fits
+        for r in running[lead:]:
             if b.full:
                 break
             if not b.add(r, min(r.num_tokens - r.num_computed, b.tokens_left), preempt=True):
@@ -33,6 +37,14 @@ class VLLMPolicy(Policy):
                 if b.full or not b.add(r, min(r.num_tokens - r.num_computed, b.tokens_left)):
                     break
         return b.finish()
+
+
+def _leading_decodes(running: list[Request]) -> int:
+    """How many requests at the head of ``running`` are decodes (they can be added in bulk)."""
+    for i, r in enumerate(running):
+        if r.num_tokens - r.num_computed != 1 or not r.token_times:
+            return i
+    return len(running)
 
 
 class SarathiPolicy(VLLMPolicy):
@@ -55,9 +67,9 @@ class SarathiPolicy(VLLMPolicy):
         super().__init__(cost_model, max_num_batched_tokens=token_budget, max_num_seqs=max_num_seqs)
 
     def running_order(self, running: list[Request]) -> list[Request]:
-        decodes = [r for r in running if r.num_tokens - r.num_computed == 1 and r.token_times]
-        if len(decodes) == len(running):
+        if _leading_decodes(running) == len(running):
             return running
+        decodes = [r for r in running if r.num_tokens - r.num_computed == 1 and r.token_times]
         return decodes + [r for r in running if not (r.num_tokens - r.num_computed == 1 and r.token_times)]
 
 
@@ -110,5 +122,5 @@ class PrefillFirstPolicy(Policy):
             if b.seqs:
                 return b.finish()
         b = self.builder(state)
-        b.add_decodes(state.running)
+        b.add_decodes(state.running, fresh=True)
         return b.finish()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from bisect import bisect_left
+from itertools import accumulate
 from operator import attrgetter
 
 from fairbatching.core.plan import BatchPlan
@@ -11,6 +13,8 @@ from fairbatching.costmodel.model import CostModel, attn_work
 from fairbatching.policies.base import BatchBuilder, Policy, SchedulerState
 
 _deadline = attrgetter("next_deadline")
+_computed = attrgetter("num_computed")
+_tpot = attrgetter("tpot")
 
 
 class FairBatchingPolicy(Policy):
@@ -69,53 +73,64 @@ class FairBatchingPolicy(Policy):
 
     def schedule(self, state: SchedulerState) -> BatchPlan:
         now = state.now
-        decodes: list[Request] = []
-        prefills: list[Request] = []
-        ctx = 0
-        tightest = math.inf
-        min_tpot = math.inf
-        for r in state.running:
-            if r.num_tokens - r.num_computed == 1 and r.token_times:
-                decodes.append(r)
-                ctx += r.num_computed + 1
-                if r.next_deadline < tightest:
-                    tightest = r.next_deadline
-                if r.tpot < min_tpot:
-                    min_tpot = r.tpot
-            else:
-                prefills.append(r)
+        running = state.running
+        decodes = [r for r in running if r.num_tokens - r.num_computed == 1 and r.token_times]
+        prefills = (
+            [r for r in running if r.num_tokens - r.num_computed != 1 or not r.token_times]
+            if len(decodes) < len(running)
+            else []
+        )
         b = self.builder(state)
         budget = self.max_batch_time
+        n_urgent = 0
         if decodes:
             n = len(decodes)
-            decode_time = self.cost_model.predict(n, ctx, n, ctx)
-            floor = self.min_budget_fraction * min_tpot
+            decodes.sort(key=_deadline)  # our own list: urgent decodes are a prefix, slack ones the rest
+            deadlines = list(map(_deadline, decodes))
+            ctx = sum(map(_computed, decodes)) + n
+            floor = self.min_budget_fraction * min(map(_tpot, decodes))
             # No batch can outlast one at the token cap, so deadlines beyond that are not urgent.
             cap = self.max_num_batched_tokens
             full_batch = self.cost_model.predict(cap, ctx + cap, n + 1, ctx + attn_work(max(cap - n, 0), 0))
-            budget = min(budget, full_batch, max(tightest - now, floor))
-            cutoff = now + budget + self.urgency_margin * decode_time
-            urgent = [r for r in decodes if r.next_deadline < cutoff]
-            if urgent:
-                urgent.sort(key=_deadline)
-                b.add_decodes(urgent)
+            budget = min(budget, full_batch, max(deadlines[0] - now, floor))
+            cutoff = now + budget + self.urgency_margin * self.cost_model.predict(n, ctx, n, ctx)
+            n_urgent = bisect_left(deadlines, cutoff)
+            if n_urgent:
+                b.add_decodes(decodes[:n_urgent], fresh=True)
             budget = max(budget, b.time())
-        backlog = self._add_prefills(b, prefills, state.waiting, budget, decodes)
-        if len(decodes) > b.seqs or b.plan.preempted:
+        backlog = self._add_prefills(b, prefills, state.waiting, budget, decodes, n_urgent)
+        if n_urgent < len(decodes):
+            rest = decodes[n_urgent:]
+            if b.plan.preempted:
+                gone = set(map(id, b.plan.preempted))
+                rest = [r for r in rest if id(r) not in gone]
             kv = state.kv
             spend_slack = backlog and kv.free_blocks > (1.0 - self.kv_high_watermark) * kv.num_blocks
-            self._add_slack_decodes(b, decodes, budget if spend_slack else math.inf)
+            self._add_slack_decodes(b, rest, budget if spend_slack else math.inf)
         return b.finish()
 
-    def _decode_block_reserve(self, b: BatchBuilder, decodes: list[Request]) -> int:
-        """Blocks that unscheduled decodes need this iteration, plus ``kv_reserve_fraction`` of the cache."""
+    def _decode_block_reserve(self, b: BatchBuilder, decodes: list[Request], n_urgent: int, admitting: int) -> int:
+        """Blocks the not-yet-scheduled decodes need this iteration, plus ``kv_reserve_fraction`` of the cache.
+
+        Counting them is a pass over every decode; when even one block per decode leaves room for what
+        could be admitted (``admitting`` blocks), that upper bound decides the same and is free.
+        """
+        extra = int(self.kv_reserve_fraction * b.state.kv.num_blocks)
+        upper = len(decodes) - n_urgent
+        if b.free_blocks >= upper + extra + admitting:
+            return upper + extra
         bs = b.block_size
-        scheduled = b.scheduled
-        need = sum(1 for r in decodes if r.num_computed >= r.num_blocks * bs and id(r) not in scheduled)
-        return need + int(self.kv_reserve_fraction * b.state.kv.num_blocks)
+        rest = decodes[n_urgent:]
+        return len([1 for r in rest if r.num_computed >= r.num_blocks * bs]) + extra
 
     def _add_prefills(
-        self, b: BatchBuilder, running: list[Request], waiting: list[Request], budget: float, decodes: list[Request]
+        self,
+        b: BatchBuilder,
+        running: list[Request],
+        waiting: list[Request],
+        budget: float,
+        decodes: list[Request],
+        n_urgent: int,
     ) -> bool:
         """Phase 2, earliest deadline first over ongoing prefills and the head of the queue.
 
@@ -126,7 +141,8 @@ class FairBatchingPolicy(Policy):
         pool = running + waiting[: self.edf_window] if waiting else running
         if not pool:
             return False
-        reserve = self._decode_block_reserve(b, decodes) if waiting else 0
+        admitting = b.tokens_left // b.block_size + len(pool)
+        reserve = self._decode_block_reserve(b, decodes, n_urgent, admitting) if waiting else 0
         pool.sort(key=_deadline)
         for r in pool:
             remaining = r.num_tokens - r.num_computed
@@ -140,32 +156,25 @@ class FairBatchingPolicy(Policy):
                 return True
         return len(waiting) > self.edf_window
 
-    def _add_slack_decodes(self, b: BatchBuilder, decodes: list[Request], budget: float) -> None:
-        """Phase 3: decodes not yet scheduled, least slack first, as many as fit in ``budget``."""
-        scheduled = b.scheduled
-        rest = [r for r in decodes if id(r) not in scheduled]
+    def _add_slack_decodes(self, b: BatchBuilder, rest: list[Request], budget: float) -> None:
+        """Phase 3: the decodes not yet scheduled (least slack first), as many as fit in ``budget``."""
         if not rest:
             return
-        if budget == math.inf:
-            b.add_decodes(rest)
-            return
-        ctx = sum(r.num_computed + 1 for r in rest)
-        n = len(rest)
-        if b.cost.predict(b.new_tokens + n, b.context + ctx, b.seqs + n, b.attn + ctx) > budget:
-            rest.sort(key=_deadline)
-            n = _max_prefix_within(b, rest, budget)
-        b.add_decodes(rest[:n])
+        if budget != math.inf:
+            n = len(rest)
+            ctx = sum(map(_computed, rest)) + n
+            if b.cost.predict(b.new_tokens + n, b.context + ctx, b.seqs + n, b.attn + ctx) > budget:
+                rest = rest[: _max_prefix_within(b, rest, budget)]
+        b.add_decodes(rest, fresh=True)
 
 
 def _max_prefix_within(b: BatchBuilder, decodes: list[Request], budget: float) -> int:
     """How many of ``decodes`` (in order) fit in the time budget, by bisection on prefix sums."""
-    prefix = [0]
-    for r in decodes:
-        prefix.append(prefix[-1] + r.num_computed + 1)
+    prefix = [0, *accumulate(map(_computed, decodes))]
     lo, hi = 0, len(decodes)
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        ctx = prefix[mid]
+        ctx = prefix[mid] + mid
         if b.cost.predict(b.new_tokens + mid, b.context + ctx, b.seqs + mid, b.attn + ctx) <= budget:
             lo = mid
         else:
