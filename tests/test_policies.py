@@ -154,3 +154,17 @@ def test_unknown_policy_and_bad_options_are_config_errors(cost):
         make_policy("edf", cost)
     with pytest.raises(ConfigError, match="bad option"):
         make_policy("vllm", cost, chunk=3)
+
+
+@pytest.mark.parametrize("name", ["fairbatching", "sarathi", "vllm", "prefill-first"])
+@pytest.mark.parametrize("seed", range(5))
+def test_policies_keep_their_promise_to_run_every_decode_when_idle(cost, name, seed):
+    import random
+
+    rng = random.Random(seed)
+    decodes = [decode(f"d{i}", NOW, slack=rng.uniform(-0.5, 5.0), prompt=rng.randint(16, 4000)) for i in range(64)]
+    policy = make_policy(name, cost, tpot_slo=0.1)
+    assert policy.schedules_all_decodes_when_idle
+    plan = policy.schedule(state(NOW, decodes, []))
+    assert sorted(ids(plan)) == sorted(r.request_id for r in decodes)
+    assert not plan.preempted

@@ -95,3 +95,15 @@ def test_idle_gaps_do_not_count_as_busy(profile):
     w = Workload("sparse", (RequestSpec("a", 0.0, 100, 3), RequestSpec("b", 100.0, 100, 3)))
     res = run("fairbatching", w, profile)
     assert res.end_time > 100.0 and res.busy_time < 1.0
+
+
+@pytest.mark.parametrize("policy", list(POLICIES))
+def test_fast_forward_matches_stepping_every_iteration(policy, profile):
+    w = synthetic_workload(150, qps=8, burstiness=2, seed=7)
+    fast = run(policy, w, profile)
+    slow = run(policy, w, profile, fast_forward=False)
+    assert fast.iterations == slow.iterations and fast.preemptions == slow.preemptions
+    slow_by_id = {r.request_id: r for r in slow.requests}
+    for r in fast.requests:
+        assert r.token_times == pytest.approx(slow_by_id[r.request_id].token_times, rel=1e-9, abs=1e-9)
+    assert fast.log.duration == pytest.approx(slow.log.duration)

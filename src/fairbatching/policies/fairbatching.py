@@ -31,8 +31,9 @@ class FairBatchingPolicy(Policy):
          ``kv_reserve_fraction`` of the cache) stay free, so admissions never force a decode out;
       3. the other decodes, least slack first, in whatever time is left. Every decode runs when there is
          no prefill backlog (skipping one would idle the GPU for nothing) or when KV use is above
-         ``kv_high_watermark``: a decode held back holds its KV longer, and under memory pressure finishing
-         decodes is what frees room for the prefills waiting.
+         ``kv_high_watermark`` (default half the cache): a decode held back holds its KV longer, so spending
+         decode slack raises residency (Little's law) and, when the cache fills, admissions stall. Measured
+         on the default workload: spending slack up to 90% KV use gave 3.85 s P99 TTFT, up to 50% 2.73 s.
     """
 
     name = "fairbatching"
@@ -49,7 +50,7 @@ class FairBatchingPolicy(Policy):
         slack_carry: float = 0.0,
         min_budget_fraction: float = 0.5,
         kv_reserve_fraction: float = 0.01,
-        kv_high_watermark: float = 0.9,
+        kv_high_watermark: float = 0.5,
         decode_grace: float = 0.0,
     ) -> None:
         super().__init__(cost_model, max_num_batched_tokens, max_num_seqs)
