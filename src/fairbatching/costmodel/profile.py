@@ -81,6 +81,8 @@ class Profile:
 
 def _bundled() -> dict[str, Path]:
     folder = resources.files("fairbatching.costmodel") / "profiles"
+    if not folder.is_dir():
+        return {}
     return {Path(str(p)).stem: Path(str(p)) for p in folder.iterdir() if str(p).endswith(".json")}
 
 
