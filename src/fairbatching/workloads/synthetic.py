@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
+from fairbatching.core.request import SLO
 from fairbatching.errors import ConfigError
 from fairbatching.workloads.spec import RequestSpec, Workload
 
@@ -39,11 +41,14 @@ def synthetic_workload(
     burstiness: float = 1.0,
     seed: int = 0,
     name: str | None = None,
+    slo_classes: Sequence[tuple[float, SLO]] = (),
 ) -> Workload:
     """Arrivals with Gamma inter-arrival times, scaled so the mean rate is exactly ``qps``.
 
     ``burstiness`` is the squared coefficient of variation of the gaps: 1 is Poisson, above 1 clusters
-    arrivals into bursts (shape = 1 / burstiness), below 1 spaces them more evenly.
+    arrivals into bursts (shape = 1 / burstiness), below 1 spaces them more evenly. ``slo_classes``
+    (weight, SLO) pairs give each request an SLO drawn by weight, e.g. interactive and relaxed tenants;
+    without them requests take the experiment's default SLO.
     """
     if num_requests < 1:
         raise ConfigError(f"num_requests must be >= 1, got {num_requests}")
@@ -58,9 +63,16 @@ def synthetic_workload(
     arrivals = np.cumsum(gaps)
     prompts = prompt.sample(rng, num_requests)
     outputs = output.sample(rng, num_requests)
+    slos: list[SLO | None] = [None] * num_requests
+    if slo_classes:
+        weights = np.array([w for w, _ in slo_classes], dtype=float)
+        if (weights <= 0).any():
+            raise ConfigError("SLO class weights must be positive")
+        picks = rng.choice(len(slo_classes), size=num_requests, p=weights / weights.sum())
+        slos = [slo_classes[k][1] for k in picks]
     reqs = tuple(
-        RequestSpec(f"r{i}", float(t), int(p), int(o))
-        for i, (t, p, o) in enumerate(zip(arrivals, prompts, outputs, strict=True))
+        RequestSpec(f"r{i}", float(t), int(p), int(o), s)
+        for i, (t, p, o, s) in enumerate(zip(arrivals, prompts, outputs, slos, strict=True))
     )
     label = name or f"synthetic-gamma{burstiness:g}"
     meta = {"qps": qps, "burstiness": burstiness, "seed": seed, "kind": "synthetic"}
