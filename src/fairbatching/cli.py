@@ -15,7 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from fairbatching.core.request import SLO
 from fairbatching.costmodel.profile import available_profiles, load_profile
 from fairbatching.errors import FairBatchingError
-from fairbatching.experiment import DEFAULT_QPS, DEFAULT_SLO, Experiment, WorkloadSpec
+from fairbatching.experiment import DEFAULT_QPS, DEFAULT_SLO, Experiment, WorkloadSpec, check_slo_feasible
 from fairbatching.metrics.table import markdown_table, summary_table, write_summary_csv
 from fairbatching.policies import POLICIES
 
@@ -150,10 +150,7 @@ def compare(
     """Run several policies on the same workload; write tables, CSV/JSON and a plot + HTML report."""
     from fairbatching.report import plot_comparison, write_html_report
 
-    names = [p.strip() for p in policies.split(",") if p.strip()]
-    unknown = [p for p in names if p not in POLICIES]
-    if unknown or not names:
-        raise FairBatchingError(f"unknown policy {', '.join(unknown) or '(none)'}; choose from {', '.join(POLICIES)}")
+    names = _policy_names(policies)
     exp = _experiment(trace, fmt, num, start, qps, seed, ttft, tpot, profile, timeout, max_len)
     _banner(exp)
     results = _run_with_progress(exp, names)
@@ -172,6 +169,223 @@ def compare(
     report = write_html_report(out / "report.html", title, summaries, [png], settings)
     out_console.print(summary_table(summaries, title=title))
     console.print(f"wrote {out}/summary.json, summary.csv, summary.md, requests_*.csv, {png.name}, {report.name}")
+
+
+def _sweeper(cache: Path, workers: int | None, ray: str | None):
+    from fairbatching.evaluation import Sweeper
+
+    return Sweeper(cache, workers, ray)
+
+
+CacheOpt = Annotated[Path, typer.Option("--cache", help="Result cache folder (makes sweeps resumable)")]
+WorkersOpt = Annotated[int | None, typer.Option("--workers", help="Local worker processes (default: all cores)")]
+RayOpt = Annotated[
+    str | None, typer.Option("--ray", help="Run on a Ray cluster at this address ('local' starts one here)")
+]
+
+
+@app.command()
+def capacity(
+    policies: Annotated[str, typer.Option("--policies", help="Comma-separated policies")] = "fairbatching,sarathi,vllm",
+    workload: Annotated[str, typer.Option("--workload", "-w", help="Family name or trace path")] = "default",
+    num: Annotated[int, typer.Option("--num-requests", "-n", help="Requests per run")] = 2000,
+    seeds: Annotated[int, typer.Option("--seeds", help="Seeds (trace windows) per load point")] = 3,
+    target: Annotated[float, typer.Option("--target", help="SLO attainment target")] = 0.9,
+    tolerance: Annotated[float, typer.Option("--tolerance", help="Relative QPS tolerance")] = 0.02,
+    start: Annotated[float, typer.Option("--start-qps", help="First load to try")] = 8.0,
+    ttft: TtftOpt = DEFAULT_SLO.ttft,
+    tpot: TpotOpt = DEFAULT_SLO.tpot,
+    profile: ProfileOpt = None,
+    cache: CacheOpt = Path("out/cache"),
+    workers: WorkersOpt = None,
+    ray: RayOpt = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Write capacity.json here")] = None,
+) -> None:
+    """Highest request rate each policy sustains at the SLO-attainment target (bracketing + bisection)."""
+    from fairbatching.evaluation import RunSpec, family, find_capacity
+    from fairbatching.evaluation.bounds import clairvoyant_capacity
+
+    names = _policy_names(policies)
+    fam = family(workload)
+    if not fam.available():
+        raise FairBatchingError(f"workload {workload!r} needs {fam.path()}, which is missing")
+    sweeper = _sweeper(cache, workers, ray)
+    prof = load_profile(profile)
+    check_slo_feasible(SLO(ttft, tpot), prof)
+    bound = clairvoyant_capacity(fam.build(1.0, 0, num), prof)
+    results = []
+    for name in names:
+        base = RunSpec(name, workload, 1.0, 0, num, ttft, tpot, profile)
+        console.print(f"[bold]{name}[/] on {workload}: searching (target {target:.0%}, tolerance {tolerance:.0%})")
+        res = find_capacity(
+            base,
+            sweeper,
+            target,
+            seeds,
+            start,
+            tolerance,
+            on_point=lambda p: console.print(_point_line(p)),
+        )
+        results.append(res)
+    best_base = max((r.capacity_qps for r in results if r.policy != "fairbatching"), default=0.0)
+    for r in results:
+        gain = (
+            f" ({r.capacity_qps / best_base - 1:+.1%} vs best baseline)"
+            if r.policy == "fairbatching" and best_base
+            else ""
+        )
+        out_console.print(
+            f"{r.policy:14s} capacity {r.capacity_qps:7.3f} req/s  bracket [{r.bracket[0]:.3f}, {r.bracket[1]:.3f}]"
+            f"  {r.capacity_qps / bound:5.1%} of the clairvoyant bound{gain}"
+        )
+    out_console.print(f"{'clairvoyant':14s} bound    {bound:7.3f} req/s (GPU 100% busy, latency ignored)")
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "capacity.json").write_text(
+            json.dumps(
+                {"workload": workload, "clairvoyant_qps": bound, "results": [asdict(r) for r in results]}, indent=2
+            )
+            + "\n"
+        )
+
+
+@app.command()
+def sweep(
+    policies: Annotated[str, typer.Option("--policies", help="Comma-separated policies")] = "fairbatching,sarathi,vllm",
+    workloads: Annotated[str, typer.Option("--workloads", help="Comma-separated families or trace paths")] = "default",
+    loads: Annotated[str, typer.Option("--qps", help="Comma-separated load levels (req/s)")] = "12,14,16,17,18,19",
+    slos: Annotated[str, typer.Option("--slos", help="Comma-separated TTFT:TPOT pairs in seconds")] = "2:0.1",
+    seeds: Annotated[int, typer.Option("--seeds", help="Seeds per point")] = 1,
+    num: Annotated[int, typer.Option("--num-requests", "-n", help="Requests per run")] = 2000,
+    profile: ProfileOpt = None,
+    cache: CacheOpt = Path("out/cache"),
+    workers: WorkersOpt = None,
+    ray: RayOpt = None,
+    out: Annotated[Path, typer.Option("--out", help="Report folder")] = Path("out/sweep"),
+) -> None:
+    """Run policies x workloads x SLOs x loads in parallel (resumable), and plot latency against load."""
+    from fairbatching.evaluation import RunSpec
+    from fairbatching.report.curves import plot_load_curves
+
+    names = _policy_names(policies)
+    try:
+        qps_levels = [float(q) for q in loads.split(",") if q.strip()]
+        slo_pairs = [tuple(float(x) for x in pair.split(":")) for pair in slos.split(",") if pair.strip()]
+    except ValueError:
+        raise FairBatchingError("--qps takes numbers and --slos TTFT:TPOT pairs, e.g. --slos 2:0.1,1:0.05") from None
+    if any(len(p) != 2 for p in slo_pairs):
+        raise FairBatchingError("--slos takes TTFT:TPOT pairs, e.g. --slos 2:0.1,1:0.05")
+    prof = load_profile(profile)
+    for ttft, tpot in slo_pairs:
+        check_slo_feasible(SLO(ttft, tpot), prof)
+    specs = [
+        RunSpec(p, w, q, s, num, ttft, tpot, profile)
+        for w in [x.strip() for x in workloads.split(",") if x.strip()]
+        for ttft, tpot in slo_pairs
+        for q in qps_levels
+        for p in names
+        for s in range(seeds)
+    ]
+    sweeper = _sweeper(cache, workers, ray)
+    with _progress() as bar:
+        task = bar.add_task("sweep", total=len(specs))
+        results = sweeper.run(specs, progress=lambda done, total: bar.update(task, completed=done, total=total))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sweep.json").write_text(json.dumps(results, indent=2) + "\n")
+    rows = [
+        (
+            r["spec"]["workload"],
+            r["spec"]["ttft_slo"],
+            r["spec"]["tpot_slo"],
+            r["spec"]["qps"],
+            r["spec"]["seed"],
+            r["spec"]["policy"],
+            r["summary"]["ttft"]["p99"],
+            r["summary"]["tpot"]["p99"],
+            r["summary"]["tpot_attainment"],
+            r["summary"]["slo_attainment"],
+        )
+        for r in results
+    ]
+    header = "workload,ttft_slo,tpot_slo,qps,seed,policy,ttft_p99,tpot_p99,tpot_attainment,slo_attainment"
+    (out / "sweep.csv").write_text(header + "\n" + "\n".join(",".join(map(str, row)) for row in rows) + "\n")
+    groups = sorted({(r[0], r[1], r[2]) for r in rows})
+    for w, ttft, tpot in groups:
+        part = [
+            r
+            for r in results
+            if (r["spec"]["workload"], r["spec"]["ttft_slo"], r["spec"]["tpot_slo"]) == (w, ttft, tpot)
+        ]
+        png = plot_load_curves(
+            part, out / f"curves_{w}_{ttft:g}_{tpot:g}.png", f"{w}, SLO {ttft:g} s / {tpot * 1e3:g} ms"
+        )
+        console.print(f"wrote {png}")
+    console.print(f"{len(results)} runs -> {out}/sweep.json, sweep.csv")
+
+
+@app.command()
+def evaluate(
+    out: Annotated[Path, typer.Option("--out", help="Results folder")] = Path("out/evaluation"),
+    policies: Annotated[str, typer.Option("--policies", help="Comma-separated policies")] = "fairbatching,sarathi,vllm",
+    scenarios: Annotated[
+        str, typer.Option("--scenarios", help="workload:TTFT:TPOT:start_qps, comma-separated")
+    ] = "default:2:0.1:8,default:1:0.05:8,azure-conv:2:0.1:8,azure-code:2:0.1:2,mooncake-conv:10:0.1:0.5",
+    num: Annotated[int, typer.Option("--num-requests", "-n", help="Requests per run")] = 2000,
+    seeds: Annotated[int, typer.Option("--seeds", help="Seeds (trace windows) per load point")] = 3,
+    target: Annotated[float, typer.Option("--target", help="SLO attainment target")] = 0.9,
+    tolerance: Annotated[float, typer.Option("--tolerance", help="Relative QPS tolerance")] = 0.02,
+    profile: ProfileOpt = None,
+    cache: CacheOpt = Path("out/cache"),
+    workers: WorkersOpt = None,
+    ray: RayOpt = None,
+) -> None:
+    """The single-node evaluation: capacities, clairvoyant bounds, equal-load P99 TTFT, curves, slack."""
+    from fairbatching.evaluation.evaluate import Scenario, markdown, slack_timeline
+    from fairbatching.evaluation.evaluate import evaluate as run_evaluation
+    from fairbatching.report.html import write_html_page
+
+    names = _policy_names(policies)
+    try:
+        parsed = [
+            Scenario(w, float(t), float(p), float(q))
+            for w, t, p, q in (item.strip().split(":") for item in scenarios.split(",") if item.strip())
+        ]
+    except ValueError:
+        raise FairBatchingError("--scenarios takes workload:TTFT:TPOT:start_qps items, e.g. default:2:0.1:8") from None
+    prof = load_profile(profile)
+    for sc in parsed:
+        check_slo_feasible(SLO(sc.ttft, sc.tpot), prof)
+    sweeper = _sweeper(cache, workers, ray)
+    rows = run_evaluation(parsed, names, sweeper, out, num, seeds, target, tolerance, profile, log=console.print)
+    first = parsed[0]
+    ref = next((r["equal_load_qps"] for r in rows if r["workload"] == first.workload), None)
+    images = sorted(out.glob("curves_*.png"))
+    if ref:
+        images.append(slack_timeline(first, ref, names, out, num, profile))
+    table = markdown(rows)
+    note = f"Profile: {prof.name} ({prof.source}). Target {target:.0%} of requests meeting TTFT and TPOT."
+    (out / "evaluation.md").write_text(f"{note}\n\n{table}\n")
+    page = write_html_page(
+        out / "report.html", "FairBatching single-node evaluation", f"<p>{note}</p><pre>{table}</pre>", images
+    )
+    out_console.print(table)
+    console.print(f"wrote {out}/evaluation.json, evaluation.md, {page.name} and {len(images)} plots")
+
+
+def _point_line(p) -> str:
+    seeds = ", ".join(f"{v:.1%}" for v in p.per_seed)
+    return (
+        f"  {p.qps:8.3f} req/s  attainment {p.attainment:6.1%}  (seeds {seeds})"
+        f"  P99 TTFT {p.p99_ttft:.2f} s  TPOT ok {p.tpot_attainment:.1%}"
+    )
+
+
+def _policy_names(policies: str) -> list[str]:
+    names = [p.strip() for p in policies.split(",") if p.strip()]
+    unknown = [p for p in names if p not in POLICIES]
+    if unknown or not names:
+        raise FairBatchingError(f"unknown policy {', '.join(unknown) or '(none)'}; choose from {', '.join(POLICIES)}")
+    return names
 
 
 @app.command("fit-profile")

@@ -1,4 +1,4 @@
-"""A single self-contained HTML file: the summary table, the settings, and the plots inlined."""
+"""Self-contained HTML reports: tables, settings and plots inlined in a single file."""
 
 from __future__ import annotations
 
@@ -20,26 +20,35 @@ pre{background:#f7f7f7;padding:1em;font-size:12px}
 """
 
 
-def write_html_report(
-    path: str | Path, title: str, summaries: Sequence[Summary], images: Sequence[Path], settings: dict[str, Any]
+def html_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def write_html_page(
+    path: str | Path, title: str, body_html: str, images: Sequence[Path], settings: dict[str, Any] | None = None
 ) -> Path:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h, _, _ in COLUMNS)
-    rows = "".join(
-        f"<tr><td>{html.escape(s.policy)}</td>"
-        + "".join(f"<td>{_fmt(value(s, k), f)}</td>" for _, k, f in COLUMNS)
-        + "</tr>"
-        for s in summaries
-    )
     imgs = "".join(
-        f'<img alt="{html.escape(p.name)}" src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}">'
+        f'<h3>{html.escape(p.stem)}</h3><img alt="{html.escape(p.name)}" '
+        f'src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}">'
         for p in images
+    )
+    extra = (
+        f"<h2>Settings</h2><pre>{html.escape(json.dumps(settings, indent=2, default=str))}</pre>" if settings else ""
     )
     doc = (
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-        f"<style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1>"
-        f"<table><tr><th>policy</th>{head}</tr>{rows}</table>{imgs}"
-        f"<h2>Settings</h2><pre>{html.escape(json.dumps(settings, indent=2, default=str))}</pre></body></html>"
+        f"<style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1>{body_html}{imgs}{extra}</body></html>"
     )
     path = Path(path)
     path.write_text(doc)
     return path
+
+
+def write_html_report(
+    path: str | Path, title: str, summaries: Sequence[Summary], images: Sequence[Path], settings: dict[str, Any]
+) -> Path:
+    rows = [[s.policy, *(_fmt(value(s, k), f) for _, k, f in COLUMNS)] for s in summaries]
+    table = html_table(["policy", *(h for h, _, _ in COLUMNS)], rows)
+    return write_html_page(path, title, table, images, settings)

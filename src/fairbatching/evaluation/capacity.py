@@ -1,0 +1,95 @@
+"""Capacity: the highest request rate at which a policy keeps SLO attainment at or above a target.
+
+Search: start at a guess, double (or halve) until the target is bracketed, then bisect geometrically
+until the bracket is within a relative tolerance. Each load point is the mean attainment over several
+seeds (different trace windows or synthetic draws), all run through the sweeper's cache and workers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+from fairbatching.errors import ConfigError
+from fairbatching.evaluation.runspec import RunSpec
+from fairbatching.evaluation.sweep import Sweeper
+
+
+@dataclass
+class LoadPoint:
+    qps: float
+    attainment: float
+    per_seed: list[float]
+    p99_ttft: float
+    tpot_attainment: float
+
+
+@dataclass
+class CapacityResult:
+    policy: str
+    workload: str
+    capacity_qps: float
+    target: float
+    tolerance: float
+    bracket: tuple[float, float]
+    curve: list[LoadPoint] = field(default_factory=list)
+
+
+def find_capacity(
+    base: RunSpec,
+    sweeper: Sweeper,
+    target: float = 0.9,
+    seeds: int = 3,
+    start_qps: float = 4.0,
+    tolerance: float = 0.02,
+    max_points: int = 24,
+    metric: str = "slo_attainment",
+    on_point: Callable[[LoadPoint], None] | None = None,
+) -> CapacityResult:
+    """Highest QPS (within ``tolerance``, relative) with mean ``metric`` >= ``target`` over ``seeds``."""
+    if not 0 < target <= 1:
+        raise ConfigError(f"attainment target must be in (0, 1], got {target}")
+    if not (0 < tolerance < 1 and start_qps > 0 and seeds >= 1):
+        raise ConfigError("need 0 < tolerance < 1, start_qps > 0 and seeds >= 1")
+    curve: list[LoadPoint] = []
+
+    def evaluate(qps: float) -> bool:
+        specs = [replace(base, qps=qps, seed=s) for s in range(seeds)]
+        results = [r["summary"] for r in sweeper.run(specs)]
+        vals = [r[metric] for r in results]
+        point = LoadPoint(
+            qps,
+            sum(vals) / len(vals),
+            vals,
+            max(r["ttft"]["p99"] for r in results),
+            sum(r["tpot_attainment"] for r in results) / len(results),
+        )
+        curve.append(point)
+        if on_point:
+            on_point(point)
+        return point.attainment >= target
+
+    lo, hi = 0.0, math.inf
+    q = start_qps
+    while len(curve) < max_points:
+        if evaluate(q):
+            lo = q
+            if hi < math.inf:
+                break
+            q *= 2
+        else:
+            hi = q
+            if lo > 0:
+                break
+            q /= 2
+            if q < 1e-3:
+                break
+    while lo > 0 and hi < math.inf and hi / lo - 1 > tolerance and len(curve) < max_points:
+        mid = math.sqrt(lo * hi)
+        if evaluate(mid):
+            lo = mid
+        else:
+            hi = mid
+    curve.sort(key=lambda p: p.qps)
+    return CapacityResult(base.policy, base.workload, lo, target, tolerance, (lo, hi), curve)

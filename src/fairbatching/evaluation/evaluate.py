@@ -1,0 +1,142 @@
+"""The single-node evaluation: capacity, P99 TTFT at equal load, load curves and slack, per workload.
+
+For every (workload family, SLO): each policy's capacity at the attainment target, the clairvoyant
+bound, P99 TTFT of every policy at the best baseline's capacity (equal load, TPOT attainment alongside),
+and latency-vs-load curves around that capacity. One slack-timeline run per policy shows where decode
+slack went. Everything goes through the sweeper, so a rerun reuses finished simulations.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from fairbatching.core.request import SLO
+from fairbatching.costmodel.profile import load_profile
+from fairbatching.evaluation.bounds import clairvoyant_capacity
+from fairbatching.evaluation.capacity import CapacityResult, find_capacity
+from fairbatching.evaluation.families import family
+from fairbatching.evaluation.runspec import RunSpec
+from fairbatching.evaluation.sweep import Sweeper
+from fairbatching.experiment import Experiment
+from fairbatching.report.curves import plot_load_curves, plot_slack_timeline
+
+LOAD_FACTORS = (0.7, 0.85, 1.0, 1.1, 1.25, 1.5)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    workload: str
+    ttft: float
+    tpot: float
+    start_qps: float
+
+    @property
+    def label(self) -> str:
+        return f"{self.workload}, SLO {self.ttft:g} s / {self.tpot * 1e3:g} ms"
+
+    @property
+    def slug(self) -> str:
+        return f"{self.workload}_{self.ttft:g}_{self.tpot * 1e3:g}ms"
+
+
+def evaluate(
+    scenarios: Sequence[Scenario],
+    policies: Sequence[str],
+    sweeper: Sweeper,
+    out: Path,
+    num_requests: int = 2000,
+    seeds: int = 3,
+    target: float = 0.9,
+    tolerance: float = 0.02,
+    profile: str | None = None,
+    log: Callable[[str], None] = print,
+) -> list[dict[str, Any]]:
+    out.mkdir(parents=True, exist_ok=True)
+    prof = load_profile(profile)
+    rows: list[dict[str, Any]] = []
+    for sc in scenarios:
+        if not family(sc.workload).available():
+            log(f"skip {sc.label}: trace file missing")
+            continue
+        bound = clairvoyant_capacity(family(sc.workload).build(1.0, 0, num_requests), prof)
+        caps: dict[str, CapacityResult] = {}
+        for p in policies:
+            base = RunSpec(p, sc.workload, 1.0, 0, num_requests, sc.ttft, sc.tpot, profile)
+            caps[p] = find_capacity(base, sweeper, target, seeds, sc.start_qps, tolerance)
+            log(f"{sc.label}: {p} capacity {caps[p].capacity_qps:.3f} req/s")
+        baselines = [p for p in policies if p != "fairbatching"]
+        ref = max((caps[p].capacity_qps for p in baselines), default=caps[policies[0]].capacity_qps)
+        def at(factor: float) -> float:
+            return round(ref * factor, 4)
+
+        loads = sorted({at(f) for f in LOAD_FACTORS})
+        specs = [
+            RunSpec(p, sc.workload, q, s, num_requests, sc.ttft, sc.tpot, profile)
+            for q in loads
+            for p in policies
+            for s in range(seeds)
+        ]
+        curve_results = sweeper.run(specs)
+        plot_load_curves(curve_results, out / f"curves_{sc.slug}.png", sc.label)
+        equal = {p: _mean_at(curve_results, p, at(1.0)) for p in policies}
+        over = {p: _mean_at(curve_results, p, at(1.25)) for p in policies}
+        for p in policies:
+            rows.append(
+                {
+                    "workload": sc.workload,
+                    "ttft_slo": sc.ttft,
+                    "tpot_slo": sc.tpot,
+                    "policy": p,
+                    "capacity_qps": caps[p].capacity_qps,
+                    "capacity_vs_best_baseline": caps[p].capacity_qps / ref - 1 if ref else float("nan"),
+                    "fraction_of_clairvoyant": caps[p].capacity_qps / bound,
+                    "clairvoyant_qps": bound,
+                    "equal_load_qps": ref,
+                    "p99_ttft_at_equal_load": equal[p]["p99_ttft"],
+                    "tpot_attainment_at_equal_load": equal[p]["tpot_attainment"],
+                    "slo_attainment_at_equal_load": equal[p]["slo_attainment"],
+                    "p99_ttft_at_125pct_load": over[p]["p99_ttft"],
+                    "tpot_attainment_at_125pct_load": over[p]["tpot_attainment"],
+                    "capacity_curve": [asdict(pt) for pt in caps[p].curve],
+                }
+            )
+        (out / "evaluation.json").write_text(json.dumps(rows, indent=2) + "\n")
+    return rows
+
+
+def _mean_at(results: list[dict[str, Any]], policy: str, qps: float) -> dict[str, float]:
+    sel = [r["summary"] for r in results if r["spec"]["policy"] == policy and r["spec"]["qps"] == qps]
+    return {
+        "p99_ttft": sum(s["ttft"]["p99"] for s in sel) / len(sel),
+        "tpot_attainment": sum(s["tpot_attainment"] for s in sel) / len(sel),
+        "slo_attainment": sum(s["slo_attainment"] for s in sel) / len(sel),
+    }
+
+
+def slack_timeline(
+    sc: Scenario, qps: float, policies: Sequence[str], out: Path, num_requests: int = 2000, profile: str | None = None
+) -> Path:
+    w = family(sc.workload).build(qps, 0, num_requests)
+    exp = Experiment(w, load_profile(profile), SLO(sc.ttft, sc.tpot))
+    runs = {p: exp.run(p).sim.requests for p in policies}
+    return plot_slack_timeline(runs, out / f"slack_{sc.slug}.png", f"decode slack, {sc.label} at {qps:.2f} req/s")
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    head = (
+        "| workload | SLO (TTFT / TPOT) | policy | capacity (req/s) | vs best baseline | of clairvoyant "
+        "| P99 TTFT at equal load (s) | TPOT ok | SLO ok | P99 TTFT at 1.25x load (s) |"
+    )
+    lines = [head, "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(
+            f"| {r['workload']} | {r['ttft_slo']:g} s / {r['tpot_slo'] * 1e3:g} ms | {r['policy']} "
+            f"| {r['capacity_qps']:.2f} | {r['capacity_vs_best_baseline']:+.1%} | {r['fraction_of_clairvoyant']:.0%} "
+            f"| {r['p99_ttft_at_equal_load']:.2f} | {r['tpot_attainment_at_equal_load']:.1%} "
+            f"| {r['slo_attainment_at_equal_load']:.1%} | {r['p99_ttft_at_125pct_load']:.2f} |"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,69 @@
+"""Workload families: one named source (a trace file or the synthetic generator) that yields a workload
+for any load level and seed. For a trace, the seed picks which window of the trace is replayed, so
+several seeds sample different stretches of real traffic at the same rate."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from fairbatching.errors import ConfigError
+from fairbatching.workloads.spec import Workload
+from fairbatching.workloads.synthetic import CONVERSATION_OUTPUTS, CONVERSATION_PROMPTS, synthetic_workload
+from fairbatching.workloads.traces import load_trace
+
+SHARED_TRACES = Path(__file__).resolve().parents[3].parent / "shared" / "traces"
+
+
+@dataclass(frozen=True)
+class WorkloadFamily:
+    name: str
+    trace: str | None = None  # file name under the traces folder, or a path
+    burstiness: float = 4.0  # synthetic families only
+
+    def build(self, qps: float, seed: int, num_requests: int, traces_dir: Path = SHARED_TRACES) -> Workload:
+        if self.trace is None:
+            return synthetic_workload(
+                num_requests, qps, CONVERSATION_PROMPTS, CONVERSATION_OUTPUTS, self.burstiness, seed, self.name
+            )
+        full = _load(str(self.path(traces_dir)))
+        n = min(num_requests, len(full))
+        start = 0 if seed == 0 or len(full) == n else int(np.random.default_rng(seed).integers(0, len(full) - n))
+        w = full.head(n, start)
+        return Workload(self.name, w.requests, {**w.meta, "start": start}).rescaled(qps)
+
+    def path(self, traces_dir: Path = SHARED_TRACES) -> Path:
+        p = Path(self.trace)
+        return p if p.is_absolute() or p.exists() else traces_dir / p
+
+    def available(self, traces_dir: Path = SHARED_TRACES) -> bool:
+        return self.trace is None or self.path(traces_dir).is_file()
+
+
+@lru_cache(maxsize=8)
+def _load(path: str) -> Workload:
+    return load_trace(path)
+
+
+FAMILIES: dict[str, WorkloadFamily] = {
+    f.name: f
+    for f in (
+        WorkloadFamily("default"),
+        WorkloadFamily("azure-code", "AzureLLMInferenceTrace_code.csv"),
+        WorkloadFamily("azure-conv", "AzureLLMInferenceTrace_conv.csv"),
+        WorkloadFamily("mooncake-conv", "mooncake_conversation_trace.jsonl"),
+        WorkloadFamily("mooncake-synthetic", "mooncake_synthetic_trace.jsonl"),
+    )
+}
+
+
+def family(name: str) -> WorkloadFamily:
+    """A built-in family by name, or a trace file path as its own family."""
+    if name in FAMILIES:
+        return FAMILIES[name]
+    if Path(name).is_file():
+        return WorkloadFamily(Path(name).stem, str(Path(name).resolve()))
+    raise ConfigError(f"unknown workload {name!r}: not a file, and not one of {', '.join(FAMILIES)}")

@@ -1,0 +1,46 @@
+"""One simulation as a pure, hashable configuration, so sweeps can cache and distribute it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from fairbatching.core.request import SLO
+from fairbatching.costmodel.profile import load_profile
+from fairbatching.evaluation.families import family
+from fairbatching.experiment import Experiment
+
+# Bump when simulator or metric semantics change, so stale cache entries are never reused.
+RESULT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    policy: str
+    workload: str
+    qps: float
+    seed: int = 0
+    num_requests: int = 2000
+    ttft_slo: float = 2.0
+    tpot_slo: float = 0.1
+    profile: str | None = None
+    options: tuple[tuple[str, Any], ...] = field(default_factory=tuple)
+
+    def key(self) -> str:
+        payload = json.dumps({"v": RESULT_VERSION, **asdict(self)}, sort_keys=True, default=str)
+        return hashlib.sha256(payload.encode()).hexdigest()[:20]
+
+
+def run_spec(spec: RunSpec) -> dict[str, Any]:
+    """Run one spec; returns the summary (no per-request rows) plus the spec itself."""
+    w = family(spec.workload).build(spec.qps, spec.seed, spec.num_requests)
+    exp = Experiment(
+        w,
+        load_profile(spec.profile),
+        SLO(spec.ttft_slo, spec.tpot_slo),
+        policy_options={spec.policy: dict(spec.options)},
+    )
+    summary = exp.run(spec.policy).summary.to_dict()
+    return {"spec": asdict(spec), "key": spec.key(), "summary": summary}
