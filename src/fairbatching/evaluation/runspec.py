@@ -43,4 +43,5 @@ def run_spec(spec: RunSpec) -> dict[str, Any]:
         policy_options={spec.policy: dict(spec.options)},
     )
     summary = exp.run(spec.policy).summary.to_dict()
-    return {"spec": asdict(spec), "key": spec.key(), "summary": summary}
+    # Normalised through JSON so a fresh result is identical to the same result read back from the cache.
+    return json.loads(json.dumps({"spec": asdict(spec), "key": spec.key(), "summary": summary}))

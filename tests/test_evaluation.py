@@ -1,0 +1,159 @@
+import json
+
+import pytest
+
+from fairbatching.costmodel import load_profile
+from fairbatching.errors import ConfigError
+from fairbatching.evaluation import RunSpec, Sweeper, family, find_capacity
+from fairbatching.evaluation import sweep as sweep_mod
+from fairbatching.evaluation.bounds import clairvoyant_capacity
+from fairbatching.experiment import Experiment
+
+
+class StepSweeper:
+    """Stands in for the simulator in the search: attainment is 0.99 up to a known capacity, then 0.5."""
+
+    def __init__(self, capacity: float):
+        self.capacity = capacity
+        self.calls: list[float] = []
+
+    def run(self, specs):
+        out = []
+        for s in specs:
+            self.calls.append(s.qps)
+            ok = 0.99 if s.qps <= self.capacity else 0.5
+            summary = {"slo_attainment": ok, "tpot_attainment": ok, "ttft": {"p99": 1.0 / ok}}
+            out.append({"spec": {"qps": s.qps}, "summary": summary})
+        return out
+
+
+@pytest.mark.parametrize("true_capacity,start", [(7.3, 4.0), (7.3, 40.0), (0.37, 4.0)])
+def test_capacity_search_brackets_then_bisects_to_tolerance(true_capacity, start):
+    sweeper = StepSweeper(true_capacity)
+    res = find_capacity(RunSpec("vllm", "default", 1.0), sweeper, target=0.9, seeds=2, start_qps=start, tolerance=0.01)
+    assert true_capacity / 1.01 <= res.capacity_qps <= true_capacity
+    assert res.bracket[1] / res.bracket[0] - 1 <= 0.01
+    assert [p.qps for p in res.curve] == sorted(p.qps for p in res.curve)
+    assert len(sweeper.calls) == 2 * len(res.curve)  # every point ran all seeds
+
+
+def test_capacity_rejects_bad_settings():
+    with pytest.raises(ConfigError):
+        find_capacity(RunSpec("vllm", "default", 1.0), StepSweeper(1), target=1.5)
+
+
+def test_real_capacity_search_is_consistent_with_its_curve(tmp_path):
+    base = RunSpec("fairbatching", "default", 1.0, num_requests=150)
+    res = find_capacity(base, Sweeper(tmp_path, workers=1), seeds=1, start_qps=8, tolerance=0.1)
+    at = {p.qps: p.attainment for p in res.curve}
+    assert at[res.bracket[0]] >= 0.9 > at[res.bracket[1]]
+    assert res.capacity_qps > 0
+
+
+def test_sweep_caches_and_resumes(tmp_path, monkeypatch):
+    calls = []
+    real = sweep_mod.run_spec
+
+    def counting(spec):
+        calls.append(spec)
+        return real(spec)
+
+    monkeypatch.setattr(sweep_mod, "run_spec", counting)
+    specs = [RunSpec(p, "default", 10.0, num_requests=80) for p in ("fairbatching", "vllm")]
+    first = Sweeper(tmp_path, workers=1).run(specs + specs[:1])
+    assert len(calls) == 2 and len(first) == 3 and first[0] == first[2]
+    again = Sweeper(tmp_path, workers=1).run(specs)
+    assert len(calls) == 2 and again == first[:2]
+    (tmp_path / f"{specs[1].key()}.json").write_text('{"cut short')  # an interrupted write
+    Sweeper(tmp_path, workers=1).run(specs)
+    assert [s.policy for s in calls] == ["fairbatching", "vllm", "vllm"]
+
+
+def test_parallel_sweep_matches_serial(tmp_path):
+    specs = [RunSpec("fairbatching", "default", q, num_requests=80) for q in (6.0, 12.0, 18.0)]
+    serial = Sweeper(None, workers=1).run(specs)
+    parallel = Sweeper(None, workers=2).run(specs)
+    assert [r["summary"] for r in serial] == [r["summary"] for r in parallel]
+
+
+def test_sweep_on_a_local_ray_instance(tmp_path):
+    ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install 'fairbatching[ray]'")
+    specs = [RunSpec(p, "default", 12.0, num_requests=60) for p in ("fairbatching", "sarathi")]
+    try:
+        got = Sweeper(tmp_path, workers=1, ray_address="local").run(specs)
+    finally:
+        ray.shutdown()
+    assert [r["spec"]["policy"] for r in got] == ["fairbatching", "sarathi"]
+    assert got == Sweeper(None, workers=1).run(specs)
+
+
+def test_clairvoyant_bound_is_above_what_any_policy_achieves():
+    prof = load_profile()
+    w = family("default").build(60.0, 0, 500)  # far past capacity: the GPU never idles
+    bound = clairvoyant_capacity(w, prof)
+    for policy in ("fairbatching", "vllm", "prefill-first"):
+        res = Experiment(w, prof).run(policy).sim
+        achieved = len(w) / (res.end_time - w.requests[0].arrival)
+        assert achieved <= bound
+        assert bound < 3 * achieved  # and not uselessly loose
+
+
+def test_trace_family_seeds_pick_different_windows(shared_traces):
+    fam = family("azure-conv")
+    a, b = fam.build(5.0, 0, 300), fam.build(5.0, 1, 300)
+    assert a.meta["start"] == 0 and b.meta["start"] > 0
+    assert a.qps == pytest.approx(5.0) and b.qps == pytest.approx(5.0)
+    assert [r.prompt_len for r in a.requests] != [r.prompt_len for r in b.requests]
+
+
+def test_unknown_family_is_a_config_error():
+    with pytest.raises(ConfigError, match="unknown workload 'nope'"):
+        family("nope")
+
+
+def test_sweep_and_capacity_cli(tmp_path):
+    from test_cli import cli
+
+    out, cache = tmp_path / "sweep", tmp_path / "cache"
+    res = cli(
+        "sweep",
+        "-n",
+        "80",
+        "--qps",
+        "6,12",
+        "--policies",
+        "fairbatching,vllm",
+        "--out",
+        str(out),
+        "--cache",
+        str(cache),
+        "--workers",
+        "1",
+    )
+    assert res.returncode == 0, res.stderr
+    data = json.loads((out / "sweep.json").read_text())
+    assert len(data) == 4 and (out / "curves_default_2_0.1.png").stat().st_size > 0
+    assert len(list(cache.glob("*.json"))) == 4
+    res = cli(
+        "capacity",
+        "-n",
+        "80",
+        "--seeds",
+        "1",
+        "--tolerance",
+        "0.25",
+        "--policies",
+        "vllm",
+        "--cache",
+        str(cache),
+        "--workers",
+        "1",
+        "--out",
+        str(tmp_path),
+    )
+    assert res.returncode == 0, res.stderr
+    assert "clairvoyant" in res.stdout
+    cap = json.loads((tmp_path / "capacity.json").read_text())
+    assert cap["results"][0]["capacity_qps"] > 0
+    bad = cli("sweep", "--slos", "2-0.1")
+    assert bad.returncode == 2 and "TTFT:TPOT pairs" in bad.stderr
