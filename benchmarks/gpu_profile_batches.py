@@ -2,7 +2,7 @@
 
 Writes profile rows (new_tokens, context_tokens, num_seqs, attn_work, latency_s) for `fairbatching
 fit-profile`. The model is the full 32-layer Llama-3-8B layer stack with random bf16 weights: fused QKV,
-RoPE, FlashAttention varlen over each sequence's whole context (chunked prefill = causal, bottom-right
+RoPE, FlashAttention varlen over each sequence's whole context (chunked prefill = causal window (-1, 0), bottom-right
 aligned), SwiGLU MLP, RMSNorm, and the LM head on each sequence's last token. K/V of the new tokens are
 written into a cache buffer that attention then reads, as an engine does; one cache buffer serves every
 layer (the bytes read per layer are the same; it is far larger than L2). Each composition is captured in
@@ -41,7 +41,7 @@ def probe_gqa() -> bool:
     kv = torch.randn(8, NKV, HD, device=DEV, dtype=DT)
     cu = torch.tensor([0, 8], device=DEV, dtype=torch.int32)
     try:
-        varlen_attn(q, kv, kv, cu, cu, 8, 8, is_causal=True)
+        varlen_attn(q, kv, kv, cu, cu, 8, 8, window_size=(-1, 0))
         return True
     except Exception as exc:
         print(f"varlen_attn without GQA ({type(exc).__name__}: {exc}); expanding K/V heads", file=sys.stderr)
@@ -115,7 +115,7 @@ class Stack:
             kk, vv = self.k_cache[: b["total_k"]], self.v_cache[: b["total_k"]]
             if not GQA_NATIVE:
                 kk, vv = kk.repeat_interleave(NH // NKV, dim=1), vv.repeat_interleave(NH // NKV, dim=1)
-            a = varlen_attn(q, kk, vv, b["cu_q"], b["cu_k"], b["max_q"], b["max_k"], is_causal=True)
+            a = varlen_attn(q, kk, vv, b["cu_q"], b["cu_k"], b["max_q"], b["max_k"], window_size=(-1, 0))
             x = x + a.reshape(t, NH * HD) @ wo
             gu = F.rms_norm(x, (H,), n2) @ wgu
             x = x + (F.silu(gu[:, :FF]) * gu[:, FF:]) @ wd
@@ -240,7 +240,7 @@ def main() -> None:
         w.writerows(rows)
     (args.out / "device.json").write_text(json.dumps({**info, "seconds": time.time() - t0}, indent=2))
     weights = sum(t.numel() for layer in stack.layers for t in layer) * 2 + stack.lm_head.numel() * 2
-    floor = weights / info["copy_bytes_per_s"] * 2  # copy bandwidth counts read + write
+    floor = weights / info["copy_bytes_per_s"]  # the copy rate counts bytes read plus written
     print(
         f"weights {weights / 1e9:.1f} GB -> bandwidth floor per step {floor * 1e3:.2f} ms; "
         f"matmul {info['bf16_matmul_flops'] / 1e12:.0f} TFLOP/s; copy {info['copy_bytes_per_s'] / 1e12:.2f} TB/s"

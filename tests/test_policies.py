@@ -22,8 +22,8 @@ def ids(plan):
 def test_prefill_about_to_miss_ttft_beats_decodes_with_slack_under_fairbatching_not_sarathi(cost):
     decodes = [decode(f"d{i}", NOW, slack=5.0) for i in range(256)]
     late_prefill = waiting("p", NOW, age=1.9, prompt=256)  # TTFT deadline in 0.1 s
-    fb = FairBatchingPolicy(cost, max_num_batched_tokens=256)
-    sarathi = SarathiPolicy(cost, token_budget=256)
+    fb = FairBatchingPolicy(cost, max_num_batched_tokens=256, max_num_seqs=512)
+    sarathi = SarathiPolicy(cost, token_budget=256, max_num_seqs=512)
 
     fb_plan = fb.schedule(state(NOW, list(decodes), [late_prefill]))
     sarathi_plan = sarathi.schedule(state(NOW, list(decodes), [late_prefill]))

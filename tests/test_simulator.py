@@ -16,10 +16,10 @@ def profile():
     return load_profile()
 
 
-def run(policy, workload, profile, kv=None, **cfg):
+def run(policy, workload, profile, kv=None, options=None, **cfg):
     cost = profile.cost_model()
     config = SimConfig(default_slo=SLO_, kv=kv or profile.kv, **cfg)
-    return simulate(make_policy(policy, cost, tpot_slo=SLO_.tpot), cost, workload, config)
+    return simulate(make_policy(policy, cost, tpot_slo=SLO_.tpot, **(options or {})), cost, workload, config)
 
 
 @pytest.mark.parametrize("policy", list(POLICIES))
@@ -122,3 +122,13 @@ def test_mixed_slo_classes_are_honoured_per_request(profile):
     import numpy as np
 
     assert np.percentile(by_class[0.5], 90) < 0.5 * np.percentile(by_class[10.0], 90)
+
+
+@pytest.mark.parametrize("policy", list(POLICIES))
+def test_running_set_never_exceeds_max_num_seqs(policy, profile):
+    # vLLM caps the running set, not just one batch: a policy that leaves decodes out of a batch must not
+    # use the room to admit more requests than max_num_seqs.
+    w = synthetic_workload(400, qps=40, burstiness=4, seed=4)
+    res = run(policy, w, profile, options={"max_num_seqs": 16})
+    assert max(res.log.running) <= 16
+    assert len(res.requests) == 400

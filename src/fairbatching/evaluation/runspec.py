@@ -13,7 +13,7 @@ from fairbatching.evaluation.families import family
 from fairbatching.experiment import Experiment
 
 # Bump when simulator or metric semantics change, so stale cache entries are never reused.
-RESULT_VERSION = 1
+RESULT_VERSION = 2
 
 
 @dataclass(frozen=True)

@@ -78,6 +78,7 @@ class BatchBuilder:
         "attn",
         "seqs",
         "_victims",
+        "resident",
     )
 
     def __init__(self, state: SchedulerState, cost: CostModel, token_budget: int, max_seqs: int) -> None:
@@ -94,6 +95,7 @@ class BatchBuilder:
         self.attn = 0.0
         self.seqs = 0
         self._victims: list[Request] | None = None
+        self.resident = len(state.running)  # requests holding KV; max_seqs caps it, as vLLM caps running
 
     @property
     def tokens_left(self) -> int:
@@ -125,6 +127,9 @@ class BatchBuilder:
             return False
         if self.plan.preempted and request in self.plan.preempted:
             return False
+        admitting = request.num_blocks == 0  # a waiting request joins the running set
+        if admitting and self.resident >= self.max_seqs:
+            return False
         need = self.blocks_needed(request, n)
         if reserve and need + reserve > self.free_blocks:
             return False
@@ -143,6 +148,8 @@ class BatchBuilder:
         self.context += c + n
         self.attn += n * (c + (n + 1) * 0.5)
         self.seqs += 1
+        if admitting:
+            self.resident += 1
         if n == 1 and request.token_times:
             self.plan.num_decodes += 1
         return True
@@ -203,6 +210,7 @@ class BatchBuilder:
                 continue
             self.plan.preempted.append(victim)
             self.free_blocks += victim.num_blocks
+            self.resident -= 1
             return True
         return False
 
@@ -211,6 +219,7 @@ class BatchBuilder:
         if request.num_blocks and request not in self.plan.preempted:
             self.plan.preempted.append(request)
             self.free_blocks += request.num_blocks
+            self.resident -= 1
 
     def largest_chunk(self, request: Request, limit: int, time_budget: float) -> int:
         """Largest ``n <= limit`` whose addition keeps the batch within ``time_budget`` (0 if none)."""
