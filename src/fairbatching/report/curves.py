@@ -14,6 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from fairbatching.core.request import Request  # noqa: E402
+from fairbatching.report.plots import save_figure  # noqa: E402
 
 
 def plot_load_curves(results: Sequence[dict[str, Any]], path: str | Path, title: str = "") -> Path:
@@ -35,13 +36,7 @@ def plot_load_curves(results: Sequence[dict[str, Any]], path: str | Path, title:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     axes[2].axhline(0.9, color="grey", linestyle="--", linewidth=0.8)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, title)
 
 
 def plot_slack_timeline(
@@ -83,10 +78,4 @@ def plot_slack_timeline(
         ax.set(title=policy, xlabel="time (s)", xlim=(0, last_arrival), ylim=(-0.5 * ttft, 2 * ttft))
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("decode slack (s)")
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, title)

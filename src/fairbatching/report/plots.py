@@ -65,6 +65,11 @@ def plot_comparison(
     for ax in axes.flat:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+    return save_figure(fig, path, title)
+
+
+def save_figure(fig, path: str | Path, title: str = "") -> Path:
+    """Title, lay out, write as PNG and release a figure (pyplot keeps every open figure alive)."""
     if title:
         fig.suptitle(title)
     fig.tight_layout()
