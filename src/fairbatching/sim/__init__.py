@@ -1,5 +1,6 @@
-"""Iteration-level discrete-event simulation of one serving node."""
+"""Iteration-level discrete-event simulation: one steppable ``Node``, and a single-node ``Simulator``."""
 
-from fairbatching.sim.simulator import SimConfig, SimResult, Simulator, simulate
+from fairbatching.sim.node import IterationLog, Node, SimConfig
+from fairbatching.sim.simulator import SimResult, Simulator, simulate
 
-__all__ = ["SimConfig", "SimResult", "Simulator", "simulate"]
+__all__ = ["IterationLog", "Node", "SimConfig", "SimResult", "Simulator", "simulate"]

@@ -1,0 +1,291 @@
+"""One serving node, steppable: the single-node simulator and the cluster simulator both drive it.
+
+Each step the policy plans a batch over the node's state, the cost model prices it, the clock advances
+by that time, and every sequence whose chunk completes its pending tokens emits one token. Requests
+submitted meanwhile join the queue before the next plan. Every request ends finished, rejected (it can
+never fit) or timed out (waited past ``queue_timeout`` for its first token), with a reason.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from fairbatching.core.kv import BlockAllocator, KVCacheConfig
+from fairbatching.core.plan import BatchPlan
+from fairbatching.core.request import SLO, Request, RequestStatus
+from fairbatching.costmodel.model import CostModel
+from fairbatching.errors import ConfigError
+from fairbatching.policies.base import Policy, SchedulerState
+
+FINISHED = RequestStatus.FINISHED
+WAITING = RequestStatus.WAITING
+ProgressFn = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    default_slo: SLO
+    kv: KVCacheConfig
+    max_model_len: int = 131072
+    queue_timeout: float | None = None
+    record_iterations: bool = True
+    fast_forward: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_model_len < 2:
+            raise ConfigError(f"max_model_len must be >= 2, got {self.max_model_len}")
+        if self.queue_timeout is not None and self.queue_timeout <= 0:
+            raise ConfigError(f"queue_timeout must be positive, got {self.queue_timeout}")
+
+
+@dataclass
+class IterationLog:
+    """Per-iteration columns, for latency-over-time plots and utilisation."""
+
+    start: list[float] = field(default_factory=list)
+    duration: list[float] = field(default_factory=list)
+    prefill_tokens: list[int] = field(default_factory=list)
+    decode_seqs: list[int] = field(default_factory=list)
+    running: list[int] = field(default_factory=list)
+    waiting: list[int] = field(default_factory=list)
+    kv_used: list[int] = field(default_factory=list)
+
+
+class Node:
+    """A node's scheduler state and clock. ``submit`` requests, ``advance_to`` a time; ``done`` collects ends."""
+
+    def __init__(self, policy: Policy, cost_model: CostModel, config: SimConfig, name: str = "node") -> None:
+        self.policy = policy
+        self.cost = cost_model
+        self.config = config
+        self.name = name
+        self.kv = BlockAllocator(config.kv)
+        self.running: list[Request] = []
+        self.waiting: list[Request] = []
+        self.done: list[Request] = []
+        self.targets: dict[str, int] = {}
+        self.log = IterationLog()
+        self.clock = 0.0
+        self.busy = 0.0
+        self.iterations = 0
+        self.preemptions = 0
+        self.state = SchedulerState(0.0, self.running, self.waiting, self.kv)
+        self._fast = config.fast_forward and policy.schedules_all_decodes_when_idle
+        self.on_finish: Callable[[Request], None] | None = None
+
+    def new_request(self, request_id: str, arrival: float, prompt_len: int, slo: SLO | None) -> Request:
+        """A request view carrying this node's policy's deadline settings."""
+        p = self.policy
+        return Request(
+            request_id,
+            arrival,
+            prompt_len,
+            slo or self.config.default_slo,
+            slack_carry=p.slack_carry,
+            decode_grace=p.decode_grace,
+        )
+
+    def submit(self, r: Request, output_len: int) -> None:
+        """Queue ``r`` (the simulator alone knows ``output_len``), or reject it if it can never fit."""
+        self.targets[r.request_id] = output_len
+        reason = self._admission_problem(r, output_len, self.kv)
+        if reason:
+            self._end(r, RequestStatus.REJECTED, reason)
+        else:
+            self.waiting.append(r)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def advance_to(self, t: float) -> None:
+        """Run iterations that start before ``t`` (the last may end after it), then idle until ``t``."""
+        while self.has_work and self.clock < t:
+            if not self.step(horizon=t):
+                break
+        if self.clock < t:
+            self.clock = t
+
+    def drain(self) -> None:
+        """Run until nothing is left; whatever the policy can no longer schedule is rejected with a reason."""
+        while self.has_work:
+            if not self.step(horizon=math.inf):
+                self._reject_stuck()
+
+    def step(self, horizon: float) -> bool:
+        """Plan and run one iteration at the current clock (or a decode-only stretch up to ``horizon``).
+
+        Returns False when the policy cannot schedule anything and preempted nothing: only an arrival can
+        change that.
+        """
+        cfg = self.config
+        running, waiting, kv = self.running, self.waiting, self.kv
+        if cfg.queue_timeout is not None and waiting:
+            self._expire(cfg.queue_timeout)
+        if not self.has_work:
+            return True
+        self.state.now = self.clock
+        plan = self.policy.schedule(self.state)
+        self.preemptions += self._apply_preemptions(plan, running, waiting, kv)
+        if plan.is_empty:
+            return bool(plan.preempted)
+        if self._fast and not waiting and plan.num_decodes == len(running) == plan.num_seqs > 1:
+            steps, elapsed = self._fast_forward(running, kv, self.targets, self.clock, horizon, self.log)
+            if steps:
+                self.clock += elapsed
+                self.busy += elapsed
+                self.iterations += steps
+                return True
+        dt = self.cost.predict(plan.new_tokens, plan.context_tokens, plan.num_seqs, plan.attn_work)
+        if cfg.record_iterations:
+            _log_iteration(self.log, self.clock, dt, plan, len(running), len(waiting), kv.used_blocks)
+        self._admit(plan, running, waiting, kv, self.clock)
+        self.clock += dt
+        clock = self.clock
+        self.busy += dt
+        self.iterations += 1
+        finished = False
+        targets = self.targets
+        for r, n in plan.items:
+            r.num_computed += n
+            if r.num_computed == r.num_tokens:
+                r.record_token(clock)
+                if r.num_tokens - r.prompt_len >= targets[r.request_id]:
+                    r.status = FINISHED
+                    r.finish_reason = "length"
+                    kv.free(r)
+                    self.done.append(r)
+                    finished = True
+                    if self.on_finish is not None:
+                        self.on_finish(r)
+        if finished:
+            running[:] = [r for r in running if r.status is RequestStatus.RUNNING]
+        return True
+
+    def _fast_forward(
+        self,
+        running: list[Request],
+        kv: BlockAllocator,
+        targets: dict[str, int],
+        clock: float,
+        horizon: float,
+        log: IterationLog,
+    ) -> tuple[int, float]:
+        """Replay decode-only iterations of all ``running`` requests in one go.
+
+        Valid while nothing arrives (``horizon``), no request finishes, and the free KV blocks cover every
+        block the decodes cross; the policy has promised (``schedules_all_decodes_when_idle``) that it would
+        plan exactly this batch each time. Stops one token short of the first finish so that iteration,
+        and every later decision, goes through the policy again. Returns (iterations, elapsed seconds).
+        """
+        n = len(running)
+        steps = min(targets[r.request_id] - len(r.token_times) for r in running) - 1
+        steps = min(steps, (kv.free_blocks // n) * kv.block_size)  # a decode crosses <= 1 block per block_size
+        if steps < 2:
+            return 0, 0.0
+        ctx = sum(r.num_computed for r in running) + n
+        predict = self.cost.predict
+        times: list[float] = []
+        durations: list[float] = []
+        t = clock
+        for _ in range(steps):
+            if t >= horizon and times:
+                break
+            dt = predict(n, ctx, n, ctx)
+            durations.append(dt)
+            t += dt
+            times.append(t)
+            ctx += n
+        k = len(times)
+        for r in running:
+            kv.allocate(r, k)
+            r.num_computed += k
+            r.num_tokens += k
+            r.token_times.extend(times)
+            r.next_deadline += k * r.tpot
+        if self.config.record_iterations:
+            log.start.extend([clock, *times[:-1]])
+            log.duration.extend(durations)
+            log.prefill_tokens.extend([0] * k)
+            log.decode_seqs.extend([n] * k)
+            log.running.extend([n] * k)
+            log.waiting.extend([0] * k)
+            log.kv_used.extend([kv.used_blocks] * k)
+        return k, t - clock
+
+    def _admission_problem(self, r: Request, output_len: int, kv: BlockAllocator) -> str | None:
+        total_len = r.prompt_len + output_len
+        if total_len > self.config.max_model_len:
+            return f"prompt + output ({total_len} tokens) exceeds max_model_len {self.config.max_model_len}"
+        if kv.blocks_for(total_len) > kv.num_blocks:
+            return f"needs {kv.blocks_for(total_len)} KV blocks, the node has {kv.num_blocks}"
+        return None
+
+    @staticmethod
+    def _apply_preemptions(plan: BatchPlan, running: list[Request], waiting: list[Request], kv: BlockAllocator) -> int:
+        if not plan.preempted:
+            return 0
+        victims = set(map(id, plan.preempted))
+        running[:] = [r for r in running if id(r) not in victims]
+        for r in plan.preempted:
+            kv.free(r)
+            r.reset_for_recompute()
+        waiting[:0] = plan.preempted[::-1]
+        return len(plan.preempted)
+
+    @staticmethod
+    def _admit(plan: BatchPlan, running: list[Request], waiting: list[Request], kv: BlockAllocator, now: float) -> None:
+        """Reserve the plan's KV and move newly scheduled requests from waiting to running."""
+        bs = kv.block_size
+        admitted = None
+        for r, n in plan.items:
+            held = r.num_blocks
+            if r.num_computed + n > held * bs:
+                kv.allocate(r, n)
+            if not held and r.status is WAITING:
+                r.status = RequestStatus.RUNNING
+                if r.first_scheduled is None:
+                    r.first_scheduled = now
+                running.append(r)
+                admitted = admitted or set()
+                admitted.add(id(r))
+        if admitted:
+            waiting[:] = [r for r in waiting if id(r) not in admitted]
+
+    def _expire(self, timeout: float) -> None:
+        now = self.clock
+        expired = [r for r in self.waiting if not r.token_times and now - r.arrival > timeout]
+        if expired:
+            for r in expired:
+                self._end(r, RequestStatus.TIMED_OUT, f"waited over {timeout:g} s without a first token")
+            self.waiting[:] = [r for r in self.waiting if r.status is RequestStatus.WAITING]
+
+    def _reject_stuck(self) -> None:
+        """The policy made no progress with no arrivals left: end the rest with a reason, never drop them."""
+        for r in self.running + self.waiting:
+            self._end(r, RequestStatus.REJECTED, "policy could not schedule it (KV or budget exhausted)")
+        self.running.clear()
+        self.waiting.clear()
+
+    def _end(self, r: Request, status: RequestStatus, reason: str) -> None:
+        self.kv.free(r)
+        r.status = status
+        r.finish_reason = reason
+        self.done.append(r)
+        if self.on_finish is not None:
+            self.on_finish(r)
+
+
+def _log_iteration(
+    log: IterationLog, t: float, dt: float, plan: BatchPlan, running: int, waiting: int, kv: int
+) -> None:
+    decodes = plan.num_decodes
+    log.start.append(t)
+    log.duration.append(dt)
+    log.prefill_tokens.append(plan.new_tokens - decodes)
+    log.decode_seqs.append(decodes)
+    log.running.append(running)
+    log.waiting.append(waiting)
+    log.kv_used.append(kv)
