@@ -168,3 +168,24 @@ def test_policies_keep_their_promise_to_run_every_decode_when_idle(cost, name, s
     plan = policy.schedule(state(NOW, decodes, []))
     assert sorted(ids(plan)) == sorted(r.request_id for r in decodes)
     assert not plan.preempted
+
+
+def test_prefill_admission_budget_shrinks_with_committed_work(cost):
+    from fairbatching.policies.admission import prefill_admission_budget
+
+    idle = prefill_admission_budget(state(NOW, [], []), cost, horizon=2.0, max_num_seqs=256)
+    assert idle.decode_share == 0 and idle.queued_seconds == 0 and idle.seconds == pytest.approx(2.0)
+    decodes = [decode(f"d{i}", NOW, slack=1.0, prompt=2000) for i in range(64)]
+    busy = prefill_admission_budget(state(NOW, decodes, []), cost, horizon=2.0, max_num_seqs=256)
+    assert 0 < busy.decode_share < 1 and busy.tokens < idle.tokens
+    queued = [waiting(f"w{i}", NOW, 0.5, prompt=4000) for i in range(10)]
+    loaded = prefill_admission_budget(state(NOW, decodes, queued), cost, horizon=2.0, max_num_seqs=256)
+    assert loaded.queued_seconds > 0 and loaded.tokens < busy.tokens
+    full = prefill_admission_budget(state(NOW, decodes, queued), cost, horizon=2.0, max_num_seqs=74)
+    assert full.free_slots == 0 and full.tokens == 0 and not full.fits(1)
+    tiny_kv = prefill_admission_budget(
+        state(NOW, decodes, [], blocks=sum(r.num_blocks for r in decodes) + 10), cost, horizon=2.0, max_num_seqs=256
+    )
+    assert tiny_kv.tokens == 0  # the decodes' growth over the horizon takes the last blocks
+    # The policy object exposes the same quantity every backend reports.
+    assert FairBatchingPolicy(cost).admission_budget(state(NOW, decodes, queued), 2.0) == loaded

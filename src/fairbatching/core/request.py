@@ -48,6 +48,7 @@ class RequestStatus(StrEnum):
     FINISHED = "finished"
     REJECTED = "rejected"
     TIMED_OUT = "timed_out"
+    FAILED = "failed"
 
 
 class Request:

@@ -52,6 +52,12 @@ class Policy(ABC):
     @abstractmethod
     def schedule(self, state: SchedulerState) -> BatchPlan: ...
 
+    def admission_budget(self, state: SchedulerState, horizon: float):
+        """This node's Prefill Admission Budget (see ``policies.admission``), priced by this policy's model."""
+        from fairbatching.policies.admission import prefill_admission_budget
+
+        return prefill_admission_budget(state, self.cost_model, horizon, self.max_num_seqs)
+
     def builder(self, state: SchedulerState, token_budget: int | None = None) -> BatchBuilder:
         budget = self.max_num_batched_tokens if token_budget is None else token_budget
         return BatchBuilder(state, self.cost_model, budget, self.max_num_seqs)

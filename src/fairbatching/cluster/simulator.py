@@ -1,0 +1,270 @@
+"""Cluster simulation: N nodes (each a ``Node`` driving its own policy object) behind a router.
+
+Time advances event by event: node failures, report ticks (every node publishes a ``NodeReport``; the
+router receives it ``report_delay`` later), and arrivals (the router picks a node from what it has
+received). Between events every live node runs its own iterations. Nothing is lost: a request ends
+finished, rejected (no node, or admission control), timed out, or failed (its node died), each with a
+reason; with ``on_failure="retry"`` requests that had not produced a token are routed again.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+from fairbatching.cluster.routers import NodeReport, make_router
+from fairbatching.core.request import SLO, Request, RequestStatus
+from fairbatching.costmodel.profile import load_profile
+from fairbatching.errors import ConfigError
+from fairbatching.policies import make_policy
+from fairbatching.policies.admission import AdmissionBudget
+from fairbatching.sim.node import Node, SimConfig
+from fairbatching.workloads.spec import RequestSpec, Workload
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    policy: str = "fairbatching"
+    profile: str | None = None
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    nodes: tuple[NodeSpec, ...]
+    slo: SLO
+    router: str = "pab"
+    admission: str = "none"  # none | reject | defer: what to do when no node's PAB fits a request
+    report_interval: float = 0.5
+    report_delay: float = 0.0
+    stale_after: float | None = None  # default: two intervals plus the delay
+    failures: tuple[tuple[int, float], ...] = ()  # (node index, time it stops answering)
+    on_failure: str = "fail"  # fail | retry
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.nodes:
+            raise ConfigError("a cluster needs at least one node")
+        if self.admission not in ("none", "reject", "defer"):
+            raise ConfigError(f"admission must be none, reject or defer, got {self.admission!r}")
+        if self.on_failure not in ("fail", "retry"):
+            raise ConfigError(f"on_failure must be fail or retry, got {self.on_failure!r}")
+        if self.report_interval <= 0 or self.report_delay < 0:
+            raise ConfigError("report_interval must be positive and report_delay non-negative")
+        for node, _ in self.failures:
+            if not 0 <= node < len(self.nodes):
+                raise ConfigError(f"failure names node {node}, the cluster has nodes 0..{len(self.nodes) - 1}")
+
+    @property
+    def staleness(self) -> float:
+        return self.stale_after if self.stale_after is not None else 2 * self.report_interval + self.report_delay
+
+
+@dataclass
+class ClusterResult:
+    requests: list[Request]
+    end_time: float
+    busy_time: float  # summed over nodes
+    preemptions: int
+    per_node: list[dict] = field(default_factory=list)
+
+
+_FAIL, _TICK, _ARRIVE, _RETRY = 0, 1, 2, 3
+
+
+def simulate_cluster(
+    workload: Workload, config: ClusterConfig, progress: Callable[[int, int], None] | None = None
+) -> ClusterResult:
+    return _Cluster(config).run(workload, progress)
+
+
+class _Cluster:
+    def __init__(self, config: ClusterConfig) -> None:
+        self.cfg = config
+        self.nodes: list[Node] = []
+        for i, spec in enumerate(config.nodes):
+            prof = load_profile(spec.profile)
+            cost = prof.cost_model()
+            policy = make_policy(spec.policy, cost, tpot_slo=config.slo.tpot)
+            self.nodes.append(Node(policy, cost, SimConfig(config.slo, prof.kv, record_iterations=False), f"n{i}"))
+        self.alive = [True] * len(self.nodes)
+        self.router = make_router(config.router, admission=config.admission != "none", seed=config.seed)
+        self.reports: list[list[NodeReport]] = [[] for _ in self.nodes]
+        self.ended: list[Request] = []
+        self.events: list[tuple[float, int, int, object]] = []
+        self._seq = 0
+
+    def push(self, t: float, kind: int, payload: object) -> None:
+        self._seq += 1
+        heapq.heappush(self.events, (t, kind, self._seq, payload))
+
+    def run(self, workload: Workload, progress: Callable[[int, int], None] | None) -> ClusterResult:
+        specs = sorted(workload.requests, key=lambda s: s.arrival)
+        if not specs:
+            return ClusterResult([], 0.0, 0.0, 0)
+        t0 = specs[0].arrival
+        for n in self.nodes:
+            n.clock = t0
+        for s in specs:
+            self.push(s.arrival, _ARRIVE, s)
+        for node, t in self.cfg.failures:
+            self.push(t, _FAIL, node)
+        self.publish(t0)
+        self.push(t0 + self.cfg.report_interval, _TICK, None)
+        arrivals_left = len(specs)
+        total = len(specs)
+        while self.events:
+            t, kind, _, payload = heapq.heappop(self.events)
+            if kind == _TICK and arrivals_left == 0 and not any(k in (_RETRY, _FAIL) for _, k, _, _ in self.events):
+                continue  # nothing left to route: stop ticking and let the nodes drain
+            for i, n in enumerate(self.nodes):
+                if self.alive[i]:
+                    n.advance_to(t)
+            if kind == _FAIL:
+                self.fail(payload, t)
+            elif kind == _TICK:
+                self.publish(t)
+                self.push(t + self.cfg.report_interval, _TICK, None)
+            elif kind == _ARRIVE:
+                arrivals_left -= 1
+                self.dispatch(payload, t, None)
+                if progress is not None and arrivals_left % 500 == 0:
+                    progress(total - arrivals_left, total)
+            else:
+                self.dispatch(payload[0], t, payload[1])
+        for i, n in enumerate(self.nodes):
+            if self.alive[i]:
+                n.drain()
+        requests = [r for n in self.nodes for r in n.done] + self.ended
+        if progress is not None:
+            progress(total, total)
+        return ClusterResult(
+            requests,
+            max(n.clock for n in self.nodes),
+            sum(n.busy for n in self.nodes),
+            sum(n.preemptions for n in self.nodes),
+            [
+                {
+                    "node": n.name,
+                    "policy": n.policy.name,
+                    "alive": self.alive[i],
+                    "finished": len(n.done),
+                    "iterations": n.iterations,
+                    "busy_s": n.busy,
+                    "preemptions": n.preemptions,
+                }
+                for i, n in enumerate(self.nodes)
+            ],
+        )
+
+    def publish(self, t: float) -> None:
+        needs = self.router.needs_budget
+        for i, n in enumerate(self.nodes):
+            if not self.alive[i]:
+                continue  # a dead node answers nothing
+            queued = sum(
+                r.num_tokens - r.num_computed
+                for r in n.running + n.waiting
+                if r.num_tokens - r.num_computed > 1 or not r.token_times
+            )
+            budget = None
+            if needs:
+                n.state.now = t
+                budget = n.policy.admission_budget(n.state, self.cfg.slo.ttft)
+            report = NodeReport(
+                i, t, len(n.running) + len(n.waiting), queued, n.kv.used_blocks * n.kv.block_size, budget
+            )
+            history = self.reports[i]
+            history.append(report)
+            # Keep only what the delayed view can still need.
+            while len(history) > 2 and history[1].time <= t - self.cfg.report_delay - self.cfg.report_interval:
+                history.pop(0)
+
+    def visible(self, t: float) -> list[NodeReport]:
+        """What the router has received by ``t``: each node's newest report published by ``t - delay``.
+        Older than one interval (a report went missing), the budget shrinks toward zero; older than the
+        staleness limit, the node is treated as down."""
+        cfg = self.cfg
+        cutoff = t - cfg.report_delay
+        out = []
+        for history in self.reports:
+            seen = [r for r in history if r.time <= cutoff + 1e-12]
+            if not seen:
+                continue
+            r = seen[-1]
+            age = t - r.time
+            if age > cfg.staleness:
+                continue
+            fresh = cfg.report_interval + cfg.report_delay
+            if r.budget is not None and age > fresh:
+                keep = max(0.0, 1.0 - (age - fresh) / max(cfg.staleness - fresh, 1e-9))
+                b = r.budget
+                r = replace(
+                    r,
+                    budget=AdmissionBudget(
+                        b.seconds * keep,
+                        int(b.tokens * keep),
+                        b.decode_share,
+                        b.queued_seconds,
+                        b.free_slots,
+                        b.horizon,
+                    ),
+                )
+            out.append(r)
+        return out
+
+    def dispatch(self, spec: RequestSpec, t: float, attempt: Request | None) -> None:
+        views = self.visible(t)
+        idx = self.router.choose(spec.prompt_len, views)
+        if idx is None:
+            slo = spec.slo or self.cfg.slo
+            if not views:
+                reason = "no node reachable"
+            else:
+                reason = f"admission control: no node's prefill budget fits {spec.prompt_len} tokens"
+            if self.cfg.admission == "defer" and views and t + self.cfg.report_interval - spec.arrival < slo.ttft:
+                self.push(t + self.cfg.report_interval, _RETRY, (spec, attempt))
+                return
+            if not views and t - spec.arrival < slo.ttft:
+                self.push(t + self.cfg.report_interval, _RETRY, (spec, attempt))  # wait for a node to report
+                return
+            self.end(spec, RequestStatus.REJECTED, reason)
+            return
+        node_index = views[idx].node
+        self.router.note_dispatch(idx, spec.prompt_len)
+        if not self.alive[node_index]:
+            self.lost(spec, t, f"sent to node {node_index}, which had stopped answering")
+            return
+        node = self.nodes[node_index]
+        node.submit(node.new_request(spec.request_id, spec.arrival, spec.prompt_len, spec.slo), spec.output_len)
+
+    def fail(self, index: int, t: float) -> None:
+        if not self.alive[index]:
+            return
+        self.alive[index] = False
+        node = self.nodes[index]
+        for r in node.running + node.waiting:
+            node.kv.free(r)
+            spec = RequestSpec(r.request_id, r.arrival, r.prompt_len, node.targets[r.request_id], r.slo)
+            if r.token_times or self.cfg.on_failure == "fail":
+                r.status, r.finish_reason = RequestStatus.FAILED, f"node {index} failed at {t:.3f} s"
+                self.ended.append(r)
+            else:
+                self.push(t, _RETRY, (spec, None))
+        node.running.clear()
+        node.waiting.clear()
+
+    def lost(self, spec: RequestSpec, t: float, reason: str) -> None:
+        if self.cfg.on_failure == "retry":
+            self.push(t + self.cfg.report_interval, _RETRY, (spec, None))
+        else:
+            self.end(spec, RequestStatus.FAILED, reason)
+
+    def end(self, spec: RequestSpec, status: RequestStatus, reason: str) -> None:
+        r = Request(spec.request_id, spec.arrival, spec.prompt_len, spec.slo or self.cfg.slo)
+        r.status, r.finish_reason = status, reason
+        self.ended.append(r)
+
+
+def homogeneous(n: int, policy: str, profile: str | None = None) -> tuple[NodeSpec, ...]:
+    return tuple(NodeSpec(policy, profile) for _ in range(n))

@@ -1,0 +1,66 @@
+"""Prefill Admission Budget (PAB): how much new prefill work a node can still take right now.
+
+Derived from the same envelopes and cost model the policies use, so the simulator, an engine and a
+router all see one quantity:
+- keeping every running decode on its envelope costs one decode-only step of all of them per tightest
+  TPOT: that share of the GPU is spoken for;
+- the prefills already queued or in progress must finish within the horizon (a TTFT): their remaining
+  work, priced at full-batch prefill throughput plus attention over their prior context, is spoken for;
+- what is left of the horizon is the budget in seconds. In tokens it is further capped by the KV blocks
+  left after the decodes grow over the horizon, and it is zero when no sequence slot is free.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from fairbatching.costmodel.model import CostModel, attn_work
+from fairbatching.policies.base import SchedulerState
+
+
+@dataclass(frozen=True, slots=True)
+class AdmissionBudget:
+    seconds: float  # GPU time free for new prefill work within the horizon
+    tokens: int  # the same as prompt tokens, capped by free KV and sequence slots
+    decode_share: float  # fraction of GPU time the running decodes need to stay on their envelopes
+    queued_seconds: float  # prefill work already committed (queued or in progress)
+    free_slots: int
+    horizon: float
+
+    def fits(self, prompt_tokens: int) -> bool:
+        return prompt_tokens <= self.tokens
+
+
+def prefill_seconds_per_token(cost: CostModel, chunk: int) -> float:
+    """Marginal GPU time of one prompt token when prefills run in full ``chunk``-token batches."""
+    return cost.predict(chunk, chunk, 1, attn_work(chunk, 0)) / chunk
+
+
+def prefill_admission_budget(
+    state: SchedulerState, cost: CostModel, horizon: float, max_num_seqs: int, chunk: int = 8192
+) -> AdmissionBudget:
+    if horizon <= 0:
+        raise ValueError("horizon must be positive")
+    decodes = [r for r in state.running if r.num_tokens - r.num_computed == 1 and r.token_times]
+    n = len(decodes)
+    decode_share = 0.0
+    growth_blocks = 0
+    if n:
+        ctx = sum(r.num_computed for r in decodes) + n
+        min_tpot = min(r.tpot for r in decodes)
+        decode_share = min(1.0, cost.predict(n, ctx, n, ctx) / min_tpot)
+        tokens_each = math.ceil(horizon / min_tpot)
+        growth_blocks = n * math.ceil(tokens_each / state.kv.block_size)
+    per_token = prefill_seconds_per_token(cost, chunk)
+    c_attn = cost.params.c_attn
+    queued = 0.0
+    for r in state.running + state.waiting:
+        remaining = r.num_tokens - r.num_computed
+        if remaining > 1 or not r.token_times:
+            queued += remaining * per_token + c_attn * attn_work(remaining, r.num_computed)
+    seconds = max(0.0, (1.0 - decode_share) * horizon - queued)
+    free_slots = max_num_seqs - len(state.running) - len(state.waiting)
+    kv_tokens = max(0, state.kv.free_blocks - growth_blocks) * state.kv.block_size
+    tokens = 0 if free_slots <= 0 else int(min(seconds / per_token, kv_tokens))
+    return AdmissionBudget(seconds, tokens, decode_share, queued, free_slots, horizon)

@@ -1,0 +1,97 @@
+import pytest
+
+from fairbatching.cluster import ROUTERS, ClusterConfig, NodeReport, make_router, simulate_cluster
+from fairbatching.cluster.simulator import NodeSpec, homogeneous
+from fairbatching.core import SLO
+from fairbatching.core.request import RequestStatus
+from fairbatching.errors import ConfigError
+from fairbatching.metrics import summarize
+from fairbatching.policies.admission import AdmissionBudget
+from fairbatching.workloads import default_workload
+
+SLO_ = SLO(2.0, 0.1)
+
+
+def ids(result):
+    return sorted(r.request_id for r in result.requests)
+
+
+@pytest.mark.parametrize("router", list(ROUTERS))
+def test_every_request_is_accounted_once_under_every_router(router):
+    w = default_workload(600, 60.0)
+    res = simulate_cluster(w, ClusterConfig(homogeneous(3, "fairbatching"), SLO_, router=router))
+    assert ids(res) == sorted(s.request_id for s in w.requests)
+    assert all(r.status is RequestStatus.FINISHED for r in res.requests)
+    assert sum(p["finished"] for p in res.per_node) == 600
+    assert min(p["finished"] for p in res.per_node) > 100  # every router spreads the load
+
+
+def test_heterogeneous_nodes_and_policies():
+    nodes = (NodeSpec("fairbatching"), NodeSpec("sarathi", "llama-3-8b-h100-measured"), NodeSpec("vllm"))
+    res = simulate_cluster(default_workload(300, 30.0), ClusterConfig(nodes, SLO_, router="least-outstanding"))
+    assert len(res.requests) == 300 and [p["policy"] for p in res.per_node] == ["fairbatching", "sarathi", "vllm"]
+
+
+@pytest.mark.parametrize("on_failure", ["fail", "retry"])
+def test_node_failure_is_noticed_within_a_report_interval_and_loses_nothing(on_failure):
+    w = default_workload(800, 40.0)
+    cfg = ClusterConfig(
+        homogeneous(3, "fairbatching"),
+        SLO_,
+        router="round-robin",
+        report_interval=0.5,
+        failures=((1, 5.0),),
+        on_failure=on_failure,
+    )
+    res = simulate_cluster(w, cfg)
+    assert ids(res) == sorted(s.request_id for s in w.requests)
+    by_status = {}
+    for r in res.requests:
+        by_status.setdefault(r.status, []).append(r)
+    failed = by_status.get(RequestStatus.FAILED, [])
+    assert all("node 1" in r.finish_reason for r in failed)
+    # Sent to the dead node only until its last report goes stale: later arrivals avoid it.
+    assert not [r for r in failed if r.arrival > 5.0 + cfg.staleness + 1e-9]
+    if on_failure == "retry":
+        assert all(r.token_times for r in failed)  # only requests that had streamed tokens fail
+        assert len(by_status[RequestStatus.FINISHED]) > len(w) - 60
+    else:
+        assert failed
+    assert res.per_node[1]["alive"] is False
+
+
+def test_pab_admission_control_rejects_with_a_reason_and_defer_waits():
+    w = default_workload(600, 120.0)  # far past what one node can take
+    one = homogeneous(1, "fairbatching")
+    reject = simulate_cluster(w, ClusterConfig(one, SLO_, router="pab", admission="reject"))
+    rejected = [r for r in reject.requests if r.status is RequestStatus.REJECTED]
+    assert rejected and all("admission control" in r.finish_reason for r in rejected)
+    assert len(reject.requests) == 600
+    served = [r for r in reject.requests if r.status is RequestStatus.FINISHED]
+    plain = simulate_cluster(w, ClusterConfig(one, SLO_, router="pab"))
+    admitted_ok = summarize("x", "w", served, reject.end_time, 0, 0).ttft_attainment
+    assert admitted_ok > summarize("x", "w", plain.requests, plain.end_time, 0, 0).ttft_attainment
+    defer = simulate_cluster(w, ClusterConfig(one, SLO_, router="pab", admission="defer"))
+    assert len(defer.requests) == 600
+    assert sum(r.status is RequestStatus.FINISHED for r in defer.requests) >= len(served)
+
+
+def test_stale_budgets_shrink_then_the_node_is_excluded():
+    from fairbatching.cluster.simulator import _Cluster
+
+    cfg = ClusterConfig(homogeneous(2, "fairbatching"), SLO_, router="pab", report_interval=1.0, report_delay=0.0)
+    c = _Cluster(cfg)
+    b = AdmissionBudget(1.0, 1000, 0.1, 0.0, 10, 2.0)
+    c.reports = [[NodeReport(0, 0.0, 0, 0, 0, b)], [NodeReport(1, 0.0, 0, 0, 0, b)]]
+    assert [r.budget.tokens for r in c.visible(0.5)] == [1000, 1000]  # fresh
+    assert [r.budget.tokens for r in c.visible(1.5)] == [500, 500]  # one report missed: halfway to zero
+    assert c.visible(2.5) == []  # past the staleness limit: treated as down
+
+
+def test_bad_cluster_configs():
+    with pytest.raises(ConfigError, match="unknown router"):
+        make_router("random")
+    with pytest.raises(ConfigError, match="needs the pab router"):
+        make_router("round-robin", admission=True)
+    with pytest.raises(ConfigError, match="failure names node 5"):
+        ClusterConfig(homogeneous(2, "vllm"), SLO_, failures=((5, 1.0),))
