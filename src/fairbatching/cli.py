@@ -372,6 +372,116 @@ def evaluate(
     console.print(f"wrote {out}/evaluation.json, evaluation.md, {page.name} and {len(images)} plots")
 
 
+@app.command()
+def cluster(
+    pairs: Annotated[
+        str, typer.Option("--pairs", help="policy:router[:admission] stacks to compare, comma-separated")
+    ] = "vllm:round-robin,sarathi:least-outstanding,fairbatching:pab,fairbatching:pab:reject",
+    nodes: Annotated[int, typer.Option("--nodes", help="Nodes in the cluster")] = 4,
+    workload: Annotated[str, typer.Option("--workload", "-w", help="Family name or trace path")] = "default",
+    qps: Annotated[float, typer.Option("--qps", help="Cluster-wide request rate")] = 70.0,
+    num: Annotated[int, typer.Option("--num-requests", "-n", help="Requests per run")] = 4000,
+    report_interval: Annotated[float, typer.Option("--report-interval", help="Seconds between node reports")] = 0.5,
+    report_delay: Annotated[float, typer.Option("--report-delay", help="Seconds a report takes to arrive")] = 0.0,
+    find_capacity_: Annotated[
+        bool, typer.Option("--capacity", help="Search each stack's capacity instead of one run")
+    ] = False,
+    seeds: Annotated[int, typer.Option("--seeds", help="Seeds per load point (capacity)")] = 2,
+    tolerance: Annotated[float, typer.Option("--tolerance", help="Relative QPS tolerance (capacity)")] = 0.03,
+    ttft: TtftOpt = DEFAULT_SLO.ttft,
+    tpot: TpotOpt = DEFAULT_SLO.tpot,
+    profile: ProfileOpt = None,
+    cache: CacheOpt = Path("out/cache"),
+    workers: WorkersOpt = None,
+    ray: RayOpt = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Write cluster.json here")] = None,
+) -> None:
+    """Compare node-policy + router stacks on a simulated cluster (one load, or capacity with --capacity)."""
+    from fairbatching.evaluation import ClusterRunSpec, find_capacity
+
+    check_slo_feasible(SLO(ttft, tpot), load_profile(profile))
+    stacks = []
+    for item in [p.strip() for p in pairs.split(",") if p.strip()]:
+        parts = item.split(":")
+        if len(parts) not in (2, 3):
+            raise FairBatchingError(f"--pairs takes policy:router[:admission], got {item!r}")
+        _policy_names(parts[0])
+        stacks.append(
+            ClusterRunSpec(
+                parts[0],
+                parts[1],
+                workload,
+                qps,
+                0,
+                nodes,
+                num,
+                ttft,
+                tpot,
+                parts[2] if len(parts) == 3 else "none",
+                report_interval,
+                report_delay,
+                profile,
+            )
+        )
+    from fairbatching.cluster import make_router
+
+    for s in stacks:
+        make_router(s.router, admission=s.admission != "none")  # fail fast on a bad stack, before any run
+    sweeper = _sweeper(cache, workers, ray)
+    rows = []
+    if find_capacity_:
+        for s in stacks:
+            console.print(f"[bold]{s.label}[/] on {nodes} nodes, {workload}: searching")
+            res = find_capacity(
+                s, sweeper, 0.9, seeds, qps, tolerance, on_point=lambda p: console.print(_point_line(p))
+            )
+            rows.append(
+                {
+                    "stack": s.label,
+                    "capacity_qps": res.capacity_qps,
+                    "bracket": res.bracket,
+                    "curve": [asdict(p) for p in res.curve],
+                }
+            )
+        base = max((r["capacity_qps"] for r in rows if not r["stack"].startswith("fairbatching")), default=0.0)
+        for r in rows:
+            gain = f"  ({r['capacity_qps'] / base - 1:+.1%} vs best baseline stack)" if base else ""
+            out_console.print(f"{r['stack']:34s} capacity {r['capacity_qps']:8.2f} req/s{gain}")
+    else:
+        with _progress() as bar:
+            task = bar.add_task("cluster", total=len(stacks))
+            results = sweeper.run(stacks, progress=lambda d, t: bar.update(task, completed=d, total=t))
+        for s, r in zip(stacks, results, strict=True):
+            m = r["summary"]
+            rows.append(
+                {
+                    "stack": s.label,
+                    **{
+                        k: m[k]
+                        for k in (
+                            "slo_attainment",
+                            "ttft_attainment",
+                            "tpot_attainment",
+                            "goodput_rps",
+                            "rejected",
+                            "preemptions",
+                        )
+                    },
+                    "ttft_p99": m["ttft"]["p99"],
+                    "tpot_p99": m["tpot"]["p99"],
+                }
+            )
+            out_console.print(
+                f"{s.label:34s} SLO ok {m['slo_attainment']:6.1%}  P99 TTFT {m['ttft']['p99']:7.2f} s  "
+                f"TPOT ok {m['tpot_attainment']:6.1%}  goodput {m['goodput_rps']:7.2f} req/s  rejected {m['rejected']}"
+            )
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "cluster.json").write_text(
+            json.dumps({"nodes": nodes, "workload": workload, "rows": rows}, indent=2) + "\n"
+        )
+
+
 def _point_line(p) -> str:
     seeds = ", ".join(f"{v:.1%}" for v in p.per_seed)
     return (

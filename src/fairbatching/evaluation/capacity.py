@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from fairbatching.errors import ConfigError
-from fairbatching.evaluation.runspec import RunSpec
+from fairbatching.evaluation.runspec import ClusterRunSpec, RunSpec
 from fairbatching.evaluation.sweep import Sweeper
 
 
@@ -37,7 +37,7 @@ class CapacityResult:
 
 
 def find_capacity(
-    base: RunSpec,
+    base: RunSpec | ClusterRunSpec,
     sweeper: Sweeper,
     target: float = 0.9,
     seeds: int = 3,
@@ -92,4 +92,5 @@ def find_capacity(
         else:
             hi = mid
     curve.sort(key=lambda p: p.qps)
-    return CapacityResult(base.policy, base.workload, lo, target, tolerance, (lo, hi), curve)
+    label = base.label if isinstance(base, ClusterRunSpec) else base.policy
+    return CapacityResult(label, base.workload, lo, target, tolerance, (lo, hi), curve)
