@@ -95,3 +95,35 @@ def test_bad_cluster_configs():
         make_router("round-robin", admission=True)
     with pytest.raises(ConfigError, match="failure names node 5"):
         ClusterConfig(homogeneous(2, "vllm"), SLO_, failures=((5, 1.0),))
+
+
+def test_cluster_capacity_search_and_cli(tmp_path):
+    from test_cli import cli
+
+    from fairbatching.evaluation import ClusterRunSpec, Sweeper, find_capacity
+
+    base = ClusterRunSpec("fairbatching", "pab", "default", 1.0, nodes=2, num_requests=200)
+    res = find_capacity(base, Sweeper(tmp_path / "c", workers=1), seeds=1, start_qps=20, tolerance=0.2)
+    at = {p.qps: p.attainment for p in res.curve}
+    assert res.policy == "fairbatching+pab" and at[res.bracket[0]] >= 0.9 > at[res.bracket[1]]
+    out = cli(
+        "cluster",
+        "--nodes",
+        "2",
+        "-n",
+        "200",
+        "--qps",
+        "30",
+        "--pairs",
+        "sarathi:round-robin,fairbatching:pab:reject",
+        "--cache",
+        str(tmp_path / "c"),
+        "--workers",
+        "1",
+        "--out",
+        str(tmp_path),
+    )
+    assert out.returncode == 0, out.stderr
+    assert "sarathi+round-robin" in out.stdout and "fairbatching+pab+reject" in out.stdout
+    bad = cli("cluster", "--pairs", "fairbatching:round-robin:reject")
+    assert bad.returncode == 2 and "needs the pab router" in bad.stderr
