@@ -117,9 +117,12 @@ class _Cluster:
             t, kind, _, payload = heapq.heappop(self.events)
             if kind == _TICK and arrivals_left == 0 and not any(k in (_RETRY, _FAIL) for _, k, _, _ in self.events):
                 continue  # nothing left to route: stop ticking and let the nodes drain
-            for i, n in enumerate(self.nodes):
-                if self.alive[i]:
-                    n.advance_to(t)
+            if kind in (_FAIL, _TICK):
+                # Reports need every node's state at t; arrivals only touch the node they are sent to
+                # (dispatch advances it), since the router decides from reports, not live state.
+                for i, n in enumerate(self.nodes):
+                    if self.alive[i]:
+                        n.advance_to(t)
             if kind == _FAIL:
                 self.fail(payload, t)
             elif kind == _TICK:
@@ -236,6 +239,7 @@ class _Cluster:
             self.lost(spec, t, f"sent to node {node_index}, which had stopped answering")
             return
         node = self.nodes[node_index]
+        node.advance_to(t)
         node.submit(node.new_request(spec.request_id, spec.arrival, spec.prompt_len, spec.slo), spec.output_len)
 
     def fail(self, index: int, t: float) -> None:
