@@ -132,3 +132,27 @@ def test_running_set_never_exceeds_max_num_seqs(policy, profile):
     res = run(policy, w, profile, options={"max_num_seqs": 16})
     assert max(res.log.running) <= 16
     assert len(res.requests) == 400
+
+
+@pytest.mark.parametrize("mode", ["reject", "defer"])
+def test_node_admission_control_refuses_with_reasons_and_helps_those_admitted(mode, profile):
+    from fairbatching.metrics import summarize
+
+    w = synthetic_workload(500, qps=40, burstiness=4, seed=6)  # twice what one node sustains
+    plain = run("fairbatching", w, profile)
+    guarded = run("fairbatching", w, profile, admission=mode)
+    assert sorted(r.request_id for r in guarded.requests) == sorted(s.request_id for s in w.requests)
+    refused = [r for r in guarded.requests if r.status is RequestStatus.REJECTED]
+    assert refused and all(r.finish_reason.startswith("admission control: prefill budget") for r in refused)
+    served = [r for r in guarded.requests if r.status is RequestStatus.FINISHED]
+    p99 = lambda reqs: summarize("x", "w", reqs, 1, 0, 0).ttft["p99"]  # noqa: E731
+    assert p99(served) < 0.5 * p99(plain.requests)
+    if mode == "defer":
+        assert any("deferred" in r.finish_reason for r in refused)
+
+
+def test_bad_admission_mode():
+    from fairbatching.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="admission must be"):
+        SimConfig(default_slo=SLO_, kv=KVCacheConfig(100), admission="maybe")

@@ -40,6 +40,9 @@ TpotOpt = Annotated[float, typer.Option("--tpot-slo", help="TPOT SLO in seconds"
 ProfileOpt = Annotated[str | None, typer.Option("--profile", help="Profile name or JSON path (see `profiles`)")]
 TimeoutOpt = Annotated[float | None, typer.Option("--queue-timeout", help="Drop requests waiting longer (s)")]
 MaxLenOpt = Annotated[int, typer.Option("--max-model-len", help="Reject requests longer than this (tokens)")]
+AdmissionOpt = Annotated[
+    str, typer.Option("--admission", help="Node admission control on the PAB: none, reject or defer")
+]
 
 
 def _experiment(
@@ -54,9 +57,10 @@ def _experiment(
     profile: str | None,
     timeout: float | None,
     max_len: int,
+    admission: str = "none",
 ) -> Experiment:
     spec = WorkloadSpec(str(trace) if trace else None, fmt, num, start, qps, seed)
-    return Experiment(spec.build(), load_profile(profile), SLO(ttft, tpot), max_len, timeout)
+    return Experiment(spec.build(), load_profile(profile), SLO(ttft, tpot), max_len, timeout, admission)
 
 
 def _progress() -> Progress:
@@ -113,11 +117,12 @@ def simulate(
     profile: ProfileOpt = None,
     timeout: TimeoutOpt = None,
     max_len: MaxLenOpt = 131072,
+    admission: AdmissionOpt = "none",
     out: Annotated[Path | None, typer.Option("--out", help="Write summary.json and requests.csv here")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout")] = False,
 ) -> None:
     """Simulate one policy on one workload."""
-    exp = _experiment(trace, fmt, num, start, qps, seed, ttft, tpot, profile, timeout, max_len)
+    exp = _experiment(trace, fmt, num, start, qps, seed, ttft, tpot, profile, timeout, max_len, admission)
     _banner(exp)
     (result,) = _run_with_progress(exp, [policy])
     s = result.summary
@@ -145,13 +150,14 @@ def compare(
     profile: ProfileOpt = None,
     timeout: TimeoutOpt = None,
     max_len: MaxLenOpt = 131072,
+    admission: AdmissionOpt = "none",
     out: Annotated[Path, typer.Option("--out", help="Report folder")] = Path("out/compare"),
 ) -> None:
     """Run several policies on the same workload; write tables, CSV/JSON and a plot + HTML report."""
     from fairbatching.report import plot_comparison, write_html_report
 
     names = _policy_names(policies)
-    exp = _experiment(trace, fmt, num, start, qps, seed, ttft, tpot, profile, timeout, max_len)
+    exp = _experiment(trace, fmt, num, start, qps, seed, ttft, tpot, profile, timeout, max_len, admission)
     _banner(exp)
     results = _run_with_progress(exp, names)
     summaries = [r.summary for r in results]

@@ -57,6 +57,7 @@ class Experiment:
     slo: SLO = DEFAULT_SLO
     max_model_len: int = 131072
     queue_timeout: float | None = None
+    admission: str = "none"
     policy_options: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -66,7 +67,11 @@ class Experiment:
         cost = self.profile.cost_model()
         pol = make_policy(policy, cost, tpot_slo=self.slo.tpot, **self.policy_options.get(policy, {}))
         cfg = SimConfig(
-            default_slo=self.slo, kv=self.profile.kv, max_model_len=self.max_model_len, queue_timeout=self.queue_timeout
+            default_slo=self.slo,
+            kv=self.profile.kv,
+            max_model_len=self.max_model_len,
+            queue_timeout=self.queue_timeout,
+            admission=self.admission,
         )
         res = simulate(pol, cost, self.workload, cfg, progress)
         if len(res.requests) != len(self.workload):

@@ -32,8 +32,13 @@ class SimConfig:
     queue_timeout: float | None = None
     record_iterations: bool = True
     fast_forward: bool = True
+    # FairBatching-PAB on the node: a request whose prompt does not fit the node's Prefill Admission Budget
+    # (horizon: its own TTFT) is rejected, or deferred until it fits or can no longer make its TTFT.
+    admission: str = "none"
 
     def __post_init__(self) -> None:
+        if self.admission not in ("none", "reject", "defer"):
+            raise ConfigError(f"admission must be none, reject or defer, got {self.admission!r}")
         if self.max_model_len < 2:
             raise ConfigError(f"max_model_len must be >= 2, got {self.max_model_len}")
         if self.queue_timeout is not None and self.queue_timeout <= 0:
@@ -65,6 +70,7 @@ class Node:
         self.running: list[Request] = []
         self.waiting: list[Request] = []
         self.done: list[Request] = []
+        self.deferred: list[Request] = []
         self.targets: dict[str, int] = {}
         self.log = IterationLog()
         self.clock = 0.0
@@ -93,12 +99,38 @@ class Node:
         reason = self._admission_problem(r, output_len, self.kv)
         if reason:
             self._end(r, RequestStatus.REJECTED, reason)
-        else:
+        elif self.config.admission == "none" or self._fits_budget(r):
             self.waiting.append(r)
+        elif self.config.admission == "defer" and self.has_work:
+            self.deferred.append(r)
+        else:
+            self._end(r, RequestStatus.REJECTED, self._refusal(r))
+
+    def _fits_budget(self, r: Request) -> bool:
+        self.state.now = self.clock
+        return self.policy.admission_budget(self.state, r.slo.ttft).fits(r.num_tokens - r.num_computed)
+
+    def _refusal(self, r: Request) -> str:
+        self.state.now = self.clock
+        budget = self.policy.admission_budget(self.state, r.slo.ttft)
+        return f"admission control: prefill budget {budget.tokens} tokens < prompt {r.prompt_len}"
+
+    def _admit_deferred(self) -> None:
+        """Deferred requests join the queue, in order, once they fit; one that can no longer make its TTFT,
+        or does not fit even an idle node, is rejected with the reason."""
+        still = []
+        for r in self.deferred:
+            if self._fits_budget(r):
+                self.waiting.append(r)
+            elif self.clock - r.arrival >= r.slo.ttft or not (self.running or self.waiting):
+                self._end(r, RequestStatus.REJECTED, self._refusal(r) + " (deferred until it could no longer fit)")
+            else:
+                still.append(r)
+        self.deferred = still
 
     @property
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.deferred)
 
     def advance_to(self, t: float) -> None:
         """Run iterations that start before ``t`` (the last may end after it), then idle until ``t``."""
@@ -122,10 +154,12 @@ class Node:
         """
         cfg = self.config
         running, waiting, kv = self.running, self.waiting, self.kv
+        if self.deferred:
+            self._admit_deferred()
         if cfg.queue_timeout is not None and waiting:
             self._expire(cfg.queue_timeout)
-        if not self.has_work:
-            return True
+        if not (waiting or running):
+            return False  # nothing runnable: only an arrival can change that
         self.state.now = self.clock
         plan = self.policy.schedule(self.state)
         self.preemptions += self._apply_preemptions(plan, running, waiting, kv)
@@ -266,8 +300,11 @@ class Node:
         """The policy made no progress with no arrivals left: end the rest with a reason, never drop them."""
         for r in self.running + self.waiting:
             self._end(r, RequestStatus.REJECTED, "policy could not schedule it (KV or budget exhausted)")
+        for r in self.deferred:
+            self._end(r, RequestStatus.REJECTED, self._refusal(r) + " (deferred until the end)")
         self.running.clear()
         self.waiting.clear()
+        self.deferred.clear()
 
     def _end(self, r: Request, status: RequestStatus, reason: str) -> None:
         self.kv.free(r)
