@@ -483,6 +483,11 @@ def cluster(
             )
     if out:
         out.mkdir(parents=True, exist_ok=True)
+        if find_capacity_:
+            from fairbatching.report.curves import plot_capacity_curves
+
+            png = plot_capacity_curves(rows, out / "capacity_curves.png", f"{nodes} nodes, {workload}")
+            console.print(f"wrote {png}")
         (out / "cluster.json").write_text(
             json.dumps({"nodes": nodes, "workload": workload, "rows": rows}, indent=2) + "\n"
         )

@@ -79,3 +79,20 @@ def plot_slack_timeline(
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("decode slack (s)")
     return save_figure(fig, path, title)
+
+
+def plot_capacity_curves(rows: Sequence[dict[str, Any]], path: str | Path, title: str = "") -> Path:
+    """SLO attainment and P99 TTFT against load for each stack, from the points its capacity search ran."""
+    fig, (a_att, a_ttft) = plt.subplots(1, 2, figsize=(13, 4.5))
+    for row in rows:
+        pts = sorted(row["curve"], key=lambda p: p["qps"])
+        qps = [p["qps"] for p in pts]
+        a_att.plot(qps, [p["attainment"] for p in pts], marker="o", ms=3, label=row["stack"])
+        a_ttft.plot(qps, [p["p99_ttft"] for p in pts], marker="o", ms=3, label=row["stack"])
+    a_att.axhline(0.9, color="grey", linestyle="--", linewidth=0.8)
+    a_att.set(xlabel="cluster load (req/s)", ylabel="SLO attainment", xscale="log")
+    a_ttft.set(xlabel="cluster load (req/s)", ylabel="P99 TTFT (s, worst seed)", xscale="log", yscale="log")
+    for ax in (a_att, a_ttft):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return save_figure(fig, path, title)
