@@ -72,29 +72,30 @@ class RoundRobin(_SentSinceReport):
 
 
 class LeastOutstanding(_SentSinceReport):
+    """The node with the fewest requests (reported outstanding plus sent since that report)."""
+
     name = "least-outstanding"
 
+    def load(self, r: NodeReport) -> float:
+        return r.outstanding + self.pending(r)[0]
+
     def choose(self, prompt_tokens: int, reports: list[NodeReport]) -> int | None:
         self._last = reports
         if not reports:
             return None
-        return min(range(len(reports)), key=lambda i: reports[i].outstanding + self.pending(reports[i])[0])
+        return min(range(len(reports)), key=lambda i: self.load(reports[i]))
 
 
-class LeastTokens(_SentSinceReport):
+class LeastTokens(LeastOutstanding):
+    """The node with the least token load: queued prompt tokens plus KV in use (vLLM-exported signals)."""
+
     name = "least-tokens"
 
-    def choose(self, prompt_tokens: int, reports: list[NodeReport]) -> int | None:
-        self._last = reports
-        if not reports:
-            return None
-        return min(
-            range(len(reports)),
-            key=lambda i: reports[i].queued_tokens + reports[i].kv_used_tokens + self.pending(reports[i])[1],
-        )
+    def load(self, r: NodeReport) -> float:
+        return r.queued_tokens + r.kv_used_tokens + self.pending(r)[1]
 
 
-class PowerOfTwo(_SentSinceReport):
+class PowerOfTwo(LeastOutstanding):
     """Two random nodes, the one with fewer outstanding requests."""
 
     name = "power-of-two"
@@ -108,8 +109,7 @@ class PowerOfTwo(_SentSinceReport):
         if not reports:
             return None
         a, b = self._rng.randrange(len(reports)), self._rng.randrange(len(reports))
-        load = [reports[i].outstanding + self.pending(reports[i])[0] for i in (a, b)]
-        return a if load[0] <= load[1] else b
+        return a if self.load(reports[a]) <= self.load(reports[b]) else b
 
 
 class PABRouter(_SentSinceReport):
