@@ -3,7 +3,7 @@ benchmarks and the sweeps run. Keeps wiring (workload -> policy -> simulator -> 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,7 +11,7 @@ from fairbatching.core.request import SLO
 from fairbatching.costmodel.profile import Profile
 from fairbatching.errors import ConfigError
 from fairbatching.metrics.summary import Summary, summarize
-from fairbatching.policies import POLICIES, make_policy
+from fairbatching.policies import make_policy
 from fairbatching.sim.simulator import SimConfig, SimResult, simulate
 from fairbatching.workloads.spec import Workload
 from fairbatching.workloads.synthetic import default_workload
@@ -78,15 +78,6 @@ class Experiment:
             raise RuntimeError(f"simulator accounted for {len(res.requests)} of {len(self.workload)} requests")
         summary = summarize(policy, self.workload.name, res.requests, res.end_time, res.busy_time, res.preemptions)
         return RunResult(summary, res)
-
-    def run_all(
-        self, policies: Sequence[str] = tuple(POLICIES), progress: Callable[[str, int, int], None] | None = None
-    ) -> list[RunResult]:
-        return [self.run(p, None if progress is None else _bind(progress, p)) for p in policies]
-
-
-def _bind(progress: Callable[[str, int, int], None], policy: str) -> Callable[[int, int], None]:
-    return lambda done, total: progress(policy, done, total)
 
 
 def check_slo_feasible(slo: SLO, profile: Profile) -> None:

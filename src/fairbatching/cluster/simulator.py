@@ -165,11 +165,7 @@ class _Cluster:
         for i, n in enumerate(self.nodes):
             if not self.alive[i]:
                 continue  # a dead node answers nothing
-            queued = sum(
-                r.num_tokens - r.num_computed
-                for r in n.running + n.waiting
-                if r.num_tokens - r.num_computed > 1 or not r.token_times
-            )
+            queued = sum(r.num_tokens - r.num_computed for r in n.running + n.waiting if not r.is_decode)
             budget = None
             if needs:
                 n.state.now = t

@@ -86,13 +86,6 @@ class CostModel:
         core = mem + comp if p == 1.0 else (mem**p + comp**p) ** self._inv_p
         return self._t_fixed + self._c_seq * num_seqs + core
 
-    def predict_features(self, f: BatchFeatures) -> float:
-        return self.predict(f.new_tokens, f.context_tokens, f.num_seqs, f.attn_work)
-
-    def predict_array(self, x: np.ndarray) -> np.ndarray:
-        """Vectorised predict over rows ``[new, context, seqs, attn]``."""
-        return predict_with(self.params.as_array(), x)
-
 
 def predict_with(theta: np.ndarray, x: np.ndarray) -> np.ndarray:
     """Model output for parameter vector ``theta`` (CostParams order) on feature rows ``x``."""

@@ -42,7 +42,7 @@ def prefill_admission_budget(
 ) -> AdmissionBudget:
     if horizon <= 0:
         raise ValueError("horizon must be positive")
-    decodes = [r for r in state.running if r.num_tokens - r.num_computed == 1 and r.token_times]
+    decodes = [r for r in state.running if r.is_decode]
     n = len(decodes)
     decode_share = 0.0
     growth_blocks = 0
@@ -56,8 +56,8 @@ def prefill_admission_budget(
     c_attn = cost.params.c_attn
     queued = 0.0
     for r in state.running + state.waiting:
-        remaining = r.num_tokens - r.num_computed
-        if remaining > 1 or not r.token_times:
+        if not r.is_decode:
+            remaining = r.num_tokens - r.num_computed
             queued += remaining * per_token + c_attn * attn_work(remaining, r.num_computed)
     seconds = max(0.0, (1.0 - decode_share) * horizon - queued)
     free_slots = max_num_seqs - len(state.running) - len(state.waiting)

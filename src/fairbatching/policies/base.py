@@ -242,11 +242,6 @@ class BatchBuilder:
                 hi = mid
         return lo
 
-    def kv_limited_chunk(self, request: Request, n: int) -> int:
-        """Largest chunk ``<= n`` whose KV fits in the blocks still free (no preemption)."""
-        room = (request.num_blocks + self.free_blocks) * self.block_size - request.num_computed
-        return max(0, min(n, room))
-
     def finish(self) -> BatchPlan:
         plan = self.plan
         plan.new_tokens, plan.context_tokens, plan.attn_work = self.new_tokens, self.context, self.attn

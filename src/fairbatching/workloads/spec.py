@@ -60,11 +60,6 @@ class Workload:
         reqs = tuple(replace(r, arrival=(r.arrival - t0) * factor) for r in self.requests)
         return Workload(self.name, reqs, {**self.meta, "qps": qps})
 
-    def with_slo(self, slo: SLO, override: bool = False) -> Workload:
-        """Give every request ``slo`` (only those without one, unless ``override``)."""
-        reqs = tuple(r if (r.slo is not None and not override) else replace(r, slo=slo) for r in self.requests)
-        return Workload(self.name, reqs, dict(self.meta))
-
     def stats(self) -> dict[str, float]:
         prompts = np.array([r.prompt_len for r in self.requests])
         outputs = np.array([r.output_len for r in self.requests])
