@@ -85,3 +85,13 @@ def test_fit_profile_roundtrip(tmp_path):
     res = cli("simulate", "-n", "50", "--profile", str(tmp_path / "p.json"), "--json")
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["profile"]["name"] == "mine"
+
+
+def test_policy_options_reach_the_policy_and_bad_ones_fail_early():
+    default = json.loads(cli("simulate", "-p", "sarathi", "-n", "200", "--json").stdout)
+    small = json.loads(cli("simulate", "-p", "sarathi", "-n", "200", "--json", "-o", "sarathi.token_budget=256").stdout)
+    assert small["summary"]["ttft"]["p99"] > default["summary"]["ttft"]["p99"]
+    bad = cli("simulate", "-n", "10", "-o", "sarathi.chunk=3")
+    assert bad.returncode == 2 and "bad option for policy 'sarathi'" in bad.stderr
+    malformed = cli("simulate", "-o", "token_budget=3")
+    assert malformed.returncode == 2 and "policy.key=value" in malformed.stderr

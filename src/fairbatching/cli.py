@@ -40,6 +40,10 @@ TpotOpt = Annotated[float, typer.Option("--tpot-slo", help="TPOT SLO in seconds"
 ProfileOpt = Annotated[str | None, typer.Option("--profile", help="Profile name or JSON path (see `profiles`)")]
 TimeoutOpt = Annotated[float | None, typer.Option("--queue-timeout", help="Drop requests waiting longer (s)")]
 MaxLenOpt = Annotated[int, typer.Option("--max-model-len", help="Reject requests longer than this (tokens)")]
+PolicyOpt = Annotated[
+    list[str] | None,
+    typer.Option("--policy-option", "-o", help="policy.key=value, e.g. sarathi.token_budget=2048 (repeatable)"),
+]
 AdmissionOpt = Annotated[
     str, typer.Option("--admission", help="Node admission control on the PAB: none, reject or defer")
 ]
@@ -58,9 +62,27 @@ def _experiment(
     timeout: float | None,
     max_len: int,
     admission: str = "none",
+    policy_options: list[str] | None = None,
 ) -> Experiment:
     spec = WorkloadSpec(str(trace) if trace else None, fmt, num, start, qps, seed)
-    return Experiment(spec.build(), load_profile(profile), SLO(ttft, tpot), max_len, timeout, admission)
+    options = _parse_policy_options(policy_options or [])
+    return Experiment(spec.build(), load_profile(profile), SLO(ttft, tpot), max_len, timeout, admission, options)
+
+
+def _parse_policy_options(items: list[str]) -> dict[str, dict]:
+    """``policy.key=value`` pairs; values are read as JSON where they parse (numbers, true, null), else text."""
+    out: dict[str, dict] = {}
+    for item in items:
+        head, eq, raw = item.partition("=")
+        policy, dot, key = head.partition(".")
+        if not (eq and dot and key) or policy not in POLICIES:
+            raise FairBatchingError(f"--policy-option takes policy.key=value with a policy of {', '.join(POLICIES)}")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        out.setdefault(policy, {})[key] = value
+    return out
 
 
 def _progress() -> Progress:
@@ -118,11 +140,14 @@ def simulate(
     timeout: TimeoutOpt = None,
     max_len: MaxLenOpt = 131072,
     admission: AdmissionOpt = "none",
+    policy_option: PolicyOpt = None,
     out: Annotated[Path | None, typer.Option("--out", help="Write summary.json and requests.csv here")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout")] = False,
 ) -> None:
     """Simulate one policy on one workload."""
-    exp = _experiment(trace, fmt, num, start, qps, seed, ttft, tpot, profile, timeout, max_len, admission)
+    exp = _experiment(
+        trace, fmt, num, start, qps, seed, ttft, tpot, profile, timeout, max_len, admission, policy_option
+    )
     _banner(exp)
     (result,) = _run_with_progress(exp, [policy])
     s = result.summary
@@ -151,13 +176,16 @@ def compare(
     timeout: TimeoutOpt = None,
     max_len: MaxLenOpt = 131072,
     admission: AdmissionOpt = "none",
+    policy_option: PolicyOpt = None,
     out: Annotated[Path, typer.Option("--out", help="Report folder")] = Path("out/compare"),
 ) -> None:
     """Run several policies on the same workload; write tables, CSV/JSON and a plot + HTML report."""
     from fairbatching.report import plot_comparison, write_html_report
 
     names = _policy_names(policies)
-    exp = _experiment(trace, fmt, num, start, qps, seed, ttft, tpot, profile, timeout, max_len, admission)
+    exp = _experiment(
+        trace, fmt, num, start, qps, seed, ttft, tpot, profile, timeout, max_len, admission, policy_option
+    )
     _banner(exp)
     results = _run_with_progress(exp, names)
     summaries = [r.summary for r in results]

@@ -62,6 +62,9 @@ class Experiment:
 
     def __post_init__(self) -> None:
         check_slo_feasible(self.slo, self.profile)
+        cost = self.profile.cost_model()
+        for name, options in self.policy_options.items():  # bad options fail now, not halfway through a run
+            make_policy(name, cost, tpot_slo=self.slo.tpot, **options)
 
     def run(self, policy: str, progress: Callable[[int, int], None] | None = None) -> RunResult:
         cost = self.profile.cost_model()
