@@ -157,3 +157,40 @@ def test_sweep_and_capacity_cli(tmp_path):
     assert cap["results"][0]["capacity_qps"] > 0
     bad = cli("sweep", "--slos", "2-0.1")
     assert bad.returncode == 2 and "TTFT:TPOT pairs" in bad.stderr
+
+
+def test_evaluate_cli_writes_tables_and_plots(tmp_path):
+    from test_cli import cli
+
+    res = cli(
+        "evaluate",
+        "--scenarios",
+        "default:2:0.1:8",
+        "-n",
+        "100",
+        "--seeds",
+        "1",
+        "--tolerance",
+        "0.3",
+        "--policies",
+        "fairbatching,sarathi",
+        "--workers",
+        "1",
+        "--cache",
+        str(tmp_path / "c"),
+        "--out",
+        str(tmp_path / "ev"),
+    )
+    assert res.returncode == 0, res.stderr
+    rows = json.loads((tmp_path / "ev" / "evaluation.json").read_text())
+    assert [r["policy"] for r in rows] == ["fairbatching", "sarathi"] and all(r["capacity_qps"] > 0 for r in rows)
+    for name in (
+        "evaluation.md",
+        "report.html",
+        "curves_default_2_100ms.png",
+        "cdfs_default_2_100ms.png",
+        "slack_default_2_100ms.png",
+    ):
+        assert (tmp_path / "ev" / name).stat().st_size > 0, name
+    bad = cli("evaluate", "--scenarios", "default:fast")
+    assert bad.returncode == 2 and "workload:TTFT:TPOT:start_qps" in bad.stderr

@@ -374,7 +374,7 @@ def evaluate(
     ray: RayOpt = None,
 ) -> None:
     """The single-node evaluation: capacities, clairvoyant bounds, equal-load P99 TTFT, curves, slack."""
-    from fairbatching.evaluation.evaluate import Scenario, markdown, slack_timeline
+    from fairbatching.evaluation.evaluate import Scenario, equal_load_plots, markdown
     from fairbatching.evaluation.evaluate import evaluate as run_evaluation
     from fairbatching.report.html import write_html_page
 
@@ -395,7 +395,7 @@ def evaluate(
     ref = next((r["equal_load_qps"] for r in rows if r["workload"] == first.workload), None)
     images = sorted(out.glob("curves_*.png"))
     if ref:
-        images.append(slack_timeline(first, ref, names, out, num, profile))
+        images.extend(equal_load_plots(first, ref, names, out, num, profile))
     table = markdown(rows)
     note = f"Profile: {prof.name} ({prof.source}). Target {target:.0%} of requests meeting TTFT and TPOT."
     (out / "evaluation.md").write_text(f"{note}\n\n{table}\n")

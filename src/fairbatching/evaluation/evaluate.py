@@ -23,6 +23,7 @@ from fairbatching.evaluation.runspec import RunSpec
 from fairbatching.evaluation.sweep import Sweeper
 from fairbatching.experiment import Experiment
 from fairbatching.report.curves import plot_load_curves, plot_slack_timeline
+from fairbatching.report.plots import plot_comparison
 
 LOAD_FACTORS = (0.7, 0.85, 1.0, 1.1, 1.25, 1.5)
 
@@ -128,13 +129,21 @@ def _mean_at(results: list[dict[str, Any]], policy: str, qps: float) -> dict[str
     }
 
 
-def slack_timeline(
+def equal_load_plots(
     sc: Scenario, qps: float, policies: Sequence[str], out: Path, num_requests: int = 2000, profile: str | None = None
-) -> Path:
+) -> list[Path]:
+    """One run per policy at ``qps``: TTFT/TPOT CDFs with latency over time, and the decode-slack timeline."""
     w = family(sc.workload).build(qps, 0, num_requests)
     exp = Experiment(w, load_profile(profile), SLO(sc.ttft, sc.tpot))
-    runs = {p: exp.run(p).sim.requests for p in policies}
-    return plot_slack_timeline(runs, out / f"slack_{sc.slug}.png", f"decode slack, {sc.label} at {qps:.2f} req/s")
+    runs = {p: exp.run(p) for p in policies}
+    title = f"{sc.label} at {qps:.2f} req/s"
+    cdfs = plot_comparison(
+        [r.summary for r in runs.values()], [r.sim.log for r in runs.values()], out / f"cdfs_{sc.slug}.png", title
+    )
+    slack = plot_slack_timeline(
+        {p: r.sim.requests for p, r in runs.items()}, out / f"slack_{sc.slug}.png", f"decode slack, {title}"
+    )
+    return [cdfs, slack]
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
