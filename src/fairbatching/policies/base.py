@@ -121,7 +121,7 @@ class BatchBuilder:
         )
 
     def blocks_needed(self, request: Request, n: int) -> int:
-        return max(0, -(-(request.num_computed + n) // self.block_size) - request.num_blocks)
+        return self.state.kv.extra_blocks(request, n)
 
     def add(self, request: Request, n: int, preempt: bool = False, reserve: int = 0) -> bool:
         """Add ``n`` tokens of ``request`` if budgets and KV allow.

@@ -17,6 +17,7 @@ from fairbatching.core.plan import BatchPlan
 from fairbatching.core.request import SLO, Request, RequestStatus
 from fairbatching.costmodel.model import CostModel
 from fairbatching.errors import ConfigError
+from fairbatching.policies.admission import AdmissionBudget
 from fairbatching.policies.base import Policy, SchedulerState
 
 FINISHED = RequestStatus.FINISHED
@@ -99,31 +100,32 @@ class Node:
         reason = self._admission_problem(r, output_len, self.kv)
         if reason:
             self._end(r, RequestStatus.REJECTED, reason)
-        elif self.config.admission == "none" or self._fits_budget(r):
+            return
+        if self.config.admission == "none":
+            self.waiting.append(r)
+            return
+        budget = self._budget(r)
+        if budget.fits(r.num_tokens - r.num_computed):
             self.waiting.append(r)
         elif self.config.admission == "defer" and self.has_work:
             self.deferred.append(r)
         else:
-            self._end(r, RequestStatus.REJECTED, self._refusal(r))
+            self._end(r, RequestStatus.REJECTED, _refusal(budget, r))
 
-    def _fits_budget(self, r: Request) -> bool:
+    def _budget(self, r: Request) -> AdmissionBudget:
         self.state.now = self.clock
-        return self.policy.admission_budget(self.state, r.slo.ttft).fits(r.num_tokens - r.num_computed)
-
-    def _refusal(self, r: Request) -> str:
-        self.state.now = self.clock
-        budget = self.policy.admission_budget(self.state, r.slo.ttft)
-        return f"admission control: prefill budget {budget.tokens} tokens < prompt {r.prompt_len}"
+        return self.policy.admission_budget(self.state, r.slo.ttft)
 
     def _admit_deferred(self) -> None:
         """Deferred requests join the queue, in order, once they fit; one that can no longer make its TTFT,
         or does not fit even an idle node, is rejected with the reason."""
         still = []
         for r in self.deferred:
-            if self._fits_budget(r):
+            budget = self._budget(r)
+            if budget.fits(r.num_tokens - r.num_computed):
                 self.waiting.append(r)
             elif self.clock - r.arrival >= r.slo.ttft or not (self.running or self.waiting):
-                self._end(r, RequestStatus.REJECTED, self._refusal(r) + " (deferred until it could no longer fit)")
+                self._end(r, RequestStatus.REJECTED, _refusal(budget, r) + " (deferred until it could no longer fit)")
             else:
                 still.append(r)
         self.deferred = still
@@ -301,7 +303,7 @@ class Node:
         for r in self.running + self.waiting:
             self._end(r, RequestStatus.REJECTED, "policy could not schedule it (KV or budget exhausted)")
         for r in self.deferred:
-            self._end(r, RequestStatus.REJECTED, self._refusal(r) + " (deferred until the end)")
+            self._end(r, RequestStatus.REJECTED, _refusal(self._budget(r), r) + " (deferred until the end)")
         self.running.clear()
         self.waiting.clear()
         self.deferred.clear()
@@ -313,6 +315,10 @@ class Node:
         self.done.append(r)
         if self.on_finish is not None:
             self.on_finish(r)
+
+
+def _refusal(budget: AdmissionBudget, r: Request) -> str:
+    return f"admission control: prefill budget {budget.tokens} tokens < prompt {r.prompt_len}"
 
 
 def _log_iteration(
