@@ -23,6 +23,9 @@ from fairbatching.policies.base import Policy, SchedulerState
 FINISHED = RequestStatus.FINISHED
 WAITING = RequestStatus.WAITING
 ProgressFn = Callable[[int, int], None]
+Executor = Callable[[BatchPlan, float], float]
+"""Runs a plan that starts at clock ``t`` and returns the clock when its tokens are out. The simulator's
+executor prices the plan with the cost model; the GPU engine's runs it and reads the wall clock."""
 
 
 @dataclass(frozen=True)
@@ -62,7 +65,14 @@ class IterationLog:
 class Node:
     """A node's scheduler state and clock. ``submit`` requests, ``advance_to`` a time; ``done`` collects ends."""
 
-    def __init__(self, policy: Policy, cost_model: CostModel, config: SimConfig, name: str = "node") -> None:
+    def __init__(
+        self,
+        policy: Policy,
+        cost_model: CostModel,
+        config: SimConfig,
+        name: str = "node",
+        executor: Executor | None = None,
+    ) -> None:
         self.policy = policy
         self.cost = cost_model
         self.config = config
@@ -79,7 +89,9 @@ class Node:
         self.iterations = 0
         self.preemptions = 0
         self.state = SchedulerState(0.0, self.running, self.waiting, self.kv)
-        self._fast = config.fast_forward and policy.schedules_all_decodes_when_idle
+        self.executor = executor or self._predict
+        # Fast-forward prices decode stretches without running them: only for the simulator's own executor.
+        self._fast = executor is None and config.fast_forward and policy.schedules_all_decodes_when_idle
         self.on_finish: Callable[[Request], None] | None = None
 
     def new_request(self, request_id: str, arrival: float, prompt_len: int, slo: SLO | None) -> Request:
@@ -174,12 +186,13 @@ class Node:
                 self.busy += elapsed
                 self.iterations += steps
                 return True
-        dt = self.cost.predict(plan.new_tokens, plan.context_tokens, plan.num_seqs, plan.attn_work)
+        start = self.clock
+        n_running, n_waiting = len(running), len(waiting)
+        self._admit(plan, running, waiting, kv, start)
+        clock = self.clock = self.executor(plan, start)
+        dt = clock - start
         if cfg.record_iterations:
-            _log_iteration(self.log, self.clock, dt, plan, len(running), len(waiting), kv.used_blocks)
-        self._admit(plan, running, waiting, kv, self.clock)
-        self.clock += dt
-        clock = self.clock
+            _log_iteration(self.log, start, dt, plan, n_running, n_waiting, kv.used_blocks)
         self.busy += dt
         self.iterations += 1
         finished = False
@@ -199,6 +212,9 @@ class Node:
         if finished:
             running[:] = [r for r in running if r.status is RequestStatus.RUNNING]
         return True
+
+    def _predict(self, plan: BatchPlan, start: float) -> float:
+        return start + self.cost.predict(plan.new_tokens, plan.context_tokens, plan.num_seqs, plan.attn_work)
 
     def _fast_forward(
         self,

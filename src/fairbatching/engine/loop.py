@@ -1,0 +1,171 @@
+"""The engine's step loop: the same ``sim.Node`` and policy objects as the simulator, with the model run
+for real. ``generate`` runs prompts offline; ``replay`` replays a workload on the wall clock (arrivals at
+their trace times, every token stamped when its iteration returns) and yields the simulator's result type,
+so the same metrics module reports both.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from fairbatching.core.kv import KVCacheConfig
+from fairbatching.core.plan import BatchPlan
+from fairbatching.core.request import SLO, Request, RequestStatus
+from fairbatching.costmodel.model import CostModel
+from fairbatching.engine.runner import ModelRunner, SeqChunk
+from fairbatching.errors import ConfigError
+from fairbatching.policies.base import Policy
+from fairbatching.sim.node import Node, ProgressFn, SimConfig
+from fairbatching.sim.simulator import SimResult
+from fairbatching.workloads.spec import Workload
+
+TERMINAL = (RequestStatus.FINISHED, RequestStatus.REJECTED, RequestStatus.TIMED_OUT, RequestStatus.FAILED)
+
+
+class EngineExecutor:
+    """A ``Node`` executor: maps the plan's requests to token ids and physical KV blocks and runs the model.
+
+    The node's ``BlockAllocator`` decides how many blocks each request holds (as in the simulator); this
+    keeps the physical ids in step with those counts, taking blocks when a count grows and giving them back
+    when it drops (finish, preemption, rejection).
+    """
+
+    def __init__(self, runner: ModelRunner, clock: Callable[[], float]) -> None:
+        self.runner = runner
+        self.clock = clock
+        self.token_ids: dict[str, list[int]] = {}
+        self._blocks: dict[str, list[int]] = {}
+        self._live: dict[str, Request] = {}
+
+    def add_prompt(self, request_id: str, token_ids: list[int]) -> None:
+        if request_id in self.token_ids:
+            raise ConfigError(f"request id {request_id!r} submitted twice")
+        if not token_ids:
+            raise ConfigError(f"request {request_id!r} has an empty prompt")
+        self.token_ids[request_id] = list(token_ids)
+
+    def kv_config(self) -> KVCacheConfig:
+        """The node's KV accounting must see exactly the blocks this engine can hand out."""
+        return KVCacheConfig(self.runner.pool.usable, self.runner.block_size)
+
+    def __call__(self, plan: BatchPlan, start: float) -> float:
+        self.sync_blocks()
+        pool = self.runner.pool
+        chunks = []
+        for r, n in plan.items:
+            rid = r.request_id
+            self._live[rid] = r
+            blocks = self._blocks.setdefault(rid, [])
+            if len(blocks) < r.num_blocks:
+                blocks.extend(pool.take(r.num_blocks - len(blocks)))
+            ids = self.token_ids[rid]
+            c = r.num_computed
+            chunks.append(SeqChunk(ids[c : c + n], c, blocks, sample=c + n == r.num_tokens))
+        for (r, _n), token in zip(plan.items, self.runner.run(chunks), strict=True):
+            if token is not None:
+                self.token_ids[r.request_id].append(token)
+        return self.clock()
+
+    def sync_blocks(self) -> None:
+        """Give back the physical blocks of requests whose block count dropped (finished, preempted, ended)."""
+        pool = self.runner.pool
+        for rid, r in list(self._live.items()):
+            blocks = self._blocks[rid]
+            if r.num_blocks < len(blocks):
+                pool.give_back(blocks[r.num_blocks :])
+                del blocks[r.num_blocks :]
+            if r.status in TERMINAL and not blocks:
+                del self._live[rid]
+
+
+@dataclass
+class Generation:
+    tokens: list[list[int]]
+    iterations: int
+    preemptions: int
+    max_batch_tokens: int
+
+
+def generate(
+    runner: ModelRunner,
+    policy: Policy,
+    cost_model: CostModel,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    slo: SLO = SLO(10.0, 1.0),
+) -> Generation:
+    """Greedy continuations of ``prompts`` (exactly ``max_new_tokens`` each), batched as ``policy`` plans."""
+    start = time.perf_counter()
+    executor = EngineExecutor(runner, lambda: time.perf_counter() - start)
+    node = Node(policy, cost_model, SimConfig(slo, executor.kv_config(), fast_forward=False), executor=executor)
+    for i, prompt in enumerate(prompts):
+        rid = f"prompt-{i}"
+        executor.add_prompt(rid, prompt)
+        node.submit(node.new_request(rid, 0.0, len(prompt), None), max_new_tokens)
+    node.drain()
+    executor.sync_blocks()
+    failed = [r for r in node.done if r.status is not RequestStatus.FINISHED]
+    if failed:
+        raise ConfigError(f"{len(failed)} prompts could not run: {failed[0].request_id}: {failed[0].finish_reason}")
+    return Generation(
+        [executor.token_ids[f"prompt-{i}"][len(p) :] for i, p in enumerate(prompts)],
+        node.iterations,
+        node.preemptions,
+        max(node.log.prefill_tokens[i] + node.log.decode_seqs[i] for i in range(len(node.log.start))),
+    )
+
+
+def replay(
+    runner: ModelRunner,
+    policy: Policy,
+    cost_model: CostModel,
+    workload: Workload,
+    default_slo: SLO,
+    seed: int = 0,
+    queue_timeout: float | None = None,
+    progress: ProgressFn | None = None,
+) -> SimResult:
+    """Replay ``workload`` on the wall clock: requests arrive at their trace times (random prompt tokens of
+    the trace's lengths) and run to the trace's output length, as benchmark clients with ignore_eos do."""
+    rng = random.Random(seed)
+    vocab = runner.model.config.vocab_size
+    t0 = time.perf_counter()
+
+    def clock() -> float:
+        return time.perf_counter() - t0
+
+    executor = EngineExecutor(runner, clock)
+    config = SimConfig(default_slo, executor.kv_config(), queue_timeout=queue_timeout, fast_forward=False)
+    node = Node(policy, cost_model, config, executor=executor)
+    specs = sorted(workload.requests, key=lambda s: s.arrival)
+    total = len(specs)
+    if progress is not None:
+        node.on_finish = lambda _r: progress(len(node.done), total)
+    base = specs[0].arrival if specs else 0.0
+    i = 0
+    while i < total:
+        now = clock()
+        while i < total and specs[i].arrival - base <= now:
+            s = specs[i]
+            executor.add_prompt(s.request_id, [rng.randrange(vocab) for _ in range(s.prompt_len)])
+            node.submit(node.new_request(s.request_id, s.arrival - base, s.prompt_len, s.slo), s.output_len)
+            i += 1
+        node.clock = clock()
+        if not (node.has_work and node.step(horizon=float("inf"))) and i < total:
+            time.sleep(max(0.0, specs[i].arrival - base - clock()))
+    node.drain()
+    executor.sync_blocks()
+    return SimResult(
+        policy.name,
+        node.done,
+        node.targets,
+        node.clock,
+        node.busy,
+        node.iterations,
+        node.preemptions,
+        node.log,
+        config.kv.num_blocks,
+    )

@@ -1,0 +1,194 @@
+"""Runs one iteration of the model: packs the scheduled chunks, calls the model, returns sampled tokens.
+
+Decode-only iterations replay a CUDA graph captured for the next larger batch size (padding rows write to
+a reserved scratch block and are ignored), as vLLM does; every other iteration runs eagerly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fairbatching.engine.attention import AttentionMetadata, build_metadata, decode_splits
+from fairbatching.engine.model import LlamaModel
+from fairbatching.errors import ConfigError
+
+SCRATCH_BLOCK = 0  # never handed out: CUDA-graph padding rows write here
+
+
+@dataclass
+class SeqChunk:
+    """One sequence's part of an iteration: ``token_ids`` are its new tokens at positions from ``cached``."""
+
+    token_ids: list[int]
+    cached: int
+    block_ids: list[int]
+    sample: bool
+
+    @property
+    def is_decode(self) -> bool:
+        return len(self.token_ids) == 1 and self.cached > 0
+
+
+class BlockPool:
+    """Physical KV block ids; block 0 is kept back as the scratch block."""
+
+    def __init__(self, num_blocks: int) -> None:
+        if num_blocks < 2:
+            raise ConfigError(f"the engine needs at least 2 KV blocks, got {num_blocks}")
+        self.free: list[int] = list(range(num_blocks - 1, SCRATCH_BLOCK, -1))
+
+    @property
+    def usable(self) -> int:
+        return len(self.free)
+
+    def take(self, n: int) -> list[int]:
+        if n > len(self.free):
+            raise RuntimeError(f"KV block pool exhausted: asked {n}, {len(self.free)} free")
+        taken = self.free[-n:] if n else []
+        del self.free[len(self.free) - n :]
+        return taken
+
+    def give_back(self, blocks: list[int]) -> None:
+        self.free.extend(reversed(blocks))
+
+
+class _DecodeGraph:
+    """Static buffers and a captured graph for decode batches of one padded size."""
+
+    def __init__(self, runner: ModelRunner, batch: int) -> None:
+        dev, width = runner.device, runner.max_blocks_per_seq
+        self.batch = batch
+        self.token_ids = torch.zeros(batch, dtype=torch.int64, device=dev)
+        self.positions = torch.zeros(batch, dtype=torch.int64, device=dev)
+        self.slots = torch.full((batch,), SCRATCH_BLOCK * runner.block_size, dtype=torch.int64, device=dev)
+        self.tables = torch.full((batch, width), SCRATCH_BLOCK, dtype=torch.int32, device=dev)
+        self.lens = torch.ones(batch, dtype=torch.int32, device=dev)
+        self.sample_index = torch.arange(batch, device=dev)
+        self.meta = AttentionMetadata(
+            "cuda",
+            self.slots,
+            batch,
+            runner.block_size,
+            block_tables=self.tables,
+            context_lens=self.lens,
+            num_splits=decode_splits(batch, runner.max_context),
+        )
+        model, cache = runner.model, runner.kv_cache
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                model.forward(self.token_ids, self.positions, cache, self.meta, self.sample_index)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=runner.graph_pool):
+            self.output = model.forward(self.token_ids, self.positions, cache, self.meta, self.sample_index)
+        runner.graph_pool = self.graph.pool()
+
+    def run(self, chunks: list[SeqChunk], block_size: int) -> list[int]:
+        n = len(chunks)
+        ids = np.zeros(self.batch, dtype=np.int64)
+        pos = np.zeros(self.batch, dtype=np.int64)
+        slots = np.full(self.batch, SCRATCH_BLOCK * block_size, dtype=np.int64)
+        lens = np.ones(self.batch, dtype=np.int32)
+        table = np.full(self.tables.shape, SCRATCH_BLOCK, dtype=np.int32)
+        for i, c in enumerate(chunks):
+            ids[i] = c.token_ids[0]
+            pos[i] = c.cached
+            slots[i] = c.block_ids[c.cached // block_size] * block_size + c.cached % block_size
+            lens[i] = c.cached + 1
+            table[i, : len(c.block_ids)] = c.block_ids
+        for buf, arr in ((self.token_ids, ids), (self.positions, pos), (self.slots, slots), (self.lens, lens)):
+            buf.copy_(torch.from_numpy(arr), non_blocking=True)
+        self.tables.copy_(torch.from_numpy(table), non_blocking=True)
+        self.graph.replay()
+        return self.output[:n].tolist()
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: LlamaModel,
+        num_blocks: int,
+        block_size: int = 16,
+        max_context: int = 8192,
+        backend: str | None = None,
+        cuda_graphs: bool = True,
+        graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256),
+    ) -> None:
+        self.model = model
+        self.device = model.device
+        self.block_size = block_size
+        self.max_context = max_context
+        self.max_blocks_per_seq = -(-max_context // block_size)
+        self.backend = backend or ("cuda" if self.device.type == "cuda" else "reference")
+        if self.backend not in ("cuda", "reference"):
+            raise ConfigError(f"attention backend must be cuda or reference, got {self.backend!r}")
+        if self.backend == "cuda" and self.device.type != "cuda":
+            raise ConfigError("the cuda attention backend needs a CUDA device")
+        self.kv_cache = model.new_kv_cache(num_blocks, block_size)
+        self.pool = BlockPool(num_blocks)
+        self.graph_pool = None
+        self.graph_batch_sizes = tuple(sorted(graph_batch_sizes)) if cuda_graphs and self.backend == "cuda" else ()
+        self._graphs: dict[int, _DecodeGraph] = {}
+
+    def capture_graphs(self) -> None:
+        """Capture every decode graph now (largest first, so smaller ones reuse its memory pool)."""
+        for b in sorted(self.graph_batch_sizes, reverse=True):
+            self._graph_for(b)
+
+    def _graph_for(self, batch: int) -> _DecodeGraph:
+        g = self._graphs.get(batch)
+        if g is None:
+            g = self._graphs[batch] = _DecodeGraph(self, batch)
+        return g
+
+    def run(self, chunks: list[SeqChunk]) -> list[int | None]:
+        """Run one iteration; the sampled token of each chunk that samples, else None, in input order."""
+        if not chunks:
+            return []
+        for c in chunks:
+            if c.cached + len(c.token_ids) > self.max_context:
+                raise ConfigError(f"sequence of {c.cached + len(c.token_ids)} tokens exceeds max_context")
+        order = sorted(range(len(chunks)), key=lambda i: not chunks[i].is_decode)
+        packed = [chunks[i] for i in order]
+        num_decodes = sum(c.is_decode for c in packed)
+        if num_decodes == len(packed) and self.graph_batch_sizes and len(packed) <= self.graph_batch_sizes[-1]:
+            size = next(b for b in self.graph_batch_sizes if b >= len(packed))
+            rows = self._graph_for(size).run(packed, self.block_size)
+            tokens = [t for t, c in zip(rows, packed, strict=True) if c.sample]
+        else:
+            tokens = self._eager(packed, num_decodes)
+        out: list[int | None] = [None] * len(chunks)
+        sampled = iter(tokens)
+        for i in order:
+            if chunks[i].sample:
+                out[i] = next(sampled)
+        return out
+
+    def _eager(self, packed: list[SeqChunk], num_decodes: int) -> list[int]:
+        dev = self.device
+        ids, pos, sample_index = [], [], []
+        for c in packed:
+            ids.extend(c.token_ids)
+            pos.extend(range(c.cached, c.cached + len(c.token_ids)))
+            if c.sample:
+                sample_index.append(len(ids) - 1)
+        meta = build_metadata(
+            self.backend,
+            [(c.cached, len(c.token_ids), c.block_ids) for c in packed],
+            num_decodes,
+            self.block_size,
+            dev,
+        )
+        out = self.model.forward(
+            torch.tensor(ids, dtype=torch.int64).to(dev, non_blocking=True),
+            torch.tensor(pos, dtype=torch.int64).to(dev, non_blocking=True),
+            self.kv_cache,
+            meta,
+            torch.tensor(sample_index, dtype=torch.int64).to(dev, non_blocking=True),
+        )
+        return out.tolist()

@@ -1,0 +1,231 @@
+"""The GPU engine's model, paged KV cache and step loop, checked on the CPU against Hugging Face transformers:
+the same weights and prompts must give exactly the tokens of greedy ``generate``, for any chunking and any
+batching the policies produce (preemption by recompute included)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+torch = pytest.importorskip("torch", reason="the engine tests need the [gpu] extra (torch)")
+transformers = pytest.importorskip("transformers", reason="HF parity tests need transformers")
+
+from fairbatching.core.request import SLO  # noqa: E402
+from fairbatching.costmodel.profile import load_profile  # noqa: E402
+from fairbatching.engine.config import ModelConfig, model_config  # noqa: E402
+from fairbatching.engine.loop import generate, replay  # noqa: E402
+from fairbatching.engine.model import LlamaModel  # noqa: E402
+from fairbatching.engine.runner import ModelRunner, SeqChunk  # noqa: E402
+from fairbatching.errors import ConfigError  # noqa: E402
+from fairbatching.metrics.summary import summarize  # noqa: E402
+from fairbatching.policies import make_policy  # noqa: E402
+from fairbatching.workloads.spec import RequestSpec, Workload  # noqa: E402
+
+NEW_TOKENS = 10
+SHAPE = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+)
+
+
+def _save(model, tmp_path_factory, name):
+    path = tmp_path_factory.mktemp(name)
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(rope_theta=10000.0, **SHAPE)).eval()
+    return hf, _save(hf, tmp_path_factory, "llama")
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    rng = random.Random(1)
+    return [[rng.randrange(256) for _ in range(n)] for n in (5, 37, 80, 13, 1, 24)]
+
+
+def _hf_greedy(hf, prompts, n=NEW_TOKENS):
+    out = []
+    for p in prompts:
+        ids = hf.generate(torch.tensor([p]), max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        out.append(ids[0, len(p) :].tolist())
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(llama, prompts):
+    return _hf_greedy(llama[0], prompts)
+
+
+COST = load_profile().cost_model()
+POLICY_CASES = {
+    "fairbatching-small-budget": ("fairbatching", dict(max_num_batched_tokens=16, min_chunk=4)),
+    "fairbatching-default": ("fairbatching", {}),
+    "sarathi-7-tokens": ("sarathi", dict(token_budget=7)),
+    "vllm-2-seqs": ("vllm", dict(max_num_batched_tokens=12, max_num_seqs=2)),
+    "prefill-first": ("prefill-first", dict(max_num_batched_tokens=40)),  # whole prompts, never chunked
+}
+
+
+@pytest.mark.parametrize("case", list(POLICY_CASES))
+def test_engine_matches_hf_greedy_under_every_policy(llama, prompts, reference, case):
+    name, options = POLICY_CASES[case]
+    model = LlamaModel(ModelConfig.from_dir(llama[1]), checkpoint=llama[1])
+    runner = ModelRunner(model, num_blocks=64, block_size=4, max_context=512)
+    gen = generate(runner, make_policy(name, COST, **options), COST, prompts, NEW_TOKENS)
+    assert gen.tokens == reference
+    budget = options.get("max_num_batched_tokens", options.get("token_budget"))
+    if budget and name != "prefill-first":
+        assert gen.max_batch_tokens <= budget
+
+
+def test_preemption_by_recompute_keeps_tokens_exact(llama, prompts, reference):
+    model = LlamaModel(ModelConfig.from_dir(llama[1]), checkpoint=llama[1])
+    runner = ModelRunner(model, num_blocks=31, block_size=4, max_context=512)  # 30 usable blocks: too few for all
+    gen = generate(runner, make_policy("vllm", COST), COST, prompts, NEW_TOKENS)
+    assert gen.preemptions > 0
+    assert gen.tokens == reference
+    assert runner.pool.usable == 30  # every block came back
+
+
+def test_any_chunking_and_interleaving_matches_hf(llama, prompts, reference):
+    """Random chunk sizes, several sequences per iteration, decodes mixed with other sequences' prefill."""
+    model = LlamaModel(ModelConfig.from_dir(llama[1]), checkpoint=llama[1])
+    rng = random.Random(7)
+    for trial in range(3):
+        runner = ModelRunner(model, num_blocks=400, block_size=rng.choice([1, 4, 16]), max_context=512)
+        tokens = [list(p) for p in prompts]
+        cached = [0] * len(prompts)
+        blocks = [[] for _ in prompts]
+        while any(len(t) - len(p) < NEW_TOKENS for t, p in zip(tokens, prompts, strict=True)):
+            live = [i for i, p in enumerate(prompts) if len(tokens[i]) - len(p) < NEW_TOKENS]
+            batch = rng.sample(live, rng.randint(1, len(live)))
+            chunks = []
+            for i in batch:
+                n = rng.randint(1, len(tokens[i]) - cached[i])
+                need = -(-(cached[i] + n) // runner.block_size) - len(blocks[i])
+                blocks[i].extend(runner.pool.take(max(0, need)))
+                chunks.append(SeqChunk(tokens[i][cached[i] : cached[i] + n], cached[i], blocks[i], cached[i] + n == len(tokens[i])))
+            for i, c, t in zip(batch, chunks, runner.run(chunks), strict=True):
+                cached[i] += len(c.token_ids)
+                if t is not None:
+                    tokens[i].append(t)
+        got = [t[len(p) :] for t, p in zip(tokens, prompts, strict=True)]
+        assert got == reference, f"trial {trial}"
+
+
+def test_qwen2_with_qkv_bias_matches_hf(tmp_path_factory, prompts):
+    torch.manual_seed(3)
+    hf = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**SHAPE)).eval()
+    for layer in hf.model.layers:  # non-zero biases, so a dropped bias would show
+        for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+            torch.nn.init.normal_(proj.bias, std=0.5)
+    path = _save(hf, tmp_path_factory, "qwen2")
+    config = ModelConfig.from_dir(path)
+    assert config.attention_bias
+    model = LlamaModel(config, checkpoint=path)
+    gen = generate(ModelRunner(model, 64, 4, 512), make_policy("sarathi", COST, token_budget=9), COST, prompts, 6)
+    assert gen.tokens == _hf_greedy(hf, prompts, 6)
+
+
+def test_llama31_rope_scaling_matches_hf(tmp_path_factory, prompts):
+    torch.manual_seed(4)
+    scaling = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0)
+    hf_config = transformers.LlamaConfig(
+        rope_scaling={**scaling, "original_max_position_embeddings": 32}, rope_theta=500000.0, **SHAPE
+    )
+    hf = transformers.LlamaForCausalLM(hf_config).eval()
+    path = _save(hf, tmp_path_factory, "llama31")
+    config = ModelConfig.from_dir(path)
+    assert config.rope_llama3_scaling == (8.0, 1.0, 4.0, 32)
+    model = LlamaModel(config, checkpoint=path)
+    gen = generate(ModelRunner(model, 64, 4, 512), make_policy("fairbatching", COST), COST, prompts, 6)
+    assert gen.tokens == _hf_greedy(hf, prompts, 6)
+
+
+def test_replay_accounts_for_every_request_on_the_wall_clock():
+    model = LlamaModel(model_config("tiny"), seed=0)
+    runner = ModelRunner(model, num_blocks=128, block_size=8, max_context=1024)
+    specs = tuple(RequestSpec(f"r{i}", 0.01 * i, 20 + 7 * i, 3 + i % 4) for i in range(12))
+    specs += (RequestSpec("too-long", 0.05, 2000, 4),)
+    result = replay(runner, make_policy("fairbatching", COST), COST, Workload("w", specs), SLO(5.0, 1.0))
+    ids = sorted(r.request_id for r in result.requests)
+    assert ids == sorted(s.request_id for s in specs)
+    by_id = {r.request_id: r for r in result.requests}
+    assert by_id["too-long"].status == "rejected"
+    for s in specs[:-1]:
+        r = by_id[s.request_id]
+        assert r.status == "finished" and r.num_generated == s.output_len
+        assert r.token_times[0] >= s.arrival
+        assert r.token_times == sorted(r.token_times)
+    summary = summarize(result.policy, "w", result.requests, result.end_time, result.busy_time, result.preemptions)
+    assert summary.finished == 12
+    assert runner.pool.usable == 127
+
+
+def test_bad_models_are_named():
+    with pytest.raises(ConfigError, match="unknown model 'llama-9'"):
+        model_config("llama-9")
+    with pytest.raises(ConfigError, match="model_type 'gpt2' is not supported"):
+        ModelConfig.from_hf_config({"model_type": "gpt2", "hidden_size": 8}, "gpt2-dir")
+    with pytest.raises(ConfigError, match="lacks 'intermediate_size'"):
+        ModelConfig.from_hf_config(
+            {"model_type": "llama", "hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2, "vocab_size": 9}
+        )
+    assert model_config("llama-3-70b@2").num_layers == 2
+
+
+def test_checkpoint_with_missing_or_misshapen_tensors(tmp_path, llama):
+    with pytest.raises(ConfigError, match="no \\*.safetensors"):
+        LlamaModel(ModelConfig.from_dir(llama[1]), checkpoint=tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({**json.loads((llama[1] / "config.json").read_text()), "intermediate_size": 96}))
+    for f in llama[1].glob("*.safetensors"):
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    with pytest.raises(ConfigError, match="has shape"):
+        LlamaModel(ModelConfig.from_dir(tmp_path), checkpoint=tmp_path)
+
+
+def test_triton_decode_kernel_matches_reference_in_interpreter():
+    """The Triton paged decode kernel, run by Triton's CPU interpreter, against the SDPA reference."""
+    pytest.importorskip("triton", reason="the decode kernel test needs triton")
+    script = textwrap.dedent(
+        """
+        import torch
+        from fairbatching.engine.attention import build_metadata, attention
+        from fairbatching.engine.kernels import paged_decode_attention
+        torch.manual_seed(0)
+        bs, nkv, nh, d = 4, 2, 8, 16
+        k_cache = torch.randn(60, bs, nkv, d)
+        v_cache = torch.randn(60, bs, nkv, d)
+        lens = [1, 7, 33, 70]
+        blocks = [list(range(1 + 10 * i, 1 + 10 * i + -(-n // bs)))[::-1] for i, n in enumerate(lens)]
+        q = torch.randn(len(lens), nh, d)
+        chunks = [(n - 1, 1, b) for n, b in zip(lens, blocks)]
+        ref = attention(q, k_cache, v_cache, build_metadata("reference", chunks, len(lens), bs, torch.device("cpu")))
+        table = torch.zeros(len(lens), 20, dtype=torch.int32)
+        for i, b in enumerate(blocks):
+            table[i, : len(b)] = torch.tensor(b)
+        for splits in (1, 3):
+            got = paged_decode_attention(q, k_cache, v_cache, table, torch.tensor(lens, dtype=torch.int32), splits, tile=16)
+            err = (got - ref).abs().max().item()
+            assert err < 1e-4, (splits, err)
+        print("ok")
+        """
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:]
