@@ -119,7 +119,11 @@ def test_any_chunking_and_interleaving_matches_hf(llama, prompts, reference):
                 n = rng.randint(1, len(tokens[i]) - cached[i])
                 need = -(-(cached[i] + n) // runner.block_size) - len(blocks[i])
                 blocks[i].extend(runner.pool.take(max(0, need)))
-                chunks.append(SeqChunk(tokens[i][cached[i] : cached[i] + n], cached[i], blocks[i], cached[i] + n == len(tokens[i])))
+                chunks.append(
+                    SeqChunk(
+                        tokens[i][cached[i] : cached[i] + n], cached[i], blocks[i], cached[i] + n == len(tokens[i])
+                    )
+                )
             for i, c, t in zip(batch, chunks, runner.run(chunks), strict=True):
                 cached[i] += len(c.token_ids)
                 if t is not None:
@@ -192,7 +196,9 @@ def test_bad_models_are_named():
 def test_checkpoint_with_missing_or_misshapen_tensors(tmp_path, llama):
     with pytest.raises(ConfigError, match="no \\*.safetensors"):
         LlamaModel(ModelConfig.from_dir(llama[1]), checkpoint=tmp_path)
-    (tmp_path / "config.json").write_text(json.dumps({**json.loads((llama[1] / "config.json").read_text()), "intermediate_size": 96}))
+    (tmp_path / "config.json").write_text(
+        json.dumps({**json.loads((llama[1] / "config.json").read_text()), "intermediate_size": 96})
+    )
     for f in llama[1].glob("*.safetensors"):
         (tmp_path / f.name).write_bytes(f.read_bytes())
     with pytest.raises(ConfigError, match="has shape"):
@@ -220,7 +226,8 @@ def test_triton_decode_kernel_matches_reference_in_interpreter():
         for i, b in enumerate(blocks):
             table[i, : len(b)] = torch.tensor(b)
         for splits in (1, 3):
-            got = paged_decode_attention(q, k_cache, v_cache, table, torch.tensor(lens, dtype=torch.int32), splits, tile=16)
+            lens_t = torch.tensor(lens, dtype=torch.int32)
+            got = paged_decode_attention(q, k_cache, v_cache, table, lens_t, splits, tile=16)
             err = (got - ref).abs().max().item()
             assert err < 1e-4, (splits, err)
         print("ok")
@@ -229,3 +236,24 @@ def test_triton_decode_kernel_matches_reference_in_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:]
+
+
+def test_profile_and_replay_commands_on_the_cpu(tmp_path):
+    from typer.testing import CliRunner
+
+    from fairbatching.cli import app
+    from fairbatching.costmodel.profile import load_profile as load
+
+    common = ["--model", "tiny", "--device", "cpu", "--num-blocks", "400", "--max-context", "8192"]
+    res = CliRunner().invoke(app, ["profile", "--out", str(tmp_path), "--grid", "quick", "--repeats", "1", *common])
+    assert res.exit_code == 0, res.output
+    prof = load(str(tmp_path / "profile.json"))
+    assert prof.source == "measured" and prof.kv.num_blocks == 399 and prof.fit["holdout_rows"] >= 1
+    assert (tmp_path / "rows.csv").read_text().startswith("kind,new_tokens")
+    res = CliRunner().invoke(
+        app,
+        ["replay", *common, "-n", "6", "--qps", "50", "--profile", str(tmp_path / "profile.json"), "--out", str(tmp_path)],
+    )
+    assert res.exit_code == 0, res.output
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["requests"] == 6

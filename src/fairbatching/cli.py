@@ -1,4 +1,4 @@
-"""Command line: ``fairbatching simulate | compare | fit-profile | profiles``."""
+"""Command line: simulate/compare/capacity/sweep/evaluate/cluster on the simulator; profile/replay on the GPU engine."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from fairbatching.core.kv import KVCacheConfig
 from fairbatching.core.request import SLO
 from fairbatching.costmodel.profile import available_profiles, load_profile
 from fairbatching.errors import FairBatchingError
@@ -566,6 +567,130 @@ def fit_profile(
         f"fitted {report.train_rows} rows; held-out MAPE {report.holdout_mape * 100:.2f}%, "
         f"max error {report.holdout_max_error * 100:.2f}% on {report.holdout_rows} rows -> {out}"
     )
+
+
+EngineModelOpt = Annotated[
+    str, typer.Option("--model", "-m", help="Preset (llama-3-8b, llama-3.2-1b, ...), preset@LAYERS, or checkpoint dir")
+]
+DeviceOpt = Annotated[str | None, typer.Option("--device", help="cuda or cpu (default: cuda if available)")]
+BlocksOpt = Annotated[int | None, typer.Option("--num-blocks", help="KV blocks (default: 90% of free GPU memory)")]
+BlockSizeOpt = Annotated[int, typer.Option("--block-size", help="Tokens per KV block")]
+MaxContextOpt = Annotated[int, typer.Option("--max-context", help="Longest sequence the engine serves (tokens)")]
+
+
+def _engine(model: str, device: str | None, num_blocks: int | None, block_size: int, max_context: int):
+    try:
+        from fairbatching.engine import build_engine
+    except ImportError as exc:
+        raise FairBatchingError(f"the GPU engine needs the [gpu] extra: {exc}") from None
+    return build_engine(model, device=device, num_blocks=num_blocks, block_size=block_size, max_context=max_context)
+
+
+@app.command("profile")
+def profile_engine(
+    out: Annotated[Path, typer.Option("--out", help="Folder for rows.csv and profile.json")],
+    model: EngineModelOpt = "llama-3-8b",
+    device: DeviceOpt = None,
+    num_blocks: BlocksOpt = None,
+    block_size: BlockSizeOpt = 16,
+    max_context: MaxContextOpt = 32768,
+    repeats: Annotated[int, typer.Option("--repeats", help="Timed runs per composition (median)")] = 5,
+    grid: Annotated[str, typer.Option("--grid", help="full, or quick (a few compositions, for a smoke test)")] = "full",
+    name: Annotated[str | None, typer.Option("--name", help="Profile name (default: MODEL-DEVICE-measured)")] = None,
+) -> None:
+    """Measure batch latencies on the GPU engine, fit the cost model, and write a profile."""
+    import csv
+    import time
+    from dataclasses import replace
+
+    from fairbatching.costmodel.fit import fit_cost_model
+    from fairbatching.engine.profiler import default_grid, run_profile
+
+    if grid not in ("full", "quick"):
+        raise FairBatchingError(f"--grid must be full or quick, got {grid!r}")
+    runner = _engine(model, device, num_blocks, block_size, max_context)
+    compositions = default_grid(runner.pool.usable * block_size, max_context)
+    if grid == "quick":
+        compositions = compositions[:: max(1, len(compositions) // 14)]
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    with _progress() as bar:
+        task = bar.add_task("profiling", total=len(compositions))
+        rows = run_profile(runner, compositions, repeats, progress=lambda i, _n, _row: bar.update(task, completed=i))
+    with (out / "rows.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    report = fit_cost_model(
+        [[r[k] for k in ("new_tokens", "context_tokens", "num_seqs", "attn_work", "latency_s")] for r in rows]
+    )
+    hardware = runner.device.type
+    if runner.device.type == "cuda":
+        import torch
+
+        hardware = torch.cuda.get_device_name(runner.device)
+    config = runner.model.config
+    prof = replace(
+        load_profile(None),
+        name=name or f"{config.name}-{hardware.split()[-1].lower()}-measured",
+        source="measured",
+        model={**config.to_dict(), "dtype": str(runner.model.dtype).removeprefix("torch.")},
+        hardware={"device": hardware, "profiled_s": round(time.time() - start, 1)},
+        params=report.model.params,
+        kv=KVCacheConfig(runner.pool.usable, block_size),
+        fit=report.as_dict(),
+        note=f"fairbatching profile --model {model} --grid {grid}: {len(rows)} compositions on the GPU engine",
+    )
+    prof.save(out / "profile.json")
+    out_console.print(
+        f"{len(rows)} compositions in {time.time() - start:.0f} s; held-out MAPE {report.holdout_mape * 100:.2f}%, "
+        f"max {report.holdout_max_error * 100:.2f}% -> {out / 'profile.json'}"
+    )
+
+
+@app.command()
+def replay(
+    policy: Annotated[str, typer.Option("--policy", "-p", help=f"One of: {', '.join(POLICIES)}")] = "fairbatching",
+    model: EngineModelOpt = "llama-3-8b",
+    device: DeviceOpt = None,
+    num_blocks: BlocksOpt = None,
+    block_size: BlockSizeOpt = 16,
+    max_context: MaxContextOpt = 16384,
+    trace: TraceOpt = None,
+    fmt: FormatOpt = "auto",
+    num: NumOpt = None,
+    start: StartOpt = 0,
+    qps: QpsOpt = None,
+    seed: SeedOpt = 0,
+    ttft: TtftOpt = DEFAULT_SLO.ttft,
+    tpot: TpotOpt = DEFAULT_SLO.tpot,
+    profile: Annotated[str | None, typer.Option("--profile", help="Cost-model profile the policy plans with")] = None,
+    policy_option: PolicyOpt = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Write summary.json and requests.csv here")] = None,
+) -> None:
+    """Replay a workload on the GPU engine in real time, scheduled by a policy; same metrics as `simulate`."""
+    from fairbatching.engine.loop import replay as replay_engine
+    from fairbatching.metrics.summary import summarize
+    from fairbatching.policies import make_policy
+
+    workload = WorkloadSpec(str(trace) if trace else None, fmt, num, start, qps, seed).build()
+    prof = load_profile(profile)
+    slo = SLO(ttft, tpot)
+    check_slo_feasible(slo, prof)
+    cost = prof.cost_model()
+    options = _parse_policy_options(policy_option or []).get(policy, {})
+    pol = make_policy(policy, cost, tpot_slo=tpot, **options)
+    runner = _engine(model, device, num_blocks, block_size, max_context)
+    console.print(f"replaying {len(workload)} requests ({workload.qps:.2f} req/s) on {runner.device} with {policy}")
+    with _progress() as bar:
+        task = bar.add_task(policy, total=len(workload))
+        res = replay_engine(runner, pol, cost, workload, slo, progress=lambda d, _t: bar.update(task, completed=d))
+    s = summarize(policy, workload.name, res.requests, res.end_time, res.busy_time, res.preemptions)
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        s.write_json(out / "summary.json")
+        s.write_requests_csv(out / "requests.csv")
+    out_console.print(summary_table([s]))
 
 
 @app.command()

@@ -32,7 +32,9 @@ class ModelConfig:
     def __post_init__(self) -> None:
         for field_name in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size", "vocab_size"):
             if getattr(self, field_name) <= 0:
-                raise ConfigError(f"model {self.name!r}: {field_name} must be positive, got {getattr(self, field_name)}")
+                raise ConfigError(
+                    f"model {self.name!r}: {field_name} must be positive, got {getattr(self, field_name)}"
+                )
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(
                 f"model {self.name!r}: num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
@@ -71,7 +73,7 @@ class ModelConfig:
         model_type = cfg.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ConfigError(
-                f"{name}: model_type {model_type!r} is not supported; the engine runs {', '.join(SUPPORTED_MODEL_TYPES)}"
+                f"{name}: model_type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
             )
         # transformers < 5 writes rope_theta and rope_scaling; 5.x writes both into rope_parameters.
         scaling = cfg.get("rope_scaling") or cfg.get("rope_parameters") or None
@@ -146,4 +148,3 @@ def model_config(name_or_path: str) -> ModelConfig:
         f"unknown model {name_or_path!r}: use a preset ({', '.join(PRESETS)}), 'preset@LAYERS' for a layer slice, "
         "or a local checkpoint directory"
     )
-

@@ -22,6 +22,7 @@ from fairbatching.sim.node import Node, ProgressFn, SimConfig
 from fairbatching.sim.simulator import SimResult
 from fairbatching.workloads.spec import Workload
 
+OFFLINE_SLO = SLO(10.0, 1.0)  # offline generation has no latency target; deadlines only order the work
 TERMINAL = (RequestStatus.FINISHED, RequestStatus.REJECTED, RequestStatus.TIMED_OUT, RequestStatus.FAILED)
 
 
@@ -95,12 +96,13 @@ def generate(
     cost_model: CostModel,
     prompts: list[list[int]],
     max_new_tokens: int,
-    slo: SLO = SLO(10.0, 1.0),
+    slo: SLO = OFFLINE_SLO,
 ) -> Generation:
     """Greedy continuations of ``prompts`` (exactly ``max_new_tokens`` each), batched as ``policy`` plans."""
     start = time.perf_counter()
     executor = EngineExecutor(runner, lambda: time.perf_counter() - start)
-    node = Node(policy, cost_model, SimConfig(slo, executor.kv_config(), fast_forward=False), executor=executor)
+    config = SimConfig(slo, executor.kv_config(), max_model_len=runner.max_context, fast_forward=False)
+    node = Node(policy, cost_model, config, executor=executor)
     for i, prompt in enumerate(prompts):
         rid = f"prompt-{i}"
         executor.add_prompt(rid, prompt)
@@ -138,7 +140,13 @@ def replay(
         return time.perf_counter() - t0
 
     executor = EngineExecutor(runner, clock)
-    config = SimConfig(default_slo, executor.kv_config(), queue_timeout=queue_timeout, fast_forward=False)
+    config = SimConfig(
+        default_slo,
+        executor.kv_config(),
+        max_model_len=runner.max_context,
+        queue_timeout=queue_timeout,
+        fast_forward=False,
+    )
     node = Node(policy, cost_model, config, executor=executor)
     specs = sorted(workload.requests, key=lambda s: s.arrival)
     total = len(specs)

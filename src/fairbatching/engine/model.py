@@ -49,7 +49,7 @@ class LlamaModel:
 
     def _build(self, tensors: dict[str, torch.Tensor] | None, seed: int) -> None:
         c = self.config
-        gen = torch.Generator(device="cpu").manual_seed(seed)
+        gen = torch.Generator(device=self.device).manual_seed(seed)
 
         def get(name: str, shape: tuple[int, ...], kind: str = "normal") -> torch.Tensor:
             if tensors is not None:
@@ -59,11 +59,11 @@ class LlamaModel:
                 if tuple(t.shape) != shape:
                     raise ConfigError(f"checkpoint tensor {name!r} has shape {tuple(t.shape)}, config says {shape}")
             elif kind == "ones":
-                t = torch.ones(shape)
+                t = torch.ones(shape, device=self.device)
             elif kind == "zeros":
-                t = torch.zeros(shape)
-            else:
-                t = torch.randn(shape, generator=gen) * 0.02
+                t = torch.zeros(shape, device=self.device)
+            else:  # drawn on the device: an 8B model's random weights in seconds, not minutes
+                t = torch.randn(shape, generator=gen, device=self.device, dtype=self.dtype).mul_(0.02)
             return t.to(self.device, self.dtype)
 
         h, d, nh, nkv, ff = c.hidden_size, c.head_dim, c.num_heads, c.num_kv_heads, c.intermediate_size
@@ -174,7 +174,9 @@ def _load_checkpoint(path: Path, config: ModelConfig) -> dict[str, torch.Tensor]
     try:
         from safetensors.torch import load_file
     except ImportError as exc:
-        raise ConfigError("loading a checkpoint needs the 'safetensors' package (pip install 'fairbatching[gpu]')") from exc
+        raise ConfigError(
+            "loading a checkpoint needs the 'safetensors' package (pip install 'fairbatching[gpu]')"
+        ) from exc
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise ConfigError(f"{path}: no *.safetensors files (the engine loads local safetensors checkpoints only)")

@@ -135,6 +135,23 @@ class ModelRunner:
         self.graph_batch_sizes = tuple(sorted(graph_batch_sizes)) if cuda_graphs and self.backend == "cuda" else ()
         self._graphs: dict[int, _DecodeGraph] = {}
 
+    def warmup(self) -> None:
+        """Compile every decode-kernel variant and capture the decode graphs before serving, so the first
+        requests of a replay do not pay for JIT compilation and graph capture."""
+        if self.backend != "cuda":
+            return
+        from fairbatching.engine.kernels import paged_decode_attention
+
+        c = self.model.config
+        q = torch.zeros(1, c.num_heads, c.head_dim, device=self.device, dtype=self.model.dtype)
+        table = torch.zeros(1, self.max_blocks_per_seq, dtype=torch.int32, device=self.device)
+        lens = torch.ones(1, dtype=torch.int32, device=self.device)
+        k, v = self.kv_cache[0, 0], self.kv_cache[0, 1]
+        for splits in range(1, decode_splits(1, self.max_context) + 1):
+            paged_decode_attention(q, k, v, table, lens, splits)
+        self.capture_graphs()
+        torch.cuda.synchronize()
+
     def capture_graphs(self) -> None:
         """Capture every decode graph now (largest first, so smaller ones reuse its memory pool)."""
         for b in sorted(self.graph_batch_sizes, reverse=True):
@@ -183,6 +200,7 @@ class ModelRunner:
             num_decodes,
             self.block_size,
             dev,
+            self.max_blocks_per_seq,
         )
         out = self.model.forward(
             torch.tensor(ids, dtype=torch.int64).to(dev, non_blocking=True),

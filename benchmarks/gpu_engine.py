@@ -1,0 +1,318 @@
+"""The GPU engine on the device, in one command: correctness, speed against the hardware floor, a measured
+profile, and the simulator checked against real replays.
+
+1. ceilings: copy bandwidth and bf16 matmul rate, measured now (the floors below use them)
+2. correctness: the CUDA attention path (Triton paged decode + FlashAttention varlen) against the SDPA
+   reference on Llama-3-8B head shapes, and greedy tokens of both backends on a small model
+3. speed: decode-only steps (batch 64-256, context 1-4k) against (weights + KV bytes) / copy bandwidth,
+   prefill-only steps (2-8k tokens) against FLOPs / matmul rate
+4. profile: `fairbatching profile`'s grid on the engine, fitted, held-out error (rows.csv, profile.json)
+5. validation: the first N requests of a trace at 3 loads, fairbatching and sarathi, replayed on the
+   engine on the wall clock and simulated with the profile just measured; side by side
+
+Run on the device (trace copied beside the tree, carried as device-data/):
+  PYTHONPATH=src python3 benchmarks/gpu_engine.py --out $OUT --trace device-data/AzureLLMInferenceTrace_conv.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+from fairbatching.core.request import SLO
+from fairbatching.costmodel.fit import fit_cost_model
+from fairbatching.costmodel.model import BatchFeatures
+from fairbatching.engine import build_engine
+from fairbatching.engine.attention import attention, build_metadata
+from fairbatching.engine.loop import generate, replay
+from fairbatching.engine.profiler import default_grid, run_profile, time_composition
+from fairbatching.metrics.summary import summarize
+from fairbatching.policies import make_policy
+from fairbatching.sim.node import SimConfig
+from fairbatching.sim.simulator import simulate
+from fairbatching.workloads.traces import load_trace
+
+T0 = time.time()
+FIELDS = ("new_tokens", "context_tokens", "num_seqs", "attn_work", "latency_s")
+
+
+def log(msg: str) -> None:
+    print(f"[{time.time() - T0:6.1f}s] {msg}", flush=True)
+
+
+def cuda_time(fn, repeats: int = 10) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    samples = []
+    for _ in range(repeats):
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(samples)
+
+
+def ceilings() -> dict:
+    n = 1 << 30
+    a = torch.empty(n, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    copy = cuda_time(lambda: b.copy_(a))
+    m = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    mm = cuda_time(lambda: m @ m)
+    return {"copy_bytes_per_s": 2 * n / copy, "bf16_matmul_flops": 2 * 8192**3 / mm}
+
+
+def check_attention() -> dict:
+    """CUDA path vs SDPA reference, bf16, Llama-3-8B heads: decodes of several lengths plus prefill chunks."""
+    torch.manual_seed(0)
+    bs, nkv, nh, d = 16, 8, 32, 128
+    k_cache = torch.randn(600, bs, nkv, d, device="cuda", dtype=torch.bfloat16)
+    v_cache = torch.randn(600, bs, nkv, d, device="cuda", dtype=torch.bfloat16)
+    chunks, next_block = [], 1
+    # (tokens cached, new tokens): four decodes, then prefill chunks with and without prior context
+    for c, n in [(1, 1), (16, 1), (999, 1), (2999, 1), (0, 64), (200, 300), (2500, 20)]:
+        blocks = list(range(next_block, next_block + -(-(n + c) // bs)))[::-1]
+        next_block += len(blocks)
+        chunks.append((c, n, blocks))
+    num_decodes = 4
+    q = torch.randn(sum(n for _c, n, _b in chunks), nh, d, device="cuda", dtype=torch.bfloat16)
+    dev = torch.device("cuda")
+    ref = attention(
+        q.float(), k_cache.float(), v_cache.float(), build_metadata("reference", chunks, num_decodes, bs, dev)
+    )
+    got = attention(q, k_cache, v_cache, build_metadata("cuda", chunks, num_decodes, bs, dev, 1024)).float()
+    err = (got - ref).abs()
+    return {
+        "max_abs_error": err.max().item(),
+        "mean_abs_error": err.mean().item(),
+        "ref_abs_mean": ref.abs().mean().item(),
+    }
+
+
+def check_tokens() -> dict:
+    """Greedy tokens, CUDA backend vs reference backend, same bf16 weights (Llama-3.2-1B shape, 4 layers).
+    bf16 rounding differs between the paths, so a near-tie may flip a token; most must agree."""
+    torch.manual_seed(0)
+    prompts = [[int(t) for t in torch.randint(0, 128256, (n,))] for n in (7, 100, 900, 2000, 33)]
+    out = {}
+    cost = None
+    from fairbatching.costmodel.profile import load_profile
+
+    cost = load_profile().cost_model()
+    for backend in ("cuda", "reference"):
+        runner = build_engine("llama-3.2-1b@4", dtype="bfloat16", num_blocks=2000, max_context=4096)
+        if backend == "reference":
+            runner.backend, runner.graph_batch_sizes = "reference", ()
+        pol = make_policy("sarathi", cost, token_budget=256)
+        out[backend] = generate(runner, pol, cost, prompts, 16).tokens
+        del runner
+        torch.cuda.empty_cache()
+    same = sum(a == b for x, y in zip(out["cuda"], out["reference"], strict=True) for a, b in zip(x, y, strict=True))
+    return {"tokens": 16 * len(prompts), "identical": same}
+
+
+def speed_table(runner, ceil: dict) -> list[dict]:
+    c = runner.model.config
+    weights = sum(t.numel() * t.element_size() for t in _tensors(runner.model))
+    kv_token = c.kv_bytes_per_token
+    linear_params = c.num_layers * (
+        c.hidden_size * (c.num_heads + 2 * c.num_kv_heads) * c.head_dim
+        + c.num_heads * c.head_dim * c.hidden_size
+        + 3 * c.hidden_size * c.intermediate_size
+    )
+    rows = []
+    import random
+
+    rng = random.Random(0)
+    capacity = runner.pool.usable * runner.block_size
+    for seqs in (64, 128, 256):
+        for ctx in (1024, 2048, 4096):
+            if seqs * (ctx + 1) > capacity:
+                continue
+            t = time_composition(runner, [(1, ctx)] * seqs, 10, rng)
+            floor = (weights + seqs * (ctx + 1) * kv_token) / ceil["copy_bytes_per_s"]
+            rows.append({"kind": "decode", "seqs": seqs, "context": ctx, "ms": t * 1e3, "floor_ms": floor * 1e3})
+    for n in (2048, 4096, 8192):
+        t = time_composition(runner, [(n, 0)], 5, rng)
+        attn = 4 * c.num_layers * c.num_heads * c.head_dim * BatchFeatures.of_chunks([(n, 0)]).attn_work
+        flops = 2 * linear_params * n + 2 * c.hidden_size * c.vocab_size + attn
+        floor = flops / ceil["bf16_matmul_flops"]
+        rows.append({"kind": "prefill", "seqs": 1, "context": n, "ms": t * 1e3, "floor_ms": floor * 1e3})
+    for r in rows:
+        r["ratio"] = r["ms"] / r["floor_ms"]
+        log(
+            f"speed {r['kind']:7s} seqs={r['seqs']:3d} ctx={r['context']:5d} {r['ms']:8.2f} ms "
+            f"floor {r['floor_ms']:8.2f} x{r['ratio']:.2f}"
+        )
+    return rows
+
+
+def _tensors(model):
+    yield model.embed
+    if not model.config.tie_word_embeddings:
+        yield model.lm_head
+    yield model.final_norm
+    for w in model.layers:
+        yield from (w.qkv, w.o, w.gate_up, w.down, w.input_norm, w.post_attention_norm)
+
+
+def validate(runner, prof, trace: Path, n: int, slo: SLO, budget_s: float, out: Path) -> list[dict]:
+    cost = prof.cost_model()
+    base = load_trace(trace).head(n)
+    sim_cfg = SimConfig(slo, prof.kv, max_model_len=runner.max_context)
+
+    def sim(policy: str, qps: float):
+        w = base.rescaled(qps)
+        res = simulate(make_policy(policy, cost, tpot_slo=slo.tpot), cost, w, sim_cfg)
+        return summarize(policy, w.name, res.requests, res.end_time, res.busy_time, res.preemptions)
+
+    # The knee: highest rate (coarse grid) where simulated fairbatching keeps 90% SLO attainment.
+    knee = 1.0
+    for qps in [1.0 * 1.15**i for i in range(40)]:
+        if sim("fairbatching", qps).slo_attainment < 0.9:
+            break
+        knee = qps
+    loads = [round(knee * f, 2) for f in (0.6, 0.9, 1.2)]
+    log(f"validation: simulated fairbatching knee {knee:.2f} req/s; loads {loads}")
+    rows = []
+    for qps in loads:
+        for policy in ("fairbatching", "sarathi"):
+            if time.time() - T0 > budget_s:
+                log(f"time budget reached: skipping {policy} @ {qps}")
+                continue
+            w = base.rescaled(qps)
+            pol = make_policy(policy, cost, tpot_slo=slo.tpot)
+            res = replay(runner, pol, cost, w, slo)
+            gpu = summarize(policy, w.name, res.requests, res.end_time, res.busy_time, res.preemptions)
+            s = sim(policy, qps)
+            row = {"qps": qps, "policy": policy}
+            for tag, summ in (("gpu", gpu), ("sim", s)):
+                row.update(
+                    {
+                        f"{tag}_ttft_p50": summ.ttft["p50"],
+                        f"{tag}_ttft_p99": summ.ttft["p99"],
+                        f"{tag}_tpot_mean": summ.tpot["mean"],
+                        f"{tag}_slo_attainment": summ.slo_attainment,
+                        f"{tag}_finished": summ.finished,
+                    }
+                )
+            row["gpu_preemptions"] = res.preemptions
+            rows.append(row)
+            log(
+                f"{policy:12s} @ {qps:6.2f}: TTFT p50 gpu {row['gpu_ttft_p50']:.3f} sim {row['sim_ttft_p50']:.3f} | "
+                f"p99 gpu {row['gpu_ttft_p99']:.3f} sim {row['sim_ttft_p99']:.3f} | "
+                f"TPOT gpu {row['gpu_tpot_mean'] * 1e3:.1f} sim {row['sim_tpot_mean'] * 1e3:.1f} ms | "
+                f"SLO gpu {row['gpu_slo_attainment']:.3f} sim {row['sim_slo_attainment']:.3f}"
+            )
+            _write_csv(out / "validation.csv", rows)
+    return rows
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    if rows:
+        with path.open("w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--trace", type=Path, required=True)
+    ap.add_argument("--model", default="llama-3-8b")
+    ap.add_argument("--requests", type=int, default=300)
+    ap.add_argument("--ttft-slo", type=float, default=2.0)
+    ap.add_argument("--tpot-slo", type=float, default=0.1)
+    ap.add_argument("--budget-s", type=float, default=540.0, help="stop starting replays after this many seconds")
+    ap.add_argument("--skip", default="", help="comma-separated sections to skip")
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    skip = set(filter(None, args.skip.split(",")))
+    cuda = torch.cuda.is_available()
+    report: dict = {"device": torch.cuda.get_device_name(0) if cuda else "cpu", "torch": torch.__version__}
+    report["model"] = args.model
+    torch.backends.cuda.matmul.allow_tf32 = False
+
+    def section(name, fn):
+        if name in skip:
+            return None
+        log(f"== {name}")
+        try:
+            value = fn()
+            report[name] = value
+            return value
+        except Exception as exc:
+            traceback.print_exc()
+            report[name] = {"error": f"{type(exc).__name__}: {exc}"}
+            return None
+        finally:
+            (args.out / "report.json").write_text(json.dumps(report, indent=2, default=str))
+
+    if not cuda:  # a dry run of the profile and validation sections on the CPU (tiny model)
+        skip |= {"ceilings", "attention_check", "token_check", "speed"}
+    ceil = section("ceilings", ceilings)
+    section("attention_check", check_attention)
+    section("token_check", check_tokens)
+    log("building the engine")
+    runner = build_engine(args.model, max_context=16384, kv_memory_fraction=0.85, num_blocks=None if cuda else 4000)
+    report["kv_blocks"] = runner.pool.usable
+    runner.warmup()
+    log(f"engine ready: {runner.pool.usable} KV blocks of {runner.block_size}; graphs {len(runner._graphs)}")
+    section("speed", lambda: speed_table(runner, ceil))
+
+    def profile():
+        from dataclasses import asdict, replace
+
+        from fairbatching.core.kv import KVCacheConfig
+        from fairbatching.costmodel.profile import load_profile
+
+        grid = default_grid(runner.pool.usable * runner.block_size, runner.max_context)
+        if not cuda:
+            grid = grid[::5]
+        rows = run_profile(runner, grid, repeats=5, progress=lambda i, n, r: i % 10 == 0 and log(f"profile {i}/{n}"))
+        _write_csv(args.out / "rows.csv", rows)
+        fit = fit_cost_model([[r[k] for k in FIELDS] for r in rows])
+        prof = replace(
+            load_profile(None),
+            name=f"{args.model}-h100-engine",
+            source="measured",
+            model=runner.model.config.to_dict(),
+            hardware={"device": report["device"]},
+            params=fit.model.params,
+            kv=KVCacheConfig(runner.pool.usable, runner.block_size),
+            fit=fit.as_dict(),
+            note="benchmarks/gpu_engine.py: fairbatching engine, bf16, random weights, CUDA graphs for decode",
+        )
+        prof.save(args.out / "profile.json")
+        log(f"profile: {len(rows)} rows, held-out MAPE {fit.holdout_mape:.4f} max {fit.holdout_max_error:.4f}")
+        return {"rows": len(rows), **fit.as_dict(), "params": asdict(prof.params)}
+
+    section("profile", profile)
+    if (args.out / "profile.json").exists():
+        from fairbatching.costmodel.profile import Profile
+
+        prof = Profile.load(args.out / "profile.json")
+        section(
+            "validation",
+            lambda: validate(
+                runner, prof, args.trace, args.requests, SLO(args.ttft_slo, args.tpot_slo), args.budget_s, args.out
+            ),
+        )
+    report["seconds"] = time.time() - T0
+    (args.out / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    log("done")
+    if any(isinstance(v, dict) and "error" in v for v in report.values()):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
