@@ -115,8 +115,31 @@ def check_tokens() -> dict:
         out[backend] = generate(runner, pol, cost, prompts, 16).tokens
         del runner
         torch.cuda.empty_cache()
-    same = sum(a == b for x, y in zip(out["cuda"], out["reference"], strict=True) for a, b in zip(x, y, strict=True))
-    return {"tokens": 16 * len(prompts), "identical": same}
+    pairs = list(zip(out["cuda"], out["reference"], strict=True))
+    same = sum(a == b for x, y in pairs for a, b in zip(x, y, strict=True))
+    first_diff = [next((i for i, (a, b) in enumerate(zip(x, y, strict=True)) if a != b), None) for x, y in pairs]
+    return {"tokens": 16 * len(prompts), "identical": same, "first_divergence_per_prompt": first_diff}
+
+
+def prefill_breakdown(runner) -> list[dict]:
+    """Where an 8k-token prefill step spends GPU time, by kernel (torch.profiler)."""
+    import random
+
+    from torch.profiler import ProfilerActivity, profile
+
+    rng = random.Random(0)
+    time_composition(runner, [(8192, 0)], 1, rng)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        time_composition(runner, [(8192, 0)], 1, rng)
+    events = sorted(prof.key_averages(), key=lambda e: e.device_time_total, reverse=True)[:12]
+    total = sum(e.device_time_total for e in prof.key_averages())
+    rows = [
+        {"kernel": e.key[:90], "ms": e.device_time_total / 1e3 / 2, "share": e.device_time_total / total}
+        for e in events
+    ]
+    for r in rows:
+        log(f"prefill kernel {r['share'] * 100:5.1f}% {r['ms']:7.2f} ms  {r['kernel']}")
+    return rows
 
 
 def speed_table(runner, ceil: dict) -> list[dict]:
@@ -258,7 +281,7 @@ def main() -> None:
             (args.out / "report.json").write_text(json.dumps(report, indent=2, default=str))
 
     if not cuda:  # a dry run of the profile and validation sections on the CPU (tiny model)
-        skip |= {"ceilings", "attention_check", "token_check", "speed"}
+        skip |= {"ceilings", "attention_check", "token_check", "speed", "prefill_breakdown"}
     ceil = section("ceilings", ceilings)
     section("attention_check", check_attention)
     section("token_check", check_tokens)
@@ -266,8 +289,9 @@ def main() -> None:
     runner = build_engine(args.model, max_context=16384, kv_memory_fraction=0.85, num_blocks=None if cuda else 4000)
     report["kv_blocks"] = runner.pool.usable
     runner.warmup()
-    log(f"engine ready: {runner.pool.usable} KV blocks of {runner.block_size}; graphs {len(runner._graphs)}")
+    log(f"engine ready: {runner.pool.usable} KV blocks of {runner.block_size}")
     section("speed", lambda: speed_table(runner, ceil))
+    section("prefill_breakdown", lambda: prefill_breakdown(runner))
 
     def profile():
         from dataclasses import asdict, replace

@@ -121,29 +121,50 @@ class LlamaModel:
         sample_index: torch.Tensor,
     ) -> torch.Tensor:
         """Greedy next token at each ``sample_index`` (the last token of every sequence that samples)."""
-        c = self.config
-        t = token_ids.shape[0]
-        nh, nkv, d, ff, eps = c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size, c.rms_norm_eps
-        freqs = positions.to(torch.float32)[:, None] * self.inv_freq[None, :]
-        cos = freqs.cos().to(self.dtype)[:, None, :]
-        sin = freqs.sin().to(self.dtype)[:, None, :]
+        cos, sin = self.rope_tables(positions)
         x = self.embed[token_ids]
-        for i, w in enumerate(self.layers):
-            h = F.rms_norm(x, (c.hidden_size,), w.input_norm, eps)
-            qkv = h @ w.qkv
-            if w.qkv_bias is not None:
-                qkv = qkv + w.qkv_bias
-            q = _rope(qkv[:, : nh * d].view(t, nh, d), cos, sin)
-            k = _rope(qkv[:, nh * d : (nh + nkv) * d].view(t, nkv, d), cos, sin)
-            v = qkv[:, (nh + nkv) * d :].view(t, nkv, d)
-            k_cache, v_cache = kv_cache[i, 0], kv_cache[i, 1]
-            k_cache.view(-1, nkv, d).index_copy_(0, meta.slots, k)
-            v_cache.view(-1, nkv, d).index_copy_(0, meta.slots, v)
-            a = attention(q, k_cache, v_cache, meta)
-            x = x + a.reshape(t, nh * d) @ w.o
-            gu = F.rms_norm(x, (c.hidden_size,), w.post_attention_norm, eps) @ w.gate_up
-            x = x + (F.silu(gu[:, :ff]) * gu[:, ff:]) @ w.down
-        last = F.rms_norm(x[sample_index], (c.hidden_size,), self.final_norm, eps)
+        q = self.pre_attention(0, x, cos, sin, kv_cache, meta.slots)
+        last = len(self.layers) - 1
+        for i in range(len(self.layers)):
+            a = attention(q, kv_cache[i, 0], kv_cache[i, 1], meta)
+            x = self.post_attention(i, x, a)
+            if i < last:
+                q = self.pre_attention(i + 1, x, cos, sin, kv_cache, meta.slots)
+        return self.sample(x, sample_index)
+
+    # The pieces between attentions: the runner captures them in CUDA graphs for mixed batches.
+
+    def rope_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions.to(torch.float32)[:, None] * self.inv_freq[None, :]
+        return freqs.cos().to(self.dtype)[:, None, :], freqs.sin().to(self.dtype)[:, None, :]
+
+    def pre_attention(
+        self, i: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor, slots: torch.Tensor
+    ) -> torch.Tensor:
+        """Layer ``i``'s norm, QKV projection and RoPE; writes K/V into the cache, returns Q."""
+        c, w = self.config, self.layers[i]
+        t, nh, nkv, d = x.shape[0], c.num_heads, c.num_kv_heads, c.head_dim
+        qkv = F.rms_norm(x, (c.hidden_size,), w.input_norm, c.rms_norm_eps) @ w.qkv
+        if w.qkv_bias is not None:
+            qkv = qkv + w.qkv_bias
+        q = _rope(qkv[:, : nh * d].view(t, nh, d), cos, sin)
+        k = _rope(qkv[:, nh * d : (nh + nkv) * d].view(t, nkv, d), cos, sin)
+        v = qkv[:, (nh + nkv) * d :].view(t, nkv, d)
+        kv_cache[i, 0].view(-1, nkv, d).index_copy_(0, slots, k)
+        kv_cache[i, 1].view(-1, nkv, d).index_copy_(0, slots, v)
+        return q
+
+    def post_attention(self, i: int, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """Layer ``i``'s output projection, residual, and SwiGLU MLP."""
+        c, w = self.config, self.layers[i]
+        ff = c.intermediate_size
+        x = x + a.reshape(x.shape[0], -1) @ w.o
+        gu = F.rms_norm(x, (c.hidden_size,), w.post_attention_norm, c.rms_norm_eps) @ w.gate_up
+        return x + (F.silu(gu[:, :ff]) * gu[:, ff:]) @ w.down
+
+    def sample(self, x: torch.Tensor, sample_index: torch.Tensor) -> torch.Tensor:
+        c = self.config
+        last = F.rms_norm(x[sample_index], (c.hidden_size,), self.final_norm, c.rms_norm_eps)
         return (last @ self.lm_head).argmax(-1)
 
 

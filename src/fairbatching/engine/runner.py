@@ -1,7 +1,8 @@
 """Runs one iteration of the model: packs the scheduled chunks, calls the model, returns sampled tokens.
 
-Decode-only iterations replay a CUDA graph captured for the next larger batch size (padding rows write to
-a reserved scratch block and are ignored), as vLLM does; every other iteration runs eagerly.
+On CUDA, as in vLLM: decode-only iterations replay a whole-step CUDA graph captured for the next larger
+batch size (padding rows write to a reserved scratch block and are ignored); mixed iterations up to a few
+thousand tokens replay piecewise graphs with attention run eagerly between them; larger ones run eagerly.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fairbatching.engine.attention import AttentionMetadata, build_metadata, decode_splits
+from fairbatching.engine.attention import AttentionMetadata, attention, build_metadata, decode_splits
 from fairbatching.engine.model import LlamaModel
 from fairbatching.errors import ConfigError
 
@@ -108,6 +109,73 @@ class _DecodeGraph:
         return self.output[:n].tolist()
 
 
+class _PiecewiseGraph:
+    """Mixed batches padded to ``tokens``: every piece between two attentions (norms, projections, RoPE,
+    KV write, MLP) is one captured graph; attention runs eagerly between them on the real tokens, since its
+    shape depends on each sequence's context. This is vLLM's piecewise CUDA-graph scheme: without it an
+    eager step of a small mixed batch costs more in kernel launches than on the GPU."""
+
+    def __init__(self, runner: ModelRunner, tokens: int) -> None:
+        model, cache, dev = runner.model, runner.kv_cache, runner.device
+        c = model.config
+        self.tokens = tokens
+        self.token_ids = torch.zeros(tokens, dtype=torch.int64, device=dev)
+        self.positions = torch.zeros(tokens, dtype=torch.int64, device=dev)
+        self.slots = torch.full((tokens,), SCRATCH_BLOCK * runner.block_size, dtype=torch.int64, device=dev)
+        self.attn_out = torch.zeros(tokens, c.num_heads, c.head_dim, device=dev, dtype=model.dtype)
+        self._cache = cache
+        layers = len(model.layers)
+
+        def piece(i: int):
+            if i == 0:
+                cos, sin = model.rope_tables(self.positions)
+                x = model.embed[self.token_ids]
+                return x, model.pre_attention(0, x, cos, sin, cache, self.slots), cos, sin
+            x = model.post_attention(i - 1, self.outputs[i - 1][0], self.attn_out)
+            if i == layers:
+                return (x,)
+            cos, sin = self.outputs[0][2], self.outputs[0][3]
+            return x, model.pre_attention(i, x, cos, sin, cache, self.slots)
+
+        self.graphs: list[torch.cuda.CUDAGraph] = []
+        self.outputs: list[tuple[torch.Tensor, ...]] = []
+        with torch.inference_mode():
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):  # warm-up (cuBLAS handles, workspaces) outside the capture
+                self.outputs = []
+                for i in range(layers + 1):
+                    self.outputs.append(piece(i))
+            torch.cuda.current_stream().wait_stream(stream)
+            self.outputs = []
+            for i in range(layers + 1):
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=runner.graph_pool):
+                    out = piece(i)
+                runner.graph_pool = graph.pool()
+                self.graphs.append(graph)
+                self.outputs.append(out)
+
+    def run(
+        self, ids: list[int], pos: list[int], meta: AttentionMetadata, sample_index: list[int], model: LlamaModel
+    ) -> list[int]:
+        n = len(ids)
+        slots = meta.slots
+        self.token_ids[:n].copy_(torch.tensor(ids, dtype=torch.int64), non_blocking=True)
+        self.positions[:n].copy_(torch.tensor(pos, dtype=torch.int64), non_blocking=True)
+        self.slots[:n].copy_(slots)
+        self.slots[n:].fill_(SCRATCH_BLOCK * meta.block_size)
+        cache = self._cache
+        with torch.inference_mode():
+            self.graphs[0].replay()
+            for i, graph in enumerate(self.graphs[1:]):
+                q = self.outputs[i][1]
+                self.attn_out[:n].copy_(attention(q[:n], cache[i, 0], cache[i, 1], meta))
+                graph.replay()
+            index = torch.tensor(sample_index, dtype=torch.int64).to(self.token_ids.device, non_blocking=True)
+            return model.sample(self.outputs[-1][0], index).tolist()
+
+
 class ModelRunner:
     def __init__(
         self,
@@ -118,6 +186,7 @@ class ModelRunner:
         backend: str | None = None,
         cuda_graphs: bool = True,
         graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256),
+        piecewise_token_sizes: tuple[int, ...] = (32, 64, 128, 256, 512, 768, 1024, 1536, 2048),
     ) -> None:
         self.model = model
         self.device = model.device
@@ -134,6 +203,8 @@ class ModelRunner:
         self.graph_pool = None
         self.graph_batch_sizes = tuple(sorted(graph_batch_sizes)) if cuda_graphs and self.backend == "cuda" else ()
         self._graphs: dict[int, _DecodeGraph] = {}
+        self.piecewise_token_sizes = tuple(sorted(piecewise_token_sizes)) if self.graph_batch_sizes else ()
+        self._pieces: dict[int, _PiecewiseGraph] = {}
 
     def warmup(self) -> None:
         """Compile every decode-kernel variant and capture the decode graphs before serving, so the first
@@ -156,6 +227,14 @@ class ModelRunner:
         """Capture every decode graph now (largest first, so smaller ones reuse its memory pool)."""
         for b in sorted(self.graph_batch_sizes, reverse=True):
             self._graph_for(b)
+        for t in sorted(self.piecewise_token_sizes, reverse=True):
+            self._pieces_for(t)
+
+    def _pieces_for(self, tokens: int) -> _PiecewiseGraph:
+        g = self._pieces.get(tokens)
+        if g is None:
+            g = self._pieces[tokens] = _PiecewiseGraph(self, tokens)
+        return g
 
     def _graph_for(self, batch: int) -> _DecodeGraph:
         g = self._graphs.get(batch)
@@ -178,7 +257,7 @@ class ModelRunner:
             rows = self._graph_for(size).run(packed, self.block_size)
             tokens = [t for t, c in zip(rows, packed, strict=True) if c.sample]
         else:
-            tokens = self._eager(packed, num_decodes)
+            tokens = self._mixed(packed, num_decodes)
         out: list[int | None] = [None] * len(chunks)
         sampled = iter(tokens)
         for i in order:
@@ -186,7 +265,7 @@ class ModelRunner:
                 out[i] = next(sampled)
         return out
 
-    def _eager(self, packed: list[SeqChunk], num_decodes: int) -> list[int]:
+    def _mixed(self, packed: list[SeqChunk], num_decodes: int) -> list[int]:
         dev = self.device
         ids, pos, sample_index = [], [], []
         for c in packed:
@@ -202,6 +281,9 @@ class ModelRunner:
             dev,
             self.max_blocks_per_seq,
         )
+        if self.piecewise_token_sizes and len(ids) <= self.piecewise_token_sizes[-1]:
+            size = next(t for t in self.piecewise_token_sizes if t >= len(ids))
+            return self._pieces_for(size).run(ids, pos, meta, sample_index, self.model)
         out = self.model.forward(
             torch.tensor(ids, dtype=torch.int64).to(dev, non_blocking=True),
             torch.tensor(pos, dtype=torch.int64).to(dev, non_blocking=True),
