@@ -25,6 +25,7 @@ import time
 import traceback
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from fairbatching.core.request import SLO
@@ -228,12 +229,19 @@ def validate(runner, prof, trace: Path, n: int, slo: SLO, budget_s: float, out: 
                     }
                 )
             row["gpu_preemptions"] = res.preemptions
+            steps = np.asarray(res.step_rows)
+            ratio = np.array([cost.predict(*r[:4]) for r in steps]) / steps[:, 4]
+            row["gpu_steps"] = len(steps)
+            row["cost_model_mape_on_steps"] = float(np.mean(np.abs(ratio - 1)))
+            row["cost_model_bias_on_steps"] = float(np.sum(ratio * steps[:, 4]) / np.sum(steps[:, 4]) - 1)
             rows.append(row)
             log(
                 f"{policy:12s} @ {qps:6.2f}: TTFT p50 gpu {row['gpu_ttft_p50']:.3f} sim {row['sim_ttft_p50']:.3f} | "
                 f"p99 gpu {row['gpu_ttft_p99']:.3f} sim {row['sim_ttft_p99']:.3f} | "
                 f"TPOT gpu {row['gpu_tpot_mean'] * 1e3:.1f} sim {row['sim_tpot_mean'] * 1e3:.1f} ms | "
-                f"SLO gpu {row['gpu_slo_attainment']:.3f} sim {row['sim_slo_attainment']:.3f}"
+                f"SLO gpu {row['gpu_slo_attainment']:.3f} sim {row['sim_slo_attainment']:.3f} | "
+                f"cost model on {len(steps)} steps: MAPE {row['cost_model_mape_on_steps']:.3f} "
+                f"bias {row['cost_model_bias_on_steps']:+.3f}"
             )
             _write_csv(out / "validation.csv", rows)
     return rows

@@ -92,28 +92,34 @@ def fit_cost_model(rows: np.ndarray, holdout_fraction: float = 0.2, seed: int = 
     if rows.ndim != 2 or rows.shape[1] != len(ROW_FIELDS):
         raise ProfileError(f"profile rows must have {len(ROW_FIELDS)} columns: {', '.join(ROW_FIELDS)}")
     if len(rows) < 10:
-        raise ProfileError(f"need at least 10 profile rows to fit 7 parameters and hold some out, got {len(rows)}")
+        raise ProfileError(f"need at least 10 profile rows to fit 8 parameters and hold some out, got {len(rows)}")
     order = np.random.default_rng(seed).permutation(len(rows))
     n_hold = max(1, int(round(len(rows) * holdout_fraction)))
     hold, train = rows[order[:n_hold]], rows[order[n_hold:]]
     x, y = train[:, :4], train[:, 4]
 
-    # Additive model, relative residuals: [const, seqs, context, new, attn] / y . coef ~= 1.
-    design = np.column_stack([np.ones(len(x)), x[:, 2], x[:, 1], x[:, 0], x[:, 3]]) / y[:, None]
+    # Additive model, relative residuals: [const, seqs, context, new, attn, has-prefill] / y . coef ~= 1.
+    mixed = (x[:, 0] > x[:, 2]).astype(float)
+    design = np.column_stack([np.ones(len(x)), x[:, 2], x[:, 1], x[:, 0], x[:, 3], mixed]) / y[:, None]
     lin, _ = nnls(design, np.ones(len(y)))
-    base = np.array([lin[0] * 0.5, lin[1], lin[0] * 0.5, lin[2], lin[3], lin[4]])
+    # Free parameters, scaled to ~1: t_fixed, c_seq, t_weights, c_kv, c_tok, c_attn, t_mixed; then p.
+    base = np.array([lin[0] * 0.5, lin[1], lin[0] * 0.5, lin[2], lin[3], lin[4], lin[5]])
     scale = np.maximum(np.abs(base), 1e-12)
 
+    def theta_of(z: np.ndarray) -> np.ndarray:
+        v = z[:-1] * scale
+        return np.concatenate([v[:6], [z[-1]], v[6:]])  # CostParams order: ..., c_attn, p, t_mixed
+
     def residual(z: np.ndarray) -> np.ndarray:
-        return predict_with(np.append(z[:-1] * scale, z[-1]), x) / y - 1.0
+        return predict_with(theta_of(z), x) / y - 1.0
 
     best = None
     for p0 in (1.0, 2.0, 4.0, 8.0):
         z0 = np.append(np.maximum(base / scale, 1e-6), p0)
-        sol = least_squares(residual, z0, bounds=(np.append(np.zeros(6), 1.0), np.append(np.full(6, np.inf), 32.0)))
+        sol = least_squares(residual, z0, bounds=(np.append(np.zeros(7), 1.0), np.append(np.full(7, np.inf), 32.0)))
         if best is None or sol.cost < best.cost:
             best = sol
-    theta = np.append(best.x[:-1] * scale, best.x[-1])
+    theta = theta_of(best.x)
     model = CostModel(CostParams(*map(float, theta)))
     train_mape, _ = _mape(theta, x, y)
     hold_mape, hold_max = _mape(theta, hold[:, :4], hold[:, 4])

@@ -4,10 +4,14 @@ An iteration is either bound by memory traffic (weights once, plus the KV cache 
 (linear layers per new token, plus attention work), with a smooth transition between the two regimes::
 
     t = t_fixed + c_seq * seqs + ((t_weights + c_kv * context)^p + (c_tok * new + c_attn * attn)^p)^(1/p)
+        + t_mixed * [the batch carries prefill tokens]
 
 ``attn`` is the sum over sequences of ``n * (computed + (n + 1) / 2)``: the query-key pairs a chunk of
 ``n`` new tokens attends over its prior context (quadratic in chunk length, linear in context).
 ``p = 1`` is the plain additive linear model; large ``p`` approaches ``max(memory, compute)``.
+``t_mixed`` is what a step pays for carrying any prefill at all: engines replay one whole-step CUDA graph
+for decode-only batches but run attention eagerly between graph pieces once a prefill chunk joins (vLLM's
+piecewise graphs; measured here on our engine, results/gpu-engine).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ class CostParams:
     c_tok: float
     c_attn: float
     p: float = 1.0
+    t_mixed: float = 0.0
 
     def __post_init__(self) -> None:
         for name, value in asdict(self).items():
@@ -68,7 +73,7 @@ def attn_work(new_tokens: int, computed: int) -> float:
 class CostModel:
     """Prices batches. Hot path: ``predict`` is called many times per scheduling decision."""
 
-    __slots__ = ("params", "_t_fixed", "_c_seq", "_t_w", "_c_kv", "_c_tok", "_c_attn", "_p", "_inv_p")
+    __slots__ = ("params", "_t_fixed", "_c_seq", "_t_w", "_c_kv", "_c_tok", "_c_attn", "_p", "_inv_p", "_t_mixed")
 
     def __init__(self, params: CostParams) -> None:
         self.params = params
@@ -76,6 +81,7 @@ class CostModel:
         self._t_w, self._c_kv = params.t_weights, params.c_kv
         self._c_tok, self._c_attn = params.c_tok, params.c_attn
         self._p, self._inv_p = params.p, 1.0 / params.p
+        self._t_mixed = params.t_mixed
 
     def predict(self, new_tokens: float, context_tokens: float, num_seqs: int, attn: float) -> float:
         if num_seqs <= 0:
@@ -84,12 +90,13 @@ class CostModel:
         comp = self._c_tok * new_tokens + self._c_attn * attn
         p = self._p
         core = mem + comp if p == 1.0 else (mem**p + comp**p) ** self._inv_p
-        return self._t_fixed + self._c_seq * num_seqs + core
+        fixed = self._t_fixed + self._t_mixed if new_tokens > num_seqs else self._t_fixed
+        return fixed + self._c_seq * num_seqs + core
 
 
 def predict_with(theta: np.ndarray, x: np.ndarray) -> np.ndarray:
     """Model output for parameter vector ``theta`` (CostParams order) on feature rows ``x``."""
-    t_fixed, c_seq, t_w, c_kv, c_tok, c_attn, p = theta
+    t_fixed, c_seq, t_w, c_kv, c_tok, c_attn, p, t_mixed = theta
     mem = t_w + c_kv * x[:, 1]
     comp = c_tok * x[:, 0] + c_attn * x[:, 3]
-    return t_fixed + c_seq * x[:, 2] + (mem**p + comp**p) ** (1.0 / p)
+    return t_fixed + t_mixed * (x[:, 0] > x[:, 2]) + c_seq * x[:, 2] + (mem**p + comp**p) ** (1.0 / p)

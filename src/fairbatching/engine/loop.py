@@ -40,6 +40,9 @@ class EngineExecutor:
         self.token_ids: dict[str, list[int]] = {}
         self._blocks: dict[str, list[int]] = {}
         self._live: dict[str, Request] = {}
+        # Every executed step as a profile row (new, context, seqs, attn work, seconds from plan to tokens):
+        # the cost model can be checked, or refitted, on what serving actually ran.
+        self.steps: list[tuple[int, int, int, float, float]] = []
 
     def add_prompt(self, request_id: str, token_ids: list[int]) -> None:
         if request_id in self.token_ids:
@@ -68,7 +71,9 @@ class EngineExecutor:
         for (r, _n), token in zip(plan.items, self.runner.run(chunks), strict=True):
             if token is not None:
                 self.token_ids[r.request_id].append(token)
-        return self.clock()
+        end = self.clock()
+        self.steps.append((plan.new_tokens, plan.context_tokens, plan.num_seqs, plan.attn_work, end - start))
+        return end
 
     def sync_blocks(self) -> None:
         """Give back the physical blocks of requests whose block count dropped (finished, preempted, ended)."""
@@ -176,4 +181,5 @@ def replay(
         node.preemptions,
         node.log,
         config.kv.num_blocks,
+        step_rows=executor.steps,
     )

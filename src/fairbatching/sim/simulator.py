@@ -24,6 +24,8 @@ class SimResult:
     preemptions: int
     log: IterationLog
     kv_blocks: int
+    # Real backends only: one profile row per executed step (new, context, seqs, attn work, seconds).
+    step_rows: list[tuple[int, int, int, float, float]] | None = None
 
 
 class Simulator:
