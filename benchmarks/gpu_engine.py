@@ -190,12 +190,14 @@ def _tensors(model):
 
 def validate(runner, prof, trace: Path, n: int, slo: SLO, budget_s: float, out: Path) -> list[dict]:
     cost = prof.cost_model()
-    base = load_trace(trace).head(n)
+    full = load_trace(trace)
+    base = full.head(n)
     sim_cfg = SimConfig(slo, prof.kv, max_model_len=runner.max_context)
 
-    def sim(policy: str, qps: float):
+    def sim(policy: str, qps: float, step_cost=cost):
+        """The policy plans with the grid profile, as on the GPU; ``step_cost`` prices the steps."""
         w = base.rescaled(qps)
-        res = simulate(make_policy(policy, cost, tpot_slo=slo.tpot), cost, w, sim_cfg)
+        res = simulate(make_policy(policy, cost, tpot_slo=slo.tpot), step_cost, w, sim_cfg)
         return summarize(policy, w.name, res.requests, res.end_time, res.busy_time, res.preemptions)
 
     # The knee: highest rate (coarse grid) where simulated fairbatching keeps 90% SLO attainment.
@@ -206,6 +208,18 @@ def validate(runner, prof, trace: Path, n: int, slo: SLO, budget_s: float, out: 
         knee = qps
     loads = [round(knee * f, 2) for f in (0.6, 0.9, 1.2)]
     log(f"validation: simulated fairbatching knee {knee:.2f} req/s; loads {loads}")
+    # Calibration: the grid rows plus the steps of one replay of a different trace window (the next N
+    # requests, middle load), so the step cost includes what serving adds around the model call.
+    calib = replay(
+        runner, make_policy("fairbatching", cost, tpot_slo=slo.tpot), cost, full.head(n, n).rescaled(loads[1]), slo
+    )
+    with (out / "rows.csv").open() as fh:
+        grid_rows = [[float(r[k]) for k in FIELDS] for r in csv.DictReader(fh)]
+    fit = fit_cost_model(grid_rows + [list(r) for r in calib.step_rows])
+    calibrated = fit.model
+    log(
+        f"calibrated on {len(calib.step_rows)} serving steps: held-out MAPE {fit.holdout_mape:.4f}; {calibrated.params}"
+    )
     rows = []
     for qps in loads:
         for policy in ("fairbatching", "sarathi"):
@@ -217,8 +231,9 @@ def validate(runner, prof, trace: Path, n: int, slo: SLO, budget_s: float, out: 
             res = replay(runner, pol, cost, w, slo)
             gpu = summarize(policy, w.name, res.requests, res.end_time, res.busy_time, res.preemptions)
             s = sim(policy, qps)
+            s_cal = sim(policy, qps, calibrated)
             row = {"qps": qps, "policy": policy}
-            for tag, summ in (("gpu", gpu), ("sim", s)):
+            for tag, summ in (("gpu", gpu), ("sim", s), ("simcal", s_cal)):
                 row.update(
                     {
                         f"{tag}_ttft_p50": summ.ttft["p50"],
@@ -240,6 +255,8 @@ def validate(runner, prof, trace: Path, n: int, slo: SLO, budget_s: float, out: 
                 f"p99 gpu {row['gpu_ttft_p99']:.3f} sim {row['sim_ttft_p99']:.3f} | "
                 f"TPOT gpu {row['gpu_tpot_mean'] * 1e3:.1f} sim {row['sim_tpot_mean'] * 1e3:.1f} ms | "
                 f"SLO gpu {row['gpu_slo_attainment']:.3f} sim {row['sim_slo_attainment']:.3f} | "
+                f"calibrated sim: TTFT p50 {row['simcal_ttft_p50']:.3f} p99 {row['simcal_ttft_p99']:.3f} "
+                f"TPOT {row['simcal_tpot_mean'] * 1e3:.1f} ms SLO {row['simcal_slo_attainment']:.3f} | "
                 f"cost model on {len(steps)} steps: MAPE {row['cost_model_mape_on_steps']:.3f} "
                 f"bias {row['cost_model_bias_on_steps']:+.3f}"
             )
