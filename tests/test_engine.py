@@ -252,7 +252,18 @@ def test_profile_and_replay_commands_on_the_cpu(tmp_path):
     assert (tmp_path / "rows.csv").read_text().startswith("kind,new_tokens")
     res = CliRunner().invoke(
         app,
-        ["replay", *common, "-n", "6", "--qps", "50", "--profile", str(tmp_path / "profile.json"), "--out", str(tmp_path)],
+        [
+            "replay",
+            *common,
+            "-n",
+            "6",
+            "--qps",
+            "50",
+            "--profile",
+            str(tmp_path / "profile.json"),
+            "--out",
+            str(tmp_path),
+        ],
     )
     assert res.exit_code == 0, res.output
     summary = json.loads((tmp_path / "summary.json").read_text())

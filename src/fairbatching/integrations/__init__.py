@@ -1,0 +1,1 @@
+"""Backends that are other people's engines: vLLM (``integrations.vllm``, optional extra ``[vllm]``)."""
