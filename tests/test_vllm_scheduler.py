@@ -311,3 +311,26 @@ def test_unsupported_vllm_version_is_refused(monkeypatch):
     monkeypatch.setattr(scheduler.vllm, "__version__", "0.20.1")
     with pytest.raises(ConfigError, match="supports vLLM >= 0.33"):
         scheduler._check_version()
+
+
+def test_mixed_load_under_kv_pressure_keeps_every_request_once(model_dir, monkeypatch):
+    """Slack decodes hidden, prompts admitted, vLLM preempting: each request is in exactly one list."""
+    sched = make_scheduler(model_dir, monkeypatch, max_num_seqs=12, max_num_batched_tokens=96, num_blocks=40)
+    reqs = []
+    for i in range(24):
+        reqs += make_requests(
+            1,
+            prompt_len=10 + 17 * (i % 5),
+            max_tokens=5 + 7 * (i % 3),
+            start=i,
+            extra_args={"ttft_slo": 1.0 + i % 3, "tpot_slo": 0.05 * (1 + i % 4)},
+        )
+
+    def check(s, out):
+        ids = [r.request_id for r in s.running] + [r.request_id for r in s.waiting]
+        ids += [r.request_id for r in s.kv_holding_waiting]
+        assert len(ids) == len(set(ids)) == len(s.requests)
+        assert len(s.running) <= 12 and out.total_num_scheduled_tokens <= 96
+
+    assert run_all(sched, reqs, max_steps=3000, check=check) == {r.request_id for r in reqs}
+    assert all(len(r.output_token_ids) == 5 + 7 * (int(r.request_id) % 3) for r in reqs)

@@ -24,7 +24,7 @@ from vllm.v1.request import Request as VllmRequest
 from vllm.v1.request import RequestStatus as VllmStatus
 
 from fairbatching.core.kv import BlockAllocator, KVCacheConfig
-from fairbatching.core.request import Request, RequestStatus
+from fairbatching.core.request import Request
 from fairbatching.costmodel.online import OnlineCalibrator
 from fairbatching.costmodel.profile import load_profile
 from fairbatching.errors import ConfigError
@@ -102,25 +102,30 @@ class FairBatchingMixin:
         )
         self.fb_views[request.request_id] = view
 
-    def _view(self, request: VllmRequest, status: RequestStatus) -> Request:
-        v = self.fb_views.get(request.request_id)
-        if v is None:  # a request that bypassed add_request (e.g. a resumed session): default SLO
-            v = Request(
-                request.request_id,
-                request.arrival_time,
-                max(1, request.num_prompt_tokens),
-                self.fb_settings.default_slo,
-            )
-            self.fb_views[request.request_id] = v
-        v.num_tokens = request.num_tokens
-        v.num_computed = min(request.num_computed_tokens, request.num_tokens - 1) if v.num_tokens else 0
-        v.num_blocks = -(-v.num_computed // self.block_size)
-        v.status = status
-        return v
+    def _views(self, requests) -> list[Request]:
+        """Refresh and return the views of ``requests`` (the hot loop of every step: kept lean)."""
+        views, bs, out = self.fb_views, self.block_size, []
+        append = out.append
+        for r in requests:
+            v = views.get(r.request_id)
+            if v is None:  # bypassed add_request (e.g. a resumed streaming session): default SLO
+                v = views[r.request_id] = Request(
+                    r.request_id, r.arrival_time, max(1, r.num_prompt_tokens), self.fb_settings.default_slo
+                )
+            n, c = r.num_tokens, r.num_computed_tokens
+            v.num_tokens = n
+            v.num_computed = c if c < n else n - 1
+            v.num_blocks = -(-c // bs)
+            append(v)
+        return out
 
     def _policy_state(self) -> SchedulerState:
-        running = [self._view(r, RequestStatus.RUNNING) for r in self.running]
-        waiting = [self._view(r, RequestStatus.WAITING) for q in (self.kv_holding_waiting, self.waiting) for r in q]
+        running = self._views(self.running)
+        waiting = (
+            self._views(self.kv_holding_waiting) + self._views(self.waiting)
+            if self.waiting or self.kv_holding_waiting
+            else []
+        )
         kv = self.fb_kv
         kv.free_blocks = min(kv.num_blocks, self.kv_cache_manager.block_pool.get_num_free_blocks())
         return SchedulerState(time.time(), running, waiting, kv)
@@ -137,26 +142,32 @@ class FairBatchingMixin:
             output = super().schedule(*args, **kwargs)
         else:
             output = self._steered(plan, args, kwargs)
-        self._after_schedule(output)
+            if output.total_num_scheduled_tokens:  # priced as planned, for online calibration
+                features = (plan.new_tokens, plan.context_tokens, plan.num_seqs, plan.attn_work)
+                self._fb_scheduled[id(output)] = (time.monotonic(), features)
+        self._export_budget()
         return output
 
     def _steered(self, plan, args, kwargs):
+        """Run vLLM's schedule() over exactly the planned requests, in plan order, with the plan's budget."""
         order = {r.request_id: i for i, (r, _n) in enumerate(plan.items)}
-        rank = order.__getitem__
-        running, waiting, holding = list(self.running), list(self.waiting), list(self.kv_holding_waiting)
-        planned_running = sorted((r for r in running if r.request_id in order), key=lambda r: rank(r.request_id))
-        planned_waiting = sorted((r for r in waiting if r.request_id in order), key=lambda r: rank(r.request_id))
-        planned_holding = [r for r in holding if r.request_id in order]
+        running, waiting, holding = self.running, self.waiting, self.kv_holding_waiting
+        planned = [self.requests[rid] for rid in order if rid in self.requests]
+        planned_running = [r for r in planned if r.status == VllmStatus.RUNNING]
+        hidden = [r for r in running if r.request_id not in order] if len(planned_running) < len(running) else []
+        if hidden:
+            self.running = planned_running  # already in plan order
+        in_holding = set(map(id, holding)) if holding else set()
+        planned_queued = [r for r in planned if r.status != VllmStatus.RUNNING]
+        self.waiting = self._queue([r for r in planned_queued if id(r) not in in_holding])
+        self.kv_holding_waiting = self._queue([r for r in planned_queued if id(r) in in_holding])
         budget = self.max_num_scheduled_tokens
-        self.running = planned_running
-        self.waiting, self.kv_holding_waiting = self._queue(planned_waiting), self._queue(planned_holding)
         self.max_num_scheduled_tokens = min(budget, plan.new_tokens)
         try:
-            output = super().schedule(*args, **kwargs)
+            return super().schedule(*args, **kwargs)
         finally:
             self.max_num_scheduled_tokens = budget
-            self._restore(running, waiting, holding)
-        return output
+            self._restore(running, hidden, waiting, holding, planned_queued)
 
     def _queue(self, requests: list[VllmRequest]):
         q = create_request_queue(self.policy)
@@ -164,38 +175,22 @@ class FairBatchingMixin:
             q.add_request(r)
         return q
 
-    def _restore(self, running: list[VllmRequest], waiting: list[VllmRequest], holding: list[VllmRequest]) -> None:
-        """Put unplanned requests back in their original order; what vLLM moved stays where it put it:
-        planned requests it preempted went to the front of the waiting queue, admitted ones to running."""
-        was_running = set(map(id, running))
-        now_running = set(map(id, self.running))
-        hidden = [r for r in running if id(r) not in now_running and r.status == VllmStatus.RUNNING]
-        hidden_ids = set(map(id, hidden))
-        self.running = [r for r in running if id(r) in now_running or id(r) in hidden_ids] + [
-            r for r in self.running if id(r) not in was_running
-        ]
-        in_running = set(map(id, self.running))
-        queued_before = set(map(id, waiting)) | set(map(id, holding))
-        preempted = [r for r in self.waiting if id(r) not in queued_before]
-        preempted_holding = [r for r in self.kv_holding_waiting if id(r) not in queued_before]
-        self.waiting = self._queue(preempted + [r for r in waiting if id(r) not in in_running and _queued(r)])
-        self.kv_holding_waiting = self._queue(
-            preempted_holding + [r for r in holding if id(r) not in in_running and _queued(r)]
-        )
-
-    def _after_schedule(self, output) -> None:
-        """Remember what this step runs, for online calibration, and refresh the PAB."""
-        n_new = output.total_num_scheduled_tokens
-        if n_new:
-            seqs = len(output.num_scheduled_tokens)
-            context, attn = 0, 0.0
-            for rid, n in output.num_scheduled_tokens.items():
-                r = self.requests.get(rid)
-                computed = max(0, r.num_computed_tokens - n) if r is not None else 0
-                context += computed + n
-                attn += n * (computed + (n + 1) * 0.5)
-            self._fb_scheduled[id(output)] = (time.monotonic(), (n_new, context, seqs, attn))
-        self._export_budget()
+    def _restore(self, running, hidden, waiting, holding, planned_queued) -> None:
+        """Put back what the plan left out, in its original order; what vLLM moved stays where it put it:
+        admitted requests joined running, preempted ones go to the front of the waiting queue."""
+        if hidden:
+            was_running = set(map(id, running))
+            kept = [r for r in self.running if id(r) in was_running]
+            self.running = kept + hidden + [r for r in self.running if id(r) not in was_running]
+        planned_ids = set(map(id, planned_queued))
+        admitted = [r for r in planned_queued if r.status == VllmStatus.RUNNING]
+        for original, scratch in ((waiting, self.waiting), (holding, self.kv_holding_waiting)):
+            moved_in = [r for r in scratch if id(r) not in planned_ids]  # preempted during this step
+            if admitted:
+                original.remove_requests(admitted)
+            if moved_in:
+                original.prepend_requests(reversed(moved_in))  # FCFS prepends in reverse
+        self.waiting, self.kv_holding_waiting = waiting, holding
 
     def update_from_output(self, scheduler_output, model_runner_output):
         now_mono, now = time.monotonic(), time.time()
@@ -207,13 +202,14 @@ class FairBatchingMixin:
                 self.fb_policy.cost_model = self.fb_calibrator.model
         self._fb_last_update = now_mono
         outputs = super().update_from_output(scheduler_output, model_runner_output)
+        views, live = self.fb_views, self.requests
         for rid, tokens in zip(model_runner_output.req_ids, model_runner_output.sampled_token_ids, strict=False):
-            view = self.fb_views.get(rid)
+            view = views.get(rid)
             if view is not None:
                 for _ in tokens:
                     view.record_token(now)
-        for rid in [rid for rid in self.fb_views if rid not in self.requests]:
-            del self.fb_views[rid]
+                if rid not in live:  # finished in this step (stop, length)
+                    del views[rid]
         return outputs
 
     def finish_requests(self, request_ids, finished_status):
@@ -234,10 +230,6 @@ class FairBatchingMixin:
             return
         self.fb_budget = self.admission_budget()
         self._fb_gauges.update(self.fb_budget, self.fb_steps, self.fb_fallbacks)
-
-
-def _queued(r: VllmRequest) -> bool:
-    return not VllmStatus.is_finished(r.status) and r.status != VllmStatus.RUNNING
 
 
 class FairBatchingScheduler(FairBatchingMixin, Scheduler):
