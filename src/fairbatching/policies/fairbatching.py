@@ -28,7 +28,10 @@ class FairBatchingPolicy(Policy):
       1. urgent decodes: those that would miss their next deadline if they waited for the next batch;
       2. prefills (ongoing and new), earliest first-token deadline first, chunked to the time budget; a
          new request is admitted only while the blocks that this iteration's other decodes need (plus
-         ``kv_reserve_fraction`` of the cache) stay free, so admissions never force a decode out;
+         ``kv_reserve_fraction`` of the cache) stay free, so admissions never force a decode out. Where the
+         cost model prices mixing (``t_mixed``: the engine runs decode-only steps as one CUDA graph), the
+         first chunk of a step must be worth ``mixed_amortization`` times that price, or the prefill waits
+         for a step with room for it: slivers of prefill would pay the price over and over;
       3. the other decodes, least slack first, in whatever time is left. Every decode runs when there is
          no prefill backlog (skipping one would idle the GPU for nothing) or when KV use is above
          ``kv_high_watermark`` (default half) of the KV blocks or of the ``max_num_seqs`` slots: a decode held
@@ -52,8 +55,12 @@ class FairBatchingPolicy(Policy):
         kv_reserve_fraction: float = 0.01,
         kv_high_watermark: float = 0.5,
         decode_grace: float = 0.0,
+        mixed_amortization: float = 4.0,
     ) -> None:
         super().__init__(cost_model, max_num_batched_tokens, max_num_seqs)
+        if mixed_amortization < 0:
+            raise ValueError("mixed_amortization must be >= 0")
+        self.mixed_amortization = mixed_amortization
         if max_batch_time is not None and max_batch_time <= 0:
             raise ValueError("max_batch_time must be positive")
         self.max_batch_time = math.inf if max_batch_time is None else max_batch_time
@@ -146,17 +153,31 @@ class FairBatchingPolicy(Policy):
         admitting = b.tokens_left // b.block_size + len(pool)
         reserve = self._decode_block_reserve(b, decodes, n_urgent, admitting) if waiting else 0
         pool.sort(key=_deadline)
+        first_chunk = self._first_chunk_floor()
         for r in pool:
             remaining = r.num_tokens - r.num_computed
             if b.full:
                 return True
             n = b.largest_chunk(r, min(remaining, b.tokens_left), budget)
-            if n < remaining and n < self.min_chunk:
+            if n < remaining and n < (first_chunk if b.new_tokens <= b.seqs else self.min_chunk):
                 return True
             held = r.num_blocks > 0
             if not b.add(r, n, preempt=held, reserve=0 if held else reserve) or n < remaining:
                 return True
         return len(waiting) > self.edf_window
+
+    def _first_chunk_floor(self) -> int:
+        """Smallest partial chunk worth opening a mixed step for: ``mixed_amortization`` x the model's
+        ``t_mixed`` in prefill time (``min_chunk`` when the model does not price mixing)."""
+        cost = self.cost_model
+        t_mixed = cost.params.t_mixed
+        if not t_mixed or not self.mixed_amortization:
+            return self.min_chunk
+        # Marginal prefill time per token, between 1k- and 2k-token chunks (fixed costs cancel out).
+        per_token = (
+            cost.predict(2048, 2048, 1, attn_work(2048, 0)) - cost.predict(1024, 1024, 1, attn_work(1024, 0))
+        ) / 1024
+        return max(self.min_chunk, math.ceil(self.mixed_amortization * t_mixed / max(per_token, 1e-12)))
 
     def _add_slack_decodes(self, b: BatchBuilder, rest: list[Request], budget: float) -> None:
         """Phase 3: the decodes not yet scheduled (least slack first), as many as fit in ``budget``."""
