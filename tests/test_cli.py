@@ -21,7 +21,7 @@ def test_compare_writes_tables_json_csv_plot_and_report(tmp_path):
     data = json.loads((out / "summary.json").read_text())
     assert [r["policy"] for r in data["results"]] == ["fairbatching", "sarathi"]
     assert all(r["requests"] == 150 for r in data["results"])
-    assert data["profile"]["source"] == "analytic"
+    assert data["profile"]["source"] == "measured"
     assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
     assert "data:image/png;base64," in (out / "report.html").read_text()
 

@@ -63,8 +63,8 @@ def test_predict_is_monotone_and_zero_for_empty_batches():
     assert model.predict(64, 64 * 4096, 64, 64 * 4097) > model.predict(64, 64 * 1024, 64, 64 * 1025)
 
 
-def test_analytic_default_is_marked_and_physically_plausible():
-    prof = load_profile()
+def test_analytic_profile_is_marked_and_physically_plausible():
+    prof = load_profile("llama-3-8b-h100-analytic")
     assert prof.source == "analytic" and "ANALYTIC" in prof.note
     m = prof.cost_model()
     decode_step = m.predict(1, 1024, 1, 1025)

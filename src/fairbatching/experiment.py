@@ -20,7 +20,7 @@ from fairbatching.workloads.traces import load_trace
 DEFAULT_SLO = SLO(ttft=2.0, tpot=0.1)
 # Load of the embedded default workload: the knee where the best baseline's SLO attainment is ~90% on
 # the default (analytic H100) profile, so scheduling decisions matter.
-DEFAULT_QPS = 17.5
+DEFAULT_QPS = 13.0
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,8 @@ from fairbatching.core.kv import KVCacheConfig
 from fairbatching.costmodel.model import CostModel, CostParams
 from fairbatching.errors import ConfigError, ProfileError
 
-DEFAULT_PROFILE = "llama-3-8b-h100-analytic"
+ANALYTIC_PROFILE = "llama-3-8b-h100-analytic"  # roofline estimate, computed in code
+DEFAULT_PROFILE = "llama-3-8b-h100-engine"  # measured on our GPU engine (results/gpu-engine)
 
 
 @dataclass(frozen=True)
@@ -87,18 +88,18 @@ def _bundled() -> dict[str, Path]:
 
 
 def available_profiles() -> list[str]:
-    return sorted({DEFAULT_PROFILE, *_bundled()})
+    return sorted({ANALYTIC_PROFILE, *_bundled()})
 
 
 def load_profile(name_or_path: str | None = None) -> Profile:
-    """A bundled profile by name, the analytic default, or a profile JSON file by path."""
+    """A bundled profile by name (default: the measured engine profile), the analytic one, or a JSON path."""
     from fairbatching.costmodel.roofline import analytic_profile
 
     name = name_or_path or DEFAULT_PROFILE
     bundled = _bundled()
     if name in bundled:
         return Profile.load(bundled[name])
-    if name == DEFAULT_PROFILE:
+    if name == ANALYTIC_PROFILE:
         return analytic_profile()
     if Path(name).is_file():
         return Profile.load(name)

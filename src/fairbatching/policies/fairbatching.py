@@ -55,7 +55,7 @@ class FairBatchingPolicy(Policy):
         kv_reserve_fraction: float = 0.01,
         kv_high_watermark: float = 0.5,
         decode_grace: float = 0.0,
-        mixed_amortization: float = 4.0,
+        mixed_amortization: float = 6.0,
     ) -> None:
         super().__init__(cost_model, max_num_batched_tokens, max_num_seqs)
         if mixed_amortization < 0:
@@ -159,7 +159,9 @@ class FairBatchingPolicy(Policy):
             if b.full:
                 return True
             n = b.largest_chunk(r, min(remaining, b.tokens_left), budget)
-            if n < remaining and n < (first_chunk if b.new_tokens <= b.seqs else self.min_chunk):
+            # The first-chunk floor holds only while the request can afford to wait for a roomier step.
+            opens_mixed = b.new_tokens <= b.seqs and r.first_deadline > b.state.now + budget
+            if n < remaining and n < (first_chunk if opens_mixed else self.min_chunk):
                 return True
             held = r.num_blocks > 0
             if not b.add(r, n, preempt=held, reserve=0 if held else reserve) or n < remaining:
@@ -168,7 +170,7 @@ class FairBatchingPolicy(Policy):
 
     def _first_chunk_floor(self) -> int:
         """Smallest partial chunk worth opening a mixed step for: ``mixed_amortization`` x the model's
-        ``t_mixed`` in prefill time (``min_chunk`` when the model does not price mixing)."""
+        ``t_mixed`` in prefill time, at most half the token cap (``min_chunk`` when mixing is free)."""
         cost = self.cost_model
         t_mixed = cost.params.t_mixed
         if not t_mixed or not self.mixed_amortization:
