@@ -35,7 +35,6 @@ class _Env:
 
 
 def measure(model_dir: str, scheduler_cls: str | None, n: int, steps: int) -> dict:
-    import test_vllm_scheduler as t
     from vllm.v1.core.sched.scheduler import Scheduler
 
     inner: list[float] = []  # vLLM's own schedule() inside ours: the rest of our call is what we add
@@ -48,9 +47,14 @@ def measure(model_dir: str, scheduler_cls: str | None, n: int, steps: int) -> di
         finally:
             inner.append(time.perf_counter() - start)
 
-    t.DOTTED = scheduler_cls
     sched = make_scheduler(
-        model_dir, _Env(), max_num_seqs=n, max_num_batched_tokens=8192, num_blocks=n * 80 + 64, max_model_len=4096
+        model_dir,
+        _Env(),
+        max_num_seqs=n,
+        max_num_batched_tokens=8192,
+        num_blocks=n * 80 + 64,
+        max_model_len=4096,
+        scheduler_cls=scheduler_cls,
     )
     for r in make_requests(n, prompt_len=512, max_tokens=100_000, extra_args={"ttft_slo": 2.0, "tpot_slo": 0.1}):
         sched.add_request(r)

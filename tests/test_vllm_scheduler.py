@@ -57,6 +57,7 @@ def make_scheduler(
     max_model_len=2048,
     prefix_caching=False,
     env=None,
+    scheduler_cls=DOTTED,
 ):
     for key, value in (env or {}).items():
         monkeypatch.setenv(key, value)
@@ -66,7 +67,8 @@ def make_scheduler(
         max_model_len=max_model_len,
         is_encoder_decoder=False,
         enable_chunked_prefill=True,
-        scheduler_cls=DOTTED,
+        scheduler_cls=scheduler_cls,
+        async_scheduling=scheduler_cls is not None and "Async" in scheduler_cls,
     )
     model_cfg = ModelConfig(
         model=model_dir, dtype="float16", seed=0, skip_tokenizer_init=True, max_model_len=max_model_len
@@ -142,6 +144,18 @@ def test_vllm_loads_the_class_from_its_dotted_name(model_dir, monkeypatch):
     sched = make_scheduler(model_dir, monkeypatch)
     assert type(sched) is FairBatchingScheduler
     assert sched.fb_policy.name == "fairbatching"
+
+
+def test_async_variant_completes_requests(model_dir, monkeypatch):
+    from fairbatching.integrations.vllm import AsyncFairBatchingScheduler
+
+    sched = make_scheduler(
+        model_dir, monkeypatch, scheduler_cls="fairbatching.integrations.vllm.AsyncFairBatchingScheduler"
+    )
+    assert type(sched) is AsyncFairBatchingScheduler
+    reqs = make_requests(4, prompt_len=30, max_tokens=5)
+    assert run_all(sched, reqs) == {r.request_id for r in reqs}
+    assert all(len(r.output_token_ids) == 5 for r in reqs)
 
 
 def test_requests_complete_with_length_finish(model_dir, monkeypatch):
