@@ -27,7 +27,7 @@ def test_every_request_is_accounted_once_under_every_router(router):
 
 
 def test_heterogeneous_nodes_and_policies():
-    nodes = (NodeSpec("fairbatching"), NodeSpec("sarathi", "llama-3-8b-h100-measured"), NodeSpec("vllm"))
+    nodes = (NodeSpec("fairbatching"), NodeSpec("sarathi", "llama-3-8b-h100-analytic"), NodeSpec("vllm"))
     res = simulate_cluster(default_workload(300, 30.0), ClusterConfig(nodes, SLO_, router="least-outstanding"))
     assert len(res.requests) == 300 and [p["policy"] for p in res.per_node] == ["fairbatching", "sarathi", "vllm"]
 

@@ -19,7 +19,7 @@ from fairbatching.engine.runner import ModelRunner, SeqChunk
 from fairbatching.errors import ConfigError
 from fairbatching.policies.base import Policy
 from fairbatching.sim.node import Node, ProgressFn, SimConfig
-from fairbatching.sim.simulator import SimResult
+from fairbatching.sim.simulator import SimResult, node_result
 from fairbatching.workloads.spec import Workload
 
 OFFLINE_SLO = SLO(10.0, 1.0)  # offline generation has no latency target; deadlines only order the work
@@ -171,15 +171,4 @@ def replay(
             time.sleep(max(0.0, specs[i].arrival - base - clock()))
     node.drain()
     executor.sync_blocks()
-    return SimResult(
-        policy.name,
-        node.done,
-        node.targets,
-        node.clock,
-        node.busy,
-        node.iterations,
-        node.preemptions,
-        node.log,
-        config.kv.num_blocks,
-        step_rows=executor.steps,
-    )
+    return node_result(node, step_rows=executor.steps)

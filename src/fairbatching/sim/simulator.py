@@ -10,7 +10,7 @@ from fairbatching.policies.base import Policy
 from fairbatching.sim.node import IterationLog, Node, ProgressFn, SimConfig
 from fairbatching.workloads.spec import Workload
 
-__all__ = ["IterationLog", "SimConfig", "SimResult", "Simulator", "simulate"]
+__all__ = ["IterationLog", "SimConfig", "SimResult", "Simulator", "node_result", "simulate"]
 
 
 @dataclass
@@ -26,6 +26,22 @@ class SimResult:
     kv_blocks: int
     # Real backends only: one profile row per executed step (new, context, seqs, attn work, seconds).
     step_rows: list[tuple[int, int, int, float, float]] | None = None
+
+
+def node_result(node: Node, step_rows: list | None = None) -> SimResult:
+    """Everything a finished node has to report, for the metrics module (simulated or real backend)."""
+    return SimResult(
+        node.policy.name,
+        node.done,
+        node.targets,
+        node.clock,
+        node.busy,
+        node.iterations,
+        node.preemptions,
+        node.log,
+        node.config.kv.num_blocks,
+        step_rows=step_rows,
+    )
 
 
 class Simulator:
@@ -48,17 +64,7 @@ class Simulator:
         node.drain()
         if progress is not None:
             progress(len(node.done), total)
-        return SimResult(
-            self.policy.name,
-            node.done,
-            node.targets,
-            node.clock,
-            node.busy,
-            node.iterations,
-            node.preemptions,
-            node.log,
-            self.config.kv.num_blocks,
-        )
+        return node_result(node)
 
 
 def simulate(
