@@ -208,6 +208,7 @@ def test_a_step_that_starts_carrying_prefill_must_be_worth_the_mixing_price():
     assert "w" in plain.tokens_by_id() and plain.tokens_by_id()["w"] < 400
     assert "w" not in priced.tokens_by_id()
     assert FairBatchingPolicy(mixed_cost, mixed_amortization=0)._first_chunk_floor() == 32
+    assert FairBatchingPolicy(mixed_cost, max_num_batched_tokens=100)._first_chunk_floor() == 50  # half the cap
 
 
 def test_mixed_slo_classes_on_the_measured_engine_profile():

@@ -179,7 +179,8 @@ class FairBatchingPolicy(Policy):
         per_token = (
             cost.predict(2048, 2048, 1, attn_work(2048, 0)) - cost.predict(1024, 1024, 1, attn_work(1024, 0))
         ) / 1024
-        return max(self.min_chunk, math.ceil(self.mixed_amortization * t_mixed / max(per_token, 1e-12)))
+        floor = math.ceil(self.mixed_amortization * t_mixed / max(per_token, 1e-12))
+        return max(self.min_chunk, min(floor, self.max_num_batched_tokens // 2))
 
     def _add_slack_decodes(self, b: BatchBuilder, rest: list[Request], budget: float) -> None:
         """Phase 3: the decodes not yet scheduled (least slack first), as many as fit in ``budget``."""
