@@ -87,6 +87,8 @@ class FairBatchingMixin:
 
     def add_request(self, request: VllmRequest) -> None:
         super().add_request(request)
+        if request.request_id in self.fb_views:  # a streaming session's next chunk: same request, same view
+            return
         params = request.sampling_params
         slo, problem = request_slo(params.extra_args if params else None, self.fb_settings.default_slo)
         if problem:
@@ -210,6 +212,9 @@ class FairBatchingMixin:
                     view.record_token(now)
                 if rid not in live:  # finished in this step (stop, length)
                     del views[rid]
+        if self.fb_steps % 1024 == 0:  # requests vLLM ended elsewhere (e.g. ignored at admission)
+            for rid in [rid for rid in views if rid not in live]:
+                del views[rid]
         return outputs
 
     def finish_requests(self, request_ids, finished_status):
