@@ -188,16 +188,26 @@ def _tensors(model):
         yield from (w.qkv, w.o, w.gate_up, w.down, w.input_norm, w.post_attention_norm)
 
 
-def validate(runner, prof, trace: Path, n: int, slo: SLO, budget_s: float, out: Path) -> list[dict]:
+def validate(
+    runner,
+    prof,
+    trace: Path,
+    n: int,
+    slo: SLO,
+    budget_s: float,
+    out: Path,
+    load_factors: tuple[float, ...] = (0.6, 0.9, 1.2),
+    plan_calibrated: bool = False,
+) -> list[dict]:
     cost = prof.cost_model()
     full = load_trace(trace)
     base = full.head(n)
     sim_cfg = SimConfig(slo, prof.kv, max_model_len=runner.max_context)
 
-    def sim(policy: str, qps: float, step_cost=cost):
-        """The policy plans with the grid profile, as on the GPU; ``step_cost`` prices the steps."""
+    def sim(policy: str, qps: float, step_cost=cost, plan_cost=cost):
+        """The policy plans with ``plan_cost`` (as on the GPU); ``step_cost`` prices the steps."""
         w = base.rescaled(qps)
-        res = simulate(make_policy(policy, cost, tpot_slo=slo.tpot), step_cost, w, sim_cfg)
+        res = simulate(make_policy(policy, plan_cost, tpot_slo=slo.tpot), step_cost, w, sim_cfg)
         return summarize(policy, w.name, res.requests, res.end_time, res.busy_time, res.preemptions)
 
     # The knee: highest rate (coarse grid) where simulated fairbatching keeps 90% SLO attainment.
@@ -206,12 +216,16 @@ def validate(runner, prof, trace: Path, n: int, slo: SLO, budget_s: float, out: 
         if sim("fairbatching", qps).slo_attainment < 0.9:
             break
         knee = qps
-    loads = [round(knee * f, 2) for f in (0.6, 0.9, 1.2)]
+    loads = [round(knee * f, 2) for f in load_factors]
     log(f"validation: simulated fairbatching knee {knee:.2f} req/s; loads {loads}")
     # Calibration: the grid rows plus the steps of one replay of a different trace window (the next N
     # requests, middle load), so the step cost includes what serving adds around the model call.
     calib = replay(
-        runner, make_policy("fairbatching", cost, tpot_slo=slo.tpot), cost, full.head(n, n).rescaled(loads[1]), slo
+        runner,
+        make_policy("fairbatching", cost, tpot_slo=slo.tpot),
+        cost,
+        full.head(n, n).rescaled(loads[len(loads) // 2]),
+        slo,
     )
     with (out / "rows.csv").open() as fh:
         grid_rows = [[float(r[k]) for k in FIELDS] for r in csv.DictReader(fh)]
@@ -221,46 +235,48 @@ def validate(runner, prof, trace: Path, n: int, slo: SLO, budget_s: float, out: 
         f"calibrated on {len(calib.step_rows)} serving steps: held-out MAPE {fit.holdout_mape:.4f}; {calibrated.params}"
     )
     rows = []
-    for qps in loads:
-        for policy in ("fairbatching", "sarathi"):
-            if time.time() - T0 > budget_s:
-                log(f"time budget reached: skipping {policy} @ {qps}")
-                continue
-            w = base.rescaled(qps)
-            pol = make_policy(policy, cost, tpot_slo=slo.tpot)
-            res = replay(runner, pol, cost, w, slo)
-            gpu = summarize(policy, w.name, res.requests, res.end_time, res.busy_time, res.preemptions)
-            s = sim(policy, qps)
-            s_cal = sim(policy, qps, calibrated)
-            row = {"qps": qps, "policy": policy}
-            for tag, summ in (("gpu", gpu), ("sim", s), ("simcal", s_cal)):
-                row.update(
-                    {
-                        f"{tag}_ttft_p50": summ.ttft["p50"],
-                        f"{tag}_ttft_p99": summ.ttft["p99"],
-                        f"{tag}_tpot_mean": summ.tpot["mean"],
-                        f"{tag}_slo_attainment": summ.slo_attainment,
-                        f"{tag}_finished": summ.finished,
-                    }
-                )
-            row["gpu_preemptions"] = res.preemptions
-            steps = np.asarray(res.step_rows)
-            ratio = np.array([cost.predict(*r[:4]) for r in steps]) / steps[:, 4]
-            row["gpu_steps"] = len(steps)
-            row["cost_model_mape_on_steps"] = float(np.mean(np.abs(ratio - 1)))
-            row["cost_model_bias_on_steps"] = float(np.sum(ratio * steps[:, 4]) / np.sum(steps[:, 4]) - 1)
-            rows.append(row)
-            log(
-                f"{policy:12s} @ {qps:6.2f}: TTFT p50 gpu {row['gpu_ttft_p50']:.3f} sim {row['sim_ttft_p50']:.3f} | "
-                f"p99 gpu {row['gpu_ttft_p99']:.3f} sim {row['sim_ttft_p99']:.3f} | "
-                f"TPOT gpu {row['gpu_tpot_mean'] * 1e3:.1f} sim {row['sim_tpot_mean'] * 1e3:.1f} ms | "
-                f"SLO gpu {row['gpu_slo_attainment']:.3f} sim {row['sim_slo_attainment']:.3f} | "
-                f"calibrated sim: TTFT p50 {row['simcal_ttft_p50']:.3f} p99 {row['simcal_ttft_p99']:.3f} "
-                f"TPOT {row['simcal_tpot_mean'] * 1e3:.1f} ms SLO {row['simcal_slo_attainment']:.3f} | "
-                f"cost model on {len(steps)} steps: MAPE {row['cost_model_mape_on_steps']:.3f} "
-                f"bias {row['cost_model_bias_on_steps']:+.3f}"
+    planners = [("grid", cost)] + ([("calibrated", calibrated)] if plan_calibrated else [])
+    runs = [(q, p, name, c) for q in loads for name, c in planners for p in ("fairbatching", "sarathi")]
+    for qps, policy, planner, plan_cost in runs:
+        if time.time() - T0 > budget_s:
+            log(f"time budget reached: skipping {policy} @ {qps} ({planner} planner)")
+            continue
+        w = base.rescaled(qps)
+        pol = make_policy(policy, plan_cost, tpot_slo=slo.tpot)
+        res = replay(runner, pol, plan_cost, w, slo)
+        gpu = summarize(policy, w.name, res.requests, res.end_time, res.busy_time, res.preemptions)
+        s = sim(policy, qps, plan_cost=plan_cost)
+        s_cal = sim(policy, qps, calibrated, plan_cost=plan_cost)
+        row = {"qps": qps, "policy": policy, "planner": planner}
+        for tag, summ in (("gpu", gpu), ("sim", s), ("simcal", s_cal)):
+            row.update(
+                {
+                    f"{tag}_ttft_p50": summ.ttft["p50"],
+                    f"{tag}_ttft_p99": summ.ttft["p99"],
+                    f"{tag}_tpot_mean": summ.tpot["mean"],
+                    f"{tag}_slo_attainment": summ.slo_attainment,
+                    f"{tag}_finished": summ.finished,
+                }
             )
-            _write_csv(out / "validation.csv", rows)
+        row["gpu_preemptions"] = res.preemptions
+        steps = np.asarray(res.step_rows)
+        ratio = np.array([cost.predict(*r[:4]) for r in steps]) / steps[:, 4]
+        row["gpu_steps"] = len(steps)
+        row["cost_model_mape_on_steps"] = float(np.mean(np.abs(ratio - 1)))
+        row["cost_model_bias_on_steps"] = float(np.sum(ratio * steps[:, 4]) / np.sum(steps[:, 4]) - 1)
+        rows.append(row)
+        log(
+            f"{policy:12s} @ {qps:6.2f} ({planner} planner): "
+            f"TTFT p50 gpu {row['gpu_ttft_p50']:.3f} sim {row['sim_ttft_p50']:.3f} | "
+            f"p99 gpu {row['gpu_ttft_p99']:.3f} sim {row['sim_ttft_p99']:.3f} | "
+            f"TPOT gpu {row['gpu_tpot_mean'] * 1e3:.1f} sim {row['sim_tpot_mean'] * 1e3:.1f} ms | "
+            f"SLO gpu {row['gpu_slo_attainment']:.3f} sim {row['sim_slo_attainment']:.3f} | "
+            f"calibrated sim: TTFT p50 {row['simcal_ttft_p50']:.3f} p99 {row['simcal_ttft_p99']:.3f} "
+            f"TPOT {row['simcal_tpot_mean'] * 1e3:.1f} ms SLO {row['simcal_slo_attainment']:.3f} | "
+            f"cost model on {len(steps)} steps: MAPE {row['cost_model_mape_on_steps']:.3f} "
+            f"bias {row['cost_model_bias_on_steps']:+.3f}"
+        )
+        _write_csv(out / "validation.csv", rows)
     return rows
 
 
@@ -282,6 +298,10 @@ def main() -> None:
     ap.add_argument("--tpot-slo", type=float, default=0.1)
     ap.add_argument("--budget-s", type=float, default=540.0, help="stop starting replays after this many seconds")
     ap.add_argument("--skip", default="", help="comma-separated sections to skip")
+    ap.add_argument("--load-factors", default="0.6,0.9,1.2", help="validation loads, as fractions of the knee")
+    ap.add_argument(
+        "--plan-calibrated", action="store_true", help="also replay with policies planning on the calibrated model"
+    )
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     skip = set(filter(None, args.skip.split(",")))
@@ -353,7 +373,15 @@ def main() -> None:
         section(
             "validation",
             lambda: validate(
-                runner, prof, args.trace, args.requests, SLO(args.ttft_slo, args.tpot_slo), args.budget_s, args.out
+                runner,
+                prof,
+                args.trace,
+                args.requests,
+                SLO(args.ttft_slo, args.tpot_slo),
+                args.budget_s,
+                args.out,
+                tuple(float(f) for f in args.load_factors.split(",")),
+                args.plan_calibrated,
             ),
         )
     report["seconds"] = time.time() - T0
