@@ -95,3 +95,14 @@ def test_policy_options_reach_the_policy_and_bad_ones_fail_early():
     assert bad.returncode == 2 and "bad option for policy 'sarathi'" in bad.stderr
     malformed = cli("simulate", "-o", "token_budget=3")
     assert malformed.returncode == 2 and "policy.key=value" in malformed.stderr
+
+
+def test_profiles_lists_sources_and_the_default():
+    from typer.testing import CliRunner
+
+    from fairbatching.cli import app
+
+    res = CliRunner().invoke(app, ["profiles"])
+    assert res.exit_code == 0
+    assert "llama-3-8b-h100-engine (default)  [measured]" in res.output
+    assert "llama-3-8b-h100-analytic  [analytic]" in res.output

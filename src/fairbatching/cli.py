@@ -696,9 +696,13 @@ def replay(
 @app.command()
 def profiles() -> None:
     """List the bundled cost-model profiles."""
+    from fairbatching.costmodel.profile import DEFAULT_PROFILE
+
     for name in available_profiles():
         p = load_profile(name)
-        out_console.print(f"{name}  [{p.source}]  KV {p.kv.capacity_tokens:,} tokens  {p.note[:80]}")
+        default = " (default)" if name == DEFAULT_PROFILE else ""
+        line = f"{name}{default}  [{p.source}]  KV {p.kv.capacity_tokens:,} tokens  {p.note[:80]}"
+        out_console.print(line, markup=False)
 
 
 def main() -> None:
