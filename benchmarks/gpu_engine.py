@@ -17,7 +17,6 @@ Run on the device (trace copied beside the tree, carried as device-data/):
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import statistics
 import sys
@@ -29,12 +28,18 @@ import numpy as np
 import torch
 
 from fairbatching.core.request import SLO
-from fairbatching.costmodel.fit import fit_cost_model
+from fairbatching.costmodel.fit import fit_cost_model, load_profile_rows
 from fairbatching.costmodel.model import BatchFeatures
 from fairbatching.engine import build_engine
 from fairbatching.engine.attention import attention, build_metadata
 from fairbatching.engine.loop import generate, replay
-from fairbatching.engine.profiler import default_grid, run_profile, time_composition
+from fairbatching.engine.profiler import (
+    default_grid,
+    measured_profile,
+    run_profile,
+    time_composition,
+    write_rows_csv,
+)
 from fairbatching.metrics.summary import summarize
 from fairbatching.policies import make_policy
 from fairbatching.sim.node import SimConfig
@@ -42,7 +47,6 @@ from fairbatching.sim.simulator import simulate
 from fairbatching.workloads.traces import load_trace
 
 T0 = time.time()
-FIELDS = ("new_tokens", "context_tokens", "num_seqs", "attn_work", "latency_s")
 
 
 def log(msg: str) -> None:
@@ -227,9 +231,7 @@ def validate(
         full.head(n, n).rescaled(loads[len(loads) // 2]),
         slo,
     )
-    with (out / "rows.csv").open() as fh:
-        grid_rows = [[float(r[k]) for k in FIELDS] for r in csv.DictReader(fh)]
-    fit = fit_cost_model(grid_rows + [list(r) for r in calib.step_rows])
+    fit = fit_cost_model(np.vstack([load_profile_rows(out / "rows.csv"), np.asarray(calib.step_rows)]))
     calibrated = fit.model
     log(
         f"calibrated on {len(calib.step_rows)} serving steps: held-out MAPE {fit.holdout_mape:.4f}; {calibrated.params}"
@@ -276,16 +278,8 @@ def validate(
             f"cost model on {len(steps)} steps: MAPE {row['cost_model_mape_on_steps']:.3f} "
             f"bias {row['cost_model_bias_on_steps']:+.3f}"
         )
-        _write_csv(out / "validation.csv", rows)
+        write_rows_csv(out / "validation.csv", rows)
     return rows
-
-
-def _write_csv(path: Path, rows: list[dict]) -> None:
-    if rows:
-        with path.open("w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
 
 
 def main() -> None:
@@ -339,27 +333,19 @@ def main() -> None:
     section("prefill_breakdown", lambda: prefill_breakdown(runner))
 
     def profile():
-        from dataclasses import asdict, replace
-
-        from fairbatching.core.kv import KVCacheConfig
-        from fairbatching.costmodel.profile import load_profile
+        from dataclasses import asdict
 
         grid = default_grid(runner.pool.usable * runner.block_size, runner.max_context)
         if not cuda:
             grid = grid[::5]
         rows = run_profile(runner, grid, repeats=5, progress=lambda i, n, r: i % 10 == 0 and log(f"profile {i}/{n}"))
-        _write_csv(args.out / "rows.csv", rows)
-        fit = fit_cost_model([[r[k] for k in FIELDS] for r in rows])
-        prof = replace(
-            load_profile(None),
-            name=f"{args.model}-h100-engine",
-            source="measured",
-            model=runner.model.config.to_dict(),
-            hardware={"device": report["device"]},
-            params=fit.model.params,
-            kv=KVCacheConfig(runner.pool.usable, runner.block_size),
-            fit=fit.as_dict(),
-            note="benchmarks/gpu_engine.py: fairbatching engine, bf16, random weights, CUDA graphs for decode",
+        write_rows_csv(args.out / "rows.csv", rows)
+        prof, fit = measured_profile(
+            runner,
+            rows,
+            f"{args.model}-h100-engine",
+            "benchmarks/gpu_engine.py: fairbatching engine, bf16, random weights, CUDA graphs for decode",
+            {"device": report["device"]},
         )
         prof.save(args.out / "profile.json")
         log(f"profile: {len(rows)} rows, held-out MAPE {fit.holdout_mape:.4f} max {fit.holdout_max_error:.4f}")

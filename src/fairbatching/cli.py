@@ -12,7 +12,6 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from fairbatching.core.kv import KVCacheConfig
 from fairbatching.core.request import SLO
 from fairbatching.costmodel.profile import available_profiles, load_profile
 from fairbatching.errors import FairBatchingError
@@ -599,12 +598,9 @@ def profile_engine(
     name: Annotated[str | None, typer.Option("--name", help="Profile name (default: MODEL-DEVICE-measured)")] = None,
 ) -> None:
     """Measure batch latencies on the GPU engine, fit the cost model, and write a profile."""
-    import csv
     import time
-    from dataclasses import replace
 
-    from fairbatching.costmodel.fit import fit_cost_model
-    from fairbatching.engine.profiler import default_grid, run_profile
+    from fairbatching.engine.profiler import default_grid, measured_profile, run_profile, write_rows_csv
 
     if grid not in ("full", "quick"):
         raise FairBatchingError(f"--grid must be full or quick, got {grid!r}")
@@ -617,29 +613,18 @@ def profile_engine(
     with _progress() as bar:
         task = bar.add_task("profiling", total=len(compositions))
         rows = run_profile(runner, compositions, repeats, progress=lambda i, _n, _row: bar.update(task, completed=i))
-    with (out / "rows.csv").open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    report = fit_cost_model(
-        [[r[k] for k in ("new_tokens", "context_tokens", "num_seqs", "attn_work", "latency_s")] for r in rows]
-    )
+    write_rows_csv(out / "rows.csv", rows)
     hardware = runner.device.type
     if runner.device.type == "cuda":
         import torch
 
         hardware = torch.cuda.get_device_name(runner.device)
-    config = runner.model.config
-    prof = replace(
-        load_profile(None),
-        name=name or f"{config.name}-{hardware.split()[-1].lower()}-measured",
-        source="measured",
-        model={**config.to_dict(), "dtype": str(runner.model.dtype).removeprefix("torch.")},
-        hardware={"device": hardware, "profiled_s": round(time.time() - start, 1)},
-        params=report.model.params,
-        kv=KVCacheConfig(runner.pool.usable, block_size),
-        fit=report.as_dict(),
-        note=f"fairbatching profile --model {model} --grid {grid}: {len(rows)} compositions on the GPU engine",
+    prof, report = measured_profile(
+        runner,
+        rows,
+        name or f"{runner.model.config.name}-{hardware.split()[-1].lower()}-measured",
+        f"fairbatching profile --model {model} --grid {grid}: {len(rows)} compositions on the GPU engine",
+        {"device": hardware, "profiled_s": round(time.time() - start, 1)},
     )
     prof.save(out / "profile.json")
     out_console.print(

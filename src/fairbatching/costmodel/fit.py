@@ -81,6 +81,13 @@ def _mape(theta: np.ndarray, x: np.ndarray, y: np.ndarray) -> tuple[float, float
     return float(err.mean()), float(err.max())
 
 
+def additive_design(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """The additive model (p = 1) on relative error: ``design @ coef ~= 1`` for coefficients
+    [fixed, per sequence, per context token, per new token, per attention pair, mixed-step price]."""
+    mixed = (x[:, 0] > x[:, 2]).astype(float)
+    return np.column_stack([np.ones(len(x)), x[:, 2], x[:, 1], x[:, 0], x[:, 3], mixed]) / y[:, None]
+
+
 def fit_cost_model(rows: np.ndarray, holdout_fraction: float = 0.2, seed: int = 0) -> FitReport:
     """Fit on a random split and report error on the held-out rows.
 
@@ -98,10 +105,7 @@ def fit_cost_model(rows: np.ndarray, holdout_fraction: float = 0.2, seed: int = 
     hold, train = rows[order[:n_hold]], rows[order[n_hold:]]
     x, y = train[:, :4], train[:, 4]
 
-    # Additive model, relative residuals: [const, seqs, context, new, attn, has-prefill] / y . coef ~= 1.
-    mixed = (x[:, 0] > x[:, 2]).astype(float)
-    design = np.column_stack([np.ones(len(x)), x[:, 2], x[:, 1], x[:, 0], x[:, 3], mixed]) / y[:, None]
-    lin, _ = nnls(design, np.ones(len(y)))
+    lin, _ = nnls(additive_design(x, y), np.ones(len(y)))
     # Free parameters, scaled to ~1: t_fixed, c_seq, t_weights, c_kv, c_tok, c_attn, t_mixed; then p.
     base = np.array([lin[0] * 0.5, lin[1], lin[0] * 0.5, lin[2], lin[3], lin[4], lin[5]])
     scale = np.maximum(np.abs(base), 1e-12)

@@ -12,6 +12,7 @@ from collections import deque
 import numpy as np
 from scipy.optimize import nnls
 
+from fairbatching.costmodel.fit import additive_design
 from fairbatching.costmodel.model import CostModel, CostParams
 
 
@@ -38,8 +39,7 @@ class OnlineCalibrator:
     def refit(self) -> bool:
         x = np.asarray(self.rows, dtype=float)
         y = x[:, 4]
-        mixed = (x[:, 0] > x[:, 2]).astype(float)
-        design = np.column_stack([np.ones(len(x)), x[:, 2], x[:, 1], x[:, 0], x[:, 3], mixed]) / y[:, None]
+        design = additive_design(x[:, :4], y)
         if np.linalg.matrix_rank(design) < 3:  # too little variety yet (e.g. only idle decode steps)
             return False
         coef, _ = nnls(design, np.ones(len(y)))

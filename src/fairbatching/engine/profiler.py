@@ -8,14 +8,19 @@ an iteration costs the serving loop, host work included, which is what the simul
 
 from __future__ import annotations
 
+import csv
 import random
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
+from fairbatching.core.kv import KVCacheConfig
+from fairbatching.costmodel.fit import ROW_FIELDS, FitReport, fit_cost_model
 from fairbatching.costmodel.model import BatchFeatures
+from fairbatching.costmodel.profile import Profile
 from fairbatching.engine.runner import ModelRunner, SeqChunk
 from fairbatching.errors import ConfigError
 
@@ -97,3 +102,31 @@ def run_profile(
         if runner.device.type == "cuda":
             torch.cuda.empty_cache()
     return rows
+
+
+def write_rows_csv(path: Path, rows: list[dict]) -> None:
+    """Dict rows (profile rows, validation rows) as CSV with a header; nothing for no rows."""
+    if rows:
+        with Path(path).open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+def measured_profile(
+    runner: ModelRunner, rows: list[dict], name: str, note: str, hardware: dict
+) -> tuple[Profile, FitReport]:
+    """The cost model fitted to ``rows``, as a profile of this engine's model and KV cache."""
+    report = fit_cost_model([[r[k] for k in ROW_FIELDS] for r in rows])
+    model = runner.model
+    profile = Profile(
+        name=name,
+        source="measured",
+        model={**model.config.to_dict(), "dtype": str(model.dtype).removeprefix("torch.")},
+        hardware=hardware,
+        params=report.model.params,
+        kv=KVCacheConfig(runner.pool.usable, runner.block_size),
+        fit=report.as_dict(),
+        note=note,
+    )
+    return profile, report
