@@ -31,7 +31,7 @@ from fairbatching.core.request import SLO
 from fairbatching.costmodel.fit import fit_cost_model, load_profile_rows
 from fairbatching.costmodel.model import BatchFeatures
 from fairbatching.engine import build_engine
-from fairbatching.engine.attention import attention, build_metadata
+from fairbatching.engine.attention import PREFILL_IMPLS, attention, build_metadata, prefers_cudnn
 from fairbatching.engine.loop import generate, replay
 from fairbatching.engine.profiler import (
     default_grid,
@@ -83,7 +83,7 @@ def check_attention() -> dict:
     v_cache = torch.randn(600, bs, nkv, d, device="cuda", dtype=torch.bfloat16)
     chunks, next_block = [], 1
     # (tokens cached, new tokens): four decodes, then prefill chunks with and without prior context
-    for c, n in [(1, 1), (16, 1), (999, 1), (2999, 1), (0, 64), (200, 300), (2500, 20)]:
+    for c, n in [(1, 1), (16, 1), (999, 1), (2999, 1), (0, 64), (200, 300), (2500, 20), (0, 1500)]:
         blocks = list(range(next_block, next_block + -(-(n + c) // bs)))[::-1]
         next_block += len(blocks)
         chunks.append((c, n, blocks))
@@ -93,13 +93,13 @@ def check_attention() -> dict:
     ref = attention(
         q.float(), k_cache.float(), v_cache.float(), build_metadata("reference", chunks, num_decodes, bs, dev)
     )
-    got = attention(q, k_cache, v_cache, build_metadata("cuda", chunks, num_decodes, bs, dev, 1024)).float()
-    err = (got - ref).abs()
-    return {
-        "max_abs_error": err.max().item(),
-        "mean_abs_error": err.mean().item(),
-        "ref_abs_mean": ref.abs().mean().item(),
-    }
+    out = {"ref_abs_mean": ref.abs().mean().item()}
+    for impl in PREFILL_IMPLS:
+        meta = build_metadata("cuda", chunks, num_decodes, bs, dev, 1024, prefill_impl=impl)
+        err = (attention(q, k_cache, v_cache, meta).float() - ref).abs()
+        out[impl] = {"max_abs_error": err.max().item(), "mean_abs_error": err.mean().item()}
+        log(f"attention check ({impl} prefill): max abs error {err.max().item():.4f}")
+    return out
 
 
 def check_tokens() -> dict:
@@ -168,17 +168,36 @@ def speed_table(runner, ceil: dict) -> list[dict]:
             t = time_composition(runner, [(1, ctx)] * seqs, 10, rng)
             floor = (weights + seqs * (ctx + 1) * kv_token) / ceil["copy_bytes_per_s"]
             rows.append({"kind": "decode", "seqs": seqs, "context": ctx, "ms": t * 1e3, "floor_ms": floor * 1e3})
+    # Prefill under every attention implementation, with and without the fused kernels (same run, same GPU).
+    chosen = (runner.prefill_attention, runner.model.kernels)
+    variants = [(impl, kernels) for impl in ("varlen", "cudnn") for kernels in (None, chosen[1])]
     for n in (2048, 4096, 8192):
-        t = time_composition(runner, [(n, 0)], 5, rng)
         attn = 4 * c.num_layers * c.num_heads * c.head_dim * BatchFeatures.of_chunks([(n, 0)]).attn_work
         flops = 2 * linear_params * n + 2 * c.hidden_size * c.vocab_size + attn
         floor = flops / ceil["bf16_matmul_flops"]
-        rows.append({"kind": "prefill", "seqs": 1, "context": n, "ms": t * 1e3, "floor_ms": floor * 1e3})
+        for impl, kernels in variants:
+            runner.prefill_attention, runner.model.kernels = impl, kernels
+            t = time_composition(runner, [(n, 0)], 5, rng)
+            rows.append(
+                {
+                    "kind": "prefill",
+                    "seqs": 1,
+                    "context": n,
+                    "ms": t * 1e3,
+                    "floor_ms": floor * 1e3,
+                    "attention": impl,
+                    "fused": kernels is not None,
+                    "engine_default": kernels is chosen[1]
+                    and impl == ("cudnn" if prefers_cudnn(0, n, chosen[0]) else "varlen"),
+                }
+            )
+    runner.prefill_attention, runner.model.kernels = chosen
     for r in rows:
         r["ratio"] = r["ms"] / r["floor_ms"]
+        variant = f" {r['attention']:6s} fused={r['fused']!s:5s}" if r["kind"] == "prefill" else ""
         log(
             f"speed {r['kind']:7s} seqs={r['seqs']:3d} ctx={r['context']:5d} {r['ms']:8.2f} ms "
-            f"floor {r['floor_ms']:8.2f} x{r['ratio']:.2f}"
+            f"floor {r['floor_ms']:8.2f} x{r['ratio']:.2f}{variant}"
         )
     return rows
 

@@ -238,6 +238,77 @@ def test_triton_decode_kernel_matches_reference_in_interpreter():
     assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:]
 
 
+def test_prefill_chunks_split_between_varlen_and_cudnn():
+    """``auto``: fresh chunks of 1024+ tokens go to cuDNN one by one, the leading rest share one varlen call;
+    a chunk after the first cuDNN one goes to cuDNN too (still correct), so nothing is attended twice or lost."""
+    from fairbatching.engine.attention import build_metadata
+
+    chunks = [(9, 1, [1]), (0, 64, [2] * 4), (300, 200, [3] * 32), (0, 2000, [4] * 125), (50, 10, [5] * 4)]
+    meta = build_metadata("cuda", chunks, 1, 16, torch.device("cpu"), prefill_impl="auto")
+    assert meta.cu_q.tolist() == [0, 64, 264] and meta.cu_k.tolist() == [0, 64, 564]
+    assert (meta.varlen_q, meta.varlen_k, meta.max_q, meta.max_k) == (264, 564, 200, 500)
+    assert meta.cudnn_spans == [(264, 2264, 564, 2564), (2264, 2274, 2564, 2624)]
+    assert len(meta.prefill_context_slots) == 2624 and len(meta.slots) == 1 + 2274
+    only_varlen = build_metadata("cuda", chunks, 1, 16, torch.device("cpu"), prefill_impl="varlen")
+    assert only_varlen.cudnn_spans is None and only_varlen.cu_q.tolist()[-1] == 2274
+    only_cudnn = build_metadata("cuda", chunks, 1, 16, torch.device("cpu"), prefill_impl="cudnn")
+    assert only_cudnn.cu_q is None and len(only_cudnn.cudnn_spans) == 4
+    with pytest.raises(ConfigError, match="prefill attention must be one of"):
+        build_metadata("cuda", chunks, 1, 16, torch.device("cpu"), prefill_impl="flash3")
+    with pytest.raises(ConfigError, match="prefill attention must be one of"):
+        ModelRunner(LlamaModel(model_config("tiny")), num_blocks=8, prefill_attention="flash3")
+
+
+def test_fused_kernels_match_torch_and_hf_in_interpreter(llama, prompts, reference):
+    """The fused Triton kernels (RoPE + KV write, add + RMSNorm, SwiGLU), run by Triton's CPU interpreter:
+    each against its plain-torch twin, then the whole model on them must still give HF's greedy tokens."""
+    pytest.importorskip("triton", reason="the fused-kernel test needs triton")
+    script = textwrap.dedent(
+        f"""
+        import torch
+        import torch.nn.functional as F
+        from fairbatching.engine import fused
+        from fairbatching.engine.model import LlamaModel, _rope
+        from fairbatching.engine.config import ModelConfig
+        from fairbatching.engine.loop import generate
+        from fairbatching.engine.runner import ModelRunner
+        from fairbatching.costmodel.profile import load_profile
+        from fairbatching.policies import make_policy
+        torch.manual_seed(0)
+        t, nh, nkv, d, hidden, ff = 7, 6, 2, 16, 48, 40
+        qkv = torch.randn(t, (nh + 2 * nkv) * d)
+        freqs = torch.arange(t)[:, None] * torch.rand(d // 2)[None, :]
+        cos, sin = freqs.cos()[:, None, :], freqs.sin()[:, None, :]
+        k_cache, v_cache = torch.zeros(2, 5, 4, nkv, d), torch.zeros(2, 5, 4, nkv, d)
+        slots = torch.tensor([3, 17, 4, 9, 0, 19, 12])
+        q = fused.rope_write_kv(qkv, cos, sin, k_cache[1], v_cache[1], slots, nh, nkv)
+        assert (q - _rope(qkv[:, : nh * d].view(t, nh, d), cos, sin)).abs().max() < 1e-5
+        k_ref = _rope(qkv[:, nh * d : (nh + nkv) * d].view(t, nkv, d), cos, sin)
+        assert (k_cache[1].view(-1, nkv, d)[slots] - k_ref).abs().max() < 1e-5
+        assert torch.equal(v_cache[1].view(-1, nkv, d)[slots], qkv[:, (nh + nkv) * d :].view(t, nkv, d))
+        assert k_cache[0].abs().max() == 0 and v_cache[1].view(-1, nkv, d)[1].abs().max() == 0
+        x, res, w = torch.randn(t, hidden), torch.randn(t, hidden), torch.rand(hidden)
+        out, res_out = fused.add_rms_norm(x, res, w, 1e-6)
+        assert torch.allclose(res_out, x + res)
+        assert (out - F.rms_norm(x + res, (hidden,), w, 1e-6)).abs().max() < 1e-5
+        gu = torch.randn(t, 2 * ff)
+        assert (fused.silu_mul(gu) - F.silu(gu[:, :ff]) * gu[:, ff:]).abs().max() < 1e-5
+        path = {str(llama[1])!r}
+        model = LlamaModel(ModelConfig.from_dir(path), checkpoint=path, fused_kernels=True)
+        assert model.kernels is fused
+        cost = load_profile().cost_model()
+        runner = ModelRunner(model, num_blocks=64, block_size=4, max_context=512)
+        gen = generate(runner, make_policy("fairbatching", cost, max_num_batched_tokens=16, min_chunk=4), cost,
+                       {prompts!r}, {NEW_TOKENS})
+        assert gen.tokens == {reference!r}, gen.tokens
+        print("ok")
+        """
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:]
+
+
 def test_profile_and_replay_commands_on_the_cpu(tmp_path):
     from typer.testing import CliRunner
 

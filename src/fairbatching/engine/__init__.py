@@ -3,7 +3,8 @@ the same policy objects and ``sim.Node`` step loop as the simulator.
 
 - ``config``: model architecture (presets, or a local HF checkpoint's config.json)
 - ``model``: weights and the forward pass over one iteration's packed chunks
-- ``attention`` / ``kernels``: paged attention (SDPA reference; Triton decode + FlashAttention varlen on CUDA)
+- ``attention`` / ``kernels``: paged attention (SDPA reference; Triton decode + FlashAttention varlen
+  or cuDNN prefill on CUDA); ``fused``: Triton kernels for RoPE/KV write, add+RMSNorm, SwiGLU
 - ``runner``: one iteration (CUDA graphs for decode-only batches), physical KV blocks
 - ``loop``: offline ``generate`` and wall-clock trace ``replay``
 - ``profiler``: measured rows for the cost model
@@ -37,6 +38,7 @@ def build_engine(
     kv_memory_fraction: float = 0.9,
     seed: int = 0,
     cuda_graphs: bool = True,
+    prefill_attention: str = "auto",
 ) -> ModelRunner:
     """A runner for a preset or a checkpoint directory; on CUDA the KV cache takes ``kv_memory_fraction``
     of the memory left after the weights (like vLLM's gpu_memory_utilization), unless ``num_blocks`` says."""
@@ -57,7 +59,9 @@ def build_engine(
             block_size * config.num_layers * 2 * config.num_kv_heads * config.head_dim * llama.embed.element_size()
         )
         num_blocks = int(free * kv_memory_fraction // per_block)
-    return ModelRunner(llama, num_blocks, block_size, max_context, cuda_graphs=cuda_graphs)
+    return ModelRunner(
+        llama, num_blocks, block_size, max_context, cuda_graphs=cuda_graphs, prefill_attention=prefill_attention
+    )
 
 
 __all__ = ["PRESETS", "LlamaModel", "ModelConfig", "ModelRunner", "build_engine", "model_config"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -39,13 +40,26 @@ class LlamaModel:
         dtype: torch.dtype = torch.float32,
         checkpoint: str | Path | None = None,
         seed: int = 0,
+        fused_kernels: bool | None = None,
     ) -> None:
+        """``fused_kernels``: run the Triton kernels of ``fused.py`` (default: on CUDA)."""
         self.config = config
         self.device = torch.device(device)
         self.dtype = dtype
         tensors = _load_checkpoint(Path(checkpoint), config) if checkpoint else None
         self._build(tensors, seed)
         self.inv_freq = _rope_inv_freq(config).to(self.device)
+        half = config.head_dim // 2
+        pow2 = half & (half - 1) == 0
+        if fused_kernels is None:
+            fused_kernels = self.device.type == "cuda" and pow2
+        elif fused_kernels and not pow2:
+            raise ConfigError(f"the fused RoPE kernel needs head_dim / 2 a power of two, got {config.head_dim}")
+        self.kernels: ModuleType | None = None
+        if fused_kernels:
+            from fairbatching.engine import fused
+
+            self.kernels = fused
 
     def _build(self, tensors: dict[str, torch.Tensor] | None, seed: int) -> None:
         c = self.config
@@ -122,50 +136,77 @@ class LlamaModel:
     ) -> torch.Tensor:
         """Greedy next token at each ``sample_index`` (the last token of every sequence that samples)."""
         cos, sin = self.rope_tables(positions)
-        x = self.embed[token_ids]
-        q = self.pre_attention(0, x, cos, sin, kv_cache, meta.slots)
+        q, residual = self.pre_attention(0, self.embed[token_ids], None, cos, sin, kv_cache, meta.slots)
         last = len(self.layers) - 1
         for i in range(len(self.layers)):
             a = attention(q, kv_cache[i, 0], kv_cache[i, 1], meta)
-            x = self.post_attention(i, x, a)
+            h, residual = self.post_attention(i, a, residual)
             if i < last:
-                q = self.pre_attention(i + 1, x, cos, sin, kv_cache, meta.slots)
-        return self.sample(x, sample_index)
+                q, residual = self.pre_attention(i + 1, h, residual, cos, sin, kv_cache, meta.slots)
+        return self.sample(h, residual, sample_index)
 
-    # The pieces between attentions: the runner captures them in CUDA graphs for mixed batches.
+    # The pieces between attentions: the runner captures them in CUDA graphs for mixed batches. As in vLLM,
+    # a sublayer's output ``h`` and the residual stream travel apart, so that adding them fuses with the
+    # next norm.
 
     def rope_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions.to(torch.float32)[:, None] * self.inv_freq[None, :]
         return freqs.cos().to(self.dtype)[:, None, :], freqs.sin().to(self.dtype)[:, None, :]
 
     def pre_attention(
-        self, i: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor, slots: torch.Tensor
-    ) -> torch.Tensor:
-        """Layer ``i``'s norm, QKV projection and RoPE; writes K/V into the cache, returns Q."""
+        self,
+        i: int,
+        h: torch.Tensor,
+        residual: torch.Tensor | None,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache: torch.Tensor,
+        slots: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``i``'s residual add, norm, QKV projection and RoPE; writes K/V into the cache.
+
+        ``h`` is the previous layer's MLP output (the embeddings, with ``residual`` None, for layer 0).
+        Returns Q and the residual stream."""
         c, w = self.config, self.layers[i]
-        t, nh, nkv, d = x.shape[0], c.num_heads, c.num_kv_heads, c.head_dim
-        qkv = F.rms_norm(x, (c.hidden_size,), w.input_norm, c.rms_norm_eps) @ w.qkv
+        t, nh, nkv, d = h.shape[0], c.num_heads, c.num_kv_heads, c.head_dim
+        normed, residual = self._add_norm(h, residual, w.input_norm)
+        qkv = normed @ w.qkv
         if w.qkv_bias is not None:
             qkv = qkv + w.qkv_bias
+        if self.kernels is not None:
+            return self.kernels.rope_write_kv(qkv, cos, sin, kv_cache[i, 0], kv_cache[i, 1], slots, nh, nkv), residual
         q = _rope(qkv[:, : nh * d].view(t, nh, d), cos, sin)
         k = _rope(qkv[:, nh * d : (nh + nkv) * d].view(t, nkv, d), cos, sin)
         v = qkv[:, (nh + nkv) * d :].view(t, nkv, d)
         kv_cache[i, 0].view(-1, nkv, d).index_copy_(0, slots, k)
         kv_cache[i, 1].view(-1, nkv, d).index_copy_(0, slots, v)
-        return q
+        return q, residual
 
-    def post_attention(self, i: int, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-        """Layer ``i``'s output projection, residual, and SwiGLU MLP."""
+    def post_attention(self, i: int, a: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``i``'s output projection, residual add, norm and SwiGLU MLP; returns (MLP output, residual)."""
         c, w = self.config, self.layers[i]
+        normed, residual = self._add_norm(a.reshape(a.shape[0], -1) @ w.o, residual, w.post_attention_norm)
+        gu = normed @ w.gate_up
         ff = c.intermediate_size
-        x = x + a.reshape(x.shape[0], -1) @ w.o
-        gu = F.rms_norm(x, (c.hidden_size,), w.post_attention_norm, c.rms_norm_eps) @ w.gate_up
-        return x + (F.silu(gu[:, :ff]) * gu[:, ff:]) @ w.down
+        act = self.kernels.silu_mul(gu) if self.kernels is not None else F.silu(gu[:, :ff]) * gu[:, ff:]
+        return act @ w.down, residual
 
-    def sample(self, x: torch.Tensor, sample_index: torch.Tensor) -> torch.Tensor:
+    def sample(self, h: torch.Tensor, residual: torch.Tensor, sample_index: torch.Tensor) -> torch.Tensor:
         c = self.config
-        last = F.rms_norm(x[sample_index], (c.hidden_size,), self.final_norm, c.rms_norm_eps)
-        return (last @ self.lm_head).argmax(-1)
+        x = h[sample_index] + residual[sample_index]
+        return (F.rms_norm(x, (c.hidden_size,), self.final_norm, c.rms_norm_eps) @ self.lm_head).argmax(-1)
+
+    def _add_norm(
+        self, h: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        eps = self.config.rms_norm_eps
+        if residual is None:
+            residual = h
+        elif self.kernels is not None:
+            return self.kernels.add_rms_norm(h, residual, weight, eps)
+        else:
+            residual = residual + h
+        return F.rms_norm(residual, (self.config.hidden_size,), weight, eps), residual
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

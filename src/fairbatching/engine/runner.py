@@ -12,7 +12,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fairbatching.engine.attention import AttentionMetadata, attention, build_metadata, decode_splits
+from fairbatching.engine.attention import (
+    PREFILL_IMPLS,
+    AttentionMetadata,
+    attention,
+    build_metadata,
+    decode_splits,
+    prefers_cudnn,
+)
 from fairbatching.engine.model import LlamaModel
 from fairbatching.errors import ConfigError
 
@@ -127,15 +134,16 @@ class _PiecewiseGraph:
         layers = len(model.layers)
 
         def piece(i: int):
+            """Layer i-1's post-attention and layer i's pre-attention; outputs (Q, residual[, cos, sin])."""
             if i == 0:
                 cos, sin = model.rope_tables(self.positions)
-                x = model.embed[self.token_ids]
-                return x, model.pre_attention(0, x, cos, sin, cache, self.slots), cos, sin
-            x = model.post_attention(i - 1, self.outputs[i - 1][0], self.attn_out)
+                h = model.embed[self.token_ids]
+                return (*model.pre_attention(0, h, None, cos, sin, cache, self.slots), cos, sin)
+            h, residual = model.post_attention(i - 1, self.attn_out, self.outputs[i - 1][1])
             if i == layers:
-                return (x,)
+                return h, residual
             cos, sin = self.outputs[0][2], self.outputs[0][3]
-            return x, model.pre_attention(i, x, cos, sin, cache, self.slots)
+            return model.pre_attention(i, h, residual, cos, sin, cache, self.slots)
 
         self.graphs: list[torch.cuda.CUDAGraph] = []
         self.outputs: list[tuple[torch.Tensor, ...]] = []
@@ -169,11 +177,11 @@ class _PiecewiseGraph:
         with torch.inference_mode():
             self.graphs[0].replay()
             for i, graph in enumerate(self.graphs[1:]):
-                q = self.outputs[i][1]
+                q = self.outputs[i][0]
                 self.attn_out[:n].copy_(attention(q[:n], cache[i, 0], cache[i, 1], meta))
                 graph.replay()
             index = torch.tensor(sample_index, dtype=torch.int64).to(self.token_ids.device, non_blocking=True)
-            return model.sample(self.outputs[-1][0], index).tolist()
+            return model.sample(*self.outputs[-1], index).tolist()
 
 
 class ModelRunner:
@@ -187,8 +195,16 @@ class ModelRunner:
         cuda_graphs: bool = True,
         graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256),
         piecewise_token_sizes: tuple[int, ...] = (32, 64, 128, 256, 512, 768, 1024, 1536, 2048),
+        prefill_attention: str = "auto",
     ) -> None:
+        """``prefill_attention``: see ``attention.PREFILL_IMPLS``; ``auto`` uses cuDNN only on Hopper or newer,
+        where it was measured to win."""
+        if prefill_attention not in PREFILL_IMPLS:
+            raise ConfigError(f"prefill attention must be one of {', '.join(PREFILL_IMPLS)}, got {prefill_attention!r}")
         self.model = model
+        if prefill_attention == "auto" and not _cudnn_attention_wins(model.device):
+            prefill_attention = "varlen"
+        self.prefill_attention = prefill_attention
         self.device = model.device
         self.block_size = block_size
         self.max_context = max_context
@@ -249,7 +265,13 @@ class ModelRunner:
         for c in chunks:
             if c.cached + len(c.token_ids) > self.max_context:
                 raise ConfigError(f"sequence of {c.cached + len(c.token_ids)} tokens exceeds max_context")
-        order = sorted(range(len(chunks)), key=lambda i: not chunks[i].is_decode)
+        impl = self.prefill_attention
+
+        def rank(i: int) -> int:  # decodes, then prefill chunks sharing the varlen call, then cuDNN ones
+            c = chunks[i]
+            return 0 if c.is_decode else 2 if prefers_cudnn(c.cached, len(c.token_ids), impl) else 1
+
+        order = sorted(range(len(chunks)), key=rank)
         packed = [chunks[i] for i in order]
         num_decodes = sum(c.is_decode for c in packed)
         if num_decodes == len(packed) and self.graph_batch_sizes and len(packed) <= self.graph_batch_sizes[-1]:
@@ -280,6 +302,7 @@ class ModelRunner:
             self.block_size,
             dev,
             self.max_blocks_per_seq,
+            self.prefill_attention,
         )
         if self.piecewise_token_sizes and len(ids) <= self.piecewise_token_sizes[-1]:
             size = next(t for t in self.piecewise_token_sizes if t >= len(ids))
@@ -292,3 +315,11 @@ class ModelRunner:
             torch.tensor(sample_index, dtype=torch.int64).to(dev, non_blocking=True),
         )
         return out.tolist()
+
+
+def _cudnn_attention_wins(device: torch.device) -> bool:
+    return (
+        device.type == "cuda"
+        and torch.backends.cudnn.is_available()
+        and torch.cuda.get_device_capability(device) >= (9, 0)
+    )
