@@ -6,6 +6,7 @@
    32/8, d=128), with and without prior context: FlashAttention-2 varlen (the engine's first backend),
    SDPA on cuDNN, SDPA on its flash backend, FlexAttention compiled by Inductor. Time, TFLOP/s and the
    largest difference to the varlen output.
+3. cuDNN's first call at a new sequence length (plan building) against a repeat call.
 
 Run on the device:
   PYTHONPATH=src python3 benchmarks/engine_kernels.py --out $OUT
@@ -182,13 +183,42 @@ def _attention_rows_at(n: int, prior: int, flex) -> list[dict]:
     return rows
 
 
+def cudnn_new_length_rows() -> list[dict]:
+    """Host wall time of cuDNN SDPA's first call at a new sequence length against a repeat call: the price
+    of building a plan, paid on every new length unless lengths are padded to a few buckets."""
+    import time
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    rows = []
+    for n in (3001, 3002, 3003):
+        q = torch.randn(1, 32, n, 128, device="cuda", dtype=torch.bfloat16)
+        kv = torch.randn(1, 8, n, 128, device="cuda", dtype=torch.bfloat16)
+        times = []
+        for _ in range(2):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+                F.scaled_dot_product_attention(q, kv, kv, is_causal=True, enable_gqa=True)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+        rows.append({"tokens": n, "first_call_ms": times[0] * 1e3, "repeat_call_ms": times[1] * 1e3})
+        print(f"cudnn new length {n}: first call {times[0] * 1e3:.2f} ms, repeat {times[1] * 1e3:.2f} ms", flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     report = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
-    for name, fn in (("fused", fused_rows), ("prefill_attention", attention_rows)):
+    sections = (
+        ("fused", fused_rows),
+        ("prefill_attention", attention_rows),
+        ("cudnn_new_length", cudnn_new_length_rows),
+    )
+    for name, fn in sections:
         try:
             report[name] = fn()
         except Exception as exc:

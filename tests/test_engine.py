@@ -239,20 +239,23 @@ def test_triton_decode_kernel_matches_reference_in_interpreter():
 
 
 def test_prefill_chunks_split_between_varlen_and_cudnn():
-    """``auto``: fresh chunks of 1024+ tokens go to cuDNN one by one, the leading rest share one varlen call;
-    a chunk after the first cuDNN one goes to cuDNN too (still correct), so nothing is attended twice or lost."""
+    """``auto``: fresh chunks of 1024+ tokens go to cuDNN one by one (padded to a multiple of 256, so a few
+    cuDNN plans serve every length), the leading rest share one varlen call; a chunk after the first cuDNN one
+    goes to cuDNN too (still correct), so nothing is attended twice or lost."""
     from fairbatching.engine.attention import build_metadata
 
     chunks = [(9, 1, [1]), (0, 64, [2] * 4), (300, 200, [3] * 32), (0, 2000, [4] * 125), (50, 10, [5] * 4)]
     meta = build_metadata("cuda", chunks, 1, 16, torch.device("cpu"), prefill_impl="auto")
     assert meta.cu_q.tolist() == [0, 64, 264] and meta.cu_k.tolist() == [0, 64, 564]
     assert (meta.varlen_q, meta.varlen_k, meta.max_q, meta.max_k) == (264, 564, 200, 500)
-    assert meta.cudnn_spans == [(264, 2264, 564, 2564), (2264, 2274, 2564, 2624)]
-    assert len(meta.prefill_context_slots) == 2624 and len(meta.slots) == 1 + 2274
+    # the fresh 2000-token chunk runs padded to 2048 context rows (slot 0), the chunk behind it unpadded
+    assert meta.cudnn_spans == [(264, 2264, 564, 2612, True), (2264, 2274, 2612, 2672, False)]
+    assert len(meta.prefill_context_slots) == 2672 and len(meta.slots) == 1 + 2274
+    assert meta.prefill_context_slots[2564:2612].eq(0).all()
     only_varlen = build_metadata("cuda", chunks, 1, 16, torch.device("cpu"), prefill_impl="varlen")
     assert only_varlen.cudnn_spans is None and only_varlen.cu_q.tolist()[-1] == 2274
     only_cudnn = build_metadata("cuda", chunks, 1, 16, torch.device("cpu"), prefill_impl="cudnn")
-    assert only_cudnn.cu_q is None and len(only_cudnn.cudnn_spans) == 4
+    assert only_cudnn.cu_q is None and [p for *_, p in only_cudnn.cudnn_spans] == [True, False, True, False]
     with pytest.raises(ConfigError, match="prefill attention must be one of"):
         build_metadata("cuda", chunks, 1, 16, torch.device("cpu"), prefill_impl="flash3")
     with pytest.raises(ConfigError, match="prefill attention must be one of"):

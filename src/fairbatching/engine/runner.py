@@ -19,6 +19,7 @@ from fairbatching.engine.attention import (
     build_metadata,
     decode_splits,
     prefers_cudnn,
+    warm_cudnn,
 )
 from fairbatching.engine.model import LlamaModel
 from fairbatching.errors import ConfigError
@@ -223,8 +224,8 @@ class ModelRunner:
         self._pieces: dict[int, _PiecewiseGraph] = {}
 
     def warmup(self) -> None:
-        """Compile every decode-kernel variant and capture the decode graphs before serving, so the first
-        requests of a replay do not pay for JIT compilation and graph capture."""
+        """Compile every decode-kernel variant, build cuDNN's prefill plans and capture the graphs before
+        serving, so the first requests of a replay do not pay for JIT compilation, plans and capture."""
         if self.backend != "cuda":
             return
         from fairbatching.engine.kernels import paged_decode_attention
@@ -236,6 +237,8 @@ class ModelRunner:
         k, v = self.kv_cache[0, 0], self.kv_cache[0, 1]
         for splits in range(1, decode_splits(1, self.max_context) + 1):
             paged_decode_attention(q, k, v, table, lens, splits)
+        if self.prefill_attention != "varlen":
+            warm_cudnn(c.num_heads, c.num_kv_heads, c.head_dim, self.max_context, self.model.dtype)
         self.capture_graphs()
         torch.cuda.synchronize()
 
