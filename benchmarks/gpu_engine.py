@@ -221,17 +221,19 @@ def validate(
     out: Path,
     load_factors: tuple[float, ...] = (0.5, 0.7, 0.85, 1.1),
     plan_calibrated: bool = False,
+    dump_load: int | None = None,
 ) -> list[dict]:
     cost = prof.cost_model()
     full = load_trace(trace)
     base = full.head(n)
     sim_cfg = SimConfig(slo, prof.kv, max_model_len=runner.max_context)
 
-    def sim(policy: str, qps: float, step_cost=cost, plan_cost=cost):
+    def sim(policy: str, qps: float, step_cost=cost, plan_cost=cost, raw: bool = False):
         """The policy plans with ``plan_cost`` (as on the GPU); ``step_cost`` prices the steps."""
         w = base.rescaled(qps)
         res = simulate(make_policy(policy, plan_cost, tpot_slo=slo.tpot), step_cost, w, sim_cfg)
-        return summarize(policy, w.name, res.requests, res.end_time, res.busy_time, res.preemptions)
+        summary = summarize(policy, w.name, res.requests, res.end_time, res.busy_time, res.preemptions)
+        return (summary, res) if raw else summary
 
     # The knee: highest rate (coarse grid) where simulated fairbatching keeps 90% SLO attainment.
     knee = 1.0
@@ -267,7 +269,24 @@ def validate(
         res = replay(runner, pol, plan_cost, w, slo)
         gpu = summarize(policy, w.name, res.requests, res.end_time, res.busy_time, res.preemptions)
         s = sim(policy, qps, plan_cost=plan_cost)
-        s_cal = sim(policy, qps, calibrated, plan_cost=plan_cost)
+        s_cal, res_cal = sim(policy, qps, calibrated, plan_cost=plan_cost, raw=True)
+        extra = {}
+        if dump_load is not None and qps == loads[dump_load]:
+            _dump(out, policy, res, res_cal, cost, calibrated)
+            import gc
+
+            gc.collect()
+            gc.disable()  # does the collector's pausing of the loop explain the gap to the simulator?
+            try:
+                res_nogc = replay(runner, make_policy(policy, plan_cost, tpot_slo=slo.tpot), plan_cost, w, slo)
+            finally:
+                gc.enable()
+            nogc = summarize(policy, w.name, res_nogc.requests, res_nogc.end_time, res_nogc.busy_time, 0)
+            extra = {"gpu_nogc_ttft_p50": nogc.ttft["p50"], "gpu_nogc_ttft_p99": nogc.ttft["p99"]}
+            log(
+                f"{policy} @ {qps} with the garbage collector off: TTFT p50 {nogc.ttft['p50']:.3f} "
+                f"p99 {nogc.ttft['p99']:.3f} TPOT {nogc.tpot['mean'] * 1e3:.1f} ms"
+            )
         row = {"qps": qps, "policy": policy, "planner": planner}
         for tag, summ in (("gpu", gpu), ("sim", s), ("simcal", s_cal)):
             row.update(
@@ -279,7 +298,10 @@ def validate(
                     f"{tag}_finished": summ.finished,
                 }
             )
+        row.update(extra)
         row["gpu_preemptions"] = res.preemptions
+        row["gpu_host_gap_s"] = _host_gaps(res.log)
+        row["gpu_busy_s"] = res.busy_time
         steps = np.asarray(res.step_rows)
         ratio = np.array([cost.predict(*r[:4]) for r in steps]) / steps[:, 4]
         row["gpu_steps"] = len(steps)
@@ -306,6 +328,52 @@ def validate(
     return rows
 
 
+def _host_gaps(log) -> float:
+    """Seconds between consecutive steps while requests were running: loop time outside the steps."""
+    start, dur, running = np.asarray(log.start), np.asarray(log.duration), np.asarray(log.running)
+    gaps = start[1:] - (start[:-1] + dur[:-1])
+    return float(gaps[(running[1:] > 0) & (running[:-1] > 0)].sum())
+
+
+def _dump(out: Path, policy: str, gpu, simcal, cost, calibrated) -> None:
+    """Step log and per-request latencies of one GPU replay beside its calibrated simulation (diagnosis)."""
+    log = gpu.log
+    steps = np.asarray(gpu.step_rows)
+    rows = [
+        {
+            "start": log.start[i],
+            "seconds": log.duration[i],
+            "prefill_tokens": log.prefill_tokens[i],
+            "decode_seqs": log.decode_seqs[i],
+            "running": log.running[i],
+            "waiting": log.waiting[i],
+            "context": steps[i, 1],
+            "grid_predicted": cost.predict(*steps[i, :4]),
+            "calibrated_predicted": calibrated.predict(*steps[i, :4]),
+        }
+        for i in range(len(log.start))
+    ]
+    write_rows_csv(out / f"steps_{policy}.csv", rows)
+    sim_by_id = {r.request_id: r for r in simcal.requests}
+    reqs = []
+    for r in gpu.requests:
+        s = sim_by_id.get(r.request_id)
+        if not r.token_times or s is None or not s.token_times:
+            continue
+        reqs.append(
+            {
+                "request_id": r.request_id,
+                "arrival": r.arrival,
+                "prompt_len": r.prompt_len,
+                "gpu_ttft": r.token_times[0] - r.arrival,
+                "simcal_ttft": s.token_times[0] - s.arrival,
+                "gpu_last": r.token_times[-1] - r.arrival,
+                "simcal_last": s.token_times[-1] - s.arrival,
+            }
+        )
+    write_rows_csv(out / f"requests_{policy}.csv", reqs)
+
+
 def _bias(ratio: np.ndarray, seconds: np.ndarray) -> float:
     """Predicted over measured time of a set of steps, minus one (negative: the model under-predicts)."""
     return float(np.sum(ratio * seconds) / np.sum(seconds) - 1) if len(seconds) else float("nan")
@@ -325,6 +393,7 @@ def main() -> None:
     ap.add_argument(
         "--plan-calibrated", action="store_true", help="also replay with policies planning on the calibrated model"
     )
+    ap.add_argument("--dump-load", type=int, default=None, help="index of the load whose steps/requests to dump")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     skip = set(filter(None, args.skip.split(",")))
@@ -397,6 +466,7 @@ def main() -> None:
                 args.out,
                 tuple(float(f) for f in args.load_factors.split(",")),
                 args.plan_calibrated,
+                args.dump_load,
             ),
         )
     report["seconds"] = time.time() - T0

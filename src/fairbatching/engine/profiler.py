@@ -105,10 +105,11 @@ def run_profile(
 
 
 def write_rows_csv(path: Path, rows: list[dict]) -> None:
-    """Dict rows (profile rows, validation rows) as CSV with a header; nothing for no rows."""
+    """Dict rows (profile rows, validation rows) as CSV with a header of every key any row has (blank where a
+    row lacks one); nothing for no rows."""
     if rows:
         with Path(path).open("w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            writer = csv.DictWriter(fh, fieldnames=list(dict.fromkeys(k for r in rows for k in r)), restval="")
             writer.writeheader()
             writer.writerows(rows)
 
