@@ -47,6 +47,12 @@ from fairbatching.sim.simulator import simulate
 from fairbatching.workloads.traces import load_trace
 
 T0 = time.time()
+SUMMARY_COLUMNS = {
+    "ttft_p50": lambda s: s.ttft["p50"],
+    "ttft_p99": lambda s: s.ttft["p99"],
+    "tpot_mean": lambda s: s.tpot["mean"],
+    "slo_attainment": lambda s: s.slo_attainment,
+}
 
 
 def log(msg: str) -> None:
@@ -222,6 +228,7 @@ def validate(
     load_factors: tuple[float, ...] = (0.5, 0.7, 0.85, 1.1),
     plan_calibrated: bool = False,
     dump_load: int | None = None,
+    repeats: int = 1,
 ) -> list[dict]:
     cost = prof.cost_model()
     full = load_trace(trace)
@@ -265,40 +272,29 @@ def validate(
             log(f"time budget reached: skipping {policy} @ {qps} ({planner} planner)")
             continue
         w = base.rescaled(qps)
-        pol = make_policy(policy, plan_cost, tpot_slo=slo.tpot)
-        res = replay(runner, pol, plan_cost, w, slo)
-        gpu = summarize(policy, w.name, res.requests, res.end_time, res.busy_time, res.preemptions)
+        replays = []
+        for _ in range(repeats):  # the same replay again: how far the GPU differs from itself
+            r = replay(runner, make_policy(policy, plan_cost, tpot_slo=slo.tpot), plan_cost, w, slo)
+            replays.append((r, summarize(policy, w.name, r.requests, r.end_time, r.busy_time, r.preemptions)))
+        res, gpu = replays[0]
         s = sim(policy, qps, plan_cost=plan_cost)
         s_cal, res_cal = sim(policy, qps, calibrated, plan_cost=plan_cost, raw=True)
-        extra = {}
         if dump_load is not None and qps == loads[dump_load]:
             _dump(out, policy, res, res_cal, cost, calibrated)
-            import gc
-
-            gc.collect()
-            gc.disable()  # does the collector's pausing of the loop explain the gap to the simulator?
-            try:
-                res_nogc = replay(runner, make_policy(policy, plan_cost, tpot_slo=slo.tpot), plan_cost, w, slo)
-            finally:
-                gc.enable()
-            nogc = summarize(policy, w.name, res_nogc.requests, res_nogc.end_time, res_nogc.busy_time, 0)
-            extra = {"gpu_nogc_ttft_p50": nogc.ttft["p50"], "gpu_nogc_ttft_p99": nogc.ttft["p99"]}
-            log(
-                f"{policy} @ {qps} with the garbage collector off: TTFT p50 {nogc.ttft['p50']:.3f} "
-                f"p99 {nogc.ttft['p99']:.3f} TPOT {nogc.tpot['mean'] * 1e3:.1f} ms"
-            )
         row = {"qps": qps, "policy": policy, "planner": planner}
         for tag, summ in (("gpu", gpu), ("sim", s), ("simcal", s_cal)):
-            row.update(
-                {
-                    f"{tag}_ttft_p50": summ.ttft["p50"],
-                    f"{tag}_ttft_p99": summ.ttft["p99"],
-                    f"{tag}_tpot_mean": summ.tpot["mean"],
-                    f"{tag}_slo_attainment": summ.slo_attainment,
-                    f"{tag}_finished": summ.finished,
-                }
+            row.update({f"{tag}_{key}": get(summ) for key, get in SUMMARY_COLUMNS.items()})
+            row[f"{tag}_finished"] = summ.finished
+        if repeats > 1:  # GPU columns: median over the repeats, with their range
+            for key, get in SUMMARY_COLUMNS.items():
+                values = [get(g) for _r, g in replays]
+                row[f"gpu_{key}"] = statistics.median(values)
+                row[f"gpu_{key}_min"], row[f"gpu_{key}_max"] = min(values), max(values)
+            log(
+                f"{policy} @ {qps}: {repeats} GPU replays, TTFT p50 {row['gpu_ttft_p50_min']:.3f}-"
+                f"{row['gpu_ttft_p50_max']:.3f}, p99 {row['gpu_ttft_p99_min']:.3f}-{row['gpu_ttft_p99_max']:.3f}, "
+                f"TPOT {row['gpu_tpot_mean_min'] * 1e3:.1f}-{row['gpu_tpot_mean_max'] * 1e3:.1f} ms"
             )
-        row.update(extra)
         row["gpu_preemptions"] = res.preemptions
         row["gpu_host_gap_s"] = _host_gaps(res.log)
         row["gpu_busy_s"] = res.busy_time
@@ -393,6 +389,7 @@ def main() -> None:
     ap.add_argument(
         "--plan-calibrated", action="store_true", help="also replay with policies planning on the calibrated model"
     )
+    ap.add_argument("--replays", type=int, default=1, help="GPU replays per load and policy (their median)")
     ap.add_argument("--dump-load", type=int, default=None, help="index of the load whose steps/requests to dump")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -467,6 +464,7 @@ def main() -> None:
                 tuple(float(f) for f in args.load_factors.split(",")),
                 args.plan_calibrated,
                 args.dump_load,
+                args.replays,
             ),
         )
     report["seconds"] = time.time() - T0
