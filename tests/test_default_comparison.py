@@ -5,12 +5,12 @@ from fairbatching.experiment import Experiment, WorkloadSpec
 
 
 def test_fairbatching_meets_the_most_slos_on_the_measured_engine_profile():
-    """`fairbatching compare` as shipped (13 req/s, measured H100 engine profile; README's first table):
-    FairBatching holds the most requests to both SLOs, through TPOT attainment. Its P99 TTFT is not the
-    lowest there (vLLM's policy, then Sarathi's, are lower); the README says so."""
+    """`fairbatching compare` as shipped (15 req/s, the knee of the measured H100 engine profile; README's
+    first table): FairBatching holds the most requests to both SLOs and the most to TPOT. Its P99 TTFT is not
+    the lowest there (vLLM's policy's is a little lower); the README says so."""
     exp = Experiment(WorkloadSpec().build(), load_profile())
     s = {name: exp.run(name).summary for name in ("fairbatching", "sarathi", "vllm")}
-    assert all(x.tpot_attainment >= 0.9 and x.ttft_attainment >= 0.95 for x in s.values())
+    assert all(x.tpot_attainment >= 0.95 and x.ttft_attainment >= 0.9 for x in s.values())
     assert s["fairbatching"].tpot_attainment > max(s["sarathi"].tpot_attainment, s["vllm"].tpot_attainment)
     assert s["fairbatching"].slo_attainment > max(s["sarathi"].slo_attainment, s["vllm"].slo_attainment)
 
