@@ -25,6 +25,15 @@ from fairbatching.engine.model import LlamaModel
 from fairbatching.errors import ConfigError
 
 SCRATCH_BLOCK = 0  # never handed out: CUDA-graph padding rows write here
+# Mixed batches run padded up to the next of these sizes (at most a quarter more tokens). Coarser buckets
+# (powers of two) padded a 270-token step to 512: such steps ran 11-25% over what a cost model linear in
+# tokens predicts, and that error decided queueing in bursts (results/gpu-engine/steps_*.csv).
+PIECEWISE_TOKEN_SIZES = (
+    *range(32, 257, 32),
+    *range(320, 513, 64),
+    *range(640, 1025, 128),
+    *range(1280, 2049, 256),
+)
 
 
 @dataclass
@@ -195,7 +204,7 @@ class ModelRunner:
         backend: str | None = None,
         cuda_graphs: bool = True,
         graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256),
-        piecewise_token_sizes: tuple[int, ...] = (32, 64, 128, 256, 512, 768, 1024, 1536, 2048),
+        piecewise_token_sizes: tuple[int, ...] = PIECEWISE_TOKEN_SIZES,
         prefill_attention: str = "auto",
     ) -> None:
         """``prefill_attention``: see ``attention.PREFILL_IMPLS``; ``auto`` uses cuDNN only on Hopper or newer,
