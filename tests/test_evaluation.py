@@ -69,6 +69,26 @@ def test_sweep_caches_and_resumes(tmp_path, monkeypatch):
     assert [s.policy for s in calls] == ["fairbatching", "vllm", "vllm"]
 
 
+def test_cache_key_follows_the_profile_content(tmp_path):
+    """A profile remeasured under the same name must not reuse results simulated with the old numbers."""
+    from fairbatching.evaluation.runspec import ClusterRunSpec, _profile_fingerprint
+
+    path = tmp_path / "mine.json"
+    load_profile().save(path)
+    specs = (
+        RunSpec("fairbatching", "default", 10.0, profile=str(path)),
+        ClusterRunSpec("fairbatching", "pab", "default", 40.0, profile=str(path)),
+    )
+    before = [s.key() for s in specs]
+    assert before == [s.key() for s in specs]  # stable for the same content
+    data = json.loads(path.read_text())
+    data["params"]["t_mixed"] *= 2
+    path.write_text(json.dumps(data))
+    _profile_fingerprint.cache_clear()  # a new process (the next `evaluate`) reads the file afresh
+    after = [s.key() for s in specs]
+    assert after[0] != before[0] and after[1] != before[1]
+
+
 def test_parallel_sweep_matches_serial(tmp_path):
     specs = [RunSpec("fairbatching", "default", q, num_requests=80) for q in (6.0, 12.0, 18.0)]
     serial = Sweeper(None, workers=1).run(specs)

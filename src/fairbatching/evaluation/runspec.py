@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
+from functools import cache
 from typing import Any
 
 from fairbatching.core.request import SLO
@@ -14,6 +15,20 @@ from fairbatching.experiment import Experiment
 
 # Bump when simulator or metric semantics change, so stale cache entries are never reused.
 RESULT_VERSION = 2
+
+
+def _key(payload: dict[str, Any], profile: str | None) -> str:
+    """The spec plus what its profile holds: a profile remeasured under the same name (or the default
+    changing) must not reuse results simulated with the old numbers."""
+    payload = {**payload, "profile_content": _profile_fingerprint(profile)}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+@cache
+def _profile_fingerprint(profile: str | None) -> str:
+    p = load_profile(profile)
+    content = {"params": asdict(p.params), "kv": asdict(p.kv)}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -29,8 +44,7 @@ class RunSpec:
     options: tuple[tuple[str, Any], ...] = field(default_factory=tuple)
 
     def key(self) -> str:
-        payload = json.dumps({"v": RESULT_VERSION, **asdict(self)}, sort_keys=True, default=str)
-        return hashlib.sha256(payload.encode()).hexdigest()[:20]
+        return _key({"v": RESULT_VERSION, **asdict(self)}, self.profile)
 
 
 @dataclass(frozen=True)
@@ -52,8 +66,7 @@ class ClusterRunSpec:
     profile: str | None = None
 
     def key(self) -> str:
-        payload = json.dumps({"v": RESULT_VERSION, "cluster": asdict(self)}, sort_keys=True, default=str)
-        return hashlib.sha256(payload.encode()).hexdigest()[:20]
+        return _key({"v": RESULT_VERSION, "cluster": asdict(self)}, self.profile)
 
     @property
     def label(self) -> str:
