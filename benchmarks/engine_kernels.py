@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import traceback
 from pathlib import Path
 
@@ -26,19 +25,7 @@ import torch.nn.functional as F
 
 from fairbatching.engine import fused
 from fairbatching.engine.model import _rope
-
-
-def cuda_time(fn, repeats: int = 20) -> float:
-    fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    samples = []
-    for _ in range(repeats):
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(samples)
+from fairbatching.engine.profiler import cuda_time
 
 
 def fused_rows() -> list[dict]:
@@ -95,8 +82,8 @@ def _fused_rows_at(t: int) -> list[dict]:
         row = {
             "kernel": name,
             "tokens": t,
-            "torch_ms": cuda_time(ref_fn) * 1e3,
-            "fused_ms": cuda_time(new_fn) * 1e3,
+            "torch_ms": cuda_time(ref_fn, 20) * 1e3,
+            "fused_ms": cuda_time(new_fn, 20) * 1e3,
             "max_abs_diff": (ref.float() - new.float()).abs().max().item(),
         }
         row["speedup"] = row["torch_ms"] / row["fused_ms"]
@@ -168,7 +155,7 @@ def _attention_rows_at(n: int, prior: int, flex) -> list[dict]:
         row = {"backend": name, "new_tokens": n, "prior_context": prior}
         try:
             out = fn()
-            row["ms"] = cuda_time(fn) * 1e3
+            row["ms"] = cuda_time(fn, 20) * 1e3
             row["tflops"] = flops / row["ms"] / 1e9
             row["max_abs_diff_vs_varlen"] = (out.float() - ref.float()).abs().max().item()
             print(

@@ -34,6 +34,7 @@ from fairbatching.engine import build_engine
 from fairbatching.engine.attention import PREFILL_IMPLS, attention, build_metadata, prefers_cudnn
 from fairbatching.engine.loop import generate, replay
 from fairbatching.engine.profiler import (
+    cuda_time,
     default_grid,
     measured_profile,
     run_profile,
@@ -57,18 +58,6 @@ SUMMARY_COLUMNS = {
 
 def log(msg: str) -> None:
     print(f"[{time.time() - T0:6.1f}s] {msg}", flush=True)
-
-
-def cuda_time(fn, repeats: int = 10) -> float:
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    samples = []
-    for _ in range(repeats):
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(samples)
 
 
 def ceilings() -> dict:
