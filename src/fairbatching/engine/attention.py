@@ -31,6 +31,11 @@ CUDNN_MIN_TOKENS = 1024
 CUDNN_PAD = 256
 
 
+def check_prefill_impl(prefill_impl: str) -> None:
+    if prefill_impl not in PREFILL_IMPLS:
+        raise ConfigError(f"prefill attention must be one of {', '.join(PREFILL_IMPLS)}, got {prefill_impl!r}")
+
+
 def prefers_cudnn(cached: int, new: int, prefill_impl: str) -> bool:
     """Whether a prefill chunk goes to cuDNN (the rest share one varlen call)."""
     if prefill_impl == "auto":
@@ -62,7 +67,6 @@ class AttentionMetadata:
     varlen_q: int = 0  # query rows and context rows of the varlen group
     varlen_k: int = 0
     prefill_context_slots: torch.Tensor | None = None  # every context slot of every chunk, packed
-    prefill_impl: str = "varlen"
     # chunks after the varlen group, one cuDNN call each: q start, q end, k start, k end in the prefill part,
     # and whether the chunk is fresh and padded (its context rows run to ``k end``, past its new tokens)
     cudnn_spans: list[tuple[int, int, int, int, bool]] | None = None
@@ -80,11 +84,11 @@ def build_metadata(
     prefill_impl: str = "varlen",
 ) -> AttentionMetadata:
     """``chunks``: (tokens already cached, new tokens, block ids) per sequence, decodes first."""
-    if prefill_impl not in PREFILL_IMPLS:
-        raise ConfigError(f"prefill attention must be one of {', '.join(PREFILL_IMPLS)}, got {prefill_impl!r}")
+    check_prefill_impl(prefill_impl)
     bs = block_size
     slots: list[int] = []
     context_slots: list[torch.Tensor] = []
+    to_cudnn: list[bool] = []  # per prefill chunk
     padded: list[bool] = []
     for i, (cached, new, blocks) in enumerate(chunks):
         if i < num_decodes and backend != "reference":
@@ -93,7 +97,8 @@ def build_metadata(
         pos = torch.arange(cached + new)
         ctx = torch.tensor(blocks, dtype=torch.int64)[pos // bs] * bs + pos % bs
         slots.extend(ctx[cached:].tolist())
-        pad = backend != "reference" and cached == 0 and prefers_cudnn(cached, new, prefill_impl)
+        to_cudnn.append(backend != "reference" and prefers_cudnn(cached, new, prefill_impl))
+        pad = to_cudnn[-1] and cached == 0
         padded.append(pad)
         if pad and new % CUDNN_PAD:  # slot 0 (the runner's scratch block) holds finite values
             ctx = torch.cat([ctx, torch.zeros(CUDNN_PAD - new % CUDNN_PAD, dtype=torch.int64)])
@@ -102,7 +107,7 @@ def build_metadata(
     def tensor(values, dtype=torch.int64):
         return torch.as_tensor(values, dtype=dtype).to(device, non_blocking=True)
 
-    meta = AttentionMetadata(backend, tensor(slots), num_decodes, block_size, prefill_impl=prefill_impl)
+    meta = AttentionMetadata(backend, tensor(slots), num_decodes, block_size)
     if backend == "reference":
         seqs, start = [], 0
         for (_cached, new, _blocks), ctx in zip(chunks, context_slots, strict=True):
@@ -123,8 +128,7 @@ def build_metadata(
     if prefills:
         # The leading chunks that do not go to cuDNN share one varlen call; every chunk from the first cuDNN
         # one on gets its own call (the runner orders chunks so that the varlen ones lead).
-        split = next((i for i, (c, n, _b) in enumerate(prefills) if prefers_cudnn(c, n, prefill_impl)), None)
-        split = len(prefills) if split is None else split
+        split = to_cudnn.index(True) if True in to_cudnn else len(prefills)
         cu_q = _cumsum([n for _c, n, _b in prefills])
         cu_k = _cumsum([len(ctx) for ctx in context_slots])
         if split:

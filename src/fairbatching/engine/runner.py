@@ -13,10 +13,10 @@ import numpy as np
 import torch
 
 from fairbatching.engine.attention import (
-    PREFILL_IMPLS,
     AttentionMetadata,
     attention,
     build_metadata,
+    check_prefill_impl,
     decode_splits,
     prefers_cudnn,
     warm_cudnn,
@@ -209,8 +209,7 @@ class ModelRunner:
     ) -> None:
         """``prefill_attention``: see ``attention.PREFILL_IMPLS``; ``auto`` uses cuDNN only on Hopper or newer,
         where it was measured to win."""
-        if prefill_attention not in PREFILL_IMPLS:
-            raise ConfigError(f"prefill attention must be one of {', '.join(PREFILL_IMPLS)}, got {prefill_attention!r}")
+        check_prefill_impl(prefill_attention)
         self.model = model
         if prefill_attention == "auto" and not _cudnn_attention_wins(model.device):
             prefill_attention = "varlen"
