@@ -7,9 +7,12 @@
    SDPA on cuDNN, SDPA on its flash backend, FlexAttention compiled by Inductor. Time, TFLOP/s and the
    largest difference to the varlen output.
 3. cuDNN's first call at a new sequence length (plan building) against a repeat call.
+4. chunk attention: prefill chunks over earlier context (and small fresh ones) as the engine runs them, from
+   the paged cache: the Triton paged kernel, FlashAttention-2 varlen and cuDNN (both after gathering the
+   context). Sets ``attention.PAGED_MAX_TOKENS``.
 
 Run on the device:
-  PYTHONPATH=src python3 benchmarks/engine_kernels.py --out $OUT
+  PYTHONPATH=src python3 benchmarks/engine_kernels.py --out $OUT [--sections chunk_attention,...]
 Writes kernels.json and prints a table.
 """
 
@@ -194,18 +197,76 @@ def cudnn_new_length_rows() -> list[dict]:
     return rows
 
 
+def chunk_attention_rows() -> list[dict]:
+    """Each route of the engine's attention on the same chunks (Llama-3-8B heads, 16-token blocks): GPU time of
+    one layer's attention, and host time of the step's metadata (built once for all layers)."""
+    import time
+
+    from fairbatching.engine.attention import PrefillRouting, attention, build_metadata, chunk_block_q
+
+    nh, nkv, d, bs = 32, 8, 128, 16
+    bf = dict(device="cuda", dtype=torch.bfloat16)
+    k_cache = torch.randn(8192, bs, nkv, d, **bf)
+    v_cache = torch.randn_like(k_cache)
+    free = torch.randperm(8191).add(1).tolist()
+    shapes = [[(n, c)] for c in (1024, 4096, 16384) for n in (16, 64, 128, 256, 512, 1024, 2048)]
+    shapes += [[(n, 0)] for n in (64, 256, 512)] + [[(256, 2048)] * 4, [(64, 1000)] * 8]
+    rows = []
+    for comp in shapes:
+        chunks, taken = [], 0
+        for n, c in comp:
+            need = -(-(n + c) // bs)
+            chunks.append((c, n, free[taken : taken + need]))
+            taken += need
+        q = torch.randn(sum(n for n, _c in comp), nh, d, **bf)
+        ref = None
+        for impl in ("paged", "varlen", "cudnn"):
+            routing = PrefillRouting(impl, block_q=chunk_block_q(nh, nkv))
+            t0 = time.perf_counter()
+            meta = build_metadata("cuda", chunks, 0, bs, q.device, None, routing)
+            torch.cuda.synchronize()
+            meta_ms = (time.perf_counter() - t0) * 1e3
+
+            def run(q=q, meta=meta):
+                return attention(q, k_cache, v_cache, meta)
+
+            out = run()
+            ref = out if ref is None else ref
+            row = {
+                "route": impl,
+                "chunks": len(comp),
+                "new_tokens": comp[0][0],
+                "prior_context": comp[0][1],
+                "ms": cuda_time(run, 20) * 1e3,
+                "metadata_ms": meta_ms,
+                "max_abs_diff_vs_paged": (out.float() - ref.float()).abs().max().item(),
+            }
+            rows.append(row)
+            print(
+                f"chunk attention {impl:6s} {len(comp)} x n={comp[0][0]:5d} prior={comp[0][1]:5d} "
+                f"{row['ms']:8.3f} ms (metadata {meta_ms:.2f} ms) diff {row['max_abs_diff_vs_paged']:.4f}",
+                flush=True,
+            )
+    return rows
+
+
+SECTIONS = {
+    "fused": fused_rows,
+    "prefill_attention": attention_rows,
+    "cudnn_new_length": cudnn_new_length_rows,
+    "chunk_attention": chunk_attention_rows,
+}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, of {', '.join(SECTIONS)}")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     report = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
-    sections = (
-        ("fused", fused_rows),
-        ("prefill_attention", attention_rows),
-        ("cudnn_new_length", cudnn_new_length_rows),
-    )
-    for name, fn in sections:
+    for name in args.sections.split(","):
+        fn = SECTIONS[name]
         try:
             report[name] = fn()
         except Exception as exc:

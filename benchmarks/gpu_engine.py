@@ -31,7 +31,7 @@ from fairbatching.core.request import SLO
 from fairbatching.costmodel.fit import fit_cost_model, load_profile_rows
 from fairbatching.costmodel.model import BatchFeatures
 from fairbatching.engine import build_engine
-from fairbatching.engine.attention import PREFILL_IMPLS, attention, build_metadata, prefers_cudnn
+from fairbatching.engine.attention import PREFILL_IMPLS, ROUTES, PrefillRouting, attention, build_metadata
 from fairbatching.engine.loop import generate, replay
 from fairbatching.engine.profiler import (
     cuda_time,
@@ -74,11 +74,11 @@ def check_attention() -> dict:
     """CUDA path vs SDPA reference, bf16, Llama-3-8B heads: decodes of several lengths plus prefill chunks."""
     torch.manual_seed(0)
     bs, nkv, nh, d = 16, 8, 32, 128
-    k_cache = torch.randn(600, bs, nkv, d, device="cuda", dtype=torch.bfloat16)
-    v_cache = torch.randn(600, bs, nkv, d, device="cuda", dtype=torch.bfloat16)
+    k_cache = torch.randn(800, bs, nkv, d, device="cuda", dtype=torch.bfloat16)
+    v_cache = torch.randn(800, bs, nkv, d, device="cuda", dtype=torch.bfloat16)
     chunks, next_block = [], 1
     # (tokens cached, new tokens): four decodes, then prefill chunks with and without prior context
-    for c, n in [(1, 1), (16, 1), (999, 1), (2999, 1), (0, 64), (200, 300), (2500, 20), (0, 1500)]:
+    for c, n in [(1, 1), (16, 1), (999, 1), (2999, 1), (0, 64), (200, 300), (2500, 20), (0, 1500), (1000, 700)]:
         blocks = list(range(next_block, next_block + -(-(n + c) // bs)))[::-1]
         next_block += len(blocks)
         chunks.append((c, n, blocks))
@@ -90,8 +90,15 @@ def check_attention() -> dict:
     )
     out = {"ref_abs_mean": ref.abs().mean().item()}
     for impl in PREFILL_IMPLS:
-        meta = build_metadata("cuda", chunks, num_decodes, bs, dev, 1024, prefill_impl=impl)
-        err = (attention(q, k_cache, v_cache, meta).float() - ref).abs()
+        routing = PrefillRouting(impl)
+        # pack the prefill chunks in the order their kernels expect, as the runner does
+        order = list(range(num_decodes)) + sorted(
+            range(num_decodes, len(chunks)), key=lambda i: ROUTES.index(routing.route(*chunks[i][:2]))
+        )
+        starts = np.cumsum([0] + [n for _c, n, _b in chunks])
+        rows = torch.cat([torch.arange(starts[i], starts[i + 1]) for i in order]).to(dev)
+        meta = build_metadata("cuda", [chunks[i] for i in order], num_decodes, bs, dev, 1024, routing)
+        err = (attention(q[rows], k_cache, v_cache, meta).float() - ref[rows]).abs()
         out[impl] = {"max_abs_error": err.max().item(), "mean_abs_error": err.mean().item()}
         log(f"attention check ({impl} prefill): max abs error {err.max().item():.4f}")
     return out
@@ -183,7 +190,7 @@ def speed_table(runner, ceil: dict) -> list[dict]:
                     "attention": impl,
                     "fused": kernels is not None,
                     "engine_default": kernels is chosen[1]
-                    and impl == ("cudnn" if prefers_cudnn(0, n, chosen[0]) else "varlen"),
+                    and impl == PrefillRouting(chosen[0], runner.cudnn_wins).route(0, n),
                 }
             )
     runner.prefill_attention, runner.model.kernels = chosen
@@ -193,6 +200,38 @@ def speed_table(runner, ceil: dict) -> list[dict]:
         log(
             f"speed {r['kind']:7s} seqs={r['seqs']:3d} ctx={r['context']:5d} {r['ms']:8.2f} ms "
             f"floor {r['floor_ms']:8.2f} x{r['ratio']:.2f}{variant}"
+        )
+    return rows
+
+
+def mixed_speed(runner) -> list[dict]:
+    """Mixed steps on the engine's attention routing against FlashAttention-2 varlen for every chunk (the
+    engine before the Triton chunk kernel and whole-step mixed graphs), same run, same compositions."""
+    import random
+
+    rng = random.Random(0)
+    chosen = runner.prefill_attention
+    comps = {
+        "16 decodes@2k + 64 over 3k": [(1, 2048)] * 16 + [(64, 3000)],
+        "16 decodes@2k + 64 fresh": [(1, 2048)] * 16 + [(64, 0)],
+        "64 decodes@1k + 256 over 3k": [(1, 1024)] * 64 + [(256, 3000)],
+        "160 decodes@2k + 256 fresh": [(1, 2048)] * 160 + [(256, 0)],
+        "48 decodes@1.5k + 4 x 128 over 1k": [(1, 1500)] * 48 + [(128, 1000)] * 4,
+        "1 x 32 over 4k": [(32, 4096)],
+        "1 x 512 over 8k": [(512, 8192)],
+    }
+    rows = []
+    for name, comp in comps.items():
+        row = {"composition": name}
+        for impl in ("varlen", chosen):
+            runner.prefill_attention = impl
+            row[f"{impl}_ms"] = time_composition(runner, comp, 10, rng) * 1e3
+        runner.prefill_attention = chosen
+        row["speedup"] = row["varlen_ms"] / row[f"{chosen}_ms"]
+        rows.append(row)
+        log(
+            f"mixed {name:34s} varlen {row['varlen_ms']:7.2f} ms  {chosen} {row[f'{chosen}_ms']:7.2f} ms"
+            f"  x{row['speedup']:.2f}"
         )
     return rows
 
@@ -414,6 +453,7 @@ def main() -> None:
     runner.warmup()
     log(f"engine ready: {runner.pool.usable} KV blocks of {runner.block_size}")
     section("speed", lambda: speed_table(runner, ceil))
+    section("mixed_speed", lambda: mixed_speed(runner))
     section("prefill_breakdown", lambda: prefill_breakdown(runner))
 
     def profile():

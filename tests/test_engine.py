@@ -205,31 +205,42 @@ def test_checkpoint_with_missing_or_misshapen_tensors(tmp_path, llama):
         LlamaModel(ModelConfig.from_dir(tmp_path), checkpoint=tmp_path)
 
 
-def test_triton_decode_kernel_matches_reference_in_interpreter():
-    """The Triton paged decode kernel, run by Triton's CPU interpreter, against the SDPA reference."""
-    pytest.importorskip("triton", reason="the decode kernel test needs triton")
+def test_triton_paged_kernel_matches_reference_in_interpreter():
+    """The Triton paged attention kernel, run by Triton's CPU interpreter, against the SDPA reference: decodes,
+    and prefill chunks (fresh, over earlier context, spanning several query tiles) with any number of splits,
+    including splits that hold no key a query may see."""
+    pytest.importorskip("triton", reason="the paged-kernel test needs triton")
     script = textwrap.dedent(
         """
         import torch
-        from fairbatching.engine.attention import build_metadata, attention
-        from fairbatching.engine.kernels import paged_decode_attention
+        from fairbatching.engine.attention import PrefillRouting, attention, build_metadata, chunk_block_q
+        from fairbatching.engine.kernels import paged_attention
         torch.manual_seed(0)
-        bs, nkv, nh, d = 4, 2, 8, 16
-        k_cache = torch.randn(60, bs, nkv, d)
-        v_cache = torch.randn(60, bs, nkv, d)
-        lens = [1, 7, 33, 70]
-        blocks = [list(range(1 + 10 * i, 1 + 10 * i + -(-n // bs)))[::-1] for i, n in enumerate(lens)]
-        q = torch.randn(len(lens), nh, d)
-        chunks = [(n - 1, 1, b) for n, b in zip(lens, blocks)]
-        ref = attention(q, k_cache, v_cache, build_metadata("reference", chunks, len(lens), bs, torch.device("cpu")))
-        table = torch.zeros(len(lens), 20, dtype=torch.int32)
-        for i, b in enumerate(blocks):
-            table[i, : len(b)] = torch.tensor(b)
-        for splits in (1, 3):
-            lens_t = torch.tensor(lens, dtype=torch.int32)
-            got = paged_decode_attention(q, k_cache, v_cache, table, lens_t, splits, tile=16)
-            err = (got - ref).abs().max().item()
-            assert err < 1e-4, (splits, err)
+        bs, nkv, nh, d = 4, 2, 6, 16
+        k_cache, v_cache = torch.randn(200, bs, nkv, d), torch.randn(200, bs, nkv, d)
+        chunks, next_block = [], 1
+        for cached, new in [(0, 1), (6, 1), (32, 1), (69, 1), (0, 5), (3, 9), (50, 37), (17, 2)]:
+            blocks = list(range(next_block, next_block + -(-(cached + new) // bs)))[::-1]
+            next_block += len(blocks)
+            chunks.append((cached, new, blocks))
+        q = torch.randn(sum(n for _c, n, _b in chunks), nh, d)
+        cpu = torch.device("cpu")
+        ref = attention(q, k_cache, v_cache, build_metadata("reference", chunks, 4, bs, cpu))
+        block_q = chunk_block_q(nh, nkv)
+        meta = build_metadata("cuda", chunks, 4, bs, cpu, 40, PrefillRouting("paged", block_q=block_q))
+        assert meta.paged_q == 53 and len(meta.chunk_tiles) == 6, meta.chunk_tiles
+        assert meta.chunk_tiles[:, 0].tolist() == [4, 5, 6, 6, 6, 7] and meta.chunk_tiles[0, 1] == 4
+        tables, lens, tiles = meta.block_tables, meta.context_lens, meta.chunk_tiles
+        for splits in (1, 3, 8):
+            got = paged_attention(q, k_cache, v_cache, tables, lens, tiles, splits, block_q, tile=16)
+            assert (got - ref).abs().max() < 1e-4, splits
+            got = paged_attention(q[:4], k_cache, v_cache, tables, lens, None, splits, tile=16)
+            assert (got - ref[:4]).abs().max() < 1e-4, ("decodes alone", splits)
+        # as a CUDA graph runs it: rows that are not decodes have length 0, spare tiles 0 rows
+        padded_lens = torch.cat([lens, torch.zeros(len(q) - 4, dtype=torch.int32)])
+        padded_tiles = torch.cat([tiles, torch.zeros(3, 4, dtype=torch.int32)])
+        got = paged_attention(q, k_cache, v_cache, tables, padded_lens, padded_tiles, 2, block_q, tile=16)
+        assert (got - ref).abs().max() < 1e-4
         print("ok")
         """
     )
@@ -238,26 +249,42 @@ def test_triton_decode_kernel_matches_reference_in_interpreter():
     assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:]
 
 
-def test_prefill_chunks_split_between_varlen_and_cudnn():
-    """``auto``: fresh chunks of 1024+ tokens go to cuDNN one by one (padded to a multiple of 256, so a few
-    cuDNN plans serve every length), the leading rest share one varlen call; a chunk after the first cuDNN one
-    goes to cuDNN too (still correct), so nothing is attended twice or lost."""
-    from fairbatching.engine.attention import build_metadata
+def test_prefill_chunks_routed_to_triton_varlen_and_cudnn():
+    """``auto``: chunks of up to 512 tokens go to the Triton kernel (reading the blocks, in tiles of ``block_q``
+    tokens, table rows after the decodes'), fresh chunks of 1024+ tokens to cuDNN one by one (padded to a
+    multiple of 256, so a few cuDNN plans serve every length), the rest share one varlen call; every token is
+    written once and attended once."""
+    from fairbatching.engine.attention import PrefillRouting, build_metadata
 
-    chunks = [(9, 1, [1]), (0, 64, [2] * 4), (300, 200, [3] * 32), (0, 2000, [4] * 125), (50, 10, [5] * 4)]
-    meta = build_metadata("cuda", chunks, 1, 16, torch.device("cpu"), prefill_impl="auto")
-    assert meta.cu_q.tolist() == [0, 64, 264] and meta.cu_k.tolist() == [0, 64, 564]
-    assert (meta.varlen_q, meta.varlen_k, meta.max_q, meta.max_k) == (264, 564, 200, 500)
-    # the fresh 2000-token chunk runs padded to 2048 context rows (slot 0), the chunk behind it unpadded
-    assert meta.cudnn_spans == [(264, 2264, 564, 2612, True), (2264, 2274, 2612, 2672, False)]
-    assert len(meta.prefill_context_slots) == 2672 and len(meta.slots) == 1 + 2274
-    assert meta.prefill_context_slots[2564:2612].eq(0).all()
-    only_varlen = build_metadata("cuda", chunks, 1, 16, torch.device("cpu"), prefill_impl="varlen")
-    assert only_varlen.cudnn_spans is None and only_varlen.cu_q.tolist()[-1] == 2274
-    only_cudnn = build_metadata("cuda", chunks, 1, 16, torch.device("cpu"), prefill_impl="cudnn")
-    assert only_cudnn.cu_q is None and [p for *_, p in only_cudnn.cudnn_spans] == [True, False, True, False]
+    cpu, auto = torch.device("cpu"), PrefillRouting("auto", block_q=16)
+    decode, over_context, fresh = (9, 1, [1]), (300, 40, [3] * 22), (0, 64, [2] * 4)
+    long_over_context, fresh_mid, fresh_long = (50, 600, [5] * 41), (0, 800, [6] * 50), (0, 2000, [4] * 125)
+    chunks = [decode, over_context, fresh, long_over_context, fresh_mid, fresh_long]
+    assert [auto.route(c, n) for c, n, _b in chunks[1:]] == ["paged", "paged", "varlen", "varlen", "cudnn"]
+    meta = build_metadata("cuda", chunks, 1, 16, cpu, routing=auto)
+    assert meta.paged_q == 104 and meta.context_lens.tolist() == [10] and meta.block_tables.shape[0] == 3
+    assert meta.chunk_tiles.tolist() == [
+        [1, 1, 16, 300],
+        [1, 17, 16, 316],
+        [1, 33, 8, 332],
+        *([2, 41 + 16 * i, 16, 16 * i] for i in range(4)),
+    ]
+    assert meta.cu_q.tolist() == [0, 600, 1400] and meta.cu_k.tolist() == [0, 650, 1450]
+    assert (meta.varlen_q, meta.varlen_k, meta.max_q, meta.max_k) == (1400, 1450, 800, 800)
+    # the fresh 2000-token chunk runs padded to 2048 context rows (slot 0); the Triton chunks gather nothing
+    assert meta.cudnn_spans == [(1400, 3400, 1450, 3498, True)]
+    assert len(meta.prefill_context_slots) == 3498 and len(meta.slots) == 1 + 104 + 3400
+    assert meta.prefill_context_slots[3450:].eq(0).all()
+    with pytest.raises(ValueError, match="must be packed in"):
+        build_metadata("cuda", [decode, fresh_long, over_context], 1, 16, cpu, routing=auto)
+    only_varlen = build_metadata("cuda", chunks, 1, 16, cpu, routing=PrefillRouting("varlen"))
+    assert only_varlen.cudnn_spans is None and only_varlen.paged_q == 0 and only_varlen.cu_q.tolist()[-1] == 3504
+    only_cudnn = build_metadata("cuda", chunks, 1, 16, cpu, routing=PrefillRouting("cudnn"))
+    assert only_cudnn.cu_q is None and [p for *_, p in only_cudnn.cudnn_spans] == [False, True, False, True, True]
+    no_cudnn = PrefillRouting("auto", cudnn=False)
+    assert no_cudnn.route(0, 2000) == "varlen" and no_cudnn.route(300, 40) == "paged"
     with pytest.raises(ConfigError, match="prefill attention must be one of"):
-        build_metadata("cuda", chunks, 1, 16, torch.device("cpu"), prefill_impl="flash3")
+        PrefillRouting("flash3")
     with pytest.raises(ConfigError, match="prefill attention must be one of"):
         ModelRunner(LlamaModel(model_config("tiny")), num_blocks=8, prefill_attention="flash3")
 

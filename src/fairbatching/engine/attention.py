@@ -3,13 +3,15 @@
 Two backends share one metadata object, built once per iteration:
 - ``reference`` (CPU, and the yardstick on GPU): per sequence, gather its K/V from its blocks and run SDPA
   with a bottom-right causal mask (a chunk sees all earlier context and itself).
-- ``cuda``: decodes read K/V straight from the blocks with a Triton split-K kernel; prefill chunks gather
-  their context and run FlashAttention-2 varlen over all chunks at once (causal = window (-1, 0),
-  bottom-right aligned) or SDPA on cuDNN's fused attention, one call per chunk. ``prefill_impl`` picks:
-  ``varlen`` or ``cudnn`` for every chunk, or ``auto``: cuDNN for fresh chunks (no prior context) of at least
-  ``CUDNN_MIN_TOKENS``, varlen for the rest (measured on an H100, benchmarks/engine_kernels.py: cuDNN runs
-  an 8k fresh chunk 1.9x faster than FlashAttention-2 but a chunk over earlier context 5-20% slower, and
-  one call per chunk costs host time that only long chunks repay).
+- ``cuda``: decodes read K/V straight from the blocks with a Triton split-K kernel (``kernels.py``). Each
+  prefill chunk goes one of three ways (``PrefillRouting``): the same Triton kernel (``paged``), one
+  FlashAttention-2 varlen call shared by all such chunks over their gathered context (``varlen``), or SDPA
+  on cuDNN's fused attention, one call per chunk (``cudnn``). ``auto``, measured on an H100
+  (benchmarks/engine_kernels.py): chunks of up to ``PAGED_MAX_TOKENS`` go to the Triton kernel
+  (FlashAttention-2 leaves most SMs idle on short chunks over long context, and a step whose chunks all run
+  on the Triton kernel replays as one CUDA graph); fresh chunks of ``CUDNN_MIN_TOKENS`` or more to cuDNN
+  (1.9x faster than FlashAttention-2 at 8k, but slower over earlier context, and one call per chunk costs
+  host time that only long chunks repay); the rest to varlen.
 """
 
 from __future__ import annotations
@@ -22,13 +24,16 @@ import torch.nn.functional as F
 
 from fairbatching.errors import ConfigError
 
-PREFILL_IMPLS = ("auto", "varlen", "cudnn")
+PREFILL_IMPLS = ("auto", "varlen", "cudnn", "paged")
 CUDNN_MIN_TOKENS = 1024
+PAGED_MAX_TOKENS = 512
 # cuDNN builds an execution plan for every new sequence length, which costs more than the attention it saves
 # (measured: prefill-carrying serving steps 25-33% slower than profiled). Fresh chunks are padded up to a
 # multiple of this, so a few dozen plans, built at warm-up, cover every length; causality keeps the padding
 # keys out of every real row.
 CUDNN_PAD = 256
+ROUTES = ("paged", "varlen", "cudnn")  # the order chunks are packed in, after the decodes
+CHUNK_ROWS = 64  # query rows one Triton program holds for a chunk: tokens x the GQA group padded to a power of 2
 
 
 def check_prefill_impl(prefill_impl: str) -> None:
@@ -36,38 +41,66 @@ def check_prefill_impl(prefill_impl: str) -> None:
         raise ConfigError(f"prefill attention must be one of {', '.join(PREFILL_IMPLS)}, got {prefill_impl!r}")
 
 
-def prefers_cudnn(cached: int, new: int, prefill_impl: str) -> bool:
-    """Whether a prefill chunk goes to cuDNN (the rest share one varlen call)."""
-    if prefill_impl == "auto":
-        return cached == 0 and new >= CUDNN_MIN_TOKENS
-    return prefill_impl == "cudnn"
+def chunk_block_q(num_heads: int, num_kv_heads: int) -> int:
+    """Tokens per Triton program for prefill chunks."""
+    group = num_heads // num_kv_heads
+    return max(1, CHUNK_ROWS // (1 << (group - 1).bit_length()))
+
+
+@dataclass(frozen=True)
+class PrefillRouting:
+    """Which attention kernel serves each prefill chunk.
+
+    ``impl``: one of ``PREFILL_IMPLS`` (a fixed kernel for every chunk, or ``auto``); ``cudnn``: whether
+    ``auto`` may use cuDNN (measured to win only on Hopper or newer); ``block_q``: query tokens per program
+    of the Triton kernel (``kernels.chunk_block_q`` of the model's heads)."""
+
+    impl: str = "auto"
+    cudnn: bool = True
+    block_q: int = 16
+
+    def __post_init__(self) -> None:
+        check_prefill_impl(self.impl)
+
+    def route(self, cached: int, new: int) -> str:
+        if self.impl != "auto":
+            return self.impl
+        if new <= PAGED_MAX_TOKENS:
+            return "paged"
+        if not cached and new >= CUDNN_MIN_TOKENS and self.cudnn:
+            return "cudnn"
+        return "varlen"
 
 
 @dataclass
 class AttentionMetadata:
     """Where each new token's K/V goes and what each sequence reads.
 
-    Tokens are packed as ``num_decodes`` single-token decodes, then the prefill chunks. ``slots`` are flat
-    cache indices (block * block_size + offset) of the new tokens.
+    Tokens are packed as ``num_decodes`` single-token decodes, then the prefill chunks in ``ROUTES`` order:
+    Triton (paged), varlen, cuDNN. ``slots`` are flat cache indices (block * block_size + offset) of the new
+    tokens.
     """
 
     backend: str
     slots: torch.Tensor
     num_decodes: int
     block_size: int
-    # decodes
-    block_tables: torch.Tensor | None = None  # [num_decodes, max_blocks] int32
+    # rows on the Triton kernel: decodes, then chunks in tiles of ``chunk_block_q`` tokens
+    block_tables: torch.Tensor | None = None  # [decodes + chunks, max_blocks] int32
     context_lens: torch.Tensor | None = None  # [num_decodes] int32, including the new token
+    chunk_tiles: torch.Tensor | None = None  # [tiles, 4] int32: table row, first query row, rows, position
+    chunk_block_q: int = 16
+    paged_q: int = 0  # query rows of the chunks
     num_splits: int = 1
-    # prefill chunks
-    cu_q: torch.Tensor | None = None  # [P + 1] int32, offsets into the prefill part
+    # chunks that gather their context: offsets into the gathered part (after the Triton chunks)
+    cu_q: torch.Tensor | None = None  # [P + 1] int32
     cu_k: torch.Tensor | None = None
     max_q: int = 0
     max_k: int = 0
     varlen_q: int = 0  # query rows and context rows of the varlen group
     varlen_k: int = 0
-    prefill_context_slots: torch.Tensor | None = None  # every context slot of every chunk, packed
-    # chunks after the varlen group, one cuDNN call each: q start, q end, k start, k end in the prefill part,
+    prefill_context_slots: torch.Tensor | None = None  # every context slot of every gathering chunk, packed
+    # chunks after the varlen group, one cuDNN call each: q start, q end, k start, k end in the gathered part,
     # and whether the chunk is fresh and padded (its context rows run to ``k end``, past its new tokens)
     cudnn_spans: list[tuple[int, int, int, int, bool]] | None = None
     # reference backend: per sequence (query start, query end, its context slots)
@@ -81,73 +114,112 @@ def build_metadata(
     block_size: int,
     device: torch.device,
     max_blocks: int | None = None,
-    prefill_impl: str = "varlen",
+    routing: PrefillRouting = PrefillRouting("varlen"),
 ) -> AttentionMetadata:
-    """``chunks``: (tokens already cached, new tokens, block ids) per sequence, decodes first."""
-    check_prefill_impl(prefill_impl)
+    """``chunks``: (tokens already cached, new tokens, block ids) per sequence, decodes first, then prefill
+    chunks in ``ROUTES`` order of ``routing.route`` (the runner packs them so)."""
     bs = block_size
-    slots: list[int] = []
-    context_slots: list[torch.Tensor] = []
-    to_cudnn: list[bool] = []  # per prefill chunk
-    padded: list[bool] = []
+    slots: list[np.ndarray] = []
+    routes: list[str] = []
+    gathered: list[tuple[int, np.ndarray, bool]] = []  # (new tokens, context slots, padded) per gathering chunk
     for i, (cached, new, blocks) in enumerate(chunks):
-        if i < num_decodes and backend != "reference":
-            slots.append(blocks[cached // bs] * bs + cached % bs)  # a decode only writes; the kernel reads blocks
+        table = np.asarray(blocks, dtype=np.int64)
+        if backend != "reference" and i < num_decodes:
+            slots.append(_slots(table, bs, cached, cached + 1))  # a decode only writes; the kernel reads blocks
             continue
-        pos = torch.arange(cached + new)
-        ctx = torch.tensor(blocks, dtype=torch.int64)[pos // bs] * bs + pos % bs
-        slots.extend(ctx[cached:].tolist())
-        to_cudnn.append(backend != "reference" and prefers_cudnn(cached, new, prefill_impl))
-        pad = to_cudnn[-1] and cached == 0
-        padded.append(pad)
+        route = "reference" if backend == "reference" else routing.route(cached, new)
+        if routes and route != "reference" and ROUTES.index(route) < ROUTES.index(routes[-1]):
+            raise ValueError(f"prefill chunks must be packed in {ROUTES} order, got {route} after {routes[-1]}")
+        routes.append(route)
+        slots.append(_slots(table, bs, cached, cached + new))
+        if route == "paged":
+            continue
+        ctx = _slots(table, bs, 0, cached + new)
+        pad = route == "cudnn" and cached == 0
         if pad and new % CUDNN_PAD:  # slot 0 (the runner's scratch block) holds finite values
-            ctx = torch.cat([ctx, torch.zeros(CUDNN_PAD - new % CUDNN_PAD, dtype=torch.int64)])
-        context_slots.append(ctx)
+            ctx = np.concatenate([ctx, np.zeros(CUDNN_PAD - new % CUDNN_PAD, dtype=np.int64)])
+        gathered.append((new, ctx, pad))
 
     def tensor(values, dtype=torch.int64):
         return torch.as_tensor(values, dtype=dtype).to(device, non_blocking=True)
 
-    meta = AttentionMetadata(backend, tensor(slots), num_decodes, block_size)
+    meta = AttentionMetadata(backend, tensor(np.concatenate(slots)), num_decodes, block_size)
     if backend == "reference":
         seqs, start = [], 0
-        for (_cached, new, _blocks), ctx in zip(chunks, context_slots, strict=True):
-            seqs.append((start, start + new, ctx.to(device)))
+        for new, ctx, _pad in gathered:
+            seqs.append((start, start + new, tensor(ctx)))
             start += new
         meta.sequences = seqs
         return meta
     decodes, prefills = chunks[:num_decodes], chunks[num_decodes:]
-    if decodes:
-        width = max_blocks or max(len(b) for _c, _n, b in decodes)
-        table = np.zeros((len(decodes), width), dtype=np.int32)
-        for i, (_c, _n, blocks) in enumerate(decodes):
-            table[i, : len(blocks)] = blocks
-        meta.block_tables = tensor(table, torch.int32)
-        lens = [c + n for c, n, _b in decodes]
-        meta.context_lens = tensor(lens, torch.int32)
-        meta.num_splits = decode_splits(len(decodes), max(lens))
-    if prefills:
-        # The leading chunks that do not go to cuDNN share one varlen call; every chunk from the first cuDNN
-        # one on gets its own call (the runner orders chunks so that the varlen ones lead).
-        split = to_cudnn.index(True) if True in to_cudnn else len(prefills)
-        cu_q = _cumsum([n for _c, n, _b in prefills])
-        cu_k = _cumsum([len(ctx) for ctx in context_slots])
+    paged = [p for p, r in zip(prefills, routes, strict=True) if r == "paged"]
+    if decodes or paged:
+        tables, lens, tiles, splits = triton_inputs(decodes, paged, routing.block_q, max_blocks)
+        meta.block_tables = tensor(tables, torch.int32)
+        meta.context_lens = tensor(lens, torch.int32) if decodes else None
+        meta.chunk_tiles = tensor(tiles, torch.int32) if paged else None
+        meta.chunk_block_q, meta.paged_q, meta.num_splits = routing.block_q, sum(n for _c, n, _b in paged), splits
+    if gathered:
+        # The varlen chunks share one call; every cuDNN chunk gets its own.
+        split = routes.count("varlen")
+        cu_q = _cumsum([n for n, _ctx, _p in gathered])
+        cu_k = _cumsum([len(ctx) for _n, ctx, _p in gathered])
         if split:
+            varlen = prefills[len(paged) : len(paged) + split]
             meta.cu_q = tensor(cu_q[: split + 1], torch.int32)
             meta.cu_k = tensor(cu_k[: split + 1], torch.int32)
-            meta.max_q = max(n for _c, n, _b in prefills[:split])
-            meta.max_k = max(c + n for c, n, _b in prefills[:split])
+            meta.max_q = max(n for _c, n, _b in varlen)
+            meta.max_k = max(c + n for c, n, _b in varlen)
             meta.varlen_q, meta.varlen_k = cu_q[split], cu_k[split]
-        if split < len(prefills):
+        if split < len(gathered):
+            padded = [p for _n, _ctx, p in gathered]
             meta.cudnn_spans = list(
                 zip(cu_q[split:-1], cu_q[split + 1 :], cu_k[split:-1], cu_k[split + 1 :], padded[split:], strict=True)
             )
-        meta.prefill_context_slots = torch.cat(context_slots).to(device, non_blocking=True)
+        meta.prefill_context_slots = tensor(np.concatenate([ctx for _n, ctx, _p in gathered]))
     return meta
 
 
-def decode_splits(num_decodes: int, max_context: int, target_programs: int = 1024) -> int:
-    """Split long contexts across programs when there are too few sequences to fill the GPU."""
-    return max(1, min(16, target_programs // max(1, num_decodes * 8), max_context // 256))
+def triton_inputs(
+    decodes: list[tuple[int, int, list[int]]],
+    chunks: list[tuple[int, int, list[int]]],
+    block_q: int,
+    width: int | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """What the Triton kernel reads for these decodes and chunks (query rows packed in that order): block
+    tables (decodes, then chunks), decode lengths, chunk tiles, and a split count that fills the GPU."""
+    tables = _table(decodes + chunks, width)
+    lens = np.array([c + n for c, n, _b in decodes], dtype=np.int32)
+    tiles, row = [], len(decodes)
+    for i, (cached, new, _b) in enumerate(chunks):
+        tiles.extend((len(decodes) + i, row + t, min(block_q, new - t), cached + t) for t in range(0, new, block_q))
+        row += new
+    longest = max(c + n for c, n, _b in decodes + chunks)
+    return tables, lens, np.array(tiles, dtype=np.int32).reshape(-1, 4), split_count(len(lens) + len(tiles), longest)
+
+
+def token_slots(chunks: list[tuple[int, int, list[int]]], block_size: int) -> np.ndarray:
+    """Flat cache slots of every new token of these (cached, new, blocks) chunks, packed in order."""
+    return np.concatenate([_slots(np.asarray(b, dtype=np.int64), block_size, c, c + n) for c, n, b in chunks])
+
+
+def _slots(table: np.ndarray, block_size: int, start: int, end: int) -> np.ndarray:
+    """Flat cache slots of positions ``start..end-1`` of a sequence with these blocks."""
+    pos = np.arange(start, end)
+    return table[pos // block_size] * block_size + pos % block_size
+
+
+def _table(chunks: list[tuple[int, int, list[int]]], width: int | None) -> np.ndarray:
+    table = np.zeros((len(chunks), width or max(len(b) for _c, _n, b in chunks)), dtype=np.int32)
+    for i, (_c, _n, blocks) in enumerate(chunks):
+        table[i, : len(blocks)] = blocks
+    return table
+
+
+def split_count(num_tiles: int, max_context: int, target_programs: int = 1024) -> int:
+    """Splits of the Triton kernel: long contexts are split across programs when there are too few query
+    tiles (decodes, chunk tiles) to fill the GPU."""
+    return max(1, min(16, target_programs // max(1, num_tiles * 8), max_context // 256))
 
 
 def _cumsum(values: list[int]) -> list[int]:
@@ -183,26 +255,35 @@ def _reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, me
 def _cuda(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
     from torch.nn.attention.varlen import varlen_attn
 
-    from fairbatching.engine.kernels import paged_decode_attention
+    from fairbatching.engine.kernels import paged_attention
 
-    nd = meta.num_decodes
+    npg = meta.num_decodes + meta.paged_q  # rows on the Triton kernel
     d = q.shape[2]
     nkv = k_cache.shape[2]
     parts = []
-    if nd:
+    if npg:
         parts.append(
-            paged_decode_attention(q[:nd], k_cache, v_cache, meta.block_tables, meta.context_lens, meta.num_splits)
+            paged_attention(
+                q[:npg],
+                k_cache,
+                v_cache,
+                meta.block_tables,
+                meta.context_lens,
+                meta.chunk_tiles,
+                meta.num_splits,
+                meta.chunk_block_q,
+            )
         )
     if meta.prefill_context_slots is not None:
         k = k_cache.view(-1, nkv, d)[meta.prefill_context_slots]
         v = v_cache.view(-1, nkv, d)[meta.prefill_context_slots]
         if meta.cu_q is not None:
-            nq, nk = nd + meta.varlen_q, meta.varlen_k
+            nq, nk, window = npg + meta.varlen_q, meta.varlen_k, (-1, 0)
             parts.append(
-                varlen_attn(q[nd:nq], k[:nk], v[:nk], meta.cu_q, meta.cu_k, meta.max_q, meta.max_k, window_size=(-1, 0))
+                varlen_attn(q[npg:nq], k[:nk], v[:nk], meta.cu_q, meta.cu_k, meta.max_q, meta.max_k, window_size=window)
             )
         if meta.cudnn_spans:
-            parts.append(_cudnn_chunks(q[nd:], k, v, meta.cudnn_spans))
+            parts.append(_cudnn_chunks(q[npg:], k, v, meta.cudnn_spans))
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 

@@ -135,6 +135,13 @@ class LlamaModel:
         sample_index: torch.Tensor,
     ) -> torch.Tensor:
         """Greedy next token at each ``sample_index`` (the last token of every sequence that samples)."""
+        return self.sample(*self.hidden(token_ids, positions, kv_cache, meta), sample_index)
+
+    @torch.inference_mode()
+    def hidden(
+        self, token_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The last layer's output and the residual stream of every token (before the final norm)."""
         cos, sin = self.rope_tables(positions)
         q, residual = self.pre_attention(0, self.embed[token_ids], None, cos, sin, kv_cache, meta.slots)
         last = len(self.layers) - 1
@@ -143,7 +150,7 @@ class LlamaModel:
             h, residual = self.post_attention(i, a, residual)
             if i < last:
                 q, residual = self.pre_attention(i + 1, h, residual, cos, sin, kv_cache, meta.slots)
-        return self.sample(h, residual, sample_index)
+        return h, residual
 
     # The pieces between attentions: the runner captures them in CUDA graphs for mixed batches. As in vLLM,
     # a sublayer's output ``h`` and the residual stream travel apart, so that adding them fuses with the

@@ -1,8 +1,10 @@
 """Runs one iteration of the model: packs the scheduled chunks, calls the model, returns sampled tokens.
 
 On CUDA, as in vLLM: decode-only iterations replay a whole-step CUDA graph captured for the next larger
-batch size (padding rows write to a reserved scratch block and are ignored); mixed iterations up to a few
-thousand tokens replay piecewise graphs with attention run eagerly between them; larger ones run eagerly.
+batch size (padding rows write to a reserved scratch block and are ignored). Mixed iterations up to a few
+thousand tokens whose prefill chunks all go to the Triton attention kernel replay a whole-step graph too
+(vLLM's full graphs for mixed batches); other mixed iterations of that size replay piecewise graphs with
+attention run eagerly between them; larger ones run eagerly.
 """
 
 from __future__ import annotations
@@ -13,12 +15,16 @@ import numpy as np
 import torch
 
 from fairbatching.engine.attention import (
+    ROUTES,
     AttentionMetadata,
+    PrefillRouting,
     attention,
     build_metadata,
     check_prefill_impl,
-    decode_splits,
-    prefers_cudnn,
+    chunk_block_q,
+    split_count,
+    token_slots,
+    triton_inputs,
     warm_cudnn,
 )
 from fairbatching.engine.model import LlamaModel
@@ -34,6 +40,7 @@ PIECEWISE_TOKEN_SIZES = (
     *range(640, 1025, 128),
     *range(1280, 2049, 256),
 )
+MAX_GRAPH_CHUNKS = 16  # prefill chunks a whole-step mixed graph has tile room for beyond one per block_q tokens
 
 
 @dataclass
@@ -92,7 +99,7 @@ class _DecodeGraph:
             runner.block_size,
             block_tables=self.tables,
             context_lens=self.lens,
-            num_splits=decode_splits(batch, runner.max_context),
+            num_splits=split_count(batch, runner.max_context),
         )
         model, cache = runner.model, runner.kv_cache
         stream = torch.cuda.Stream()
@@ -194,6 +201,89 @@ class _PiecewiseGraph:
             return model.sample(*self.outputs[-1], index).tolist()
 
 
+class _StaticInputs:
+    """Input buffers every whole-step mixed graph reads (views of one set, sized for the largest graph)."""
+
+    def __init__(self, runner: ModelRunner, tokens: int) -> None:
+        dev, block_q = runner.device, runner.routing.block_q
+        self.token_ids = torch.zeros(tokens, dtype=torch.int64, device=dev)
+        self.positions = torch.zeros(tokens, dtype=torch.int64, device=dev)
+        self.slots = torch.full((tokens,), SCRATCH_BLOCK * runner.block_size, dtype=torch.int64, device=dev)
+        self.tables = torch.full((tokens, runner.max_blocks_per_seq), SCRATCH_BLOCK, dtype=torch.int32, device=dev)
+        self.lens = torch.ones(tokens, dtype=torch.int32, device=dev)  # padding rows: decodes of the scratch block
+        self.tiles = torch.zeros(tokens // block_q + MAX_GRAPH_CHUNKS, 4, dtype=torch.int32, device=dev)
+
+
+class _MixedGraph:
+    """Mixed batches padded to ``tokens`` whose prefill chunks all go to the Triton kernel: the whole step,
+    attention included, is one CUDA graph. The kernel's launch shape depends on the padded sizes only (rows
+    that are not decodes have length 0, spare tiles 0 rows), so one graph serves every such mix. Eager
+    attention between piecewise graphs cost about 0.1 ms of host time per layer, more than a small mixed
+    step's GPU work (benchmarks/engine_kernels.py)."""
+
+    def __init__(self, runner: ModelRunner, tokens: int, inputs: _StaticInputs) -> None:
+        model, cache = runner.model, runner.kv_cache
+        self.tokens, self.inputs = tokens, inputs
+        self.max_tiles = tokens // runner.routing.block_q + MAX_GRAPH_CHUNKS
+        self.meta = AttentionMetadata(
+            "cuda",
+            inputs.slots[:tokens],
+            tokens,
+            runner.block_size,
+            block_tables=inputs.tables[:tokens],
+            context_lens=inputs.lens[:tokens],
+            chunk_tiles=inputs.tiles[: self.max_tiles],
+            chunk_block_q=runner.routing.block_q,
+            num_splits=max(1, min(16, 512 // tokens)),  # the merge buffer grows with tokens x splits
+        )
+        ids, pos = inputs.token_ids[:tokens], inputs.positions[:tokens]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                model.hidden(ids, pos, cache, self.meta)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=runner.graph_pool):
+            self.output = model.hidden(ids, pos, cache, self.meta)
+        runner.graph_pool = self.graph.pool()
+
+    def run(self, packed: list[SeqChunk], num_decodes: int, runner: ModelRunner) -> list[int]:
+        t, bs = self.tokens, runner.block_size
+        spans = [(c.cached, len(c.token_ids), c.block_ids) for c in packed]
+        tables, decode_lens, tiles, _splits = triton_inputs(
+            spans[:num_decodes], spans[num_decodes:], self.block_q, None
+        )
+        ids = np.zeros(t, dtype=np.int64)
+        pos = np.zeros(t, dtype=np.int64)
+        slots = np.full(t, SCRATCH_BLOCK * bs, dtype=np.int64)
+        lens = np.ones(t, dtype=np.int32)
+        padded_tiles = np.zeros((self.max_tiles, 4), dtype=np.int32)
+        sample_index, n = [], 0
+        for c in packed:
+            ids[n : n + len(c.token_ids)] = c.token_ids
+            pos[n : n + len(c.token_ids)] = np.arange(c.cached, c.cached + len(c.token_ids))
+            n += len(c.token_ids)
+            if c.sample:
+                sample_index.append(n - 1)
+        slots[:n] = token_slots(spans, bs)
+        lens[:num_decodes] = decode_lens
+        lens[num_decodes:n] = 0
+        padded_tiles[: len(tiles)] = tiles
+        inp = self.inputs
+        for buf, arr in ((inp.token_ids, ids), (inp.positions, pos), (inp.slots, slots), (inp.lens, lens)):
+            buf[:t].copy_(torch.from_numpy(arr), non_blocking=True)
+        inp.tiles[: self.max_tiles].copy_(torch.from_numpy(padded_tiles), non_blocking=True)
+        inp.tables[: tables.shape[0], : tables.shape[1]].copy_(torch.from_numpy(tables), non_blocking=True)
+        self.graph.replay()
+        index = torch.tensor(sample_index, dtype=torch.int64).to(runner.device, non_blocking=True)
+        return runner.model.sample(*self.output, index).tolist()
+
+    @property
+    def block_q(self) -> int:
+        return self.meta.chunk_block_q
+
+
 class ModelRunner:
     def __init__(
         self,
@@ -211,9 +301,8 @@ class ModelRunner:
         where it was measured to win."""
         check_prefill_impl(prefill_attention)
         self.model = model
-        if prefill_attention == "auto" and not _cudnn_attention_wins(model.device):
-            prefill_attention = "varlen"
         self.prefill_attention = prefill_attention
+        self.cudnn_wins = _cudnn_attention_wins(model.device)
         self.device = model.device
         self.block_size = block_size
         self.max_context = max_context
@@ -230,37 +319,56 @@ class ModelRunner:
         self._graphs: dict[int, _DecodeGraph] = {}
         self.piecewise_token_sizes = tuple(sorted(piecewise_token_sizes)) if self.graph_batch_sizes else ()
         self._pieces: dict[int, _PiecewiseGraph] = {}
+        self._full: dict[int, _MixedGraph] = {}
+        self._inputs: _StaticInputs | None = None
 
     def warmup(self) -> None:
         """Compile every decode-kernel variant, build cuDNN's prefill plans and capture the graphs before
         serving, so the first requests of a replay do not pay for JIT compilation, plans and capture."""
         if self.backend != "cuda":
             return
-        from fairbatching.engine.kernels import paged_decode_attention
+        from fairbatching.engine.kernels import paged_attention
 
         c = self.model.config
         q = torch.zeros(1, c.num_heads, c.head_dim, device=self.device, dtype=self.model.dtype)
         table = torch.zeros(1, self.max_blocks_per_seq, dtype=torch.int32, device=self.device)
         lens = torch.ones(1, dtype=torch.int32, device=self.device)
+        tiles = torch.tensor([[0, 0, 1, 0]], dtype=torch.int32, device=self.device)
         k, v = self.kv_cache[0, 0], self.kv_cache[0, 1]
-        for splits in range(1, decode_splits(1, self.max_context) + 1):
-            paged_decode_attention(q, k, v, table, lens, splits)
-        if self.prefill_attention != "varlen":
+        block_q = self.routing.block_q
+        for splits in range(1, split_count(1, self.max_context) + 1):
+            paged_attention(q, k, v, table, lens, None, splits)
+            paged_attention(q, k, v, table, None, tiles, splits, block_q)
+        if self.prefill_attention == "cudnn" or (self.prefill_attention == "auto" and self.cudnn_wins):
             warm_cudnn(c.num_heads, c.num_kv_heads, c.head_dim, self.max_context, self.model.dtype)
         self.capture_graphs()
         torch.cuda.synchronize()
 
+    @property
+    def routing(self) -> PrefillRouting:
+        c = self.model.config
+        return PrefillRouting(self.prefill_attention, self.cudnn_wins, chunk_block_q(c.num_heads, c.num_kv_heads))
+
     def capture_graphs(self) -> None:
-        """Capture every decode graph now (largest first, so smaller ones reuse its memory pool)."""
+        """Capture every graph now (largest first, so smaller ones reuse its memory pool)."""
         for b in sorted(self.graph_batch_sizes, reverse=True):
             self._graph_for(b)
         for t in sorted(self.piecewise_token_sizes, reverse=True):
             self._pieces_for(t)
+            self._full_for(t)
 
     def _pieces_for(self, tokens: int) -> _PiecewiseGraph:
         g = self._pieces.get(tokens)
         if g is None:
             g = self._pieces[tokens] = _PiecewiseGraph(self, tokens)
+        return g
+
+    def _full_for(self, tokens: int) -> _MixedGraph:
+        g = self._full.get(tokens)
+        if g is None:
+            if self._inputs is None:
+                self._inputs = _StaticInputs(self, self.piecewise_token_sizes[-1])
+            g = self._full[tokens] = _MixedGraph(self, tokens, self._inputs)
         return g
 
     def _graph_for(self, batch: int) -> _DecodeGraph:
@@ -276,11 +384,11 @@ class ModelRunner:
         for c in chunks:
             if c.cached + len(c.token_ids) > self.max_context:
                 raise ConfigError(f"sequence of {c.cached + len(c.token_ids)} tokens exceeds max_context")
-        impl = self.prefill_attention
+        routing = self.routing
 
-        def rank(i: int) -> int:  # decodes, then prefill chunks sharing the varlen call, then cuDNN ones
+        def rank(i: int) -> int:  # decodes, then prefill chunks by the attention that serves them
             c = chunks[i]
-            return 0 if c.is_decode else 2 if prefers_cudnn(c.cached, len(c.token_ids), impl) else 1
+            return 0 if c.is_decode else 1 + ROUTES.index(routing.route(c.cached, len(c.token_ids)))
 
         order = sorted(range(len(chunks)), key=rank)
         packed = [chunks[i] for i in order]
@@ -289,8 +397,10 @@ class ModelRunner:
             size = next(b for b in self.graph_batch_sizes if b >= len(packed))
             rows = self._graph_for(size).run(packed, self.block_size)
             tokens = [t for t, c in zip(rows, packed, strict=True) if c.sample]
+        elif (graph := self._full_graph(packed, num_decodes, routing)) is not None:
+            tokens = graph.run(packed, num_decodes, self)
         else:
-            tokens = self._mixed(packed, num_decodes)
+            tokens = self._mixed(packed, num_decodes, routing)
         out: list[int | None] = [None] * len(chunks)
         sampled = iter(tokens)
         for i in order:
@@ -298,7 +408,22 @@ class ModelRunner:
                 out[i] = next(sampled)
         return out
 
-    def _mixed(self, packed: list[SeqChunk], num_decodes: int) -> list[int]:
+    def _full_graph(self, packed: list[SeqChunk], num_decodes: int, routing: PrefillRouting) -> _MixedGraph | None:
+        """The whole-step graph for this mixed batch, if one fits it: every chunk on the Triton kernel, the
+        tokens within the largest graph, the chunks' tiles within its room."""
+        if not self.piecewise_token_sizes:
+            return None
+        n = sum(len(c.token_ids) for c in packed)
+        chunks = packed[num_decodes:]
+        if n > self.piecewise_token_sizes[-1] or any(
+            routing.route(c.cached, len(c.token_ids)) != "paged" for c in chunks
+        ):
+            return None
+        graph = self._full_for(next(t for t in self.piecewise_token_sizes if t >= n))
+        tiles = sum(-(-len(c.token_ids) // routing.block_q) for c in chunks)
+        return graph if tiles <= graph.max_tiles else None
+
+    def _mixed(self, packed: list[SeqChunk], num_decodes: int, routing: PrefillRouting) -> list[int]:
         dev = self.device
         ids, pos, sample_index = [], [], []
         for c in packed:
@@ -313,7 +438,7 @@ class ModelRunner:
             self.block_size,
             dev,
             self.max_blocks_per_seq,
-            self.prefill_attention,
+            routing,
         )
         if self.piecewise_token_sizes and len(ids) <= self.piecewise_token_sizes[-1]:
             size = next(t for t in self.piecewise_token_sizes if t >= len(ids))
