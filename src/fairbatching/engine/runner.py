@@ -212,6 +212,17 @@ class _StaticInputs:
         self.tables = torch.full((tokens, runner.max_blocks_per_seq), SCRATCH_BLOCK, dtype=torch.int32, device=dev)
         self.lens = torch.ones(tokens, dtype=torch.int32, device=dev)  # padding rows: decodes of the scratch block
         self.tiles = torch.zeros(tokens // block_q + MAX_GRAPH_CHUNKS, 4, dtype=torch.int32, device=dev)
+        self.scratch_slot = SCRATCH_BLOCK * runner.block_size
+
+    def reset(self) -> None:
+        """Every row padding, before a graph is captured: a graph captured lazily, after a step ran, would
+        otherwise warm up on that step's tiles, whose rows lie past a smaller graph's tokens."""
+        self.token_ids.zero_()
+        self.positions.zero_()
+        self.slots.fill_(self.scratch_slot)
+        self.tables.fill_(SCRATCH_BLOCK)
+        self.lens.fill_(1)
+        self.tiles.zero_()
 
 
 class _MixedGraph:
@@ -237,6 +248,7 @@ class _MixedGraph:
             num_splits=max(1, min(16, 512 // tokens)),  # the merge buffer grows with tokens x splits
         )
         ids, pos = inputs.token_ids[:tokens], inputs.positions[:tokens]
+        inputs.reset()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
