@@ -250,8 +250,8 @@ def test_triton_paged_kernel_matches_reference_in_interpreter():
 
 
 def test_prefill_chunks_routed_to_triton_varlen_and_cudnn():
-    """``auto``: chunks of up to 512 tokens go to the Triton kernel (reading the blocks, in tiles of ``block_q``
-    tokens, table rows after the decodes'), fresh chunks of 1024+ tokens to cuDNN one by one (padded to a
+    """``auto``: chunks of up to 256 tokens (512 fresh) go to the Triton kernel (reading the blocks, in tiles
+    of ``block_q`` tokens, table rows after the decodes'), fresh chunks of 1024+ tokens to cuDNN one by one (padded to a
     multiple of 256, so a few cuDNN plans serve every length), the rest share one varlen call; every token is
     written once and attended once."""
     from fairbatching.engine.attention import PrefillRouting, build_metadata
@@ -283,6 +283,12 @@ def test_prefill_chunks_routed_to_triton_varlen_and_cudnn():
     assert only_cudnn.cu_q is None and [p for *_, p in only_cudnn.cudnn_spans] == [False, True, False, True, True]
     no_cudnn = PrefillRouting("auto", cudnn=False)
     assert no_cudnn.route(0, 2000) == "varlen" and no_cudnn.route(300, 40) == "paged"
+    assert [auto.route(c, n) for c, n in ((100, 256), (100, 257), (0, 512), (0, 513))] == [
+        "paged",
+        "varlen",
+        "paged",
+        "varlen",
+    ]
     with pytest.raises(ConfigError, match="prefill attention must be one of"):
         PrefillRouting("flash3")
     with pytest.raises(ConfigError, match="prefill attention must be one of"):

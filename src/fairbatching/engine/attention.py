@@ -7,7 +7,7 @@ Two backends share one metadata object, built once per iteration:
   prefill chunk goes one of three ways (``PrefillRouting``): the same Triton kernel (``paged``), one
   FlashAttention-2 varlen call shared by all such chunks over their gathered context (``varlen``), or SDPA
   on cuDNN's fused attention, one call per chunk (``cudnn``). ``auto``, measured on an H100
-  (benchmarks/engine_kernels.py): chunks of up to ``PAGED_MAX_TOKENS`` go to the Triton kernel
+  (benchmarks/engine_kernels.py): short chunks (``PAGED_MAX_TOKENS``) go to the Triton kernel
   (FlashAttention-2 leaves most SMs idle on short chunks over long context, and a step whose chunks all run
   on the Triton kernel replays as one CUDA graph); fresh chunks of ``CUDNN_MIN_TOKENS`` or more to cuDNN
   (1.9x faster than FlashAttention-2 at 8k, but slower over earlier context, and one call per chunk costs
@@ -26,7 +26,11 @@ from fairbatching.errors import ConfigError
 
 PREFILL_IMPLS = ("auto", "varlen", "cudnn", "paged")
 CUDNN_MIN_TOKENS = 1024
-PAGED_MAX_TOKENS = 512
+# Longest chunks the Triton kernel takes, over earlier context and fresh (measured, engine_kernels.py: it beats
+# FlashAttention-2 varlen up to 256 tokens over 1-16k of context, by up to 3x on short chunks over long
+# context, and loses 15-30% at 512; fresh chunks of 512 it still runs 10% faster).
+PAGED_MAX_TOKENS = 256
+PAGED_MAX_FRESH_TOKENS = 512
 # cuDNN builds an execution plan for every new sequence length, which costs more than the attention it saves
 # (measured: prefill-carrying serving steps 25-33% slower than profiled). Fresh chunks are padded up to a
 # multiple of this, so a few dozen plans, built at warm-up, cover every length; causality keeps the padding
@@ -65,7 +69,7 @@ class PrefillRouting:
     def route(self, cached: int, new: int) -> str:
         if self.impl != "auto":
             return self.impl
-        if new <= PAGED_MAX_TOKENS:
+        if new <= (PAGED_MAX_TOKENS if cached else PAGED_MAX_FRESH_TOKENS):
             return "paged"
         if not cached and new >= CUDNN_MIN_TOKENS and self.cudnn:
             return "cudnn"
