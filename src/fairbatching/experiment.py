@@ -20,7 +20,7 @@ from fairbatching.workloads.traces import load_trace
 DEFAULT_SLO = SLO(ttft=2.0, tpot=0.1)
 # Load of the embedded default workload: the knee of the default (measured H100 engine) profile, where the
 # policies' SLO attainment is ~90%, so scheduling decisions matter.
-DEFAULT_QPS = 15.5
+DEFAULT_QPS = 14.8
 
 
 @dataclass(frozen=True)
