@@ -206,17 +206,19 @@ class _StaticInputs:
 
     def __init__(self, runner: ModelRunner, tokens: int) -> None:
         dev, block_q = runner.device, runner.routing.block_q
-        self.token_ids = torch.zeros(tokens, dtype=torch.int64, device=dev)
-        self.positions = torch.zeros(tokens, dtype=torch.int64, device=dev)
-        self.slots = torch.full((tokens,), SCRATCH_BLOCK * runner.block_size, dtype=torch.int64, device=dev)
-        self.tables = torch.full((tokens, runner.max_blocks_per_seq), SCRATCH_BLOCK, dtype=torch.int32, device=dev)
-        self.lens = torch.ones(tokens, dtype=torch.int32, device=dev)  # padding rows: decodes of the scratch block
-        self.tiles = torch.zeros(tokens // block_q + MAX_GRAPH_CHUNKS, 4, dtype=torch.int32, device=dev)
+        self.token_ids = torch.empty(tokens, dtype=torch.int64, device=dev)
+        self.positions = torch.empty(tokens, dtype=torch.int64, device=dev)
+        self.slots = torch.empty(tokens, dtype=torch.int64, device=dev)
+        self.tables = torch.empty(tokens, runner.max_blocks_per_seq, dtype=torch.int32, device=dev)
+        self.lens = torch.empty(tokens, dtype=torch.int32, device=dev)
+        self.tiles = torch.empty(tokens // block_q + MAX_GRAPH_CHUNKS, 4, dtype=torch.int32, device=dev)
         self.scratch_slot = SCRATCH_BLOCK * runner.block_size
+        self.reset()
 
     def reset(self) -> None:
-        """Every row padding, before a graph is captured: a graph captured lazily, after a step ran, would
-        otherwise warm up on that step's tiles, whose rows lie past a smaller graph's tokens."""
+        """Every row padding (a decode of the scratch block; no chunk tiles), before a graph is captured: a
+        graph captured lazily, after a step ran, would otherwise warm up on that step's tiles, whose rows lie
+        past a smaller graph's tokens."""
         self.token_ids.zero_()
         self.positions.zero_()
         self.slots.fill_(self.scratch_slot)
