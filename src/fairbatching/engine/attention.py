@@ -57,7 +57,7 @@ class PrefillRouting:
 
     ``impl``: one of ``PREFILL_IMPLS`` (a fixed kernel for every chunk, or ``auto``); ``cudnn``: whether
     ``auto`` may use cuDNN (measured to win only on Hopper or newer); ``block_q``: query tokens per program
-    of the Triton kernel (``kernels.chunk_block_q`` of the model's heads)."""
+    of the Triton kernel (``chunk_block_q`` of the model's heads)."""
 
     impl: str = "auto"
     cudnn: bool = True

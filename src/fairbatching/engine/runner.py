@@ -268,18 +268,14 @@ class _MixedGraph:
         tables, decode_lens, tiles, _splits = triton_inputs(
             spans[:num_decodes], spans[num_decodes:], self.block_q, None
         )
+        token_ids, positions, sample_index = _pack(packed)
+        n = len(token_ids)
         ids = np.zeros(t, dtype=np.int64)
         pos = np.zeros(t, dtype=np.int64)
         slots = np.full(t, SCRATCH_BLOCK * bs, dtype=np.int64)
         lens = np.ones(t, dtype=np.int32)
         padded_tiles = np.zeros((self.max_tiles, 4), dtype=np.int32)
-        sample_index, n = [], 0
-        for c in packed:
-            ids[n : n + len(c.token_ids)] = c.token_ids
-            pos[n : n + len(c.token_ids)] = np.arange(c.cached, c.cached + len(c.token_ids))
-            n += len(c.token_ids)
-            if c.sample:
-                sample_index.append(n - 1)
+        ids[:n], pos[:n] = token_ids, positions
         slots[:n] = token_slots(spans, bs)
         lens[:num_decodes] = decode_lens
         lens[num_decodes:n] = 0
@@ -439,12 +435,7 @@ class ModelRunner:
 
     def _mixed(self, packed: list[SeqChunk], num_decodes: int, routing: PrefillRouting) -> list[int]:
         dev = self.device
-        ids, pos, sample_index = [], [], []
-        for c in packed:
-            ids.extend(c.token_ids)
-            pos.extend(range(c.cached, c.cached + len(c.token_ids)))
-            if c.sample:
-                sample_index.append(len(ids) - 1)
+        ids, pos, sample_index = _pack(packed)
         meta = build_metadata(
             self.backend,
             [(c.cached, len(c.token_ids), c.block_ids) for c in packed],
@@ -465,6 +456,19 @@ class ModelRunner:
             torch.tensor(sample_index, dtype=torch.int64).to(dev, non_blocking=True),
         )
         return out.tolist()
+
+
+def _pack(packed: list[SeqChunk]) -> tuple[list[int], list[int], list[int]]:
+    """Token ids and positions of an iteration's packed chunks, and the row of each chunk that samples."""
+    ids: list[int] = []
+    pos: list[int] = []
+    sample_index: list[int] = []
+    for c in packed:
+        ids.extend(c.token_ids)
+        pos.extend(range(c.cached, c.cached + len(c.token_ids)))
+        if c.sample:
+            sample_index.append(len(ids) - 1)
+    return ids, pos, sample_index
 
 
 def _cudnn_attention_wins(device: torch.device) -> bool:
