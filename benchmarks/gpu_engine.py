@@ -6,9 +6,12 @@ profile, and the simulator checked against real replays.
    reference on Llama-3-8B head shapes, and greedy tokens of both backends on a small model
 3. speed: decode-only steps (batch 64-256, context 1-4k) against (weights + KV bytes) / copy bandwidth,
    prefill-only steps (2-8k tokens) against FLOPs / matmul rate
+   mixed_speed: mixed steps on the engine's attention routing against varlen for every chunk;
+   step_sizes: mixed steps at every size up to the largest graph, beside their matmuls alone
 4. profile: `fairbatching profile`'s grid on the engine, fitted, held-out error (rows.csv, profile.json)
 5. validation: the first N requests of a trace at 4 loads (0.5-1.1x the simulated knee), fairbatching and
-   sarathi, replayed on the engine on the wall clock and simulated with the profile just measured
+   sarathi, replayed on the engine on the wall clock and simulated with the profile just measured ("sim")
+   and with a model fitted on the steps of a replay of the next N requests ("simcal"; calibration_steps.csv)
 
 Run on the device (trace copied beside the tree, carried as device-data/):
   PYTHONPATH=src python3 benchmarks/gpu_engine.py --out $OUT --trace device-data/AzureLLMInferenceTrace_conv.csv
@@ -28,10 +31,11 @@ import numpy as np
 import torch
 
 from fairbatching.core.request import SLO
-from fairbatching.costmodel.fit import fit_cost_model, load_profile_rows
+from fairbatching.costmodel.fit import fit_cost_model
 from fairbatching.costmodel.model import BatchFeatures
 from fairbatching.engine import build_engine
 from fairbatching.engine.attention import PREFILL_IMPLS, ROUTES, PrefillRouting, attention, build_metadata
+from fairbatching.engine.graph_sizes import linear_layer_times
 from fairbatching.engine.loop import generate, replay
 from fairbatching.engine.profiler import (
     cuda_time,
@@ -236,6 +240,37 @@ def mixed_speed(runner) -> list[dict]:
     return rows
 
 
+def step_sizes(runner) -> list[dict]:
+    """Mixed steps of every size up to the largest graph (8 decodes at 2k + one chunk, fresh or over 2k of
+    context), each as the engine runs it (padded to the next graph size it kept), beside the GPU time of the
+    step's matmuls alone at exactly that many tokens: where step time jumps between neighbouring sizes, and
+    whether the matmuls make the jump."""
+    import random
+
+    rng = random.Random(0)
+    c, w = runner.model.config, runner.model.layers[0]
+    sizes = range(64, runner.piecewise_token_sizes[-1] + 1, 64)
+    linear = linear_layer_times((w.qkv, w.o, w.gate_up, w.down), sizes)
+    log(f"graph sizes kept at warm-up: {runner.piecewise_token_sizes}")
+    rows = []
+    for n in sizes:
+        row = {
+            "tokens": n,
+            "graph_tokens": next(t for t in runner.piecewise_token_sizes if t >= n),
+            "linear_ms": linear[n] * c.num_layers * 1e3,
+        }
+        for name, ctx in (("fresh", 0), ("over_2k", 2048)):
+            row[f"{name}_route"] = runner.routing.route(ctx, n - 8)
+            row[f"{name}_ms"] = time_composition(runner, [(1, 2048)] * 8 + [(n - 8, ctx)], 10, rng) * 1e3
+        rows.append(row)
+        log(
+            f"step {n:5d} tokens (graph {row['graph_tokens']:5d}): linear {row['linear_ms']:6.2f} ms | "
+            f"fresh {row['fresh_ms']:6.2f} ms ({row['fresh_route']}) | over 2k {row['over_2k_ms']:6.2f} ms "
+            f"({row['over_2k_route']})"
+        )
+    return rows
+
+
 def _tensors(model):
     yield model.embed
     if not model.config.tie_word_embeddings:
@@ -278,8 +313,11 @@ def validate(
         knee = qps
     loads = [round(knee * f, 2) for f in load_factors]
     log(f"validation: simulated fairbatching knee {knee:.2f} req/s; loads {loads}")
-    # Calibration: the grid rows plus the steps of one replay of a different trace window (the next N
-    # requests, middle load), so the step cost includes what serving adds around the model call.
+    # Calibration: the steps of one replay of a different trace window (the next N requests, middle load),
+    # each priced at its period (the step and the loop's host work up to the next one), fitted on time-weighted
+    # error: the simulator's clock then runs as the engine's loop does, and long prefill-heavy steps, which
+    # decide how fast a queue drains, count by their time (grid rows and plain relative error left the
+    # simulator 6-12% low on P50 TTFT, run 1 of session 5 in results/gpu-engine/README.md).
     calib = replay(
         runner,
         make_policy("fairbatching", cost, tpot_slo=slo.tpot),
@@ -287,8 +325,11 @@ def validate(
         full.head(n, n).rescaled(loads[len(loads) // 2]),
         slo,
     )
-    fit = fit_cost_model(np.vstack([load_profile_rows(out / "rows.csv"), np.asarray(calib.step_rows)]))
+    calib_rows = np.asarray(calib.step_rows)
+    calib_rows[:, 4] = _periods(calib.log)
+    fit = fit_cost_model(calib_rows, time_weighted=True)
     calibrated = fit.model
+    write_rows_csv(out / "calibration_steps.csv", _step_rows(calib, {"grid": cost, "calibrated": calibrated}))
     log(
         f"calibrated on {len(calib.step_rows)} serving steps: held-out MAPE {fit.holdout_mape:.4f}; {calibrated.params}"
     )
@@ -352,32 +393,46 @@ def validate(
     return rows
 
 
+def _periods(log) -> np.ndarray:
+    """Each step's share of the loop's time: start to the next step's start while requests kept running (the
+    step plus the host work after it), else the step alone (the loop then idled until an arrival)."""
+    start, dur, running = np.asarray(log.start), np.asarray(log.duration), np.asarray(log.running)
+    period = dur.copy()
+    busy = (running[1:] > 0) & (running[:-1] > 0)
+    period[:-1][busy] = (start[1:] - start[:-1])[busy]
+    return period
+
+
 def _host_gaps(log) -> float:
     """Seconds between consecutive steps while requests were running: loop time outside the steps."""
-    start, dur, running = np.asarray(log.start), np.asarray(log.duration), np.asarray(log.running)
-    gaps = start[1:] - (start[:-1] + dur[:-1])
-    return float(gaps[(running[1:] > 0) & (running[:-1] > 0)].sum())
+    return float((_periods(log) - np.asarray(log.duration)).sum())
 
 
-def _dump(out: Path, policy: str, gpu, simcal, cost, calibrated) -> None:
-    """Step log and per-request latencies of one GPU replay beside its calibrated simulation (diagnosis)."""
-    log = gpu.log
-    steps = np.asarray(gpu.step_rows)
-    rows = [
+def _step_rows(res, models: dict) -> list[dict]:
+    """A replay's steps: the cost model's features, measured seconds and period, each model's prediction."""
+    log, steps, period = res.log, np.asarray(res.step_rows), _periods(res.log)
+    return [
         {
             "start": log.start[i],
-            "seconds": log.duration[i],
+            "new_tokens": int(steps[i, 0]),
+            "context_tokens": int(steps[i, 1]),
+            "num_seqs": int(steps[i, 2]),
+            "attn_work": steps[i, 3],
+            "seconds": steps[i, 4],
+            "period": period[i],
             "prefill_tokens": log.prefill_tokens[i],
             "decode_seqs": log.decode_seqs[i],
             "running": log.running[i],
             "waiting": log.waiting[i],
-            "context": steps[i, 1],
-            "grid_predicted": cost.predict(*steps[i, :4]),
-            "calibrated_predicted": calibrated.predict(*steps[i, :4]),
+            **{f"{name}_predicted": m.predict(*steps[i, :4]) for name, m in models.items()},
         }
-        for i in range(len(log.start))
+        for i in range(len(steps))
     ]
-    write_rows_csv(out / f"steps_{policy}.csv", rows)
+
+
+def _dump(out: Path, policy: str, gpu, simcal, cost, calibrated) -> None:
+    """Step log and per-request latencies of one GPU replay beside its calibrated simulation (diagnosis)."""
+    write_rows_csv(out / f"steps_{policy}.csv", _step_rows(gpu, {"grid": cost, "calibrated": calibrated}))
     sim_by_id = {r.request_id: r for r in simcal.requests}
     reqs = []
     for r in gpu.requests:
@@ -443,7 +498,7 @@ def main() -> None:
             (args.out / "report.json").write_text(json.dumps(report, indent=2, default=str))
 
     if not cuda:  # a dry run of the profile and validation sections on the CPU (tiny model)
-        skip |= {"ceilings", "attention_check", "token_check", "speed", "prefill_breakdown"}
+        skip |= {"ceilings", "attention_check", "token_check", "speed", "prefill_breakdown", "step_sizes"}
     ceil = section("ceilings", ceilings)
     section("attention_check", check_attention)
     section("token_check", check_tokens)
@@ -451,9 +506,11 @@ def main() -> None:
     runner = build_engine(args.model, max_context=16384, kv_memory_fraction=0.85, num_blocks=None if cuda else 4000)
     report["kv_blocks"] = runner.pool.usable
     runner.warmup()
+    report["graph_sizes"] = {"kept": runner.piecewise_token_sizes, "linear_s": runner.linear_times}
     log(f"engine ready: {runner.pool.usable} KV blocks of {runner.block_size}")
     section("speed", lambda: speed_table(runner, ceil))
     section("mixed_speed", lambda: mixed_speed(runner))
+    section("step_sizes", lambda: step_sizes(runner))
     section("prefill_breakdown", lambda: prefill_breakdown(runner))
 
     def profile():

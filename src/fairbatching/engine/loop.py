@@ -139,6 +139,9 @@ def replay(
     the trace's lengths) and run to the trace's output length, as benchmark clients with ignore_eos do."""
     rng = random.Random(seed)
     vocab = runner.model.config.vocab_size
+    specs = sorted(workload.requests, key=lambda s: s.arrival)
+    # Drawn before the clock starts: clients send token ids, the server's loop does not make them.
+    prompts = [[rng.randrange(vocab) for _ in range(s.prompt_len)] for s in specs]
     t0 = time.perf_counter()
 
     def clock() -> float:
@@ -153,7 +156,6 @@ def replay(
         fast_forward=False,
     )
     node = Node(policy, cost_model, config, executor=executor)
-    specs = sorted(workload.requests, key=lambda s: s.arrival)
     total = len(specs)
     if progress is not None:
         node.on_finish = lambda _r: progress(len(node.done), total)
@@ -163,7 +165,7 @@ def replay(
         now = clock()
         while i < total and specs[i].arrival - base <= now:
             s = specs[i]
-            executor.add_prompt(s.request_id, [rng.randrange(vocab) for _ in range(s.prompt_len)])
+            executor.add_prompt(s.request_id, prompts[i])
             node.submit(node.new_request(s.request_id, s.arrival - base, s.prompt_len, s.slo), s.output_len)
             i += 1
         node.clock = clock()

@@ -27,19 +27,11 @@ from fairbatching.engine.attention import (
     triton_inputs,
     warm_cudnn,
 )
+from fairbatching.engine.graph_sizes import CANDIDATE_TOKEN_SIZES, efficient_sizes, linear_layer_times
 from fairbatching.engine.model import LlamaModel
 from fairbatching.errors import ConfigError
 
 SCRATCH_BLOCK = 0  # never handed out: CUDA-graph padding rows write here
-# Mixed batches run padded up to the next of these sizes (at most a quarter more tokens). Coarser buckets
-# (powers of two) padded a 270-token step to 512: such steps ran 11-25% over what a cost model linear in
-# tokens predicts, and that error decided queueing in bursts (results/gpu-engine/steps_*.csv).
-PIECEWISE_TOKEN_SIZES = (
-    *range(32, 257, 32),
-    *range(320, 513, 64),
-    *range(640, 1025, 128),
-    *range(1280, 2049, 256),
-)
 MAX_GRAPH_CHUNKS = 16  # prefill chunks a whole-step mixed graph has tile room for beyond one per block_q tokens
 
 
@@ -304,11 +296,12 @@ class ModelRunner:
         backend: str | None = None,
         cuda_graphs: bool = True,
         graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256),
-        piecewise_token_sizes: tuple[int, ...] = PIECEWISE_TOKEN_SIZES,
+        piecewise_token_sizes: tuple[int, ...] = CANDIDATE_TOKEN_SIZES,
         prefill_attention: str = "auto",
     ) -> None:
         """``prefill_attention``: see ``attention.PREFILL_IMPLS``; ``auto`` uses cuDNN only on Hopper or newer,
-        where it was measured to win."""
+        where it was measured to win. ``piecewise_token_sizes``: the sizes mixed steps may be padded to;
+        ``warmup`` keeps those where the matmuls run fastest (``graph_sizes``)."""
         check_prefill_impl(prefill_attention)
         self.model = model
         self.prefill_attention = prefill_attention
@@ -328,13 +321,15 @@ class ModelRunner:
         self.graph_batch_sizes = tuple(sorted(graph_batch_sizes)) if cuda_graphs and self.backend == "cuda" else ()
         self._graphs: dict[int, _DecodeGraph] = {}
         self.piecewise_token_sizes = tuple(sorted(piecewise_token_sizes)) if self.graph_batch_sizes else ()
+        self.linear_times: dict[int, float] = {}  # one layer's matmuls at each candidate size, from warmup
         self._pieces: dict[int, _PiecewiseGraph] = {}
         self._full: dict[int, _MixedGraph] = {}
         self._inputs: _StaticInputs | None = None
 
     def warmup(self) -> None:
-        """Compile every decode-kernel variant, build cuDNN's prefill plans and capture the graphs before
-        serving, so the first requests of a replay do not pay for JIT compilation, plans and capture."""
+        """Compile every decode-kernel variant, build cuDNN's prefill plans, choose the mixed-step sizes and
+        capture the graphs before serving, so the first requests of a replay do not pay for JIT compilation,
+        plans and capture."""
         if self.backend != "cuda":
             return
         from fairbatching.engine.kernels import paged_attention
@@ -351,6 +346,10 @@ class ModelRunner:
             paged_attention(q, k, v, table, None, tiles, splits, block_q)
         if self.prefill_attention == "cudnn" or (self.prefill_attention == "auto" and self.cudnn_wins):
             warm_cudnn(c.num_heads, c.num_kv_heads, c.head_dim, self.max_context, self.model.dtype)
+        if self.piecewise_token_sizes and not (self._pieces or self._full):
+            w = self.model.layers[0]
+            self.linear_times = linear_layer_times((w.qkv, w.o, w.gate_up, w.down), self.piecewise_token_sizes)
+            self.piecewise_token_sizes = efficient_sizes(self.linear_times)
         self.capture_graphs()
         torch.cuda.synchronize()
 

@@ -1,0 +1,62 @@
+"""Which token counts mixed-step CUDA graphs are captured at, chosen by measuring the matmuls.
+
+A mixed step runs padded up to the next captured size, so each size should be one where the step's linear
+layers run faster than at every larger size. cuBLAS does not guarantee that: on an H100 with Llama-3-8B
+shapes, 448 tokens took 15.8 ms of linear layers against 10.3 ms at 512, and 192 more than 256
+(results/gpu-engine, ``step_sizes``). Padding to such a size costs more than padding past it, and makes step
+time jump where a cost model linear in tokens expects a smooth line. The engine therefore times one layer's
+matmuls at every candidate size at warm-up and keeps only the sizes that save time over the next one kept.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Iterable, Mapping
+
+import torch
+
+from fairbatching.errors import ConfigError
+
+# Finer steps than powers of two: coarse buckets padded a 270-token step to 512, and such steps ran 11-25%
+# over what a cost model linear in tokens predicts (results/gpu-engine/coarse-buckets).
+CANDIDATE_TOKEN_SIZES = (*range(32, 257, 32), *range(320, 1025, 64), *range(1152, 2049, 128))
+MIN_SAVING = 0.03  # a smaller size is kept only if it saves at least this share over the next larger one
+
+
+def efficient_sizes(times: Mapping[int, float], min_saving: float = MIN_SAVING) -> tuple[int, ...]:
+    """The sizes worth padding to: walking down from the largest (always kept), a size is kept when its time
+    is at least ``min_saving`` below that of the last size kept. Step time then grows with every kept size."""
+    if not times:
+        raise ConfigError("no graph sizes to choose from")
+    if not 0 <= min_saving < 1:
+        raise ConfigError(f"min_saving must be in [0, 1), got {min_saving}")
+    sizes = sorted(times, reverse=True)
+    kept = [sizes[0]]
+    for size in sizes[1:]:
+        if times[size] <= (1 - min_saving) * times[kept[-1]]:
+            kept.append(size)
+    return tuple(sorted(kept))
+
+
+def linear_layer_times(weights: Iterable[torch.Tensor], sizes: Iterable[int], repeats: int = 20) -> dict[int, float]:
+    """Median GPU seconds of ``x @ w`` for every weight (one layer's matmuls), at each token count."""
+    weights = list(weights)
+    times = {}
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    for n in sizes:
+        inputs = [torch.randn(n, w.shape[0], device=w.device, dtype=w.dtype) for w in weights]
+
+        def run(inputs=inputs):
+            for x, w in zip(inputs, weights, strict=True):
+                x @ w
+
+        run()
+        samples = []
+        for _ in range(repeats):
+            start.record()
+            run()
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end) / 1e3)
+        times[n] = statistics.median(samples)
+    return times
