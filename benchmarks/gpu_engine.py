@@ -20,6 +20,7 @@ Run on the device (trace copied beside the tree, carried as device-data/):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -153,6 +154,18 @@ def prefill_breakdown(runner) -> list[dict]:
     return rows
 
 
+@contextlib.contextmanager
+def engine_variant(runner, prefill_attention: str, kernels):
+    """Run the engine with another prefill attention and fused-kernel setting, restored afterwards even when a
+    measurement fails (a failed one must not leave later sections on the variant)."""
+    chosen = (runner.prefill_attention, runner.model.kernels)
+    runner.prefill_attention, runner.model.kernels = prefill_attention, kernels
+    try:
+        yield
+    finally:
+        runner.prefill_attention, runner.model.kernels = chosen
+
+
 def speed_table(runner, ceil: dict) -> list[dict]:
     c = runner.model.config
     weights = sum(t.numel() * t.element_size() for t in _tensors(runner.model))
@@ -182,8 +195,8 @@ def speed_table(runner, ceil: dict) -> list[dict]:
         flops = 2 * linear_params * n + 2 * c.hidden_size * c.vocab_size + attn
         floor = flops / ceil["bf16_matmul_flops"]
         for impl, kernels in variants:
-            runner.prefill_attention, runner.model.kernels = impl, kernels
-            t = time_composition(runner, [(n, 0)], 5, rng)
+            with engine_variant(runner, impl, kernels):
+                t = time_composition(runner, [(n, 0)], 5, rng)
             rows.append(
                 {
                     "kind": "prefill",
@@ -197,7 +210,6 @@ def speed_table(runner, ceil: dict) -> list[dict]:
                     and impl == PrefillRouting(chosen[0], runner.cudnn_wins).route(0, n),
                 }
             )
-    runner.prefill_attention, runner.model.kernels = chosen
     for r in rows:
         r["ratio"] = r["ms"] / r["floor_ms"]
         variant = f" {r['attention']:6s} fused={r['fused']!s:5s}" if r["kind"] == "prefill" else ""
@@ -228,9 +240,8 @@ def mixed_speed(runner) -> list[dict]:
     for name, comp in comps.items():
         row = {"composition": name}
         for impl in ("varlen", chosen):
-            runner.prefill_attention = impl
-            row[f"{impl}_ms"] = time_composition(runner, comp, 10, rng) * 1e3
-        runner.prefill_attention = chosen
+            with engine_variant(runner, impl, runner.model.kernels):
+                row[f"{impl}_ms"] = time_composition(runner, comp, 10, rng) * 1e3
         row["speedup"] = row["varlen_ms"] / row[f"{chosen}_ms"]
         rows.append(row)
         log(
@@ -503,7 +514,7 @@ def main() -> None:
     section("attention_check", check_attention)
     section("token_check", check_tokens)
     log("building the engine")
-    runner = build_engine(args.model, max_context=16384, kv_memory_fraction=0.85, num_blocks=None if cuda else 4000)
+    runner = build_engine(args.model, max_context=16384, kv_memory_fraction=0.8, num_blocks=None if cuda else 4000)
     report["kv_blocks"] = runner.pool.usable
     runner.warmup()
     report["graph_sizes"] = {"kept": runner.piecewise_token_sizes, "linear_s": runner.linear_times}

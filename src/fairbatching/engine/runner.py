@@ -350,6 +350,7 @@ class ModelRunner:
             w = self.model.layers[0]
             self.linear_times = linear_layer_times((w.qkv, w.o, w.gate_up, w.down), self.piecewise_token_sizes)
             self.piecewise_token_sizes = efficient_sizes(self.linear_times)
+            torch.cuda.empty_cache()  # the timing inputs' blocks, before graphs and steps need the memory
         self.capture_graphs()
         torch.cuda.synchronize()
 
