@@ -325,10 +325,10 @@ def validate(
     loads = [round(knee * f, 2) for f in load_factors]
     log(f"validation: simulated fairbatching knee {knee:.2f} req/s; loads {loads}")
     # Calibration: the steps of one replay of a different trace window (the next N requests, middle load),
-    # each priced at its period (the step and the loop's host work up to the next one), fitted on time-weighted
-    # error: the simulator's clock then runs as the engine's loop does, and long prefill-heavy steps, which
-    # decide how fast a queue drains, count by their time (grid rows and plain relative error left the
-    # simulator 6-12% low on P50 TTFT, run 1 of session 5 in results/gpu-engine/README.md).
+    # each priced at its period (the step and the loop's host work up to the next one), so the simulator's
+    # clock runs as the engine's loop does. Grid rows left out: with them the simulator ran 6-12% low on P50
+    # TTFT (results/gpu-engine/fixed-sizes-rerun); without, within 10% in 30 of 32 cells over two calibration
+    # replays and two validations (results/gpu-engine/README.md). Absolute error, tried too, was less stable.
     calib = replay(
         runner,
         make_policy("fairbatching", cost, tpot_slo=slo.tpot),
@@ -338,7 +338,7 @@ def validate(
     )
     calib_rows = np.asarray(calib.step_rows)
     calib_rows[:, 4] = _periods(calib.log)
-    fit = fit_cost_model(calib_rows, time_weighted=True)
+    fit = fit_cost_model(calib_rows)
     calibrated = fit.model
     write_rows_csv(out / "calibration_steps.csv", _step_rows(calib, {"grid": cost, "calibrated": calibrated}))
     log(

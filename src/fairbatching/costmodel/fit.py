@@ -88,17 +88,12 @@ def additive_design(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return np.column_stack([np.ones(len(x)), x[:, 2], x[:, 1], x[:, 0], x[:, 3], mixed]) / y[:, None]
 
 
-def fit_cost_model(
-    rows: np.ndarray, holdout_fraction: float = 0.2, seed: int = 0, time_weighted: bool = False
-) -> FitReport:
+def fit_cost_model(rows: np.ndarray, holdout_fraction: float = 0.2, seed: int = 0) -> FitReport:
     """Fit on a random split and report error on the held-out rows.
 
     The additive model (p = 1) is fitted first by non-negative least squares; that seeds a bounded
     nonlinear least-squares fit of all parameters, from a few starting sharpness values, on relative
-    residuals, so short decode steps weigh as much as long prefills. ``time_weighted`` fits absolute error
-    instead: with a free fixed term the predictions then add up to the measured total, the busy time a queue
-    feels, where relative error favours the typical (short) step (for rows logged by serving, whose long
-    prefill-heavy steps are few but decide how fast a queue drains).
+    residuals, so short decode steps weigh as much as long prefills.
     """
     rows = np.asarray(rows, dtype=float)
     if rows.ndim != 2 or rows.shape[1] != len(ROW_FIELDS):
@@ -109,9 +104,8 @@ def fit_cost_model(
     n_hold = max(1, int(round(len(rows) * holdout_fraction)))
     hold, train = rows[order[:n_hold]], rows[order[n_hold:]]
     x, y = train[:, :4], train[:, 4]
-    sqrt_w = y / y.mean() if time_weighted else np.ones(len(y))
 
-    lin, _ = nnls(additive_design(x, y) * sqrt_w[:, None], sqrt_w)
+    lin, _ = nnls(additive_design(x, y), np.ones(len(y)))
     # Free parameters, scaled to ~1: t_fixed, c_seq, t_weights, c_kv, c_tok, c_attn, t_mixed; then p.
     base = np.array([lin[0] * 0.5, lin[1], lin[0] * 0.5, lin[2], lin[3], lin[4], lin[5]])
     scale = np.maximum(np.abs(base), 1e-12)
@@ -121,7 +115,7 @@ def fit_cost_model(
         return np.concatenate([v[:6], [z[-1]], v[6:]])  # CostParams order: ..., c_attn, p, t_mixed
 
     def residual(z: np.ndarray) -> np.ndarray:
-        return (predict_with(theta_of(z), x) / y - 1.0) * sqrt_w
+        return predict_with(theta_of(z), x) / y - 1.0
 
     best = None
     for p0 in (1.0, 2.0, 4.0, 8.0):
