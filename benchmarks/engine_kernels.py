@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from fairbatching.engine import fused
 from fairbatching.engine.model import _rope
-from fairbatching.engine.profiler import cuda_time
+from fairbatching.engine.timing import cuda_time
 
 
 def fused_rows() -> list[dict]:

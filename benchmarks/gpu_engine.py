@@ -39,13 +39,13 @@ from fairbatching.engine.attention import PREFILL_IMPLS, ROUTES, PrefillRouting,
 from fairbatching.engine.graph_sizes import linear_layer_times
 from fairbatching.engine.loop import generate, replay
 from fairbatching.engine.profiler import (
-    cuda_time,
     default_grid,
     measured_profile,
     run_profile,
     time_composition,
     write_rows_csv,
 )
+from fairbatching.engine.timing import cuda_time
 from fairbatching.metrics.summary import summarize
 from fairbatching.policies import make_policy
 from fairbatching.sim.node import SimConfig

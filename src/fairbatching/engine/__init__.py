@@ -7,7 +7,8 @@ the same policy objects and ``sim.Node`` step loop as the simulator.
   or cuDNN prefill on CUDA); ``fused``: Triton kernels for RoPE/KV write, add+RMSNorm, SwiGLU
 - ``runner``: one iteration (CUDA graphs for decode-only batches), physical KV blocks
 - ``loop``: offline ``generate`` and wall-clock trace ``replay``
-- ``profiler``: measured rows for the cost model
+- ``profiler``: measured rows for the cost model; ``timing``: GPU time from CUDA events
+- ``graph_sizes``: the token counts mixed-step graphs are captured at, from timed matmuls
 """
 
 from __future__ import annotations

@@ -10,11 +10,11 @@ matmuls at every candidate size at warm-up and keeps only the sizes that save ti
 
 from __future__ import annotations
 
-import statistics
 from collections.abc import Iterable, Mapping
 
 import torch
 
+from fairbatching.engine.timing import cuda_time
 from fairbatching.errors import ConfigError
 
 # Finer steps than powers of two: coarse buckets padded a 270-token step to 512, and such steps ran 11-25%
@@ -42,7 +42,6 @@ def linear_layer_times(weights: Iterable[torch.Tensor], sizes: Iterable[int], re
     """Median GPU seconds of ``x @ w`` for every weight (one layer's matmuls), at each token count."""
     weights = list(weights)
     times = {}
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     for n in sizes:
         inputs = [torch.randn(n, w.shape[0], device=w.device, dtype=w.dtype) for w in weights]
 
@@ -50,13 +49,5 @@ def linear_layer_times(weights: Iterable[torch.Tensor], sizes: Iterable[int], re
             for x, w in zip(inputs, weights, strict=True):
                 x @ w
 
-        run()
-        samples = []
-        for _ in range(repeats):
-            start.record()
-            run()
-            end.record()
-            end.synchronize()
-            samples.append(start.elapsed_time(end) / 1e3)
-        times[n] = statistics.median(samples)
+        times[n] = cuda_time(run, repeats)
     return times

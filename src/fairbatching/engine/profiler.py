@@ -51,20 +51,6 @@ def default_grid(max_tokens_in_cache: int, max_context: int) -> list[tuple[str, 
     ]
 
 
-def cuda_time(fn: Callable[[], object], repeats: int = 10) -> float:
-    """Median GPU time of ``fn`` in seconds (CUDA events), after one untimed warm-up call."""
-    fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    samples = []
-    for _ in range(repeats):
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(samples)
-
-
 def time_composition(runner: ModelRunner, comp: Composition, repeats: int, rng: random.Random) -> float:
     """Median wall time of ``runner.run`` for this composition, after one warm-up run."""
     bs = runner.block_size
