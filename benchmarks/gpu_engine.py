@@ -259,9 +259,9 @@ def step_sizes(runner) -> list[dict]:
     import random
 
     rng = random.Random(0)
-    c, w = runner.model.config, runner.model.layers[0]
+    c = runner.model.config
     sizes = range(64, runner.piecewise_token_sizes[-1] + 1, 64)
-    linear = linear_layer_times((w.qkv, w.o, w.gate_up, w.down), sizes)
+    linear = linear_layer_times(runner.model.layers[0], sizes)
     log(f"graph sizes kept at warm-up: {runner.piecewise_token_sizes}")
     rows = []
     for n in sizes:
@@ -327,8 +327,8 @@ def validate(
     # Calibration: the steps of one replay of a different trace window (the next N requests, middle load),
     # each priced at its period (the step and the loop's host work up to the next one), so the simulator's
     # clock runs as the engine's loop does. Grid rows left out: with them the simulator ran 6-12% low on P50
-    # TTFT (results/gpu-engine/fixed-sizes-rerun); without, within 10% in 30 of 32 cells over two calibration
-    # replays and two validations (results/gpu-engine/README.md). Absolute error, tried too, was less stable.
+    # TTFT (results/gpu-engine/fixed-sizes-rerun); without, within 10% in 62 of 64 cells over the recorded
+    # calibration replays and validations (benchmarks/calibration_choice.py). Absolute error was less stable.
     calib = replay(
         runner,
         make_policy("fairbatching", cost, tpot_slo=slo.tpot),

@@ -14,6 +14,7 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
+from fairbatching.engine.model import LayerWeights
 from fairbatching.engine.timing import cuda_time
 from fairbatching.errors import ConfigError
 
@@ -38,9 +39,9 @@ def efficient_sizes(times: Mapping[int, float], min_saving: float = MIN_SAVING) 
     return tuple(sorted(kept))
 
 
-def linear_layer_times(weights: Iterable[torch.Tensor], sizes: Iterable[int], repeats: int = 20) -> dict[int, float]:
-    """Median GPU seconds of ``x @ w`` for every weight (one layer's matmuls), at each token count."""
-    weights = list(weights)
+def linear_layer_times(layer: LayerWeights, sizes: Iterable[int], repeats: int = 20) -> dict[int, float]:
+    """Median GPU seconds of one layer's matmuls (QKV, output, gate/up, down) at each token count."""
+    weights = (layer.qkv, layer.o, layer.gate_up, layer.down)
     times = {}
     for n in sizes:
         inputs = [torch.randn(n, w.shape[0], device=w.device, dtype=w.dtype) for w in weights]

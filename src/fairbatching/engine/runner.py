@@ -347,8 +347,7 @@ class ModelRunner:
         if self.prefill_attention == "cudnn" or (self.prefill_attention == "auto" and self.cudnn_wins):
             warm_cudnn(c.num_heads, c.num_kv_heads, c.head_dim, self.max_context, self.model.dtype)
         if self.piecewise_token_sizes and not (self._pieces or self._full):
-            w = self.model.layers[0]
-            self.linear_times = linear_layer_times((w.qkv, w.o, w.gate_up, w.down), self.piecewise_token_sizes)
+            self.linear_times = linear_layer_times(self.model.layers[0], self.piecewise_token_sizes)
             self.piecewise_token_sizes = efficient_sizes(self.linear_times)
             torch.cuda.empty_cache()  # the timing inputs' blocks, before graphs and steps need the memory
         self.capture_graphs()
