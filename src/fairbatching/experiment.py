@@ -12,6 +12,7 @@ from fairbatching.costmodel.profile import Profile
 from fairbatching.errors import ConfigError
 from fairbatching.metrics.summary import Summary, summarize
 from fairbatching.policies import make_policy
+from fairbatching.sim.pricing import StepError, pricing_model
 from fairbatching.sim.simulator import SimConfig, SimResult, simulate
 from fairbatching.workloads.spec import Workload
 from fairbatching.workloads.synthetic import default_workload
@@ -52,6 +53,9 @@ class RunResult:
 
 @dataclass
 class Experiment:
+    """``profile`` is what the policies plan with; ``pricing`` (default: the same) is what steps cost, and
+    ``step_error`` how executed steps depart from it, so planning under model error can be studied offline."""
+
     workload: Workload
     profile: Profile
     slo: SLO = DEFAULT_SLO
@@ -59,6 +63,8 @@ class Experiment:
     queue_timeout: float | None = None
     admission: str = "none"
     policy_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    pricing: Profile | None = None
+    step_error: StepError | None = None
 
     def __post_init__(self) -> None:
         check_slo_feasible(self.slo, self.profile)
@@ -71,12 +77,13 @@ class Experiment:
         pol = make_policy(policy, cost, tpot_slo=self.slo.tpot, **self.policy_options.get(policy, {}))
         cfg = SimConfig(
             default_slo=self.slo,
-            kv=self.profile.kv,
+            kv=(self.pricing or self.profile).kv,
             max_model_len=self.max_model_len,
             queue_timeout=self.queue_timeout,
             admission=self.admission,
         )
-        res = simulate(pol, cost, self.workload, cfg, progress)
+        price = pricing_model((self.pricing or self.profile).cost_model(), self.step_error)
+        res = simulate(pol, price, self.workload, cfg, progress)
         if len(res.requests) != len(self.workload):
             raise RuntimeError(f"simulator accounted for {len(res.requests)} of {len(self.workload)} requests")
         summary = summarize(policy, self.workload.name, res.requests, res.end_time, res.busy_time, res.preemptions)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fairbatching.core.request import SLO
 from fairbatching.errors import ConfigError
 from fairbatching.workloads.spec import Workload
 from fairbatching.workloads.synthetic import CONVERSATION_OUTPUTS, CONVERSATION_PROMPTS, synthetic_workload
@@ -23,11 +24,19 @@ class WorkloadFamily:
     name: str
     trace: str | None = None  # file name under the traces folder, or a path
     burstiness: float = 4.0  # synthetic families only
+    slo_classes: tuple[tuple[float, SLO], ...] = ()  # synthetic families only: (weight, SLO) per tenant class
 
     def build(self, qps: float, seed: int, num_requests: int, traces_dir: Path = SHARED_TRACES) -> Workload:
         if self.trace is None:
             return synthetic_workload(
-                num_requests, qps, CONVERSATION_PROMPTS, CONVERSATION_OUTPUTS, self.burstiness, seed, self.name
+                num_requests,
+                qps,
+                CONVERSATION_PROMPTS,
+                CONVERSATION_OUTPUTS,
+                self.burstiness,
+                seed,
+                self.name,
+                self.slo_classes,
             )
         full = _load(str(self.path(traces_dir)))
         n = min(num_requests, len(full))
@@ -52,6 +61,8 @@ FAMILIES: dict[str, WorkloadFamily] = {
     f.name: f
     for f in (
         WorkloadFamily("default"),
+        # Two tenants on one node: interactive (0.5 s / 50 ms) and relaxed (8 s / 200 ms), half each.
+        WorkloadFamily("mixed-slo", slo_classes=((1.0, SLO(0.5, 0.05)), (1.0, SLO(8.0, 0.2)))),
         WorkloadFamily("azure-code", "AzureLLMInferenceTrace_code.csv"),
         WorkloadFamily("azure-conv", "AzureLLMInferenceTrace_conv.csv"),
         WorkloadFamily("mooncake-conv", "mooncake_conversation_trace.jsonl"),

@@ -9,6 +9,7 @@ from operator import attrgetter
 from fairbatching.core.kv import BlockAllocator
 from fairbatching.core.plan import BatchPlan
 from fairbatching.core.request import Request
+from fairbatching.costmodel.adaptive import AdaptiveCostModel
 from fairbatching.costmodel.model import CostModel
 
 _computed = attrgetter("num_computed")
@@ -51,6 +52,17 @@ class Policy(ABC):
 
     @abstractmethod
     def schedule(self, state: SchedulerState) -> BatchPlan: ...
+
+    def observe_step(
+        self, new_tokens: int, context_tokens: int, num_seqs: int, attn_work: float, seconds: float
+    ) -> bool:
+        """An executed step and what it took, from the backend's step loop; returns True when the planning
+        model changed. Only an ``AdaptiveCostModel`` learns from it; policies that derive limits from the
+        model (Sarathi's token budget) re-derive them then."""
+        cost = self.cost_model
+        if isinstance(cost, AdaptiveCostModel):
+            return cost.observe(new_tokens, context_tokens, num_seqs, attn_work, seconds)
+        return False
 
     def admission_budget(self, state: SchedulerState, horizon: float):
         """This node's Prefill Admission Budget (see ``policies.admission``), priced by this policy's model."""

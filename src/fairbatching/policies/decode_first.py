@@ -60,11 +60,23 @@ class SarathiPolicy(VLLMPolicy):
         token_budget: int | None = None,
         max_num_seqs: int = 256,
     ) -> None:
+        #: The TPOT the budget was derived from (None when given explicitly): re-derived as the model calibrates.
+        self.derived_from_tpot = tpot_slo if token_budget is None else None
         if token_budget is None:
             if tpot_slo is None:
                 raise ConfigError("sarathi needs a token budget or a TPOT SLO to derive one from")
             token_budget = budget_for_tpot(cost_model, tpot_slo)
         super().__init__(cost_model, max_num_batched_tokens=token_budget, max_num_seqs=max_num_seqs)
+
+    def observe_step(
+        self, new_tokens: int, context_tokens: int, num_seqs: int, attn_work: float, seconds: float
+    ) -> bool:
+        """Sarathi sizes its chunks from profiled step times: when the calibrated model moves, so does the budget
+        (never below the smallest mixed batch: that is as far as a token budget can shrink)."""
+        changed = super().observe_step(new_tokens, context_tokens, num_seqs, attn_work, seconds)
+        if changed and self.derived_from_tpot is not None:
+            self.max_num_batched_tokens = budget_for_tpot(self.cost_model, self.derived_from_tpot, strict=False)
+        return changed
 
     def running_order(self, running: list[Request]) -> list[Request]:
         if _leading_decodes(running) == len(running):
@@ -74,9 +86,16 @@ class SarathiPolicy(VLLMPolicy):
 
 
 def budget_for_tpot(
-    cost_model: CostModel, tpot_slo: float, ref_decodes: int = 32, ref_context: int = 1024, granularity: int = 64
+    cost_model: CostModel,
+    tpot_slo: float,
+    ref_decodes: int = 32,
+    ref_context: int = 1024,
+    granularity: int = 64,
+    strict: bool = True,
 ) -> int:
     """Largest token budget (a multiple of ``granularity``) whose reference batch fits in ``tpot_slo``.
+
+    ``strict``: refuse a TPOT no budget meets (configuration time); else fall back to the smallest budget.
 
     The reference batch is ``ref_decodes`` decodes at ``ref_context`` tokens of context plus one prefill
     chunk filling the rest of the budget, as Sarathi-Serve sizes its chunks from profiled iteration times.
@@ -92,6 +111,8 @@ def budget_for_tpot(
         )
 
     floor = ref_decodes + granularity
+    if batch_time(floor) > tpot_slo and not strict:
+        return floor
     if batch_time(floor) > tpot_slo:
         raise ConfigError(
             f"TPOT SLO {tpot_slo * 1e3:.1f} ms is below the predicted time of a minimal mixed batch "

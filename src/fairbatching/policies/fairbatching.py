@@ -32,11 +32,15 @@ class FairBatchingPolicy(Policy):
          cost model prices mixing (``t_mixed``: the engine runs decode-only steps as one CUDA graph), the
          first chunk of a step must be worth ``mixed_amortization`` times that price, or the prefill waits
          for a step with room for it: slivers of prefill would pay the price over and over;
-      3. the other decodes, least slack first, in whatever time is left. Every decode runs when there is
-         no prefill backlog (skipping one would idle the GPU for nothing) or when KV use is above
-         ``kv_high_watermark`` (default half) of the KV blocks or of the ``max_num_seqs`` slots: a decode held
-         back stays resident longer, so spending decode slack raises residency (Little's law) and, when the
-         cache or the sequence slots fill, admissions stall (README: "What we learned").
+      3. the other decodes, least slack first, in whatever time is left. Only decodes with more than
+         ``yield_reserve`` TPOTs of slack beyond this step yield it to a prefill backlog: a yielded decode
+         comes back just before its deadline, so with no reserve every step that runs longer than the
+         model said (on hardware many do) makes it late, and late decodes shrink every later budget
+         (results/model-error). Decodes yield only while KV use is below ``kv_high_watermark`` (default half) of
+         the KV blocks and of the ``max_num_seqs`` slots: a held-back decode stays resident longer, so under
+         KV or slot pressure yielding stalls admissions (Little's law).
+    Prefills whose first-token deadline is already lost go after those that can still make theirs
+    (``late_last``): plain EDF serves the late ones first and, under a burst, makes every request late.
     """
 
     name = "fairbatching"
@@ -54,10 +58,16 @@ class FairBatchingPolicy(Policy):
         min_budget_fraction: float = 0.5,
         kv_reserve_fraction: float = 0.01,
         kv_high_watermark: float = 0.5,
+        yield_reserve: float = 1.0,
         decode_grace: float = 0.0,
         mixed_amortization: float = 6.0,
+        late_last: bool = True,
     ) -> None:
         super().__init__(cost_model, max_num_batched_tokens, max_num_seqs)
+        self.late_last = late_last
+        if yield_reserve < 0:
+            raise ValueError("yield_reserve must be >= 0")
+        self.yield_reserve = yield_reserve
         if mixed_amortization < 0:
             raise ValueError("mixed_amortization must be >= 0")
         self.mixed_amortization = mixed_amortization
@@ -89,33 +99,40 @@ class FairBatchingPolicy(Policy):
             else []
         )
         b = self.builder(state)
-        budget = self.max_batch_time
+        budget = prefill_budget = self.max_batch_time
         n_urgent = 0
+        may_yield = True
         if decodes:
             n = len(decodes)
             decodes.sort(key=_deadline)  # our own list: urgent decodes are a prefix, slack ones the rest
             deadlines = list(map(_deadline, decodes))
             ctx = sum(map(_computed, decodes)) + n
-            floor = self.min_budget_fraction * min(map(_tpot, decodes))
+            tpot = min(map(_tpot, decodes))
             # No batch can outlast one at the token cap, so deadlines beyond that are not urgent.
             cap = self.max_num_batched_tokens
             full_batch = self.cost_model.predict(cap, ctx + cap, n + 1, ctx + attn_work(max(cap - n, 0), 0))
-            budget = min(budget, full_batch, max(deadlines[0] - now, floor))
-            cutoff = now + budget + self.urgency_margin * self.cost_model.predict(n, ctx, n, ctx)
-            n_urgent = bisect_left(deadlines, cutoff)
+            budget = min(budget, full_batch, max(deadlines[0] - now, self.min_budget_fraction * tpot))
+            kv = state.kv
+            pressure = max(1.0 - kv.free_blocks / kv.num_blocks, len(running) / self.max_num_seqs)
+            may_yield = pressure < self.kv_high_watermark
+            all_decodes = self.cost_model.predict(n, ctx, n, ctx)
+            margin = self.urgency_margin * all_decodes + (self.yield_reserve * tpot if may_yield else 0.0)
+            n_urgent = bisect_left(deadlines, now + budget + margin)
             if n_urgent:
                 b.add_decodes(decodes[:n_urgent], fresh=True)
-            budget = max(budget, b.time())
-        backlog = self._add_prefills(b, prefills, state.waiting, budget, decodes, n_urgent)
+            budget = prefill_budget = max(budget, b.time())
+            if not may_yield and n_urgent < n and budget < full_batch:
+                # Every decode runs in this step: the prefills get the budget less what the others add to it.
+                first = decodes[0].num_computed + 1
+                base = b.time() if n_urgent else self.cost_model.predict(1, first, 1, first)
+                prefill_budget -= max(0.0, all_decodes - base)
+        backlog = self._add_prefills(b, prefills, state.waiting, prefill_budget, decodes, n_urgent)
         if n_urgent < len(decodes):
             rest = decodes[n_urgent:]
             if b.plan.preempted:
                 gone = set(map(id, b.plan.preempted))
                 rest = [r for r in rest if id(r) not in gone]
-            kv = state.kv
-            pressure = max(1.0 - kv.free_blocks / kv.num_blocks, len(running) / self.max_num_seqs)
-            spend_slack = backlog and pressure < self.kv_high_watermark
-            self._add_slack_decodes(b, rest, budget if spend_slack else math.inf)
+            self._add_slack_decodes(b, rest, budget if backlog and may_yield else math.inf)
         return b.finish()
 
     def _decode_block_reserve(self, b: BatchBuilder, decodes: list[Request], n_urgent: int, admitting: int) -> int:
@@ -153,6 +170,8 @@ class FairBatchingPolicy(Policy):
         admitting = b.tokens_left // b.block_size + len(pool)
         reserve = self._decode_block_reserve(b, decodes, n_urgent, admitting) if waiting else 0
         pool.sort(key=_deadline)
+        if self.late_last:
+            pool = self._feasible_first(pool, b.state.now)
         first_chunk = self._first_chunk_floor()
         for r in pool:
             remaining = r.num_tokens - r.num_computed
@@ -167,6 +186,21 @@ class FairBatchingPolicy(Policy):
             if not b.add(r, n, preempt=held, reserve=0 if held else reserve) or n < remaining:
                 return True
         return len(waiting) > self.edf_window
+
+    def _feasible_first(self, pool: list[Request], now: float) -> list[Request]:
+        """Prefills that can still make their first-token deadline, then those that cannot (each in deadline
+        order). A request whose TTFT is lost can no longer meet its SLO; serving it first, as plain EDF does,
+        makes the next ones late too and under a burst every request misses (the domino effect of EDF in
+        overload). Late ones still run, in the time the feasible ones leave."""
+        late = [r.first_deadline <= now + self._lone_prefill_time(r) for r in pool]
+        if not any(late) or all(late):
+            return pool
+        return [r for r, x in zip(pool, late, strict=True) if not x] + [r for r, x in zip(pool, late, strict=True) if x]
+
+    def _lone_prefill_time(self, r: Request) -> float:
+        """The least time the rest of ``r``'s prompt can take: alone in a step."""
+        n, c = r.num_tokens - r.num_computed, r.num_computed
+        return self.cost_model.predict(n, c + n, 1, attn_work(n, c))
 
     def _first_chunk_floor(self) -> int:
         """Smallest partial chunk worth opening a mixed step for: ``mixed_amortization`` x the model's

@@ -191,6 +191,7 @@ class Node:
         self._admit(plan, running, waiting, kv, start)
         clock = self.clock = self.executor(plan, start)
         dt = clock - start
+        self.policy.observe_step(plan.new_tokens, plan.context_tokens, plan.num_seqs, plan.attn_work, dt)
         if cfg.record_iterations:
             _log_iteration(self.log, start, dt, plan, n_running, n_waiting, kv.used_blocks)
         self.busy += dt
@@ -239,6 +240,7 @@ class Node:
             return 0, 0.0
         ctx = sum(r.num_computed for r in running) + n
         predict = self.cost.predict
+        observe = self.policy.observe_step
         times: list[float] = []
         durations: list[float] = []
         t = clock
@@ -246,6 +248,7 @@ class Node:
             if t >= horizon and times:
                 break
             dt = predict(n, ctx, n, ctx)
+            observe(n, ctx, n, ctx, dt)
             durations.append(dt)
             t += dt
             times.append(t)

@@ -1,0 +1,77 @@
+"""Planning under model error: a cost model that learns from the steps a backend actually ran.
+
+A policy that fills each batch to the edge of a time budget (FairBatching does) turns every optimistic
+prediction into a late step: a step priced at 50 ms that runs 60 ms makes the decodes in it late, late
+decodes shrink the next budgets, and the node ends up running many small steps that each pay the fixed
+costs again. ``AdaptiveCostModel`` wraps the prior model (a profile) and, from every executed step the
+step loop feeds back, keeps the recent ratios of measured to predicted time, apart for decode-only steps
+and steps carrying prefill (their errors differ: graph-replayed decodes are priced well, mixed steps pay
+padding and eager attention the grid under-samples). It predicts the prior times a high quantile of those
+ratios, so a plan that fits its budget under this model fits it on the hardware most of the time.
+
+Every backend feeds it through ``Policy.observe_step`` (the simulator's and the GPU engine's step loop,
+the vLLM scheduler), and every policy that derives a budget from a cost model plans on it, so baselines
+and FairBatching see the same corrected model.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import numpy as np
+
+from fairbatching.costmodel.model import CostModel
+from fairbatching.errors import ConfigError
+
+
+class AdaptiveCostModel:
+    """The prior model scaled, per step kind, by a high quantile of recent measured/predicted ratios."""
+
+    __slots__ = ("prior", "params", "quantile", "min_steps", "_ratios", "_factor", "_since", "refresh_every")
+
+    def __init__(
+        self,
+        prior: CostModel,
+        quantile: float = 0.9,
+        window: int = 256,
+        min_steps: int = 16,
+        refresh_every: int = 8,
+    ) -> None:
+        if not 0.0 < quantile < 1.0:
+            raise ConfigError(f"calibration quantile must be in (0, 1), got {quantile}")
+        if window < min_steps or min_steps < 1 or refresh_every < 1:
+            raise ConfigError("calibration needs window >= min_steps >= 1 and refresh_every >= 1")
+        self.prior = prior
+        self.params = prior.params  # policies read parameters (t_mixed) off the model they plan with
+        self.quantile = quantile
+        self.min_steps = min_steps
+        self.refresh_every = refresh_every
+        self._ratios = (deque(maxlen=window), deque(maxlen=window))  # [decode-only, carrying prefill]
+        self._factor = [1.0, 1.0]
+        self._since = [0, 0]
+
+    @property
+    def factors(self) -> tuple[float, float]:
+        """The current corrections: (decode-only steps, steps carrying prefill)."""
+        return self._factor[0], self._factor[1]
+
+    def predict(self, new_tokens: float, context_tokens: float, num_seqs: int, attn: float) -> float:
+        t = self.prior.predict(new_tokens, context_tokens, num_seqs, attn)
+        return t * self._factor[new_tokens > num_seqs]
+
+    def observe(self, new_tokens: float, context_tokens: float, num_seqs: int, attn: float, seconds: float) -> bool:
+        """Record one executed step; returns True when the correction for its kind changed."""
+        predicted = self.prior.predict(new_tokens, context_tokens, num_seqs, attn)
+        if num_seqs <= 0 or not (seconds > 0 and predicted > 0) or not np.isfinite(seconds):
+            return False
+        kind = int(new_tokens > num_seqs)
+        ratios = self._ratios[kind]
+        ratios.append(seconds / predicted)
+        self._since[kind] += 1
+        if len(ratios) < self.min_steps or self._since[kind] < self.refresh_every:
+            return False
+        self._since[kind] = 0
+        factor = float(np.quantile(np.fromiter(ratios, float, len(ratios)), self.quantile))
+        changed = abs(factor / self._factor[kind] - 1) > 1e-3
+        self._factor[kind] = factor
+        return changed
