@@ -62,7 +62,8 @@ def main() -> None:
                 tpot_ok.append(s.tpot_attainment)
                 ttft_ok.append(s.ttft_attainment)
             print(
-                f"{policy:13s} {tag:6s} SLO {statistics.mean(slos):6.1%} (windows {', '.join(f'{x:.0%}' for x in slos)})"
+                f"{policy:13s} {tag:6s} SLO {statistics.mean(slos):6.1%}"
+                f" (windows {', '.join(f'{x:.0%}' for x in slos)})"
                 f" TTFT ok {statistics.mean(ttft_ok):6.1%} TPOT ok {statistics.mean(tpot_ok):6.1%}"
                 f" P99 TTFT {statistics.mean(p99):6.2f} s",
                 flush=True,
