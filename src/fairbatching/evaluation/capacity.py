@@ -70,27 +70,39 @@ def find_capacity(
             on_point(point)
         return point.attainment >= target
 
+    lo, hi = bracket_search(evaluate, start_qps, tolerance, max_points)
+    curve.sort(key=lambda p: p.qps)
+    label = base.label if isinstance(base, ClusterRunSpec) else base.policy
+    return CapacityResult(label, base.workload, lo, target, tolerance, (lo, hi), curve)
+
+
+def bracket_search(
+    meets: Callable[[float], bool], start: float, tolerance: float, max_points: int, step: float = 2.0
+) -> tuple[float, float]:
+    """The highest load at which ``meets`` holds: multiply (divide) ``start`` by ``step`` until the target is
+    bracketed, then bisect geometrically to ``tolerance`` (relative) or ``max_points`` evaluations. Returns
+    ``(lo, hi)``: the highest load that met it (0 if none) and the lowest that did not (inf if none)."""
     lo, hi = 0.0, math.inf
-    q = start_qps
-    while len(curve) < max_points:
-        if evaluate(q):
+    q, points = start, 0
+    while points < max_points:
+        points += 1
+        if meets(q):
             lo = q
             if hi < math.inf:
                 break
-            q *= 2
+            q *= step
         else:
             hi = q
             if lo > 0:
                 break
-            q /= 2
+            q /= step
             if q < 1e-3:
                 break
-    while lo > 0 and hi < math.inf and hi / lo - 1 > tolerance and len(curve) < max_points:
+    while lo > 0 and hi < math.inf and hi / lo - 1 > tolerance and points < max_points:
+        points += 1
         mid = math.sqrt(lo * hi)
-        if evaluate(mid):
+        if meets(mid):
             lo = mid
         else:
             hi = mid
-    curve.sort(key=lambda p: p.qps)
-    label = base.label if isinstance(base, ClusterRunSpec) else base.policy
-    return CapacityResult(label, base.workload, lo, target, tolerance, (lo, hi), curve)
+    return lo, hi
