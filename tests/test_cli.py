@@ -106,3 +106,26 @@ def test_profiles_lists_sources_and_the_default():
     assert res.exit_code == 0
     assert "llama-3-8b-h100-engine (default)  [measured]" in res.output
     assert "llama-3-8b-h100-analytic  [analytic]" in res.output
+
+
+def test_traces_lists_bundled_traces_within_100_columns():
+    from typer.testing import CliRunner
+
+    from fairbatching.cli import app
+
+    res = CliRunner().invoke(app, ["traces"])
+    assert res.exit_code == 0
+    for name in ("azure-code", "azure-conv", "mooncake-conv", "mooncake-synthetic"):
+        assert name in res.stdout
+    assert max(len(line) for line in res.stdout.splitlines()) <= 100
+
+
+def test_default_table_fits_100_columns_and_wide_keeps_every_column(tmp_path):
+    narrow = cli("compare", "-n", "60", "--policies", "fairbatching,prefill-first", "--out", str(tmp_path / "a"))
+    wide = cli("simulate", "-n", "60", "--wide")
+    assert narrow.returncode == 0 and wide.returncode == 0, narrow.stderr + wide.stderr
+    assert max(len(line) for line in narrow.stdout.splitlines()) <= 100
+    assert "prefill-first" in narrow.stdout and "…" not in narrow.stdout
+    assert "TBT p99" not in narrow.stdout and "TBT p99" in wide.stdout and "rejected + timeout" in wide.stdout
+    summary = (tmp_path / "a" / "summary.csv").read_text().splitlines()[0]
+    assert "tbt.p99" in summary and "gpu_busy" in summary  # files keep every field

@@ -16,7 +16,7 @@ from fairbatching.core.request import SLO
 from fairbatching.costmodel.profile import available_profiles, load_profile
 from fairbatching.errors import FairBatchingError
 from fairbatching.experiment import DEFAULT_QPS, DEFAULT_SLO, Experiment, WorkloadSpec, check_slo_feasible
-from fairbatching.metrics.table import markdown_table, summary_table, write_summary_csv
+from fairbatching.metrics.table import markdown_table, show, summary_table, write_summary_csv
 from fairbatching.policies import POLICIES
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="FairBatching: SLO-fair LLM batch scheduling.")
@@ -24,7 +24,12 @@ console = Console(stderr=True, soft_wrap=True)
 out_console = Console(width=None if sys.stdout.isatty() else 200)
 
 TraceOpt = Annotated[
-    Path | None, typer.Option("--trace", help="Trace file (Azure CSV, BurstGPT CSV, Mooncake JSONL); default: embedded")
+    Path | None,
+    typer.Option(
+        "--trace",
+        help="Bundled trace name (see `traces`) or a trace file (Azure CSV, BurstGPT CSV, Mooncake JSONL; .gz too); "
+        "default: embedded",
+    ),
 ]
 FormatOpt = Annotated[str, typer.Option("--format", help="Trace format: auto, azure, burstgpt, mooncake")]
 NumOpt = Annotated[
@@ -44,6 +49,7 @@ PolicyOpt = Annotated[
     list[str] | None,
     typer.Option("--policy-option", "-o", help="policy.key=value, e.g. sarathi.token_budget=2048 (repeatable)"),
 ]
+WideOpt = Annotated[bool, typer.Option("--wide", help="Show every column (files always carry them all)")]
 AdmissionOpt = Annotated[
     str, typer.Option("--admission", help="Node admission control on the PAB: none, reject or defer")
 ]
@@ -143,6 +149,7 @@ def simulate(
     policy_option: PolicyOpt = None,
     out: Annotated[Path | None, typer.Option("--out", help="Write summary.json and requests.csv here")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout")] = False,
+    wide: WideOpt = False,
 ) -> None:
     """Simulate one policy on one workload."""
     exp = _experiment(
@@ -158,7 +165,7 @@ def simulate(
     if as_json:
         print(json.dumps({**_describe(exp), "summary": s.to_dict()}, indent=2))
     else:
-        out_console.print(summary_table([s]))
+        show(out_console, summary_table([s], wide=wide))
 
 
 @app.command()
@@ -178,6 +185,7 @@ def compare(
     admission: AdmissionOpt = "none",
     policy_option: PolicyOpt = None,
     out: Annotated[Path, typer.Option("--out", help="Report folder")] = Path("out/compare"),
+    wide: WideOpt = False,
 ) -> None:
     """Run several policies on the same workload; write tables, CSV/JSON and a plot + HTML report."""
     from fairbatching.report import plot_comparison, write_html_report
@@ -201,7 +209,7 @@ def compare(
         s.write_requests_csv(out / f"requests_{s.policy}.csv")
     png = plot_comparison(summaries, [r.sim.log for r in results], out / "compare.png", title)
     report = write_html_report(out / "report.html", title, summaries, [png], settings)
-    out_console.print(summary_table(summaries, title=title))
+    show(out_console, summary_table(summaries, title=title, wide=wide))
     console.print(f"wrote {out}/summary.json, summary.csv, summary.md, requests_*.csv, {png.name}, {report.name}")
 
 
@@ -652,6 +660,7 @@ def replay(
     profile: Annotated[str | None, typer.Option("--profile", help="Cost-model profile the policy plans with")] = None,
     policy_option: PolicyOpt = None,
     out: Annotated[Path | None, typer.Option("--out", help="Write summary.json and requests.csv here")] = None,
+    wide: WideOpt = False,
 ) -> None:
     """Replay a workload on the GPU engine in real time, scheduled by a policy; same metrics as `simulate`."""
     from fairbatching.engine.loop import replay as replay_engine
@@ -675,7 +684,23 @@ def replay(
         out.mkdir(parents=True, exist_ok=True)
         s.write_json(out / "summary.json")
         s.write_requests_csv(out / "requests.csv")
-    out_console.print(summary_table([s]))
+    show(out_console, summary_table([s], wide=wide))
+
+
+@app.command()
+def traces(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the shapes as JSON on stdout")] = False,
+) -> None:
+    """List the bundled traces (usable as `--trace NAME` and `-w NAME`) with their shape."""
+    from fairbatching.metrics.table import shapes_table
+    from fairbatching.workloads.bundled import NOTICE, bundled_shapes
+
+    shapes = bundled_shapes()
+    if as_json:
+        print(json.dumps(shapes, indent=2))
+    else:
+        show(out_console, shapes_table(shapes))
+        console.print(f"sources, licenses and what was changed: {NOTICE}", markup=False)
 
 
 @app.command()
