@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import Progress
 
 from fairbatching.core.request import SLO
 from fairbatching.costmodel.profile import available_profiles, load_profile
@@ -18,6 +18,7 @@ from fairbatching.errors import FairBatchingError
 from fairbatching.experiment import DEFAULT_QPS, DEFAULT_SLO, Experiment, WorkloadSpec, check_slo_feasible
 from fairbatching.metrics.table import markdown_table, show, summary_table, write_summary_csv
 from fairbatching.policies import POLICIES
+from fairbatching.progress import Activity, progress_bar
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="FairBatching: SLO-fair LLM batch scheduling.")
 console = Console(stderr=True, soft_wrap=True)
@@ -92,15 +93,7 @@ def _parse_policy_options(items: list[str]) -> dict[str, dict]:
 
 
 def _progress() -> Progress:
-    return Progress(
-        TextColumn("{task.description:>14}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        transient=False,
-        disable=not console.is_terminal,
-    )
+    return progress_bar(console, label_width=14)
 
 
 def _run_with_progress(exp: Experiment, policies: list[str]) -> list:
@@ -256,19 +249,21 @@ def capacity(
     check_slo_feasible(SLO(ttft, tpot), prof)
     bound = clairvoyant_capacity(fam.build(1.0, 0, num), prof)
     results = []
-    for name in names:
-        base = RunSpec(name, workload, 1.0, 0, num, ttft, tpot, profile)
-        console.print(f"[bold]{name}[/] on {workload}: searching (target {target:.0%}, tolerance {tolerance:.0%})")
-        res = find_capacity(
-            base,
-            sweeper,
-            target,
-            seeds,
-            start,
-            tolerance,
-            on_point=lambda p: console.print(_point_line(p)),
-        )
-        results.append(res)
+    with Activity(console) as status:
+        for name in names:
+            base = RunSpec(name, workload, 1.0, 0, num, ttft, tpot, profile)
+            console.print(f"[bold]{name}[/] on {workload}: searching (target {target:.0%}, tolerance {tolerance:.0%})")
+            res = find_capacity(
+                base,
+                sweeper,
+                target,
+                seeds,
+                start,
+                tolerance,
+                on_point=lambda p: console.print(_point_line(p)),
+                progress=lambda q, d, t, name=name: status(f"{name} on {workload}: trying {q:.2f} req/s", d, t),
+            )
+            results.append(res)
     best_base = max((r.capacity_qps for r in results if r.policy != "fairbatching"), default=0.0)
     for r in results:
         gain = (
@@ -329,8 +324,9 @@ def sweep(
         for s in range(seeds)
     ]
     sweeper = _sweeper(cache, workers, ray)
-    with _progress() as bar:
-        task = bar.add_task("sweep", total=len(specs))
+    grid = f"sweep: {workloads}, SLOs {slos}, {len(qps_levels)} loads, {len(names)} policies, {seeds} seed(s)"
+    with progress_bar(console) as bar:
+        task = bar.add_task(grid, total=len(specs))
         results = sweeper.run(specs, progress=lambda done, total: bar.update(task, completed=done, total=total))
     out.mkdir(parents=True, exist_ok=True)
     (out / "sweep.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -398,12 +394,15 @@ def evaluate(
     for sc in parsed:
         check_slo_feasible(SLO(sc.ttft, sc.tpot), prof)
     sweeper = _sweeper(cache, workers, ray)
-    rows = run_evaluation(parsed, names, sweeper, out, num, seeds, target, tolerance, profile, log=console.print)
-    first = parsed[0]
-    ref = next((r["equal_load_qps"] for r in rows if r["workload"] == first.workload), None)
-    images = sorted(out.glob("curves_*.png"))
-    if ref:
-        images.extend(equal_load_plots(first, ref, names, out, num, profile))
+    with Activity(console) as status:
+        rows = run_evaluation(
+            parsed, names, sweeper, out, num, seeds, target, tolerance, profile, log=console.print, status=status
+        )
+        first = parsed[0]
+        ref = next((r["equal_load_qps"] for r in rows if r["workload"] == first.workload), None)
+        images = sorted(out.glob("curves_*.png"))
+        if ref:
+            images.extend(equal_load_plots(first, ref, names, out, num, profile, status))
     table = markdown(rows)
     note = f"Profile: {prof.name} ({prof.source}). Target {target:.0%} of requests meeting TTFT and TPOT."
     (out / "evaluation.md").write_text(f"{note}\n\n{table}\n")
@@ -474,9 +473,18 @@ def cluster(
     if find_capacity_:
         for s in stacks:
             console.print(f"[bold]{s.label}[/] on {nodes} nodes, {workload}: searching")
-            res = find_capacity(
-                s, sweeper, 0.9, seeds, qps, tolerance, on_point=lambda p: console.print(_point_line(p))
-            )
+            what = f"{s.label} on {nodes} nodes, {workload}: trying {{:.2f}} req/s"
+            with Activity(console) as status:
+                res = find_capacity(
+                    s,
+                    sweeper,
+                    0.9,
+                    seeds,
+                    qps,
+                    tolerance,
+                    on_point=lambda p: console.print(_point_line(p)),
+                    progress=lambda q, d, t, what=what: status(what.format(q), d, t),
+                )
             rows.append(
                 {
                     "stack": s.label,
