@@ -252,7 +252,7 @@ def test_evaluate_says_which_scenario_policy_and_load_it_runs(tmp_path):
     rows = evaluate([sc], ["vllm"], Sweeper(tmp_path / "c", workers=1), tmp_path, 60, 1, 0.9, 0.4, status=status)
     equal_load_plots(sc, rows[0]["equal_load_qps"], ["vllm"], tmp_path, 60, status=status)
     whats = [w for w, _, _ in seen]
-    assert any(w.startswith("[1/1] azure-code, SLO 2 s / 100 ms: vllm capacity, trying 2.00 req/s") for w in whats)
-    assert any("load curves, 1 policies x" in w for w in whats)
-    assert any(w.endswith("for the plots") and "vllm at" in w for w in whats)
+    assert "[1/1] azure-code 2s/100ms capacity vllm @ 2.00 req/s" in whats  # scenario, policy, load
+    assert any(w.startswith("[1/1] azure-code 2s/100ms curves, 1 policies x") for w in whats)
+    assert any(w.startswith("azure-code plots vllm @ ") for w in whats)
     assert all(total is None or 0 <= done <= total for _, done, total in seen)

@@ -261,7 +261,7 @@ def capacity(
                 start,
                 tolerance,
                 on_point=lambda p: console.print(_point_line(p)),
-                progress=lambda q, d, t, name=name: status(f"{name} on {workload}: trying {q:.2f} req/s", d, t),
+                progress=lambda q, d, t, name=name: status(f"{name} {workload} @ {q:.2f} req/s", d, t),
             )
             results.append(res)
     best_base = max((r.capacity_qps for r in results if r.policy != "fairbatching"), default=0.0)
@@ -481,7 +481,7 @@ def cluster(
     if find_capacity_:
         for s in stacks:
             console.print(f"[bold]{s.label}[/] on {nodes} nodes, {workload}: searching")
-            what = f"{s.label} on {nodes} nodes, {workload}: trying {{:.2f}} req/s"
+            what = f"{s.label} x{nodes} {workload} @ {{:.2f}} req/s"
             with Activity(console) as status:
                 res = find_capacity(
                     s,

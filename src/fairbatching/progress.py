@@ -20,7 +20,7 @@ def progress_bar(console: Console, label_width: int = 0) -> Progress:
     """Label (right-aligned to ``label_width``), bar, runs done of total, time elapsed."""
     return Progress(
         TextColumn(f"{{task.description:>{label_width}}}" if label_width else "{task.description}"),
-        BarColumn(bar_width=24),
+        BarColumn(bar_width=16),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
         console=console,

@@ -67,7 +67,7 @@ def evaluate(
         if not family(sc.workload).available():
             log(f"skip {sc.label}: trace file missing")
             continue
-        head = f"[{i}/{len(scenarios)}] {sc.label}"
+        head = f"[{i}/{len(scenarios)}] {sc.workload} {sc.ttft:g}s/{sc.tpot * 1e3:g}ms"
         bound = clairvoyant_capacity(family(sc.workload).build(1.0, 0, num_requests), prof)
         caps: dict[str, CapacityResult] = {}
         for p in policies:
@@ -79,7 +79,7 @@ def evaluate(
                 seeds,
                 sc.start_qps,
                 tolerance,
-                progress=lambda q, d, t, what=f"{head}: {p} capacity, trying {{:.2f}} req/s": say(what.format(q), d, t),
+                progress=lambda q, d, t, what=f"{head} capacity {p} @ {{:.2f}} req/s": say(what.format(q), d, t),
             )
             log(f"{sc.label}: {p} capacity {caps[p].capacity_qps:.3f} req/s")
         baselines = [p for p in policies if p != "fairbatching"]
@@ -98,7 +98,7 @@ def evaluate(
             for p in policies
             for s in range(seeds)
         ]
-        what = f"{head}: load curves, {len(policies)} policies x {len(loads)} loads"
+        what = f"{head} curves, {len(policies)} policies x {len(loads)} loads"
         curve_results = sweeper.run(specs, progress=lambda d, t, what=what: say(what, d, t))
         plot_load_curves(curve_results, out / f"curves_{sc.slug}.png", sc.label)
         equal = {p: _mean_at(curve_results, p, _load(ref, 1.0)) for p in policies}
@@ -160,10 +160,7 @@ def equal_load_plots(
     w = family(sc.workload).build(qps, 0, num_requests)
     exp = Experiment(w, load_profile(profile), SLO(sc.ttft, sc.tpot))
     say = status or _quiet
-    runs = {
-        p: exp.run(p, lambda d, t, p=p: say(f"{sc.label}: {p} at {qps:.2f} req/s for the plots", d, t))
-        for p in policies
-    }
+    runs = {p: exp.run(p, lambda d, t, p=p: say(f"{sc.workload} plots {p} @ {qps:.2f} req/s", d, t)) for p in policies}
     title = f"{sc.label} at {qps:.2f} req/s"
     cdfs = plot_comparison(
         [r.summary for r in runs.values()], [r.sim.log for r in runs.values()], out / f"cdfs_{sc.slug}.png", title
