@@ -332,7 +332,7 @@ def sweep(
         for s in range(seeds)
     ]
     sweeper = _sweeper(cache, workers, ray)
-    grid = f"sweep: {workloads}, SLOs {slos}, {len(qps_levels)} loads, {len(names)} policies, {seeds} seed(s)"
+    grid = f"sweep {workloads} x {len(slo_pairs)} SLOs x {len(qps_levels)} loads x {len(names)} policies"
     with progress_bar(console) as bar:
         task = bar.add_task(grid, total=len(specs))
         results = sweeper.run(specs, progress=lambda done, total: bar.update(task, completed=done, total=total))
