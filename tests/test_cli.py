@@ -129,3 +129,30 @@ def test_default_table_fits_100_columns_and_wide_keeps_every_column(tmp_path):
     assert "TBT p99" not in narrow.stdout and "TBT p99" in wide.stdout and "rejected + timeout" in wide.stdout
     summary = (tmp_path / "a" / "summary.csv").read_text().splitlines()[0]
     assert "tbt.p99" in summary and "gpu_busy" in summary  # files keep every field
+
+
+@pytest.mark.parametrize(
+    "args,line",
+    [
+        (["capacity", "--policies", "vllm", "-w", "azure-code"], r"vllm azure-code @ [\d.]+ req/s .* \d+/\d+ "),
+        (["cluster", "--capacity", "--pairs", "sarathi:pab", "--qps", "4"], r"sarathi\+pab x4 default @ [\d.]+ req/s"),
+        (["sweep", "--qps", "6", "--policies", "vllm"], r"sweep default x 1 SLOs x 1 loads x 1 policies .* 1/1 "),
+    ],
+)
+def test_long_commands_show_what_they_run_on_a_terminal(args, line, tmp_path, monkeypatch):
+    """The live line is redrawn ten times a second, so a short run shows at least its last step."""
+    import io
+    import re
+
+    from rich.console import Console
+    from typer.testing import CliRunner
+
+    from fairbatching import cli as cli_mod
+
+    screen = io.StringIO()
+    monkeypatch.setattr(cli_mod, "console", Console(file=screen, force_terminal=True, no_color=True, width=120))
+    extra = ["-n", "40", "--cache", str(tmp_path), "--workers", "1"]
+    extra += ["--out", str(tmp_path / "o")] if args[0] == "sweep" else ["--seeds", "1", "--tolerance", "0.3"]
+    res = CliRunner().invoke(cli_mod.app, args + extra)
+    assert res.exit_code == 0, res.output
+    assert re.search(line, re.sub(r"\x1b\[[0-9;?]*[a-zA-Z]", "", screen.getvalue()))
