@@ -106,3 +106,53 @@ def test_profiles_lists_sources_and_the_default():
     assert res.exit_code == 0
     assert "llama-3-8b-h100-engine (default)  [measured]" in res.output
     assert "llama-3-8b-h100-analytic  [analytic]" in res.output
+
+
+def test_traces_lists_bundled_traces_within_100_columns():
+    from typer.testing import CliRunner
+
+    from fairbatching.cli import app
+
+    res = CliRunner().invoke(app, ["traces"])
+    assert res.exit_code == 0
+    for name in ("azure-code", "azure-conv", "mooncake-conv", "mooncake-synthetic"):
+        assert name in res.stdout
+    assert max(len(line) for line in res.stdout.splitlines()) <= 100
+
+
+def test_default_table_fits_100_columns_and_wide_keeps_every_column(tmp_path):
+    narrow = cli("compare", "-n", "60", "--policies", "fairbatching,prefill-first", "--out", str(tmp_path / "a"))
+    wide = cli("simulate", "-n", "60", "--wide")
+    assert narrow.returncode == 0 and wide.returncode == 0, narrow.stderr + wide.stderr
+    assert max(len(line) for line in narrow.stdout.splitlines()) <= 100
+    assert "prefill-first" in narrow.stdout and "…" not in narrow.stdout
+    assert "TBT p99" not in narrow.stdout and "TBT p99" in wide.stdout and "rejected + timeout" in wide.stdout
+    summary = (tmp_path / "a" / "summary.csv").read_text().splitlines()[0]
+    assert "tbt.p99" in summary and "gpu_busy" in summary  # files keep every field
+
+
+@pytest.mark.parametrize(
+    "args,line",
+    [
+        (["capacity", "--policies", "vllm", "-w", "azure-code"], r"vllm azure-code @ [\d.]+ req/s .* \d+/\d+ "),
+        (["cluster", "--capacity", "--pairs", "sarathi:pab", "--qps", "4"], r"sarathi\+pab x4 default @ [\d.]+ req/s"),
+        (["sweep", "--qps", "6", "--policies", "vllm"], r"sweep default x 1 SLOs x 1 loads x 1 policies .* 1/1 "),
+    ],
+)
+def test_long_commands_show_what_they_run_on_a_terminal(args, line, tmp_path, monkeypatch):
+    """The live line is redrawn ten times a second, so a short run shows at least its last step."""
+    import io
+    import re
+
+    from rich.console import Console
+    from typer.testing import CliRunner
+
+    from fairbatching import cli as cli_mod
+
+    screen = io.StringIO()
+    monkeypatch.setattr(cli_mod, "console", Console(file=screen, force_terminal=True, no_color=True, width=120))
+    extra = ["-n", "40", "--cache", str(tmp_path), "--workers", "1"]
+    extra += ["--out", str(tmp_path / "o")] if args[0] == "sweep" else ["--seeds", "1", "--tolerance", "0.3"]
+    res = CliRunner().invoke(cli_mod.app, args + extra)
+    assert res.exit_code == 0, res.output
+    assert re.search(line, re.sub(r"\x1b\[[0-9;?]*[a-zA-Z]", "", screen.getvalue()))

@@ -17,7 +17,7 @@ class StepSweeper:
         self.capacity = capacity
         self.calls: list[float] = []
 
-    def run(self, specs):
+    def run(self, specs, progress=None):
         out = []
         for s in specs:
             self.calls.append(s.qps)
@@ -214,3 +214,45 @@ def test_evaluate_cli_writes_tables_and_plots(tmp_path):
         assert (tmp_path / "ev" / name).stat().st_size > 0, name
     bad = cli("evaluate", "--scenarios", "default:fast")
     assert bad.returncode == 2 and "workload:TTFT:TPOT:start_qps" in bad.stderr
+
+
+def test_capacity_search_reports_the_load_it_tries():
+    seen = []
+    res = find_capacity(
+        RunSpec("vllm", "default", 1.0),
+        StepSweeperWithProgress(3.0),
+        seeds=2,
+        start_qps=4.0,
+        tolerance=0.1,
+        progress=lambda q, d, t: seen.append((q, d, t)),
+    )
+    announced = [q for q, d, _ in seen if d == 0]  # each point named before its runs start
+    assert sorted(announced) == [p.qps for p in res.curve] and len(res.curve) > 3
+    assert all(t == 2 and 0 <= d <= 2 for _, d, t in seen)
+
+
+class StepSweeperWithProgress(StepSweeper):
+    def run(self, specs, progress=None):
+        out = []
+        for i, s in enumerate(specs):
+            if progress:
+                progress(i, len(specs))
+            out.extend(super().run([s]))
+        if progress:
+            progress(len(specs), len(specs))
+        return out
+
+
+def test_evaluate_says_which_scenario_policy_and_load_it_runs(tmp_path):
+    from fairbatching.evaluation.evaluate import Scenario, equal_load_plots, evaluate
+
+    seen = []
+    status = lambda what, done, total: seen.append((what, done, total))  # noqa: E731
+    sc = Scenario("azure-code", 2.0, 0.1, 2.0)
+    rows = evaluate([sc], ["vllm"], Sweeper(tmp_path / "c", workers=1), tmp_path, 60, 1, 0.9, 0.4, status=status)
+    equal_load_plots(sc, rows[0]["equal_load_qps"], ["vllm"], tmp_path, 60, status=status)
+    whats = [w for w, _, _ in seen]
+    assert "[1/1] azure-code 2s/100ms capacity vllm @ 2.00 req/s" in whats  # scenario, policy, load
+    assert any(w.startswith("[1/1] azure-code 2s/100ms curves, 1 policies x") for w in whats)
+    assert any(w.startswith("azure-code plots vllm @ ") for w in whats)
+    assert all(total is None or 0 <= done <= total for _, done, total in seen)

@@ -122,3 +122,50 @@ def test_shared_traces_load(shared_traces):
     assert (len(code), len(conv), len(moon)) == (8819, 19366, 12031)  # the CSVs end without a newline
     assert 2000 < code.stats()["prompt_mean"] < 2100 and 11000 < moon.stats()["prompt_mean"] < 13000
     assert moon.duration == pytest.approx(3536.999, rel=1e-6)
+
+
+def test_bundled_traces_load_by_name_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code = load_trace("azure-code", limit=50)
+    moon = load_trace("mooncake-conv", limit=50)
+    assert code.name == "azure-code" and code.meta["format"] == "azure" and len(code) == 50
+    assert moon.name == "mooncake-conv" and moon.meta["format"] == "mooncake"
+    assert code.requests[0].request_id == "AzureLLMInferenceTrace_code-0"  # ids as from the published file
+    (tmp_path / "azure-code").write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:17:03,5,1\n")
+    assert len(load_trace("azure-code")) == 1  # a file under that name is explicit, so it wins
+
+
+def test_bundled_traces_match_the_published_files(shared_traces):
+    from fairbatching.workloads.bundled import BUNDLED
+
+    published = {
+        "azure-code": "AzureLLMInferenceTrace_code.csv",
+        "azure-conv": "AzureLLMInferenceTrace_conv.csv",
+        "mooncake-conv": "mooncake_conversation_trace.jsonl",
+        "mooncake-synthetic": "mooncake_synthetic_trace.jsonl",
+    }
+    assert set(published) == set(BUNDLED)
+    for name, file in published.items():
+        assert load_trace(name).requests == load_trace(shared_traces / file).requests, name
+
+
+def test_gzipped_user_traces_load(tmp_path):
+    import gzip
+
+    with gzip.open(tmp_path / "t.jsonl.gz", "wt") as f:
+        f.write('{"timestamp": 0, "input_length": 10, "output_length": 2}\n')
+        f.write('{"timestamp": 500, "input_length": 20, "output_length": 3}\n')
+    w = load_trace(tmp_path / "t.jsonl.gz")
+    assert w.name == "t" and w.meta["format"] == "mooncake" and w.requests[1].arrival == 0.5
+    assert w.requests[1].request_id == "t-1"
+
+
+def test_bundled_trace_shapes():
+    from fairbatching.workloads.bundled import bundled_shapes
+
+    shapes = {s["name"]: s for s in bundled_shapes()}
+    assert shapes["azure-conv"]["requests"] == 19366 and shapes["mooncake-conv"]["requests"] == 12031
+    assert shapes["azure-code"]["license"] == "CC-BY-4.0" and shapes["mooncake-conv"]["license"] == "Apache-2.0"
+    conv = shapes["azure-conv"]
+    assert conv["prompt_p50"] <= conv["prompt_p90"] <= conv["prompt_p99"]
+    assert 5 < conv["qps"] < 6 and 3400 < conv["duration_s"] < 3600

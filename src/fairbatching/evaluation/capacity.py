@@ -46,8 +46,11 @@ def find_capacity(
     max_points: int = 24,
     metric: str = "slo_attainment",
     on_point: Callable[[LoadPoint], None] | None = None,
+    progress: Callable[[float, int, int], None] | None = None,
 ) -> CapacityResult:
-    """Highest QPS (within ``tolerance``, relative) with mean ``metric`` >= ``target`` over ``seeds``."""
+    """Highest QPS (within ``tolerance``, relative) with mean ``metric`` >= ``target`` over ``seeds``.
+
+    ``progress(qps, done, total)`` follows the runs of the load point being tried."""
     if not 0 < target <= 1:
         raise ConfigError(f"attainment target must be in (0, 1], got {target}")
     if not (0 < tolerance < 1 and start_qps > 0 and seeds >= 1):
@@ -56,7 +59,8 @@ def find_capacity(
 
     def evaluate(qps: float) -> bool:
         specs = [replace(base, qps=qps, seed=s) for s in range(seeds)]
-        results = [r["summary"] for r in sweeper.run(specs)]
+        runs = sweeper.run(specs, progress=(lambda d, t: progress(qps, d, t)) if progress else None)
+        results = [r["summary"] for r in runs]
         vals = [r[metric] for r in results]
         point = LoadPoint(
             qps,

@@ -22,6 +22,7 @@ from fairbatching.evaluation.families import family
 from fairbatching.evaluation.runspec import RunSpec
 from fairbatching.evaluation.sweep import Sweeper
 from fairbatching.experiment import Experiment
+from fairbatching.progress import Status
 from fairbatching.report.curves import plot_load_curves, plot_slack_timeline
 from fairbatching.report.plots import plot_comparison
 
@@ -55,19 +56,31 @@ def evaluate(
     tolerance: float = 0.02,
     profile: str | None = None,
     log: Callable[[str], None] = print,
+    status: Status | None = None,
 ) -> list[dict[str, Any]]:
+    """``status`` hears what runs now (scenario, policy, load) and how many of that step's runs are done."""
     out.mkdir(parents=True, exist_ok=True)
     prof = load_profile(profile)
     rows: list[dict[str, Any]] = []
-    for sc in scenarios:
+    say = status or _quiet
+    for i, sc in enumerate(scenarios, start=1):
         if not family(sc.workload).available():
             log(f"skip {sc.label}: trace file missing")
             continue
+        head = f"[{i}/{len(scenarios)}] {sc.workload} {sc.ttft:g}s/{sc.tpot * 1e3:g}ms"
         bound = clairvoyant_capacity(family(sc.workload).build(1.0, 0, num_requests), prof)
         caps: dict[str, CapacityResult] = {}
         for p in policies:
             base = RunSpec(p, sc.workload, 1.0, 0, num_requests, sc.ttft, sc.tpot, profile)
-            caps[p] = find_capacity(base, sweeper, target, seeds, sc.start_qps, tolerance)
+            caps[p] = find_capacity(
+                base,
+                sweeper,
+                target,
+                seeds,
+                sc.start_qps,
+                tolerance,
+                progress=lambda q, d, t, what=f"{head} capacity {p} @ {{:.2f}} req/s": say(what.format(q), d, t),
+            )
             log(f"{sc.label}: {p} capacity {caps[p].capacity_qps:.3f} req/s")
         baselines = [p for p in policies if p != "fairbatching"]
         best_baseline = max((caps[p].capacity_qps for p in baselines), default=0.0)
@@ -85,7 +98,8 @@ def evaluate(
             for p in policies
             for s in range(seeds)
         ]
-        curve_results = sweeper.run(specs)
+        what = f"{head} curves, {len(policies)} policies x {len(loads)} loads"
+        curve_results = sweeper.run(specs, progress=lambda d, t, what=what: say(what, d, t))
         plot_load_curves(curve_results, out / f"curves_{sc.slug}.png", sc.label)
         equal = {p: _mean_at(curve_results, p, _load(ref, 1.0)) for p in policies}
         over = {p: _mean_at(curve_results, p, _load(ref, 1.25)) for p in policies}
@@ -115,6 +129,10 @@ def evaluate(
     return rows
 
 
+def _quiet(what: str, done: int, total: int | None) -> None:
+    pass
+
+
 def _load(ref: float, factor: float) -> float:
     """A load level relative to the reference capacity, rounded so sweep points and lookups agree."""
     return round(ref * factor, 4)
@@ -130,12 +148,19 @@ def _mean_at(results: list[dict[str, Any]], policy: str, qps: float) -> dict[str
 
 
 def equal_load_plots(
-    sc: Scenario, qps: float, policies: Sequence[str], out: Path, num_requests: int = 2000, profile: str | None = None
+    sc: Scenario,
+    qps: float,
+    policies: Sequence[str],
+    out: Path,
+    num_requests: int = 2000,
+    profile: str | None = None,
+    status: Status | None = None,
 ) -> list[Path]:
     """One run per policy at ``qps``: TTFT/TPOT CDFs with latency over time, and the decode-slack timeline."""
     w = family(sc.workload).build(qps, 0, num_requests)
     exp = Experiment(w, load_profile(profile), SLO(sc.ttft, sc.tpot))
-    runs = {p: exp.run(p) for p in policies}
+    say = status or _quiet
+    runs = {p: exp.run(p, lambda d, t, p=p: say(f"{sc.workload} plots {p} @ {qps:.2f} req/s", d, t)) for p in policies}
     title = f"{sc.label} at {qps:.2f} req/s"
     cdfs = plot_comparison(
         [r.summary for r in runs.values()], [r.sim.log for r in runs.values()], out / f"cdfs_{sc.slug}.png", title

@@ -12,21 +12,20 @@ import numpy as np
 
 from fairbatching.core.request import SLO
 from fairbatching.errors import ConfigError
+from fairbatching.workloads.bundled import BUNDLED, resolve_trace
 from fairbatching.workloads.spec import Workload
 from fairbatching.workloads.synthetic import CONVERSATION_OUTPUTS, CONVERSATION_PROMPTS, synthetic_workload
 from fairbatching.workloads.traces import load_trace
-
-SHARED_TRACES = Path(__file__).resolve().parents[3].parent / "shared" / "traces"
 
 
 @dataclass(frozen=True)
 class WorkloadFamily:
     name: str
-    trace: str | None = None  # file name under the traces folder, or a path
+    trace: str | None = None  # a bundled trace name (see `fairbatching traces`) or a path
     burstiness: float = 4.0  # synthetic families only
     slo_classes: tuple[tuple[float, SLO], ...] = ()  # synthetic families only: (weight, SLO) per tenant class
 
-    def build(self, qps: float, seed: int, num_requests: int, traces_dir: Path = SHARED_TRACES) -> Workload:
+    def build(self, qps: float, seed: int, num_requests: int) -> Workload:
         if self.trace is None:
             return synthetic_workload(
                 num_requests,
@@ -38,18 +37,17 @@ class WorkloadFamily:
                 self.name,
                 self.slo_classes,
             )
-        full = _load(str(self.path(traces_dir)))
+        full = _load(str(self.path()))
         n = min(num_requests, len(full))
         start = 0 if seed == 0 or len(full) == n else int(np.random.default_rng(seed).integers(0, len(full) - n))
         w = full.head(n, start)
         return Workload(self.name, w.requests, {**w.meta, "start": start}).rescaled(qps)
 
-    def path(self, traces_dir: Path = SHARED_TRACES) -> Path:
-        p = Path(self.trace)
-        return p if p.is_absolute() or p.exists() else traces_dir / p
+    def path(self) -> Path:
+        return resolve_trace(self.trace)
 
-    def available(self, traces_dir: Path = SHARED_TRACES) -> bool:
-        return self.trace is None or self.path(traces_dir).is_file()
+    def available(self) -> bool:
+        return self.trace is None or self.path().is_file()
 
 
 @lru_cache(maxsize=8)
@@ -63,10 +61,7 @@ FAMILIES: dict[str, WorkloadFamily] = {
         WorkloadFamily("default"),
         # Two tenants on one node: interactive (0.5 s / 50 ms) and relaxed (8 s / 200 ms), half each.
         WorkloadFamily("mixed-slo", slo_classes=((1.0, SLO(0.5, 0.05)), (1.0, SLO(8.0, 0.2)))),
-        WorkloadFamily("azure-code", "AzureLLMInferenceTrace_code.csv"),
-        WorkloadFamily("azure-conv", "AzureLLMInferenceTrace_conv.csv"),
-        WorkloadFamily("mooncake-conv", "mooncake_conversation_trace.jsonl"),
-        WorkloadFamily("mooncake-synthetic", "mooncake_synthetic_trace.jsonl"),
+        *(WorkloadFamily(name, name) for name in BUNDLED),
     )
 }
 

@@ -1,4 +1,8 @@
-"""Side-by-side summary tables for the terminal (rich) and for CSV."""
+"""Side-by-side summary tables for the terminal (rich) and for CSV.
+
+The terminal shows the columns a person compares policies by (``DEFAULT_COLUMNS``, under 100 characters
+wide); ``wide=True`` shows all of them. Files (CSV, markdown, JSON) always carry every field.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,8 @@ import csv
 from collections.abc import Sequence
 from pathlib import Path
 
+from rich.console import Console
+from rich.measure import Measurement
 from rich.table import Table
 
 from fairbatching.metrics.summary import Summary
@@ -24,7 +30,13 @@ COLUMNS: list[tuple[str, str, str]] = [
     ("tok/s", "throughput_tok_s", "{:.0f}"),
     ("GPU busy", "gpu_busy", "pct"),
     ("preempt", "preemptions", "{:d}"),
-    ("rejected+timeout", "failed", "{:d}"),
+    ("rejected + timeout", "failed", "{:d}"),
+]
+
+
+# What decides between policies: typical and tail TTFT, mean TPOT, how many met both SLOs, and goodput.
+DEFAULT_COLUMNS: list[tuple[str, str, str]] = [
+    c for c in COLUMNS if c[1] in ("ttft.p50", "ttft.p99", "tpot.mean", "slo_attainment", "goodput_rps")
 ]
 
 
@@ -46,14 +58,26 @@ def _fmt(v: float, fmt: str) -> str:
     return fmt.format(v)
 
 
-def summary_table(summaries: Sequence[Summary], title: str = "") -> Table:
+def summary_table(summaries: Sequence[Summary], title: str = "", wide: bool = False) -> Table:
+    """Values are never cut: each column is at least as wide as its widest value, and headers wrap instead."""
+    columns = COLUMNS if wide else DEFAULT_COLUMNS
+    rows = [[s.policy, *(_fmt(value(s, k), f) for _, k, f in columns)] for s in summaries]
     table = Table(title=title or None)
-    table.add_column("policy", style="bold")
-    for header, _, _ in COLUMNS:
-        table.add_column(header, justify="right")
-    for s in summaries:
-        table.add_row(s.policy, *(_fmt(value(s, k), f) for _, k, f in COLUMNS))
+    for i, header in enumerate(["policy", *(h for h, _, _ in columns)]):
+        widest = max([len(r[i]) for r in rows] + [len(word) for word in header.split()])
+        table.add_column(
+            header, justify="left" if i == 0 else "right", style="bold" if i == 0 else None, min_width=widest
+        )
+    for row in rows:
+        table.add_row(*row)
     return table
+
+
+def show(console: Console, table: Table) -> None:
+    """Print ``table`` whole: on a terminal too narrow for it (``--wide``), lines run on rather than cutting
+    columns off."""
+    needed = Measurement.get(console, console.options, table).minimum
+    console.print(table, width=max(console.width, needed))
 
 
 def write_summary_csv(summaries: Sequence[Summary], path: str | Path) -> None:
@@ -69,3 +93,21 @@ def markdown_table(summaries: Sequence[Summary]) -> str:
     sep = "|---|" + "---:|" * len(COLUMNS)
     rows = [f"| {s.policy} | " + " | ".join(_fmt(value(s, k), f) for _, k, f in COLUMNS) + " |" for s in summaries]
     return "\n".join([head, sep, *rows])
+
+
+def shapes_table(shapes: Sequence[dict]) -> Table:
+    """Traces side by side: size, span, rate and length percentiles (``bundled_shapes`` rows)."""
+    table = Table()
+    for header in ("trace", "requests", "min", "req/s", "prompt p50/90/99", "output p50/90/99", "license"):
+        table.add_column(header, justify="left" if header in ("trace", "license") else "right")
+    for s in shapes:
+        table.add_row(
+            s["name"],
+            str(s["requests"]),
+            f"{s['duration_s'] / 60:.0f}",
+            f"{s['qps']:.2f}",
+            "/".join(f"{s[f'prompt_p{q}']:.0f}" for q in (50, 90, 99)),
+            "/".join(f"{s[f'output_p{q}']:.0f}" for q in (50, 90, 99)),
+            s["license"],
+        )
+    return table

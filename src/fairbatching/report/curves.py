@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from fairbatching.core.request import Request  # noqa: E402
-from fairbatching.report.plots import save_figure  # noqa: E402
+from fairbatching.report.plots import TPOT_CLIP, clip_to_slo, save_figure  # noqa: E402
 
 
 def plot_load_curves(results: Sequence[dict[str, Any]], path: str | Path, title: str = "") -> Path:
@@ -28,13 +28,21 @@ def plot_load_curves(results: Sequence[dict[str, Any]], path: str | Path, title:
         ("P99 TPOT (ms)", lambda s: s["tpot"]["p99"] * 1e3, "linear"),
         ("SLO attainment", lambda s: s["slo_attainment"], "linear"),
     ]
+    highest = []
     for ax, (label, get, scale) in zip(axes, panels, strict=True):
+        ys = []
         for policy, by_qps in series.items():
             qps = sorted(by_qps)
-            ax.plot(qps, [np.mean([get(s) for s in by_qps[q]]) for q in qps], marker="o", ms=3, label=policy)
+            ys.append([np.mean([get(s) for s in by_qps[q]]) for q in qps])
+            ax.plot(qps, ys[-1], marker="o", ms=3, label=policy)
+        highest.append(max((max(y) for y in ys if y), default=0.0))
         ax.set(xlabel="load (req/s)", ylabel=label, yscale=scale)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+    if results:
+        tpot_ms = max(r["spec"]["tpot_slo"] for r in results) * 1e3
+        axes[1].axhline(tpot_ms, color="grey", linestyle="--", linewidth=0.8)
+        clip_to_slo(axes[1], "y", highest[1], tpot_ms, TPOT_CLIP, "P99 TPOT (ms)", "ms")
     axes[2].axhline(0.9, color="grey", linestyle="--", linewidth=0.8)
     return save_figure(fig, path, title)
 

@@ -8,19 +8,31 @@
 from __future__ import annotations
 
 import csv
+import gzip
 import json
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 
 from fairbatching.errors import WorkloadError
+from fairbatching.workloads.bundled import BUNDLED, bundled_name, resolve_trace
 from fairbatching.workloads.spec import RequestSpec, Workload
 
 Row = tuple[float, int, int]
 
 
+def _open(path: Path, **kwargs):
+    """Text mode, through gzip for ``.gz`` files (the bundled traces ship compressed)."""
+    return gzip.open(path, "rt", **kwargs) if path.suffix == ".gz" else path.open(**kwargs)
+
+
+def _plain(path: Path) -> Path:
+    """The name without a ``.gz``: what the format and the request ids go by."""
+    return path.with_suffix("") if path.suffix == ".gz" else path
+
+
 def _csv_rows(path: Path, required: tuple[str, ...]) -> Iterator[tuple[int, dict[str, str]]]:
-    with path.open(newline="") as f:
+    with _open(path, newline="") as f:
         reader = csv.DictReader(f)
         header = [h.strip() for h in (reader.fieldnames or [])]
         missing = [c for c in required if c not in header]
@@ -71,7 +83,7 @@ def _burstgpt(path: Path) -> Iterator[Row]:
 
 
 def _mooncake(path: Path) -> Iterator[Row]:
-    with path.open() as f:
+    with _open(path) as f:
         for line, text in enumerate(f, start=1):
             if not text.strip():
                 continue
@@ -99,9 +111,9 @@ TRACE_FORMATS: dict[str, Callable[[Path], Iterator[Row]]] = {
 
 
 def detect_format(path: Path) -> str:
-    if path.suffix in (".jsonl", ".json"):
+    if _plain(path).suffix in (".jsonl", ".json"):
         return "mooncake"
-    with path.open() as f:
+    with _open(path) as f:
         header = f.readline()
     if "TIMESTAMP" in header and "ContextTokens" in header:
         return "azure"
@@ -114,10 +126,11 @@ def detect_format(path: Path) -> str:
 
 
 def load_trace(path: str | Path, fmt: str = "auto", limit: int | None = None) -> Workload:
-    """Load a trace file; arrivals start at 0 and are sorted (stable, so ties keep file order)."""
-    path = Path(path)
+    """Load a trace file or a bundled trace by name; arrivals start at 0 and are sorted (stable, so ties keep
+    file order)."""
+    path = resolve_trace(path)
     if not path.is_file():
-        raise WorkloadError(f"{path}: no such trace file")
+        raise WorkloadError(f"{path}: no such trace file, and not a bundled trace ({', '.join(BUNDLED)})")
     fmt = detect_format(path) if fmt == "auto" else fmt
     if fmt not in TRACE_FORMATS:
         raise WorkloadError(f"unknown trace format {fmt!r}; choose from auto, {', '.join(TRACE_FORMATS)}")
@@ -130,5 +143,5 @@ def load_trace(path: str | Path, fmt: str = "auto", limit: int | None = None) ->
         raise WorkloadError(f"{path}: the trace has no requests")
     rows.sort(key=lambda r: r[0])
     t0 = rows[0][0]
-    reqs = tuple(RequestSpec(f"{path.stem}-{i}", t - t0, p, o) for i, (t, p, o) in enumerate(rows))
-    return Workload(path.stem, reqs, {"kind": "trace", "format": fmt, "path": str(path)})
+    reqs = tuple(RequestSpec(f"{_plain(path).stem}-{i}", t - t0, p, o) for i, (t, p, o) in enumerate(rows))
+    return Workload(bundled_name(path) or _plain(path).stem, reqs, {"kind": "trace", "format": fmt, "path": str(path)})

@@ -1,0 +1,99 @@
+"""Every `fairbatching ...` example in the README runs as written, shortened with -n, from an empty directory.
+
+The commands are read from the README itself, so an example edited there is tested as edited. They run in a
+fresh temporary directory, where no ``../shared`` exists: traces come from the package by name. Searches
+also get one seed and a coarse tolerance, so the whole file stays well under two minutes.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from fairbatching.cli import app
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+NUM = "60"
+SEARCHES = {"capacity", "evaluate"}  # and `cluster --capacity`
+# Examples that need what a CPU test cannot have, each with the reason.
+NOT_HERE = {
+    "profile": "needs the [gpu] extra and a GPU (tests/test_engine.py covers the engine on the CPU)",
+    "replay": "needs the [gpu] extra and a GPU (tests/test_engine.py covers the engine on the CPU)",
+    "--ray": "starts Ray (tests/test_evaluation.py::test_sweep_on_a_local_ray_instance covers it)",
+}
+
+
+def readme_commands() -> list[str]:
+    """``fairbatching`` lines of the README's bash blocks, continuation lines joined, comments dropped."""
+    blocks = re.findall(r"```bash\n(.*?)```", README.read_text(), flags=re.S)
+    commands = []
+    for block in blocks:
+        for line in block.replace("\\\n", " ").splitlines():
+            if line.startswith("fairbatching "):
+                commands.append(" ".join(shlex.split(line, comments=True)))
+    return commands
+
+
+def shortened(args: list[str]) -> list[str]:
+    """The same command with few requests (and, for capacity searches, one seed and a coarse tolerance)."""
+    out = list(args)
+    if "-n" in out:
+        out[out.index("-n") + 1] = NUM
+    elif out[0] not in ("traces", "profiles", "fit-profile"):
+        out += ["-n", NUM]
+    if out[0] in SEARCHES or "--capacity" in out:
+        out += ["--seeds", "1", "--tolerance", "0.3"]
+    return out
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    """An empty directory holding only the user's own files the examples name (a trace, profile rows)."""
+    from fairbatching.costmodel import load_profile
+    from fairbatching.costmodel.model import predict_with
+
+    d = tmp_path_factory.mktemp("fresh")
+    rng = np.random.default_rng(0)
+    lines = [
+        f'{{"timestamp": {t}, "input_length": {p}, "output_length": {o}}}'
+        for t, p, o in zip(
+            np.cumsum(rng.integers(0, 400, 80)), rng.integers(64, 2048, 80), rng.integers(4, 300, 80), strict=True
+        )
+    ]
+    (d / "my_trace.jsonl").write_text("\n".join(lines) + "\n")
+    x = np.column_stack(
+        [rng.integers(1, 4096, 60), rng.integers(1, 200_000, 60), rng.integers(1, 64, 60), rng.random(60) * 1e6]
+    ).astype(float)
+    y = predict_with(load_profile(None).params.as_array(), x)
+    header = "new_tokens,context_tokens,num_seqs,attn_work,latency_s"
+    np.savetxt(d / "rows.csv", np.column_stack([x, y]), delimiter=",", comments="", header=header)
+    # `simulate --profile my-gpu.json` follows the fit-profile example; each example must also run alone.
+    assert CliRunner().invoke(app, ["fit-profile", str(d / "rows.csv"), "--out", str(d / "my-gpu.json")]).exit_code == 0
+    return d
+
+
+def test_the_readme_has_the_examples_this_file_runs():
+    commands = readme_commands()
+    assert len(commands) >= 15
+    assert not [c for c in commands if "shared/traces" in c]
+    package = README.parent / "src" / "fairbatching"
+    assert not [
+        p for p in package.rglob("*.py") if "shared" + "/traces" in p.read_text() or '"shared"' in p.read_text()
+    ]
+    assert {c.split()[1] for c in commands} >= {"traces", "compare", "capacity", "sweep", "evaluate", "cluster"}
+
+
+@pytest.mark.parametrize("command", readme_commands(), ids=lambda c: c.removeprefix("fairbatching ")[:60])
+def test_readme_example_runs_in_a_fresh_directory(command, workdir, monkeypatch):
+    args = shlex.split(command)[1:]
+    reason = next((why for key, why in NOT_HERE.items() if key in args), None)
+    if reason:
+        pytest.skip(reason)
+    monkeypatch.chdir(workdir)
+    res = CliRunner().invoke(app, shortened(args))
+    assert res.exit_code == 0, f"{command}\n{res.output}\n{res.exception!r}"
