@@ -5,6 +5,8 @@ KV runs out, abort, prefix-cache hits, max_num_seqs, max_model_len), plus FairBa
 from __future__ import annotations
 
 import json
+import logging
+import socket
 import time
 import urllib.request
 
@@ -58,6 +60,8 @@ def make_scheduler(
     prefix_caching=False,
     env=None,
     scheduler_cls=DOTTED,
+    additional_config=None,
+    async_scheduling=None,
 ):
     for key, value in (env or {}).items():
         monkeypatch.setenv(key, value)
@@ -68,14 +72,18 @@ def make_scheduler(
         is_encoder_decoder=False,
         enable_chunked_prefill=True,
         scheduler_cls=scheduler_cls,
-        async_scheduling=scheduler_cls is not None and "Async" in scheduler_cls,
+        async_scheduling="Async" in scheduler_cls if async_scheduling is None else async_scheduling,
     )
     model_cfg = ModelConfig(
         model=model_dir, dtype="float16", seed=0, skip_tokenizer_init=True, max_model_len=max_model_len
     )
     cache_cfg = CacheConfig(block_size=block_size, enable_prefix_caching=prefix_caching)
     config = VllmConfig(
-        scheduler_config=sched_cfg, model_config=model_cfg, cache_config=cache_cfg, device_config=DeviceConfig("cpu")
+        scheduler_config=sched_cfg,
+        model_config=model_cfg,
+        cache_config=cache_cfg,
+        device_config=DeviceConfig("cpu"),
+        additional_config=additional_config or {},
     )
     kv = KVCacheConfig(
         num_blocks=num_blocks,
@@ -274,7 +282,25 @@ def test_urgent_decodes_are_never_displaced(model_dir, monkeypatch):
     assert out.num_scheduled_tokens.get("100", 0) <= 64 - 20
 
 
-def test_per_request_slo_from_extra_args(model_dir, monkeypatch, caplog):
+@pytest.fixture
+def vllm_log(caplog):
+    """vLLM's configured logger does not propagate to the root, where caplog listens: listen on it directly."""
+    vllm_logger = logging.getLogger("vllm")
+    attach = not vllm_logger.propagate
+    if attach:
+        vllm_logger.addHandler(caplog.handler)
+    caplog.set_level(logging.INFO, logger="vllm")
+    yield caplog
+    if attach:
+        vllm_logger.removeHandler(caplog.handler)
+
+
+def ours(caplog):
+    return [r for r in caplog.records if r.name == "vllm.fairbatching"]
+
+
+def test_per_request_slo_from_extra_args(model_dir, monkeypatch, vllm_log):
+    caplog = vllm_log
     sched = make_scheduler(model_dir, monkeypatch, env={"FAIRBATCHING_TTFT_SLO": "3"})
     good = make_requests(1, extra_args={"ttft_slo": 0.25, "tpot_slo": 0.02})[0]
     bad = make_requests(1, extra_args={"ttft_slo": -1}, start=1)[0]
@@ -298,14 +324,59 @@ def test_sarathi_policy_and_config_file(model_dir, monkeypatch, tmp_path):
     assert len(run_all(sched, make_requests(3, prompt_len=70, max_tokens=3), check=check)) == 3
 
 
-def test_bad_config_is_named(model_dir, monkeypatch):
-    with pytest.raises(ConfigError, match="unknown policy 'fifo'"):
+def test_bad_config_is_named_in_one_log_line(model_dir, monkeypatch, vllm_log):
+    with pytest.raises(ConfigError, match="FAIRBATCHING_POLICY='fifo': unknown policy"):
         make_scheduler(model_dir, monkeypatch, env={"FAIRBATCHING_POLICY": "fifo"})
+    (record,) = ours(vllm_log)
+    assert record.levelname == "ERROR" and "FAIRBATCHING_POLICY='fifo'" in record.getMessage()
+
+
+def test_policy_options_out_of_range_are_named(model_dir, monkeypatch):
+    config = {"fairbatching": {"policy": "sarathi", "policy_options": {"token_budget": -5}}}
+    with pytest.raises(ConfigError, match="--additional-config fairbatching.policy_options=.*-5"):
+        make_scheduler(model_dir, monkeypatch, additional_config=config)
+
+
+def test_settings_from_additional_config_and_the_startup_line(model_dir, monkeypatch, vllm_log):
+    config = {"fairbatching": {"ttft_slo": 1.5, "calibration": "off"}}
+    sched = make_scheduler(model_dir, monkeypatch, additional_config=config, env={"FAIRBATCHING_TPOT_SLO": "0.05"})
+    assert (sched.fb_settings.ttft_slo, sched.fb_settings.tpot_slo, sched.fb_calibrator) == (1.5, 0.05, None)
+    (line,) = [r.getMessage() for r in ours(vllm_log) if r.levelname == "INFO"]
+    assert line.startswith("FairBatchingScheduler (sync scheduling): policy=fairbatching ttft_slo=1.5s tpot_slo=0.05s")
+    assert "profile=llama-3-8b-h100-engine (default) calibration=off" in line
+    assert "tpot_slo from FAIRBATCHING_TPOT_SLO" in line and "pab_metrics=off" in line
+
+
+@pytest.mark.parametrize(
+    ("cls", "async_scheduling", "wanted"),
+    [("FairBatchingScheduler", True, "AsyncFairBatchingScheduler"), ("AsyncFairBatchingScheduler", False, None)],
+)
+def test_a_class_in_the_other_scheduling_loop_is_warned_about(
+    model_dir, monkeypatch, vllm_log, cls, async_scheduling, wanted
+):
+    dotted = f"fairbatching.integrations.vllm.{cls}"
+    make_scheduler(model_dir, monkeypatch, scheduler_cls=dotted, async_scheduling=async_scheduling)
+    (warning,) = [
+        r.getMessage() for r in vllm_log.records if r.name == "vllm.fairbatching" and r.levelname == "WARNING"
+    ]
+    assert f"use --scheduler-cls fairbatching.integrations.vllm.{wanted or 'FairBatchingScheduler'} " in warning
+    vllm_log.clear()
+    make_scheduler(model_dir, monkeypatch, scheduler_cls=dotted, async_scheduling=not async_scheduling)
+    assert not [r for r in ours(vllm_log) if r.levelname == "WARNING"]
+
+
+def _outside_address():
+    """An address of this machine other than loopback, or None."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("10.255.255.255", 1))  # UDP: sends nothing, picks the outgoing interface
+        except OSError:
+            return None
+        addr = s.getsockname()[0]
+    return None if addr.startswith("127.") else addr
 
 
 def test_pab_is_exported_as_prometheus_gauges(model_dir, monkeypatch):
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -317,6 +388,19 @@ def test_pab_is_exported_as_prometheus_gauges(model_dir, monkeypatch):
     line = next(x for x in text.splitlines() if x.startswith("fairbatching_prefill_admission_budget_tokens"))
     assert float(line.split()[-1]) == sched.fb_budget.tokens > 0
     assert sched.admission_budget().free_slots == 16 - 3
+    outside = _outside_address()
+    if outside is not None:  # bound to loopback only: not reachable on the machine's other address
+        with pytest.raises(OSError):
+            socket.create_connection((outside, port), timeout=2).close()
+
+
+def test_metrics_port_in_use_is_named(model_dir, monkeypatch):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ConfigError, match=f"FAIRBATCHING_METRICS_PORT={port}: cannot serve the PAB metrics"):
+            make_scheduler(model_dir, monkeypatch, env={"FAIRBATCHING_METRICS_PORT": str(port)})
 
 
 def test_unsupported_vllm_version_is_refused(monkeypatch):

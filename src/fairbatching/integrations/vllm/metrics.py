@@ -1,7 +1,7 @@
 """The Prefill Admission Budget as Prometheus gauges, served from the engine process on its own port.
 
 vLLM's engine core runs in its own process, apart from the API server whose /metrics vLLM serves, so the
-scheduler exports on ``FAIRBATCHING_METRICS_PORT`` (a router scrapes every node there).
+scheduler exports on ``FAIRBATCHING_METRICS_HOST:FAIRBATCHING_METRICS_PORT`` (a router scrapes every node there).
 """
 
 from __future__ import annotations
@@ -48,8 +48,9 @@ def make_gauges(registry: CollectorRegistry) -> PabGauges:
     )
 
 
-def start_pab_exporter(port: int) -> PabGauges:
+def start_pab_exporter(port: int, host: str = "127.0.0.1") -> PabGauges:
+    """Serve the gauges on ``host:port`` (loopback unless told otherwise: a scheduler's internals are not public)."""
     registry = CollectorRegistry()
     gauges = make_gauges(registry)
-    start_http_server(port, registry=registry)
+    start_http_server(port, addr=host, registry=registry)
     return gauges

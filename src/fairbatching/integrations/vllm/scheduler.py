@@ -12,11 +12,11 @@ accounting is coarser than vLLM's), the step falls back to vLLM's own decision, 
 
 from __future__ import annotations
 
-import logging
 import time
 from typing import Any
 
 import vllm
+from vllm.logger import init_logger
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.request_queue import create_request_queue
 from vllm.v1.core.sched.scheduler import Scheduler
@@ -26,15 +26,13 @@ from vllm.v1.request import RequestStatus as VllmStatus
 from fairbatching.core.kv import BlockAllocator, KVCacheConfig
 from fairbatching.core.request import Request
 from fairbatching.costmodel.online import OnlineCalibrator
-from fairbatching.costmodel.profile import load_profile
 from fairbatching.errors import ConfigError
 from fairbatching.integrations.vllm import SUPPORTED_VLLM
 from fairbatching.integrations.vllm.settings import SchedulerSettings, request_slo
-from fairbatching.policies import make_policy
 from fairbatching.policies.admission import AdmissionBudget
 from fairbatching.policies.base import SchedulerState
 
-logger = logging.getLogger("fairbatching.vllm")
+logger = init_logger("vllm.fairbatching")  # through vLLM's handlers, format and level
 
 
 def _check_version() -> None:
@@ -55,19 +53,17 @@ class FairBatchingMixin:
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.fb_settings = SchedulerSettings.load()
-        prior = load_profile(self.fb_settings.profile).cost_model()
+        try:
+            self.fb_settings = SchedulerSettings.load(additional_config=self.vllm_config.additional_config)
+            prior = self.fb_settings.load_profile().cost_model()
+            self.fb_policy = self.fb_settings.make_policy(
+                prior, self.max_num_running_reqs, self.max_num_scheduled_tokens
+            )
+            self._fb_gauges = self._start_exporter()
+        except ConfigError as exc:  # vLLM prints the traceback; this is the line that says what to fix
+            logger.error("%s", exc)
+            raise
         self.fb_calibrator = OnlineCalibrator(prior) if self.fb_settings.calibration == "online" else None
-        options = {
-            "max_num_seqs": self.max_num_running_reqs,
-            **(
-                {}
-                if self.fb_settings.policy == "sarathi"
-                else {"max_num_batched_tokens": self.max_num_scheduled_tokens}
-            ),
-            **self.fb_settings.policy_options,
-        }
-        self.fb_policy = make_policy(self.fb_settings.policy, prior, tpot_slo=self.fb_settings.tpot_slo, **options)
         pool = self.kv_cache_manager.block_pool
         self.fb_kv = BlockAllocator(KVCacheConfig(max(1, pool.num_gpu_blocks - 1), self.block_size))
         self.fb_views: dict[str, Request] = {}
@@ -76,12 +72,37 @@ class FairBatchingMixin:
         self.fb_budget: AdmissionBudget | None = None
         self._fb_scheduled: dict[int, tuple[float, tuple[int, int, int, float]]] = {}
         self._fb_last_update = 0.0
-        self._fb_gauges = None
-        if self.fb_settings.metrics_port is not None:
-            from fairbatching.integrations.vllm.metrics import start_pab_exporter
+        self._log_startup()
 
-            self._fb_gauges = start_pab_exporter(self.fb_settings.metrics_port)
-        logger.info("fairbatching scheduler: %s", self.fb_settings)
+    def _start_exporter(self):
+        s = self.fb_settings
+        if s.metrics_port is None:
+            return None
+        from fairbatching.integrations.vllm.metrics import start_pab_exporter
+
+        try:
+            return start_pab_exporter(s.metrics_port, s.metrics_host)
+        except OSError as exc:
+            where = f"{s.where('metrics_host', s.metrics_host)}, {s.where('metrics_port', s.metrics_port)}"
+            raise ConfigError(
+                f"fairbatching scheduler: {where}: cannot serve the PAB metrics: {exc.strerror}"
+            ) from None
+
+    def _log_startup(self) -> None:
+        """One line with what is running; a warning when the class does not match vLLM's scheduling loop."""
+        is_async = bool(self.scheduler_config.async_scheduling)
+        loop = "async" if is_async else "sync"
+        logger.info("%s (%s scheduling): %s", type(self).__name__, loop, self.fb_settings.describe())
+        if is_async != isinstance(self, AsyncScheduler):
+            wanted = "AsyncFairBatchingScheduler" if is_async else "FairBatchingScheduler"
+            logger.warning(
+                "%s runs in vLLM's %s scheduling loop%s: use --scheduler-cls "
+                "fairbatching.integrations.vllm.%s for this loop",
+                type(self).__name__,
+                loop,
+                " (vLLM's default)" if is_async else "",
+                wanted,
+            )
 
     # -- request views -------------------------------------------------------------------------------
 

@@ -1,28 +1,40 @@
 """Scheduler settings for the vLLM integration, with no vLLM import (so they are testable anywhere).
 
-Read from a JSON or YAML file named by ``FAIRBATCHING_CONFIG``; single environment variables override the
-file: ``FAIRBATCHING_POLICY``, ``FAIRBATCHING_TTFT_SLO``, ``FAIRBATCHING_TPOT_SLO`` (seconds),
-``FAIRBATCHING_PROFILE`` (bundled profile name or JSON path), ``FAIRBATCHING_CALIBRATION`` (``online`` or
-``off``) and ``FAIRBATCHING_METRICS_PORT`` (serve the Prefill Admission Budget as Prometheus gauges).
-A request overrides the SLO for itself through ``vllm_xargs`` (``SamplingParams.extra_args``):
-``{"ttft_slo": 0.5, "tpot_slo": 0.05}``.
+Three sources, later ones winning: a JSON or YAML file named by ``FAIRBATCHING_CONFIG``; vLLM's command line,
+``--additional-config '{"fairbatching": {...}}'``; and one environment variable per setting:
+``FAIRBATCHING_POLICY``, ``FAIRBATCHING_TTFT_SLO``, ``FAIRBATCHING_TPOT_SLO`` (seconds), ``FAIRBATCHING_PROFILE``
+(bundled profile name or JSON path), ``FAIRBATCHING_CALIBRATION`` (``online`` or ``off``),
+``FAIRBATCHING_METRICS_PORT`` and ``FAIRBATCHING_METRICS_HOST`` (serve the Prefill Admission Budget as Prometheus
+gauges; host 127.0.0.1 unless told otherwise). ``policy_options`` comes from the file or the command line only.
+Every value is checked before the engine starts; a bad one stops it with one line naming the value and
+where it came from. A request overrides the SLO for itself through ``vllm_xargs``
+(``SamplingParams.extra_args``): ``{"ttft_slo": 0.5, "tpot_slo": 0.05}``.
 """
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import json
 import math
 import os
-from collections.abc import Mapping
+import typing
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from fairbatching.core.request import SLO
-from fairbatching.errors import ConfigError
-from fairbatching.policies import POLICIES
+from fairbatching.costmodel.model import CostModel
+from fairbatching.costmodel.profile import DEFAULT_PROFILE, Profile, load_profile
+from fairbatching.errors import ConfigError, FairBatchingError
+from fairbatching.policies import POLICIES, make_policy
+from fairbatching.policies.base import Policy
 
 ENV_PREFIX = "FAIRBATCHING_"
+CONFIG_ENV = ENV_PREFIX + "CONFIG"
+ADDITIONAL_CONFIG_KEY = "fairbatching"  # vLLM's --additional-config '{"fairbatching": {...}}'
+FILE_ONLY = ("policy_options",)
 
 
 @dataclass(frozen=True)
@@ -33,50 +45,152 @@ class SchedulerSettings:
     profile: str | None = None
     calibration: str = "online"
     metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
     policy_options: dict[str, Any] = field(default_factory=dict)
+    sources: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
+    """Where each setting that is not a default came from, e.g. ``FAIRBATCHING_TTFT_SLO`` (for messages)."""
 
     def __post_init__(self) -> None:
-        if self.policy not in POLICIES:
-            raise ConfigError(
-                f"fairbatching scheduler: unknown policy {self.policy!r}; choose from {', '.join(POLICIES)}"
-            )
-        if self.calibration not in ("online", "off"):
-            raise ConfigError(
-                f"fairbatching scheduler: calibration must be 'online' or 'off', got {self.calibration!r}"
-            )
-        SLO(self.ttft_slo, self.tpot_slo)  # raises a ConfigError naming the bad value
-        if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:
-            raise ConfigError(f"fairbatching scheduler: metrics_port must be a TCP port, got {self.metrics_port}")
+        for f in fields(self):
+            if f.name in _CHECKS:
+                value = getattr(self, f.name)
+                try:
+                    object.__setattr__(self, f.name, _CHECKS[f.name](value))
+                except (ConfigError, TypeError, ValueError) as exc:
+                    raise ConfigError(f"fairbatching scheduler: {self.where(f.name, value)}: {exc}") from None
+        try:
+            check_policy_options(self.policy, self.policy_options)
+        except ConfigError as exc:
+            where = self.where("policy_options", self.policy_options)
+            raise ConfigError(f"fairbatching scheduler: {where}: {exc}") from None
+        try:
+            self.load_profile()
+        except FairBatchingError as exc:
+            raise ConfigError(f"fairbatching scheduler: {self.where('profile', self.profile)}: {exc}") from None
+        self._check_feasible()
+
+    def where(self, name: str, value: Any) -> str:
+        """``SOURCE=VALUE`` for messages: which setting, from where, holding what."""
+        return f"{self.sources.get(name, name)}={value!r}"
 
     @property
     def default_slo(self) -> SLO:
         return SLO(self.ttft_slo, self.tpot_slo)
 
+    def load_profile(self) -> Profile:
+        return load_profile(self.profile)
+
+    def _check_feasible(self) -> None:
+        """The CLI's rule: an SLO below one lone decode step on the profile can never be met."""
+        step = self.load_profile().cost_model().predict(1, 1, 1, 1.0)
+        for name in ("ttft_slo", "tpot_slo"):
+            value = getattr(self, name)
+            if value < step:
+                raise ConfigError(
+                    f"fairbatching scheduler: {self.where(name, value)}: {value * 1e3:.3g} ms is below the fastest "
+                    f"possible decode step ({step * 1e3:.3g} ms on profile {self.load_profile().name}): "
+                    "no schedule can meet it"
+                )
+
+    def make_policy(self, cost_model: CostModel, max_num_seqs: int, max_num_batched_tokens: int) -> Policy:
+        """The configured policy, sized by vLLM's limits unless ``policy_options`` says otherwise."""
+        options: dict[str, Any] = {"max_num_seqs": max_num_seqs}
+        if self.policy != "sarathi":  # Sarathi sizes its budget from the TPOT SLO
+            options["max_num_batched_tokens"] = max_num_batched_tokens
+        options.update(self.policy_options)
+        try:
+            return make_policy(self.policy, cost_model, tpot_slo=self.tpot_slo, **options)
+        except (ValueError, TypeError, ArithmeticError) as exc:  # ConfigError is a ValueError
+            where = self.where("policy_options", self.policy_options)
+            raise ConfigError(f"fairbatching scheduler: {where}: {exc}") from None
+
+    def describe(self) -> str:
+        """One line with every effective setting and, for those not at their default, where it came from."""
+        profile = self.load_profile()
+        metrics = f"http://{self.metrics_host}:{self.metrics_port}/metrics" if self.metrics_port else "off"
+        origin = ", ".join(f"{k} from {v}" for k, v in sorted(self.sources.items())) or "all defaults"
+        profile_source = "default" if self.profile is None else "set"
+        return (
+            f"policy={self.policy} ttft_slo={self.ttft_slo:g}s tpot_slo={self.tpot_slo:g}s "
+            f"profile={profile.name} ({profile_source}) calibration={self.calibration} "
+            f"policy_options={self.policy_options or {}} pab_metrics={metrics} [{origin}]"
+        )
+
     @classmethod
-    def load(cls, env: Mapping[str, str] | None = None) -> SchedulerSettings:
+    def load(
+        cls, env: Mapping[str, str] | None = None, additional_config: Mapping[str, Any] | None = None
+    ) -> SchedulerSettings:
+        """Settings from the config file, vLLM's ``additional_config`` and the environment, in that order."""
         env = os.environ if env is None else env
         values: dict[str, Any] = {}
-        path = env.get(ENV_PREFIX + "CONFIG")
+        sources: dict[str, str] = {}
+        path = env.get(CONFIG_ENV)
         if path:
-            values.update(_read_file(Path(path)))
+            _merge(values, sources, _read_file(Path(path)), f"{path}: key ")
+        section = (additional_config or {}).get(ADDITIONAL_CONFIG_KEY)
+        if section is not None:
+            if not isinstance(section, Mapping):
+                raise ConfigError(
+                    f"fairbatching scheduler: --additional-config {ADDITIONAL_CONFIG_KEY}={section!r}: "
+                    "must be a mapping of fairbatching settings"
+                )
+            _merge(values, sources, section, f"--additional-config {ADDITIONAL_CONFIG_KEY}.")
+        _check_env_names(env)
         for f in fields(cls):
-            raw = env.get(ENV_PREFIX + f.name.upper())
-            if raw is not None and f.name != "policy_options":
-                values[f.name] = _parse(f.name, raw)
-        unknown = set(values) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ConfigError(f"fairbatching scheduler config: unknown key(s) {', '.join(sorted(unknown))}")
+            name = ENV_PREFIX + f.name.upper()
+            if f.name in _CHECKS and f.name not in FILE_ONLY and name in env:
+                values[f.name] = _from_env(f.name, env[name])
+                sources[f.name] = name
+        return cls(**values, sources=sources)
+
+
+def _merge(values: dict[str, Any], sources: dict[str, str], data: Mapping[str, Any], prefix: str) -> None:
+    known = [f.name for f in fields(SchedulerSettings) if f.name in _CHECKS]
+    for key, value in data.items():
+        if key not in known:
+            hint = difflib.get_close_matches(str(key), known, n=1)
+            raise ConfigError(
+                f"fairbatching scheduler: {prefix}{key}: unknown setting"
+                + (f"; did you mean {hint[0]!r}?" if hint else f"; known: {', '.join(known)}")
+            )
+        values[key] = value
+        sources[key] = f"{prefix}{key}"
+
+
+def _check_env_names(env: Mapping[str, str]) -> None:
+    """A misspelled variable would be ignored without a word: refuse any FAIRBATCHING_* we do not read."""
+    known = [CONFIG_ENV] + [ENV_PREFIX + n.upper() for n in _CHECKS if n not in FILE_ONLY]
+    for name in env:
+        if name.startswith(ENV_PREFIX) and name not in known:
+            hint = difflib.get_close_matches(name, known, n=1)
+            raise ConfigError(
+                f"fairbatching scheduler: {name}: unknown environment variable"
+                + (f"; did you mean {hint[0]}?" if hint else f"; known: {', '.join(known)}")
+            )
+
+
+def _from_env(name: str, raw: str) -> Any:
+    """An environment variable's text as the setting's type (then checked like any other value)."""
+    where = f"fairbatching scheduler: {ENV_PREFIX}{name.upper()}={raw!r}"
+    if name in ("ttft_slo", "tpot_slo"):
         try:
-            return cls(**values)
-        except TypeError as exc:
-            raise ConfigError(f"fairbatching scheduler config: {exc}") from None
+            return float(raw)
+        except ValueError:
+            raise ConfigError(f"{where}: not a number of seconds") from None
+    if name == "metrics_port":
+        if not raw.strip().isdigit():
+            raise ConfigError(f"{where}: not a port number")
+        return int(raw)
+    return raw
 
 
 def _read_file(path: Path) -> dict[str, Any]:
     try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read the fairbatching scheduler config: {exc.strerror}") from None
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        where = f"{CONFIG_ENV}={str(path)!r}"
+        raise ConfigError(f"{where}: cannot read the fairbatching scheduler config: {reason}") from None
     if path.suffix in (".yaml", ".yml"):
         try:
             import yaml
@@ -96,29 +210,95 @@ def _read_file(path: Path) -> dict[str, Any]:
     return data
 
 
-def _parse(name: str, raw: str) -> Any:
-    if name in ("ttft_slo", "tpot_slo"):
-        try:
-            return float(raw)
-        except ValueError:
-            raise ConfigError(f"{ENV_PREFIX}{name.upper()}={raw!r}: not a number of seconds") from None
-    if name == "metrics_port":
-        if not raw.isdigit():
-            raise ConfigError(f"{ENV_PREFIX}METRICS_PORT={raw!r}: not a port number")
-        return int(raw)
-    return raw
+# -- value checks: each returns the value (normalized) or raises with what is wrong ---------------------------
+
+
+def _seconds(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+        raise ConfigError("must be a positive finite number of seconds")
+    return float(value)
+
+
+def _policy(value: Any) -> str:
+    if value not in POLICIES:
+        raise ConfigError(f"unknown policy; choose from {', '.join(POLICIES)}")
+    return value
+
+
+def _profile(value: Any) -> str | None:
+    if value is not None and (not isinstance(value, str) or not value):
+        raise ConfigError(f"must be a bundled profile name or a JSON path (default {DEFAULT_PROFILE})")
+    return value
+
+
+def _calibration(value: Any) -> str:
+    if value not in ("online", "off"):
+        raise ConfigError("must be 'online' or 'off'")
+    return value
+
+
+def _port(value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+        raise ConfigError("must be a TCP port number, 1-65535")
+    return value
+
+
+def _host(value: Any) -> str:
+    if not isinstance(value, str) or not value or any(c.isspace() for c in value):
+        raise ConfigError("must be an address to bind, e.g. 127.0.0.1 or 0.0.0.0")
+    return value
+
+
+def _options(value: Any) -> dict[str, Any]:
+    if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+        raise ConfigError("must be a mapping of policy option names to values")
+    return dict(value)
+
+
+_CHECKS: dict[str, Callable[[Any], Any]] = {
+    "policy": _policy,
+    "ttft_slo": _seconds,
+    "tpot_slo": _seconds,
+    "profile": _profile,
+    "calibration": _calibration,
+    "metrics_port": _port,
+    "metrics_host": _host,
+    "policy_options": _options,
+}
+
+
+def check_policy_options(policy: str, options: Mapping[str, Any]) -> None:
+    """Names and types of ``options`` against the policy's constructor (ranges are the policy's to check)."""
+    init = POLICIES[policy].__init__
+    params = inspect.signature(init).parameters
+    hints = typing.get_type_hints(init)
+    for key, value in options.items():
+        if key not in params or key in ("self", "cost_model"):
+            allowed = ", ".join(p for p in params if p not in ("self", "cost_model"))
+            raise ConfigError(f"{key}: not an option of policy {policy!r}; options: {allowed}")
+        kinds = typing.get_args(hints.get(key)) or (hints.get(key),)
+        if value is None and type(None) in kinds:
+            continue
+        if int in kinds and float not in kinds:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(f"{key}={value!r}: must be a whole number")
+        elif float in kinds and (
+            isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value)
+        ):
+            raise ConfigError(f"{key}={value!r}: must be a finite number")
 
 
 def request_slo(extra_args: Mapping[str, Any] | None, default: SLO) -> tuple[SLO, str | None]:
-    """The request's SLO from its ``extra_args``, and a message naming the problem when they are invalid
-    (then the default SLO applies: a scheduler cannot refuse a request the frontend has accepted)."""
+    """The request's SLO from its ``extra_args``, and a message naming the problem when they are invalid."""
     if not extra_args or not ({"ttft_slo", "tpot_slo"} & set(extra_args)):
         return default, None
     ttft, tpot = extra_args.get("ttft_slo", default.ttft), extra_args.get("tpot_slo", default.tpot)
     try:
-        ttft, tpot = float(ttft), float(tpot)
-        if not (math.isfinite(ttft) and math.isfinite(tpot)):
-            raise ValueError
-        return SLO(ttft, tpot), None
-    except (TypeError, ValueError, ConfigError):
-        return default, f"invalid per-request SLO ttft_slo={ttft!r} tpot_slo={tpot!r}; using the default {default}"
+        return SLO(_seconds(ttft), _seconds(tpot)), None
+    except ConfigError:
+        return default, (
+            f"invalid per-request SLO ttft_slo={ttft!r} tpot_slo={tpot!r} in vllm_xargs: "
+            "each must be a positive finite number of seconds"
+        )
