@@ -10,6 +10,7 @@ Runs on one asyncio loop, no threads: the Ray replica and the tests drive the sa
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, replace
@@ -169,10 +170,8 @@ class NodeServer:
             if not progressed:
                 # Nothing schedulable (deferred admission, KV full): only an arrival or time changes that.
                 self._wake.clear()
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), idle_poll)
-                except TimeoutError:
-                    pass
 
     def _emit_all(self) -> None:
         for stream in list(self._streams.values()):
