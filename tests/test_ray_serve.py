@@ -118,7 +118,7 @@ TIME_SCALE = 2.0
 TRACE_SLO = SLO(1.0, 0.1)  # wall seconds: the profile's 0.5 s / 50 ms at TIME_SCALE 2
 
 
-def bursty_trace(path: Path, n: int = 240, bursts: int = 6, gap: float = 1.0, seed: int = 7) -> Path:
+def bursty_trace(path: Path, n: int = 240, bursts: int = 6, gap: float = 0.6, seed: int = 7) -> Path:
     """Bursts of requests, 20% of them long prompts (4k-12k tokens), short outputs (4-16 tokens); ``gap``
     seconds of the profile between bursts (stretched by ``TIME_SCALE``, as the replicas are)."""
     rng = random.Random(seed)
