@@ -16,6 +16,7 @@ from fairbatching.core.request import SLO
 from fairbatching.costmodel.profile import available_profiles, load_profile
 from fairbatching.errors import FairBatchingError
 from fairbatching.experiment import DEFAULT_QPS, DEFAULT_SLO, Experiment, WorkloadSpec, check_slo_feasible
+from fairbatching.integrations.ray_serve import commands as serve_commands
 from fairbatching.metrics.table import markdown_table, show, summary_table, write_summary_csv
 from fairbatching.policies import POLICIES
 from fairbatching.progress import Activity, progress_bar
@@ -729,6 +730,10 @@ def profiles() -> None:
         default = " (default)" if name == DEFAULT_PROFILE else ""
         line = f"{name}{default}  [{p.source}]  KV {p.kv.capacity_tokens:,} tokens  {p.note[:80]}"
         out_console.print(line, markup=False)
+
+
+app.command()(serve_commands.serve)
+app.command()(serve_commands.bench)
 
 
 def main() -> None:

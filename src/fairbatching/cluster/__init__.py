@@ -1,6 +1,6 @@
 """Cluster level: nodes behind a router that sees only the signals nodes report (PAB, load), with delay."""
 
-from fairbatching.cluster.routers import ROUTERS, NodeReport, Router, make_router
+from fairbatching.cluster.routers import ROUTERS, NodeReport, ReportAging, Router, make_router
 from fairbatching.cluster.simulator import ClusterConfig, ClusterResult, NodeSpec, simulate_cluster
 
 __all__ = [
@@ -9,6 +9,7 @@ __all__ = [
     "ClusterResult",
     "NodeReport",
     "NodeSpec",
+    "ReportAging",
     "Router",
     "make_router",
     "simulate_cluster",

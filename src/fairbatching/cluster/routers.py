@@ -3,13 +3,16 @@
 Every router sees the same thing a real one would: a ``NodeReport`` per node, published every reporting
 interval and delivered after a delay, never the nodes' live state. A node whose last report is older
 than the staleness limit is treated as down (no new requests), the conservative reading of silence.
+This is the one routing core: the cluster simulator and the Ray Serve router
+(``integrations.ray_serve``) both read reports through ``ReportAging`` and rank with these routers.
 """
 
 from __future__ import annotations
 
 import random
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from collections.abc import Hashable
+from dataclasses import dataclass, replace
 
 from fairbatching.errors import ConfigError
 from fairbatching.policies.admission import AdmissionBudget
@@ -17,12 +20,43 @@ from fairbatching.policies.admission import AdmissionBudget
 
 @dataclass(frozen=True, slots=True)
 class NodeReport:
-    node: int
+    node: Hashable  # the node's index in the simulator, a replica id under Ray Serve
     time: float
     outstanding: int  # running + waiting requests (vLLM's num_requests_running + waiting)
     queued_tokens: int  # prompt tokens still to prefill
     kv_used_tokens: int
     budget: AdmissionBudget | None
+
+
+@dataclass(frozen=True, slots=True)
+class ReportAging:
+    """How a router reads a report of a given age. Fresh (within one interval plus the delivery delay) it
+    is taken as is; older (a report went missing) its budget shrinks linearly toward zero; older than the
+    staleness limit the node is treated as down."""
+
+    interval: float
+    delay: float = 0.0
+    stale_after: float | None = None  # default: two intervals plus the delay
+
+    @property
+    def staleness(self) -> float:
+        return self.stale_after if self.stale_after is not None else 2 * self.interval + self.delay
+
+    def read(self, report: NodeReport, now: float) -> NodeReport | None:
+        """``report`` as seen at ``now``: None when the node must be treated as down."""
+        age = now - report.time
+        staleness = self.staleness
+        if age > staleness:
+            return None
+        fresh = self.interval + self.delay
+        b = report.budget
+        if b is None or age <= fresh:
+            return report
+        keep = max(0.0, 1.0 - (age - fresh) / max(staleness - fresh, 1e-9))
+        budget = AdmissionBudget(
+            b.seconds * keep, int(b.tokens * keep), b.decode_share, b.queued_seconds, b.free_slots, b.horizon
+        )
+        return replace(report, budget=budget)
 
 
 class Router(ABC):
@@ -43,16 +77,26 @@ class _SentSinceReport(Router):
     reports is not all sent to the node that looked idlest (as llm-d-style scorers do)."""
 
     def __init__(self) -> None:
-        self._sent: dict[tuple[int, float], tuple[int, int]] = {}
+        self._sent: dict[Hashable, tuple[float, int, int]] = {}  # node -> (report time, requests, tokens)
         self._last: list[NodeReport] = []
 
     def pending(self, r: NodeReport) -> tuple[int, int]:
-        return self._sent.get((r.node, r.time), (0, 0))
+        """Requests and prompt tokens sent to ``r``'s node since ``r`` was published."""
+        sent = self._sent.get(r.node)
+        return (sent[1], sent[2]) if sent is not None and sent[0] == r.time else (0, 0)
 
     def note_dispatch(self, report_index: int, prompt_tokens: int) -> None:
-        r = self._last[report_index]
+        self.note_sent(self._last[report_index], prompt_tokens)
+
+    def note_sent(self, r: NodeReport, prompt_tokens: int) -> None:
+        """One request of ``prompt_tokens`` went to ``r``'s node; a newer report starts the count afresh
+        (a node's reports are read in time order, so only the newest count is ever needed)."""
         n, t = self.pending(r)
-        self._sent[(r.node, r.time)] = (n + 1, t + prompt_tokens)
+        self._sent[r.node] = (r.time, n + 1, t + prompt_tokens)
+
+    def forget(self, node: Hashable) -> None:
+        """A node left the cluster: drop its count."""
+        self._sent.pop(node, None)
 
 
 class RoundRobin(_SentSinceReport):
@@ -129,14 +173,21 @@ class PABRouter(_SentSinceReport):
     def left(self, r: NodeReport) -> int:
         return (r.budget.tokens if r.budget else 0) - self.pending(r)[1]
 
+    def admits(self, prompt_tokens: int, r: NodeReport) -> bool:
+        """Whether a request may go to ``r``'s node: always without admission control, else if it fits."""
+        return not self.admission or self.left(r) >= prompt_tokens
+
+    def ranked(self, reports: list[NodeReport]) -> list[int]:
+        """Indices into ``reports``, the largest budget left first (ties keep report order, so the first
+        is the node ``choose`` picks)."""
+        return sorted(range(len(reports)), key=lambda i: -self.left(reports[i]))
+
     def choose(self, prompt_tokens: int, reports: list[NodeReport]) -> int | None:
         self._last = reports
         if not reports:
             return None
         best = max(range(len(reports)), key=lambda i: self.left(reports[i]))
-        if self.admission and self.left(reports[best]) < prompt_tokens:
-            return None
-        return best
+        return best if self.admits(prompt_tokens, reports[best]) else None
 
 
 ROUTERS = {

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
-from fairbatching.cluster.routers import NodeReport, make_router
+from fairbatching.cluster.routers import NodeReport, ReportAging, make_router
 from fairbatching.core.request import SLO, Request, RequestStatus
 from fairbatching.costmodel.profile import load_profile
 from fairbatching.errors import ConfigError
 from fairbatching.policies import make_policy
-from fairbatching.policies.admission import AdmissionBudget
 from fairbatching.sim.node import Node, SimConfig
 from fairbatching.workloads.spec import RequestSpec, Workload
 
@@ -56,8 +55,12 @@ class ClusterConfig:
                 raise ConfigError(f"failure names node {node}, the cluster has nodes 0..{len(self.nodes) - 1}")
 
     @property
+    def aging(self) -> ReportAging:
+        return ReportAging(self.report_interval, self.report_delay, self.stale_after)
+
+    @property
     def staleness(self) -> float:
-        return self.stale_after if self.stale_after is not None else 2 * self.report_interval + self.report_delay
+        return self.aging.staleness
 
 
 @dataclass
@@ -180,36 +183,15 @@ class _Cluster:
                 history.pop(0)
 
     def visible(self, t: float) -> list[NodeReport]:
-        """What the router has received by ``t``: each node's newest report published by ``t - delay``.
-        Older than one interval (a report went missing), the budget shrinks toward zero; older than the
-        staleness limit, the node is treated as down."""
-        cfg = self.cfg
-        cutoff = t - cfg.report_delay
+        """What the router has received by ``t``: each node's newest report published by ``t - delay``,
+        read through the config's ``ReportAging`` (stale budgets shrink; silent nodes drop out)."""
+        aging = self.cfg.aging
+        cutoff = t - self.cfg.report_delay
         out = []
         for history in self.reports:
             seen = [r for r in history if r.time <= cutoff + 1e-12]
-            if not seen:
-                continue
-            r = seen[-1]
-            age = t - r.time
-            if age > cfg.staleness:
-                continue
-            fresh = cfg.report_interval + cfg.report_delay
-            if r.budget is not None and age > fresh:
-                keep = max(0.0, 1.0 - (age - fresh) / max(cfg.staleness - fresh, 1e-9))
-                b = r.budget
-                r = replace(
-                    r,
-                    budget=AdmissionBudget(
-                        b.seconds * keep,
-                        int(b.tokens * keep),
-                        b.decode_share,
-                        b.queued_seconds,
-                        b.free_slots,
-                        b.horizon,
-                    ),
-                )
-            out.append(r)
+            if seen and (r := aging.read(seen[-1], t)) is not None:
+                out.append(r)
         return out
 
     def dispatch(self, spec: RequestSpec, t: float, attempt: Request | None) -> None:

@@ -1,0 +1,145 @@
+"""The OpenAI ``/v1/completions`` wire format, as far as a serving replica needs it: request bodies parsed and
+checked (a bad one is a 400 naming the field), the trivial local tokenizer, and the response/SSE bodies.
+
+Per-request SLOs ride in ``vllm_xargs`` (``{"ttft_slo": s, "tpot_slo": s}``), the same field vLLM passes
+to our vLLM scheduler, so one client drives both servers. The simulated replica produces no real text:
+every output token is one letter, and the output length is ``max_tokens`` (as benchmark clients ask with
+``ignore_eos``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import string
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from fairbatching.core.request import SLO
+
+MAX_TOKEN_ID = 1 << 31
+
+
+class BadRequest(ValueError):
+    """A request body the endpoint cannot serve; the message names the field (HTTP 400)."""
+
+
+class ByteTokenizer:
+    """One token per UTF-8 byte: the local tokenizer when no checkpoint tokenizer is around. Token counts
+    are then byte counts, which is all a simulated replica prices."""
+
+    name = "bytes"
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode())
+
+    def token_text(self, index: int) -> str:
+        """Text of the ``index``-th output token of a simulated replica."""
+        return string.ascii_lowercase[index % 26]
+
+
+@dataclass(frozen=True)
+class CompletionRequest:
+    prompt_tokens: int
+    max_tokens: int
+    stream: bool
+    include_usage: bool
+    slo: SLO
+    model: str
+
+
+def _number(body: dict, key: str, default: float | None, kind: type, minimum: float) -> Any:
+    value = body.get(key, default)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or (kind is int and not isinstance(value, int)):
+        raise BadRequest(f"'{key}' must be {'an integer' if kind is int else 'a number'}, got {value!r}")
+    if not math.isfinite(value) or value < minimum:
+        raise BadRequest(f"'{key}' must be >= {minimum:g}, got {value!r}")
+    return value
+
+
+def _prompt_tokens(prompt: Any, tokenizer: ByteTokenizer) -> int:
+    if isinstance(prompt, str):
+        n = len(tokenizer.encode(prompt))
+    elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        if not all(0 <= t < MAX_TOKEN_ID for t in prompt):
+            raise BadRequest("'prompt' token ids must be non-negative 32-bit integers")
+        n = len(prompt)
+    elif isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
+        return _prompt_tokens(prompt[0], tokenizer)
+    elif isinstance(prompt, list) and len(prompt) > 1 and all(isinstance(p, str | list) for p in prompt):
+        raise BadRequest("'prompt' holds several prompts; send one prompt per request")
+    else:
+        raise BadRequest("'prompt' must be a string or a non-empty list of token ids")
+    if n == 0:
+        raise BadRequest("'prompt' is empty")
+    return n
+
+
+def parse_completion(
+    body: Any, default_slo: SLO, served_model: str, max_model_len: int, tokenizer: ByteTokenizer
+) -> CompletionRequest:
+    """The request ``body`` (already JSON-decoded) checked field by field; raises ``BadRequest``."""
+    if not isinstance(body, dict):
+        raise BadRequest(f"the request body must be a JSON object, got {type(body).__name__}")
+    if "prompt" not in body:
+        raise BadRequest("'prompt' is required")
+    model = body.get("model", served_model)
+    if not isinstance(model, str):
+        raise BadRequest(f"'model' must be a string, got {model!r}")
+    if model != served_model:
+        raise BadRequest(f"model {model!r} is not served here; this server serves {served_model!r}")
+    prompt_tokens = _prompt_tokens(body["prompt"], tokenizer)
+    max_tokens = _number(body, "max_tokens", 16, int, 1)
+    n = _number(body, "n", 1, int, 1)
+    if n != 1:
+        raise BadRequest(f"'n' must be 1 (one completion per request), got {n}")
+    if prompt_tokens + max_tokens > max_model_len:
+        raise BadRequest(
+            f"prompt ({prompt_tokens} tokens) + max_tokens ({max_tokens}) exceeds the maximum context {max_model_len}"
+        )
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise BadRequest(f"'stream' must be true or false, got {stream!r}")
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise BadRequest(f"'stream_options' must be an object, got {options!r}")
+    xargs = body.get("vllm_xargs") or {}
+    if not isinstance(xargs, dict):
+        raise BadRequest(f"'vllm_xargs' must be an object, got {xargs!r}")
+    ttft = _number(xargs, "ttft_slo", default_slo.ttft, float, 0)
+    tpot = _number(xargs, "tpot_slo", default_slo.tpot, float, 0)
+    if ttft <= 0 or tpot <= 0:
+        raise BadRequest(f"vllm_xargs ttft_slo and tpot_slo must be positive seconds, got {ttft!r} and {tpot!r}")
+    return CompletionRequest(
+        prompt_tokens, max_tokens, stream, bool(options.get("include_usage")), SLO(ttft, tpot), model
+    )
+
+
+def error_body(message: str, kind: str, code: int) -> dict:
+    return {"error": {"message": message, "type": kind, "code": code}}
+
+
+def completion_chunk(request_id: str, model: str, text: str, finish_reason: str | None) -> dict:
+    return {
+        "id": request_id,
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
+    }
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def sse(data: dict | str) -> str:
+    """One server-sent event."""
+    return f"data: {data if isinstance(data, str) else json.dumps(data, separators=(',', ':'))}\n\n"

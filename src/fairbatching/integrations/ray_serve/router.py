@@ -1,0 +1,61 @@
+"""``PABRequestRouter``: FairBatching-PAB routing and admission as a Ray Serve ``RequestRouter`` (alpha API,
+checked against ray 2.60).
+
+Replicas report their load and Prefill Admission Budget through ``record_routing_stats``; Ray's controller
+collects them every ``request_routing_stats_period_s`` and hands them to this router. Each request gets a
+ranking of replicas, one per rank, largest budget left first (Ray sends it to the first that has a free
+slot). A refused request's future fails with ``RoutingRefused`` (the endpoint answers 429 with
+Retry-After); a deferred one is routed again after Ray's back-off.
+"""
+
+from __future__ import annotations
+
+from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
+
+from fairbatching.cluster.routers import ReportAging
+from fairbatching.integrations.ray_serve.routing import PABRanking, RoutingRefused
+
+
+class PABRequestRouter(RequestRouter):
+    """Routes by the replicas' last reported Prefill Admission Budget (see ``routing.PABRanking``).
+
+    ``request_router_kwargs``: ``admission`` (none, reject, defer), ``report_interval`` (the stats period),
+    ``report_delay`` (how late stats arrive), ``stale_after`` (silence cutoff; default two intervals plus
+    the delay).
+    """
+
+    def initialize_state(
+        self,
+        admission: str = "reject",
+        report_interval: float = 0.5,
+        report_delay: float = 0.2,
+        stale_after: float | None = None,
+    ) -> None:
+        self.ranking = PABRanking(ReportAging(report_interval, report_delay, stale_after), admission)
+
+    async def choose_replicas(
+        self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
+    ) -> list[list[RunningReplica]]:
+        if pending_request is None or pending_request.future.done() or not candidate_replicas:
+            return [candidate_replicas]  # nothing to decide (a refused request: Ray's loop sees it is done)
+        job = pending_request.args[0]
+        by_id = {r.replica_id: r for r in candidate_replicas}
+        stats = {r.replica_id: r.routing_stats for r in candidate_replicas}
+        decision = self.ranking.decide(
+            job["prompt_tokens"], job["arrival"] + job["ttft"], stats, self._get_curr_time_s()
+        )
+        if decision.order:
+            return [[by_id[k]] for k in decision.order]
+        if decision.refusal is not None:
+            pending_request.future.set_exception(RoutingRefused(decision.refusal, self.ranking.aging.interval))
+            self._remove_pending_request_from_indices(pending_request)
+            return [candidate_replicas]
+        pending_request.routing_context.should_backoff = True
+        return []
+
+    def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result) -> None:
+        self.ranking.note_sent(replica_id, pending_request.args[0]["prompt_tokens"])
+
+    def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
+        super().on_replica_actor_died(replica_id)
+        self.ranking.forget(replica_id)
