@@ -11,8 +11,8 @@ trace, none of them the calibration window). Every replay is also simulated (sam
 for the simulator-vs-GPU table. ``--resume`` takes the replays of an earlier pass, so a search longer than
 one device command continues where it stopped.
 
-  PYTHONPATH=src python3 benchmarks/gpu_capacity.py calibrate --out $OUT --traces device-data
-  PYTHONPATH=src python3 benchmarks/gpu_capacity.py search --out $OUT --traces device-data \\
+  PYTHONPATH=src python3 benchmarks/gpu_capacity.py calibrate --out $OUT
+  PYTHONPATH=src python3 benchmarks/gpu_capacity.py search --out $OUT \\
       --profile results/gpu-capacity/profile.json [--resume results/gpu-capacity/replays.jsonl]
 """
 
@@ -92,7 +92,7 @@ def _replay_task(
     from fairbatching.engine.loop import replay
 
     prof = Profile.from_json(profile_json)
-    w = family(sc.workload).build(qps, seed, sc.requests, Path(traces))
+    w = family(sc.workload).build(qps, seed, sc.requests)
     pol = make_policy(policy, prof.cost_model(), tpot_slo=sc.slo.tpot)
     res = replay(_RUNNER, pol, prof.cost_model(), w, sc.slo)
     s = summarize(policy, w.name, res.requests, res.end_time, res.busy_time, res.preemptions)
@@ -137,8 +137,8 @@ def _summary_fields(s) -> dict:
     }
 
 
-def _simulate(sc: Scenario, policy: str, qps: float, seed: int, prof: Profile, traces: Path) -> dict:
-    w = family(sc.workload).build(qps, seed, sc.requests, traces)
+def _simulate(sc: Scenario, policy: str, qps: float, seed: int, prof: Profile) -> dict:
+    w = family(sc.workload).build(qps, seed, sc.requests)
     return _summary_fields(Experiment(w, prof, sc.slo, max_model_len=16384).run(policy).summary)
 
 
@@ -146,11 +146,11 @@ def _simulate(sc: Scenario, policy: str, qps: float, seed: int, prof: Profile, t
 class Runs:
     """The GPU workers (one engine each) and a pool of CPU processes for the simulator."""
 
-    def __init__(self, gpus: ProcessPoolExecutor, cpus: ProcessPoolExecutor, traces: str) -> None:
-        self.gpus, self.cpus, self.traces = gpus, cpus, traces
+    def __init__(self, gpus: ProcessPoolExecutor, cpus: ProcessPoolExecutor) -> None:
+        self.gpus, self.cpus = gpus, cpus
 
     def sim_attainment(self, sc: Scenario, policy: str, qps: float, prof: Profile, seeds=WINDOWS) -> float:
-        futures = [self.cpus.submit(_simulate, sc, policy, qps, s, prof, Path(self.traces)) for s in seeds]
+        futures = [self.cpus.submit(_simulate, sc, policy, qps, s, prof) for s in seeds]
         return statistics.mean(f.result()["slo"] for f in futures)
 
     def sim_capacity(self, sc: Scenario, policy: str, prof: Profile, seeds=WINDOWS) -> float:
@@ -174,9 +174,7 @@ def calibrate(args, runs: Runs) -> Profile:
     calib = Scenario("calibration", base.workload, base.slo, 2 * base.requests)
     qps = round(0.85 * runs.sim_capacity(calib, "fairbatching", grid_prof, (0,)), 2)
     log(f"calibration replays: the first {calib.requests} Azure conversation requests at {qps} req/s")
-    futures = [
-        runs.gpus.submit(_replay_task, calib, p, qps, 0, grid_prof.to_json(), runs.traces, True) for p in POLICIES
-    ]
+    futures = [runs.gpus.submit(_replay_task, calib, p, qps, 0, grid_prof.to_json(), True) for p in POLICIES]
     rows = []
     for p, f in zip(POLICIES, futures, strict=True):
         r = f.result()
@@ -223,8 +221,8 @@ def search(args, runs: Runs, prof: Profile) -> None:
             todo = [seed for seed in WINDOWS if keys[seed] not in done]
             if todo and time.time() > deadline:
                 raise TimeoutError
-            futures = {s: runs.gpus.submit(_replay_task, sc, policy, qps, s, prof.to_json(), runs.traces) for s in todo}
-            sims = {s: runs.cpus.submit(_simulate, sc, policy, qps, s, prof, Path(runs.traces)) for s in todo}
+            futures = {s: runs.gpus.submit(_replay_task, sc, policy, qps, s, prof.to_json()) for s in todo}
+            sims = {s: runs.cpus.submit(_simulate, sc, policy, qps, s, prof) for s in todo}
             for seed in todo:
                 g = futures[seed].result()
                 row = {
@@ -288,7 +286,6 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("phase", choices=("calibrate", "search", "all"))
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--traces", required=True)
     ap.add_argument("--profile", type=Path, help="the profile to plan with (search); calibrate writes one")
     ap.add_argument("--resume", type=Path, help="replays.jsonl of an earlier pass: those replays are not rerun")
     ap.add_argument("--model", default="llama-3-8b")
@@ -314,7 +311,7 @@ def main() -> None:
         ProcessPoolExecutor(n_gpus, ctx, _start_worker, (gpu_ids, args.model, 16384)) as gpus,
         ProcessPoolExecutor(args.cpus, ctx) as cpus,
     ):
-        runs = Runs(gpus, cpus, args.traces)
+        runs = Runs(gpus, cpus)
         prof = calibrate(args, runs) if args.phase in ("calibrate", "all") else Profile.load(args.profile)
         if args.phase in ("search", "all"):
             search(args, runs, prof)
