@@ -240,6 +240,7 @@ def compare(
 def _sweeper(cache: Path, workers: int | None, ray: str | None):
     from fairbatching.evaluation import Sweeper
 
+    check_output_dir(cache, "--cache")
     return Sweeper(cache, workers, ray)
 
 

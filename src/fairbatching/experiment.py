@@ -24,6 +24,7 @@ DEFAULT_SLO = SLO(ttft=2.0, tpot=0.1)
 # Load of the embedded default workload: the knee of the default (measured H100 engine) profile, where the
 # policies' SLO attainment is ~90%, so scheduling decisions matter.
 DEFAULT_QPS = 14.8
+ADMISSION_MODES = ("none", "reject", "defer")
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,8 @@ class Experiment:
 
     def __post_init__(self) -> None:
         check_slo_feasible(self.slo, self.profile)
+        if self.admission not in ADMISSION_MODES:
+            raise ConfigError(f"admission must be one of {', '.join(ADMISSION_MODES)}, got {self.admission!r}")
         if self.queue_timeout is not None and not (math.isfinite(self.queue_timeout) and self.queue_timeout > 0):
             raise ConfigError(f"queue timeout must be a positive number of seconds, got {self.queue_timeout!r}")
         cost = self.profile.cost_model()

@@ -50,11 +50,15 @@ class Profile:
 
     @classmethod
     def from_json(cls, data: dict[str, Any], origin: str = "<json>") -> Profile:
-        kv = data.get("kv")
+        kv, params = data.get("kv"), data.get("params")
         if isinstance(kv, dict):
             for key in ("num_blocks", "block_size"):
                 if key in kv and (isinstance(kv[key], bool) or not isinstance(kv[key], int)):
                     raise ProfileError(f"{origin}: kv.{key} must be a whole number, got {kv[key]!r}")
+        if isinstance(params, dict):
+            for key, value in params.items():
+                if isinstance(value, bool) or not isinstance(value, int | float):
+                    raise ProfileError(f"{origin}: params.{key} must be a number, got {value!r}")
         try:
             profile = cls(
                 name=str(data["name"]),

@@ -23,9 +23,7 @@ Progress = Callable[[int, int], None]
 
 class Sweeper:
     def __init__(self, cache_dir: str | Path | None = None, workers: int | None = None, ray_address: str | None = None):
-        self.cache_dir = Path(cache_dir) if cache_dir else None
-        if self.cache_dir:
-            self.cache_dir.mkdir(parents=True, exist_ok=True)
+        self.cache_dir = Path(cache_dir) if cache_dir else None  # created with the first result it holds
         self.workers = workers or os.cpu_count() or 1
         self.ray_address = ray_address
         self._ray = None
@@ -45,6 +43,7 @@ class Sweeper:
 
     def _store(self, result: dict[str, Any]) -> None:
         if self.cache_dir:
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.cache_dir / f"{result['key']}.json", json.dumps(result) + "\n")
 
     def run(self, specs: Iterable[RunSpec], progress: Progress | None = None) -> list[dict[str, Any]]:

@@ -47,6 +47,11 @@ def _csv_rows(path: Path, required: tuple[str, ...]) -> Iterator[tuple[int, dict
         yield from enumerate(reader, start=2)
 
 
+def _short(raw: object) -> str:
+    text = repr(raw)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def _int_field(path: Path, line: int, row: dict, key: str, minimum: int) -> int:
     raw = row.get(key)
     try:
@@ -54,9 +59,9 @@ def _int_field(path: Path, line: int, row: dict, key: str, minimum: int) -> int:
             raise TypeError
         number = float(raw)
     except (TypeError, ValueError, OverflowError):
-        raise WorkloadError(f"{path}: line {line}: {key} is not a number: {raw!r}") from None
+        raise WorkloadError(f"{path}: line {line}: {key} is not a number: {_short(raw)}") from None
     if not math.isfinite(number) or number != int(number):
-        raise WorkloadError(f"{path}: line {line}: {key} must be a whole number of tokens, got {raw!r}")
+        raise WorkloadError(f"{path}: line {line}: {key} must be a whole number of tokens, got {_short(raw)}")
     value = int(number)
     if value < minimum:
         raise WorkloadError(f"{path}: line {line}: {key} must be >= {minimum}, got {value}")
@@ -69,7 +74,7 @@ def _timestamp(path: Path, line: int, key: str, raw: object, scale: float = 1.0)
             raise TypeError
         ts = float(raw) * scale
     except (TypeError, ValueError, OverflowError):
-        raise WorkloadError(f"{path}: line {line}: {key} is not a number: {raw!r}") from None
+        raise WorkloadError(f"{path}: line {line}: {key} is not a number: {_short(raw)}") from None
     if not math.isfinite(ts):
         raise WorkloadError(f"{path}: line {line}: {key} must be finite, got {raw!r}")
     return ts
