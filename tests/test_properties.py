@@ -23,8 +23,7 @@ from fairbatching.cluster.routers import ROUTERS
 from fairbatching.cluster.simulator import NodeSpec
 from fairbatching.core import SLO, KVCacheConfig
 from fairbatching.core.request import RequestStatus
-from fairbatching.costmodel import CostModel, CostParams
-from fairbatching.costmodel import Profile, analytic_profile
+from fairbatching.costmodel import CostModel, CostParams, Profile, analytic_profile
 from fairbatching.errors import ConfigError
 from fairbatching.metrics.summary import summarize
 from fairbatching.policies import POLICIES, make_policy

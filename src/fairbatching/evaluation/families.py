@@ -68,8 +68,17 @@ class WorkloadFamily:
             _load(str(self.path(traces_dir)))
 
 
-@lru_cache(maxsize=8)
 def _load(path: str) -> Workload:
+    """The trace, parsed once per version of the file (a trace edited in place is read again)."""
+    try:
+        st = Path(path).stat()
+    except OSError:
+        return load_trace(path)  # missing or unreadable: load_trace says which
+    return _load_version(path, st.st_mtime_ns, st.st_size)
+
+
+@lru_cache(maxsize=8)
+def _load_version(path: str, mtime_ns: int, size: int) -> Workload:
     return load_trace(path)
 
 
