@@ -81,6 +81,8 @@ OPTION_VALUES = {
     "min_budget_fraction": st.floats(0.0, 1.0),
     "kv_reserve_fraction": st.floats(0.0, 0.5),
     "kv_high_watermark": st.floats(0.0, 1.0),
+    "yield_reserve": st.floats(0.0, 4.0),
+    "late_last": st.booleans(),
 }
 
 

@@ -79,7 +79,10 @@ class Experiment:
         cost = self.profile.cost_model()
         for name, options in self.policy_options.items():  # bad options fail now, not halfway through a run
             check_policy_options(name, options, "policy option")
-            make_policy(name, cost, tpot_slo=self.slo.tpot, **options)
+            try:
+                make_policy(name, cost, tpot_slo=self.slo.tpot, **options)
+            except ValueError as exc:  # a constraint between options that no single range expresses
+                raise ConfigError(f"policy options {name} {options}: {exc}") from None
 
     def run(self, policy: str, progress: Callable[[int, int], None] | None = None) -> RunResult:
         cost = self.profile.cost_model()

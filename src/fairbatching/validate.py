@@ -113,6 +113,7 @@ _RULES: dict[str, _Rule] = {
     "min_budget_fraction": _FRACTION,
     "kv_reserve_fraction": _FRACTION,
     "kv_high_watermark": _FRACTION,
+    "yield_reserve": _NON_NEGATIVE,
 }
 
 
@@ -133,13 +134,8 @@ def policy_parameters(policy: str) -> dict[str, inspect.Parameter]:
 
     if policy not in POLICIES:
         raise ConfigError(f"unknown policy {policy!r}; choose from {', '.join(POLICIES)}")
-    params = {}
-    for cls in POLICIES[policy].__mro__:  # subclasses forward extra options to their base's constructor
-        if "__init__" in vars(cls):
-            for p in list(inspect.signature(cls.__init__).parameters.values())[2:]:
-                if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
-                    params.setdefault(p.name, p)
-    return params
+    params = list(inspect.signature(POLICIES[policy]).parameters.values())[1:]
+    return {p.name: p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
 
 def check_policy_options(policy: str, options: dict[str, Any], origin: str = "--policy-option") -> None:
