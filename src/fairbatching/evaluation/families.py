@@ -50,22 +50,22 @@ class WorkloadFamily:
     def available(self) -> bool:
         return self.trace is None or self.path().is_file()
 
-    def fingerprint(self, traces_dir: Path = SHARED_TRACES) -> str | None:
+    def fingerprint(self) -> str | None:
         """Hash of the trace file's content (None for synthetic families): cache keys carry it, so a trace
         edited in place is simulated again instead of reporting the old file's numbers."""
         if self.trace is None:
             return None
-        path = self.path(traces_dir)
+        path = self.path()
         try:
             st = path.stat()
         except OSError:
             return None  # missing: the run itself reports it
         return _file_hash(str(path.resolve()), st.st_mtime_ns, st.st_size)
 
-    def check(self, traces_dir: Path = SHARED_TRACES) -> None:
+    def check(self) -> None:
         """Load the trace now, so a bad file fails with its own message before any worker starts."""
         if self.trace is not None:
-            _load(str(self.path(traces_dir)))
+            _load(str(self.path()))
 
 
 def _load(path: str) -> Workload:
