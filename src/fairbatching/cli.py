@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import Progress
 
 from fairbatching.core.request import SLO
@@ -20,6 +21,18 @@ from fairbatching.integrations.ray_serve import commands as serve_commands
 from fairbatching.metrics.table import markdown_table, show, summary_table, write_summary_csv
 from fairbatching.policies import POLICIES
 from fairbatching.progress import Activity, progress_bar
+from fairbatching.validate import (
+    at_least_one,
+    atomic_write_text,
+    check_output_dir,
+    check_policy_options,
+    fraction,
+    non_negative,
+    open_fraction,
+    positive,
+    positive_list,
+    staged_dir,
+)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="FairBatching: SLO-fair LLM batch scheduling.")
 console = Console(stderr=True, soft_wrap=True)
@@ -35,18 +48,28 @@ TraceOpt = Annotated[
 ]
 FormatOpt = Annotated[str, typer.Option("--format", help="Trace format: auto, azure, burstgpt, mooncake")]
 NumOpt = Annotated[
-    int | None, typer.Option("--num-requests", "-n", help="Use this many requests (default: all / 2000)")
+    int | None,
+    typer.Option("--num-requests", "-n", help="Use this many requests (default: all / 2000)", callback=at_least_one),
 ]
-StartOpt = Annotated[int, typer.Option("--start", help="Skip this many requests of the trace first")]
+StartOpt = Annotated[
+    int, typer.Option("--start", help="Skip this many requests of the trace first", callback=non_negative)
+]
 QpsOpt = Annotated[
-    float | None, typer.Option("--qps", help=f"Rescale arrivals to this mean rate (default workload: {DEFAULT_QPS})")
+    float | None,
+    typer.Option(
+        "--qps", help=f"Rescale arrivals to this mean rate (default workload: {DEFAULT_QPS})", callback=positive
+    ),
 ]
-SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the synthetic default workload")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the synthetic default workload", callback=non_negative)]
 TtftOpt = Annotated[float, typer.Option("--ttft-slo", help="TTFT SLO in seconds")]
 TpotOpt = Annotated[float, typer.Option("--tpot-slo", help="TPOT SLO in seconds")]
 ProfileOpt = Annotated[str | None, typer.Option("--profile", help="Profile name or JSON path (see `profiles`)")]
-TimeoutOpt = Annotated[float | None, typer.Option("--queue-timeout", help="Drop requests waiting longer (s)")]
-MaxLenOpt = Annotated[int, typer.Option("--max-model-len", help="Reject requests longer than this (tokens)")]
+TimeoutOpt = Annotated[
+    float | None, typer.Option("--queue-timeout", help="Drop requests waiting longer (s)", callback=positive)
+]
+MaxLenOpt = Annotated[
+    int, typer.Option("--max-model-len", help="Reject requests longer than this (tokens)", callback=at_least_one)
+]
 PolicyOpt = Annotated[
     list[str] | None,
     typer.Option("--policy-option", "-o", help="policy.key=value, e.g. sarathi.token_budget=2048 (repeatable)"),
@@ -72,9 +95,11 @@ def _experiment(
     admission: str = "none",
     policy_options: list[str] | None = None,
 ) -> Experiment:
-    spec = WorkloadSpec(str(trace) if trace else None, fmt, num, start, qps, seed)
     options = _parse_policy_options(policy_options or [])
-    return Experiment(spec.build(), load_profile(profile), SLO(ttft, tpot), max_len, timeout, admission, options)
+    workload = WorkloadSpec(str(trace) if trace else None, fmt, num, start, qps, seed).build()
+    if workload.meta.get("skipped_rows"):
+        console.print(f"note: skipped {workload.meta['skipped_rows']} trace rows of failed requests (zero tokens)")
+    return Experiment(workload, load_profile(profile), SLO(ttft, tpot), max_len, timeout, admission, options)
 
 
 def _parse_policy_options(items: list[str]) -> dict[str, dict]:
@@ -90,6 +115,8 @@ def _parse_policy_options(items: list[str]) -> dict[str, dict]:
         except json.JSONDecodeError:
             value = raw
         out.setdefault(policy, {})[key] = value
+    for policy, options in out.items():
+        check_policy_options(policy, options)
     return out
 
 
@@ -146,6 +173,9 @@ def simulate(
     wide: WideOpt = False,
 ) -> None:
     """Simulate one policy on one workload."""
+    _policy_names(policy)
+    if out:
+        check_output_dir(out)
     exp = _experiment(
         trace, fmt, num, start, qps, seed, ttft, tpot, profile, timeout, max_len, admission, policy_option
     )
@@ -153,9 +183,9 @@ def simulate(
     (result,) = _run_with_progress(exp, [policy])
     s = result.summary
     if out:
-        out.mkdir(parents=True, exist_ok=True)
-        s.write_json(out / "summary.json")
-        s.write_requests_csv(out / "requests.csv")
+        with staged_dir(out) as tmp:
+            s.write_json(tmp / "summary.json")
+            s.write_requests_csv(tmp / "requests.csv")
     if as_json:
         print(json.dumps({**_describe(exp), "summary": s.to_dict()}, indent=2))
     else:
@@ -185,24 +215,25 @@ def compare(
     from fairbatching.report import plot_comparison, write_html_report
 
     names = _policy_names(policies)
+    check_output_dir(out)
     exp = _experiment(
         trace, fmt, num, start, qps, seed, ttft, tpot, profile, timeout, max_len, admission, policy_option
     )
     _banner(exp)
     results = _run_with_progress(exp, names)
     summaries = [r.summary for r in results]
-    out.mkdir(parents=True, exist_ok=True)
     title = f"{exp.workload.name} @ {exp.workload.qps:.2f} req/s, SLO {exp.slo.ttft:g} s / {exp.slo.tpot * 1e3:g} ms"
     settings = _describe(exp)
-    (out / "summary.json").write_text(
-        json.dumps({**settings, "results": [s.to_dict() for s in summaries]}, indent=2) + "\n"
-    )
-    write_summary_csv(summaries, out / "summary.csv")
-    (out / "summary.md").write_text(f"{title}\n\n{markdown_table(summaries)}\n")
-    for s in summaries:
-        s.write_requests_csv(out / f"requests_{s.policy}.csv")
-    png = plot_comparison(summaries, [r.sim.log for r in results], out / "compare.png", title)
-    report = write_html_report(out / "report.html", title, summaries, [png], settings)
+    with staged_dir(out) as tmp:
+        (tmp / "summary.json").write_text(
+            json.dumps({**settings, "results": [s.to_dict() for s in summaries]}, indent=2) + "\n"
+        )
+        write_summary_csv(summaries, tmp / "summary.csv")
+        (tmp / "summary.md").write_text(f"{title}\n\n{markdown_table(summaries)}\n")
+        for s in summaries:
+            s.write_requests_csv(tmp / f"requests_{s.policy}.csv")
+        png = plot_comparison(summaries, [r.sim.log for r in results], tmp / "compare.png", title)
+        report = write_html_report(tmp / "report.html", title, summaries, [png], settings)
     show(out_console, summary_table(summaries, title=title, wide=wide))
     console.print(f"wrote {out}/summary.json, summary.csv, summary.md, requests_*.csv, {png.name}, {report.name}")
 
@@ -210,11 +241,14 @@ def compare(
 def _sweeper(cache: Path, workers: int | None, ray: str | None):
     from fairbatching.evaluation import Sweeper
 
+    check_output_dir(cache, "--cache")
     return Sweeper(cache, workers, ray)
 
 
 CacheOpt = Annotated[Path, typer.Option("--cache", help="Result cache folder (makes sweeps resumable)")]
-WorkersOpt = Annotated[int | None, typer.Option("--workers", help="Local worker processes (default: all cores)")]
+WorkersOpt = Annotated[
+    int | None, typer.Option("--workers", help="Local worker processes (default: all cores)", callback=at_least_one)
+]
 RayOpt = Annotated[
     str | None, typer.Option("--ray", help="Run on a Ray cluster at this address ('local' starts one here)")
 ]
@@ -224,11 +258,15 @@ RayOpt = Annotated[
 def capacity(
     policies: Annotated[str, typer.Option("--policies", help="Comma-separated policies")] = "fairbatching,sarathi,vllm",
     workload: Annotated[str, typer.Option("--workload", "-w", help="Family name or trace path")] = "default",
-    num: Annotated[int, typer.Option("--num-requests", "-n", help="Requests per run")] = 2000,
-    seeds: Annotated[int, typer.Option("--seeds", help="Seeds (trace windows) per load point")] = 3,
-    target: Annotated[float, typer.Option("--target", help="SLO attainment target")] = 0.9,
-    tolerance: Annotated[float, typer.Option("--tolerance", help="Relative QPS tolerance")] = 0.02,
-    start: Annotated[float, typer.Option("--start-qps", help="First load to try")] = 8.0,
+    num: Annotated[int, typer.Option("--num-requests", "-n", help="Requests per run", callback=at_least_one)] = 2000,
+    seeds: Annotated[
+        int, typer.Option("--seeds", help="Seeds (trace windows) per load point", callback=at_least_one)
+    ] = 3,
+    target: Annotated[float, typer.Option("--target", help="SLO attainment target", callback=fraction)] = 0.9,
+    tolerance: Annotated[
+        float, typer.Option("--tolerance", help="Relative QPS tolerance", callback=open_fraction)
+    ] = 0.02,
+    start: Annotated[float, typer.Option("--start-qps", help="First load to try", callback=positive)] = 8.0,
     ttft: TtftOpt = DEFAULT_SLO.ttft,
     tpot: TpotOpt = DEFAULT_SLO.tpot,
     profile: ProfileOpt = None,
@@ -239,16 +277,19 @@ def capacity(
 ) -> None:
     """Highest request rate each policy sustains at the SLO-attainment target (bracketing + bisection)."""
     from fairbatching.evaluation import RunSpec, family, find_capacity
-    from fairbatching.evaluation.bounds import clairvoyant_capacity
+    from fairbatching.evaluation.bounds import windows_capacity
 
     names = _policy_names(policies)
+    if out:
+        check_output_dir(out)
     fam = family(workload)
     if not fam.available():
         raise FairBatchingError(f"workload {workload!r} needs {fam.path()}, which is missing")
     sweeper = _sweeper(cache, workers, ray)
     prof = load_profile(profile)
     check_slo_feasible(SLO(ttft, tpot), prof)
-    bound = clairvoyant_capacity(fam.build(1.0, 0, num), prof)
+    # On the same windows (seeds) the search runs; None where they are too short for a throughput bound.
+    bound = windows_capacity([fam.build(1.0, s, num) for s in range(seeds)], prof)
     results = []
     with Activity(console) as status:
         for name in names:
@@ -272,27 +313,37 @@ def capacity(
             if r.policy == "fairbatching" and best_base
             else ""
         )
-        # The bound holds for sustained load; a window short enough to finish as one burst can beat it.
-        of_bound = (
-            f"{r.capacity_qps / bound:5.1%} of the clairvoyant bound" if r.capacity_qps <= bound else "above the bound"
-        )
+        of_bound = ""
+        if bound:  # the bound holds for sustained load; a window that finishes as one burst can beat it
+            of_bound = (
+                f"  {r.capacity_qps / bound:5.1%} of the clairvoyant bound"
+                if r.capacity_qps <= bound
+                else "  above the bound"
+            )
         out_console.print(
             f"{r.policy:14s} capacity {r.capacity_qps:7.3f} req/s  bracket [{r.bracket[0]:.3f}, {r.bracket[1]:.3f}]"
-            f"  {of_bound}{gain}"
+            f"{of_bound}{gain}"
         )
-    out_console.print(f"{'clairvoyant':14s} bound    {bound:7.3f} req/s (GPU 100% busy, latency ignored)")
-    if any(r.capacity_qps > bound for r in results):
+    if bound:
+        out_console.print(f"{'clairvoyant':14s} bound    {bound:7.3f} req/s (GPU 100% busy, latency ignored)")
+        if any(r.capacity_qps > bound for r in results):
+            out_console.print(
+                f"a capacity above the bound means {num} requests are too few to load the GPU for long: raise -n"
+            )
+    else:
         out_console.print(
-            f"a capacity above the bound means {num} requests are too few to load the GPU for long: raise -n"
+            f"no clairvoyant bound: in {num} requests one output's sequential decode steps, not GPU throughput, "
+            "set the minimum time (use more requests)"
         )
     if out:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "capacity.json").write_text(
-            json.dumps(
-                {"workload": workload, "clairvoyant_qps": bound, "results": [asdict(r) for r in results]}, indent=2
+        with staged_dir(out) as tmp:
+            (tmp / "capacity.json").write_text(
+                json.dumps(
+                    {"workload": workload, "clairvoyant_qps": bound, "results": [asdict(r) for r in results]},
+                    indent=2,
+                )
+                + "\n"
             )
-            + "\n"
-        )
 
 
 @app.command()
@@ -301,8 +352,8 @@ def sweep(
     workloads: Annotated[str, typer.Option("--workloads", help="Comma-separated families or trace paths")] = "default",
     loads: Annotated[str, typer.Option("--qps", help="Comma-separated load levels (req/s)")] = "12,14,16,17,18,19",
     slos: Annotated[str, typer.Option("--slos", help="Comma-separated TTFT:TPOT pairs in seconds")] = "2:0.1",
-    seeds: Annotated[int, typer.Option("--seeds", help="Seeds per point")] = 1,
-    num: Annotated[int, typer.Option("--num-requests", "-n", help="Requests per run")] = 2000,
+    seeds: Annotated[int, typer.Option("--seeds", help="Seeds per point", callback=at_least_one)] = 1,
+    num: Annotated[int, typer.Option("--num-requests", "-n", help="Requests per run", callback=at_least_one)] = 2000,
     profile: ProfileOpt = None,
     cache: CacheOpt = Path("out/cache"),
     workers: WorkersOpt = None,
@@ -314,11 +365,12 @@ def sweep(
     from fairbatching.report.curves import plot_load_curves
 
     names = _policy_names(policies)
+    check_output_dir(out)
+    qps_levels = positive_list("--qps", loads)
     try:
-        qps_levels = [float(q) for q in loads.split(",") if q.strip()]
         slo_pairs = [tuple(float(x) for x in pair.split(":")) for pair in slos.split(",") if pair.strip()]
     except ValueError:
-        raise FairBatchingError("--qps takes numbers and --slos TTFT:TPOT pairs, e.g. --slos 2:0.1,1:0.05") from None
+        raise FairBatchingError(f"--slos takes TTFT:TPOT pairs of numbers, e.g. 2:0.1,1:0.05; got {slos!r}") from None
     if any(len(p) != 2 for p in slo_pairs):
         raise FairBatchingError("--slos takes TTFT:TPOT pairs, e.g. --slos 2:0.1,1:0.05")
     prof = load_profile(profile)
@@ -337,8 +389,6 @@ def sweep(
     with progress_bar(console) as bar:
         task = bar.add_task(grid, total=len(specs))
         results = sweeper.run(specs, progress=lambda done, total: bar.update(task, completed=done, total=total))
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "sweep.json").write_text(json.dumps(results, indent=2) + "\n")
     rows = [
         (
             r["spec"]["workload"],
@@ -355,18 +405,20 @@ def sweep(
         for r in results
     ]
     header = "workload,ttft_slo,tpot_slo,qps,seed,policy,ttft_p99,tpot_p99,tpot_attainment,slo_attainment"
-    (out / "sweep.csv").write_text(header + "\n" + "\n".join(",".join(map(str, row)) for row in rows) + "\n")
     groups = sorted({(r[0], r[1], r[2]) for r in rows})
-    for w, ttft, tpot in groups:
-        part = [
-            r
-            for r in results
-            if (r["spec"]["workload"], r["spec"]["ttft_slo"], r["spec"]["tpot_slo"]) == (w, ttft, tpot)
-        ]
-        png = plot_load_curves(
-            part, out / f"curves_{w}_{ttft:g}_{tpot:g}.png", f"{w}, SLO {ttft:g} s / {tpot * 1e3:g} ms"
-        )
-        console.print(f"wrote {png}")
+    with staged_dir(out) as tmp:
+        (tmp / "sweep.json").write_text(json.dumps(results, indent=2) + "\n")
+        (tmp / "sweep.csv").write_text(header + "\n" + "\n".join(",".join(map(str, row)) for row in rows) + "\n")
+        for w, ttft, tpot in groups:
+            part = [
+                r
+                for r in results
+                if (r["spec"]["workload"], r["spec"]["ttft_slo"], r["spec"]["tpot_slo"]) == (w, ttft, tpot)
+            ]
+            png = plot_load_curves(
+                part, tmp / f"curves_{Path(w).name}_{ttft:g}_{tpot:g}.png", f"{w}, SLO {ttft:g} s / {tpot * 1e3:g} ms"
+            )
+            console.print(f"wrote {out / png.name}")
     console.print(f"{len(results)} runs -> {out}/sweep.json, sweep.csv")
 
 
@@ -377,16 +429,21 @@ def evaluate(
     scenarios: Annotated[
         str, typer.Option("--scenarios", help="workload:TTFT:TPOT:start_qps, comma-separated")
     ] = "default:2:0.1:8,default:1:0.05:8,azure-conv:2:0.1:8,azure-code:2:0.1:2,mooncake-conv:10:0.1:0.5",
-    num: Annotated[int, typer.Option("--num-requests", "-n", help="Requests per run")] = 2000,
-    seeds: Annotated[int, typer.Option("--seeds", help="Seeds (trace windows) per load point")] = 3,
-    target: Annotated[float, typer.Option("--target", help="SLO attainment target")] = 0.9,
-    tolerance: Annotated[float, typer.Option("--tolerance", help="Relative QPS tolerance")] = 0.02,
+    num: Annotated[int, typer.Option("--num-requests", "-n", help="Requests per run", callback=at_least_one)] = 2000,
+    seeds: Annotated[
+        int, typer.Option("--seeds", help="Seeds (trace windows) per load point", callback=at_least_one)
+    ] = 3,
+    target: Annotated[float, typer.Option("--target", help="SLO attainment target", callback=fraction)] = 0.9,
+    tolerance: Annotated[
+        float, typer.Option("--tolerance", help="Relative QPS tolerance", callback=open_fraction)
+    ] = 0.02,
     profile: ProfileOpt = None,
     cache: CacheOpt = Path("out/cache"),
     workers: WorkersOpt = None,
     ray: RayOpt = None,
 ) -> None:
     """The single-node evaluation: capacities, clairvoyant bounds, equal-load P99 TTFT, curves, slack."""
+    from fairbatching.evaluation import family
     from fairbatching.evaluation.evaluate import Scenario, equal_load_plots, markdown
     from fairbatching.evaluation.evaluate import evaluate as run_evaluation
     from fairbatching.report.html import write_html_page
@@ -399,9 +456,12 @@ def evaluate(
         ]
     except ValueError:
         raise FairBatchingError("--scenarios takes workload:TTFT:TPOT:start_qps items, e.g. default:2:0.1:8") from None
+    check_output_dir(out)
     prof = load_profile(profile)
     for sc in parsed:
         check_slo_feasible(SLO(sc.ttft, sc.tpot), prof)
+        positive_list("--scenarios start_qps", str(sc.start_qps))
+        family(sc.workload)
     sweeper = _sweeper(cache, workers, ray)
     with Activity(console) as status:
         rows = run_evaluation(
@@ -414,7 +474,7 @@ def evaluate(
             images.extend(equal_load_plots(first, ref, names, out, num, profile, status))
     table = markdown(rows)
     note = f"Profile: {prof.name} ({prof.source}). Target {target:.0%} of requests meeting TTFT and TPOT."
-    (out / "evaluation.md").write_text(f"{note}\n\n{table}\n")
+    atomic_write_text(out / "evaluation.md", f"{note}\n\n{table}\n")
     page = write_html_page(
         out / "report.html", "FairBatching single-node evaluation", f"<p>{note}</p><pre>{table}</pre>", images
     )
@@ -427,17 +487,23 @@ def cluster(
     pairs: Annotated[
         str, typer.Option("--pairs", help="policy:router[:admission] stacks to compare, comma-separated")
     ] = "vllm:round-robin,sarathi:least-outstanding,fairbatching:pab,fairbatching:pab:reject",
-    nodes: Annotated[int, typer.Option("--nodes", help="Nodes in the cluster")] = 4,
+    nodes: Annotated[int, typer.Option("--nodes", help="Nodes in the cluster", callback=at_least_one)] = 4,
     workload: Annotated[str, typer.Option("--workload", "-w", help="Family name or trace path")] = "default",
-    qps: Annotated[float, typer.Option("--qps", help="Cluster-wide request rate")] = 70.0,
-    num: Annotated[int, typer.Option("--num-requests", "-n", help="Requests per run")] = 4000,
-    report_interval: Annotated[float, typer.Option("--report-interval", help="Seconds between node reports")] = 0.5,
-    report_delay: Annotated[float, typer.Option("--report-delay", help="Seconds a report takes to arrive")] = 0.0,
+    qps: Annotated[float, typer.Option("--qps", help="Cluster-wide request rate", callback=positive)] = 70.0,
+    num: Annotated[int, typer.Option("--num-requests", "-n", help="Requests per run", callback=at_least_one)] = 4000,
+    report_interval: Annotated[
+        float, typer.Option("--report-interval", help="Seconds between node reports", callback=positive)
+    ] = 0.5,
+    report_delay: Annotated[
+        float, typer.Option("--report-delay", help="Seconds a report takes to arrive", callback=non_negative)
+    ] = 0.0,
     find_capacity_: Annotated[
         bool, typer.Option("--capacity", help="Search each stack's capacity instead of one run")
     ] = False,
-    seeds: Annotated[int, typer.Option("--seeds", help="Seeds per load point (capacity)")] = 2,
-    tolerance: Annotated[float, typer.Option("--tolerance", help="Relative QPS tolerance (capacity)")] = 0.03,
+    seeds: Annotated[int, typer.Option("--seeds", help="Seeds per load point (capacity)", callback=at_least_one)] = 2,
+    tolerance: Annotated[
+        float, typer.Option("--tolerance", help="Relative QPS tolerance (capacity)", callback=open_fraction)
+    ] = 0.03,
     ttft: TtftOpt = DEFAULT_SLO.ttft,
     tpot: TpotOpt = DEFAULT_SLO.tpot,
     profile: ProfileOpt = None,
@@ -449,6 +515,8 @@ def cluster(
     """Compare node-policy + router stacks on a simulated cluster (one load, or capacity with --capacity)."""
     from fairbatching.evaluation import ClusterRunSpec, find_capacity
 
+    if out:
+        check_output_dir(out)
     check_slo_feasible(SLO(ttft, tpot), load_profile(profile))
     stacks = []
     for item in [p.strip() for p in pairs.split(",") if p.strip()]:
@@ -535,15 +603,15 @@ def cluster(
                 f"TPOT ok {m['tpot_attainment']:6.1%}  goodput {m['goodput_rps']:7.2f} req/s  rejected {m['rejected']}"
             )
     if out:
-        out.mkdir(parents=True, exist_ok=True)
-        if find_capacity_:
-            from fairbatching.report.curves import plot_capacity_curves
+        with staged_dir(out) as tmp:
+            if find_capacity_:
+                from fairbatching.report.curves import plot_capacity_curves
 
-            png = plot_capacity_curves(rows, out / "capacity_curves.png", f"{nodes} nodes, {workload}")
-            console.print(f"wrote {png}")
-        (out / "cluster.json").write_text(
-            json.dumps({"nodes": nodes, "workload": workload, "rows": rows}, indent=2) + "\n"
-        )
+                png = plot_capacity_curves(rows, tmp / "capacity_curves.png", f"{nodes} nodes, {workload}")
+                console.print(f"wrote {out / png.name}")
+            (tmp / "cluster.json").write_text(
+                json.dumps({"nodes": nodes, "workload": workload, "rows": rows}, indent=2) + "\n"
+            )
 
 
 def _point_line(p) -> str:
@@ -570,23 +638,29 @@ def fit_profile(
     out: Annotated[Path, typer.Option("--out", help="Profile JSON to write")],
     name: Annotated[str, typer.Option("--name", help="Profile name")] = "measured",
     base: Annotated[str | None, typer.Option("--base", help="Profile whose model, hardware and KV to keep")] = None,
-    holdout: Annotated[float, typer.Option("--holdout", help="Fraction of rows held out")] = 0.2,
+    holdout: Annotated[
+        float, typer.Option("--holdout", help="Fraction of rows held out", callback=open_fraction)
+    ] = 0.2,
 ) -> None:
     """Fit the batch cost model to measured rows and save it as a profile."""
     from dataclasses import replace
 
     from fairbatching.costmodel.fit import fit_cost_model, load_profile_rows
 
+    if out.is_dir():
+        raise FairBatchingError(f"--out {out}: is a folder; give the profile JSON file to write")
+    check_output_dir(out.parent)
+    base_profile = load_profile(base)
     report = fit_cost_model(load_profile_rows(rows), holdout_fraction=holdout)
     prof = replace(
-        load_profile(base),
+        base_profile,
         name=name,
         source="measured",
         params=report.model.params,
         fit=report.as_dict(),
         note=f"fitted from {rows.name}",
     )
-    prof.save(out)
+    atomic_write_text(out, json.dumps(prof.to_json(), indent=2) + "\n")
     out_console.print(
         f"fitted {report.train_rows} rows; held-out MAPE {report.holdout_mape * 100:.2f}%, "
         f"max error {report.holdout_max_error * 100:.2f}% on {report.holdout_rows} rows -> {out}"
@@ -629,6 +703,7 @@ def profile_engine(
 
     if grid not in ("full", "quick"):
         raise FairBatchingError(f"--grid must be full or quick, got {grid!r}")
+    check_output_dir(out)
     runner = _engine(model, device, num_blocks, block_size, max_context)
     compositions = default_grid(runner.pool.usable * block_size, max_context)
     if grid == "quick":
@@ -684,6 +759,8 @@ def replay(
     from fairbatching.metrics.summary import summarize
     from fairbatching.policies import make_policy
 
+    if out:
+        check_output_dir(out)
     workload = WorkloadSpec(str(trace) if trace else None, fmt, num, start, qps, seed).build()
     prof = load_profile(profile)
     slo = SLO(ttft, tpot)
@@ -738,15 +815,21 @@ app.command()(serve_commands.bench)
 
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # typer returns a typer.Exit's code, and 130 on Ctrl-C
     except FairBatchingError as exc:
-        console.print(f"[red]error:[/] {exc}")
-        sys.exit(2)
-    except (typer.Abort, KeyboardInterrupt):
-        console.print("aborted")
-        sys.exit(130)
-    except typer.Exit as exc:
-        sys.exit(exc.exit_code)
+        _fail(str(exc), 2)
     except typer.TyperException as exc:  # usage errors: unknown option, bad value
-        console.print(f"[red]error:[/] {exc.format_message()}")
-        sys.exit(exc.exit_code)
+        _fail(exc.format_message(), exc.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
+        code = 130
+    except OSError as exc:  # the machine, not the input: a full disk, a file removed under us
+        _fail(f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": "), 1)
+    if code == 130:
+        console.print("aborted")
+    if isinstance(code, int) and code:
+        sys.exit(code)
+
+
+def _fail(message: str, code: int) -> None:
+    console.print(f"[red]error:[/] {escape(message)}")
+    sys.exit(code)

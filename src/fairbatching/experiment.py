@@ -3,6 +3,7 @@ benchmarks and the sweeps run. Keeps wiring (workload -> policy -> simulator -> 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,6 +15,7 @@ from fairbatching.metrics.summary import Summary, summarize
 from fairbatching.policies import make_policy
 from fairbatching.sim.pricing import StepError, pricing_model
 from fairbatching.sim.simulator import SimConfig, SimResult, simulate
+from fairbatching.validate import check_policy_options
 from fairbatching.workloads.spec import Workload
 from fairbatching.workloads.synthetic import default_workload
 from fairbatching.workloads.traces import load_trace
@@ -22,6 +24,7 @@ DEFAULT_SLO = SLO(ttft=2.0, tpot=0.1)
 # Load of the embedded default workload: the knee of the default (measured H100 engine) profile, where the
 # policies' SLO attainment is ~90%, so scheduling decisions matter.
 DEFAULT_QPS = 14.8
+ADMISSION_MODES = ("none", "reject", "defer")
 
 
 @dataclass(frozen=True)
@@ -37,11 +40,12 @@ class WorkloadSpec:
 
     def build(self) -> Workload:
         if self.trace is None:
-            return default_workload(self.num_requests or 2000, self.qps or DEFAULT_QPS, self.seed)
+            n = 2000 if self.num_requests is None else self.num_requests
+            return default_workload(n, DEFAULT_QPS if self.qps is None else self.qps, self.seed)
         limit = None if self.num_requests is None else self.start + self.num_requests
         w = load_trace(self.trace, self.fmt, limit=limit)
         if self.num_requests is not None or self.start:
-            w = w.head(self.num_requests or len(w) - self.start, self.start)
+            w = w.head(max(len(w) - self.start, 1) if self.num_requests is None else self.num_requests, self.start)
         return w.rescaled(self.qps) if self.qps is not None else w
 
 
@@ -68,9 +72,17 @@ class Experiment:
 
     def __post_init__(self) -> None:
         check_slo_feasible(self.slo, self.profile)
+        if self.admission not in ADMISSION_MODES:
+            raise ConfigError(f"admission must be one of {', '.join(ADMISSION_MODES)}, got {self.admission!r}")
+        if self.queue_timeout is not None and not (math.isfinite(self.queue_timeout) and self.queue_timeout > 0):
+            raise ConfigError(f"queue timeout must be a positive number of seconds, got {self.queue_timeout!r}")
         cost = self.profile.cost_model()
         for name, options in self.policy_options.items():  # bad options fail now, not halfway through a run
-            make_policy(name, cost, tpot_slo=self.slo.tpot, **options)
+            check_policy_options(name, options, "policy option")
+            try:
+                make_policy(name, cost, tpot_slo=self.slo.tpot, **options)
+            except ValueError as exc:  # a constraint between options that no single range expresses
+                raise ConfigError(f"policy options {name} {options}: {exc}") from None
 
     def run(self, policy: str, progress: Callable[[int, int], None] | None = None) -> RunResult:
         cost = self.profile.cost_model()

@@ -14,6 +14,10 @@ from fairbatching.costmodel.model import CostModel, CostParams, predict_with
 from fairbatching.errors import ProfileError
 
 ROW_FIELDS = ("new_tokens", "context_tokens", "num_seqs", "attn_work", "latency_s")
+# A GPU step takes microseconds to seconds; a latency outside this range is a unit mistake, and values near
+# zero overflow the relative-error fit.
+MIN_LATENCY_S = 1e-6
+MAX_LATENCY_S = 3600.0
 
 
 @dataclass(frozen=True)
@@ -39,25 +43,34 @@ def load_profile_rows(path: str | Path) -> np.ndarray:
     """Rows ``[new_tokens, context_tokens, num_seqs, attn_work, latency_s]`` from a CSV or JSON(L) file."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8-sig")
     except OSError as exc:
         raise ProfileError(f"{path}: cannot read profile rows: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ProfileError(f"{path}: not a CSV or JSON text file (not UTF-8)") from None
     if path.suffix in (".json", ".jsonl"):
         records = _json_records(path, text)
     else:
-        reader = csv.DictReader(text.splitlines())
-        missing = [f for f in ROW_FIELDS if f not in (reader.fieldnames or [])]
-        if missing:
-            raise ProfileError(f"{path}: line 1: missing column(s) {', '.join(missing)}")
-        records = [(i + 2, row) for i, row in enumerate(reader)]
+        try:
+            reader = csv.DictReader(text.splitlines())
+            missing = [f for f in ROW_FIELDS if f not in (reader.fieldnames or [])]
+            if missing:
+                raise ProfileError(f"{path}: line 1: missing column(s) {', '.join(missing)}")
+            records = [(i + 2, row) for i, row in enumerate(reader)]
+        except csv.Error as exc:
+            raise ProfileError(f"{path}: not a readable CSV file: {exc}") from None
     rows = []
     for line, rec in records:
         try:
             values = [float(rec[f]) for f in ROW_FIELDS]
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise ProfileError(f"{path}: line {line}: bad or missing value ({exc})") from None
         if not all(np.isfinite(values)) or min(values) < 0 or values[2] < 1 or values[4] <= 0:
             raise ProfileError(f"{path}: line {line}: values must be finite, non-negative, with seqs >= 1")
+        if not MIN_LATENCY_S <= values[4] <= MAX_LATENCY_S:
+            raise ProfileError(
+                f"{path}: line {line}: latency_s {values[4]:g} is outside [{MIN_LATENCY_S:g}, {MAX_LATENCY_S:g}] s"
+            )
         rows.append(values)
     if not rows:
         raise ProfileError(f"{path}: no profile rows")
@@ -65,15 +78,24 @@ def load_profile_rows(path: str | Path) -> np.ndarray:
 
 
 def _json_records(path: Path, text: str) -> list[tuple[int, dict]]:
+    lines = text.splitlines()
     try:
         if path.suffix == ".jsonl":
-            return [(i + 1, json.loads(s)) for i, s in enumerate(text.splitlines()) if s.strip()]
-        data = json.loads(text)
+            records = [(i + 1, json.loads(s)) for i, s in enumerate(lines) if s.strip()]
+        else:
+            data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ProfileError(f"{path}: line {exc.lineno}: not valid JSON: {exc.msg}") from None
-    if isinstance(data, dict):
-        data = data.get("rows", [])
-    return [(i + 1, r) for i, r in enumerate(data)]
+    if path.suffix != ".jsonl":
+        if isinstance(data, dict):
+            data = data.get("rows", [])
+        if not isinstance(data, list):
+            raise ProfileError(f"{path}: expected a JSON list of row objects, or an object with a 'rows' list")
+        records = [(i + 1, r) for i, r in enumerate(data)]
+    for line, rec in records:
+        if not isinstance(rec, dict):
+            raise ProfileError(f"{path}: row {line}: expected an object with fields {', '.join(ROW_FIELDS)}")
+    return records
 
 
 def _mape(theta: np.ndarray, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
@@ -100,9 +122,21 @@ def fit_cost_model(rows: np.ndarray, holdout_fraction: float = 0.2, seed: int = 
         raise ProfileError(f"profile rows must have {len(ROW_FIELDS)} columns: {', '.join(ROW_FIELDS)}")
     if len(rows) < 10:
         raise ProfileError(f"need at least 10 profile rows to fit 8 parameters and hold some out, got {len(rows)}")
+    if not 0 < holdout_fraction < 1:
+        raise ProfileError(f"the held-out fraction must be in (0, 1), got {holdout_fraction!r}")
+    # Rows that barely vary (e.g. one batch measured 20 times) fit many parameter sets perfectly: the error
+    # would read 0% and the parameters mean nothing. Attention work may follow new tokens; the rest must vary.
+    spanned = np.linalg.matrix_rank(np.column_stack([np.ones(len(rows)), rows[:, [2, 1, 0, 3]]]))
+    if spanned < 4:
+        raise ProfileError(
+            f"the {len(rows)} profile rows vary along only {spanned - 1} of sequences, context, new tokens and "
+            "attention work; the fit needs batches that differ in at least three of them"
+        )
     order = np.random.default_rng(seed).permutation(len(rows))
     n_hold = max(1, int(round(len(rows) * holdout_fraction)))
     hold, train = rows[order[:n_hold]], rows[order[n_hold:]]
+    if len(train) < 8:
+        raise ProfileError(f"holding out {n_hold} of {len(rows)} rows leaves {len(train)} to fit 8 parameters")
     x, y = train[:, :4], train[:, 4]
 
     lin, _ = nnls(additive_design(x, y), np.ones(len(y)))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -49,8 +50,17 @@ class Profile:
 
     @classmethod
     def from_json(cls, data: dict[str, Any], origin: str = "<json>") -> Profile:
+        kv, params = data.get("kv"), data.get("params")
+        if isinstance(kv, dict):
+            for key in ("num_blocks", "block_size"):
+                if key in kv and (isinstance(kv[key], bool) or not isinstance(kv[key], int)):
+                    raise ProfileError(f"{origin}: kv.{key} must be a whole number, got {kv[key]!r}")
+        if isinstance(params, dict):
+            for key, value in params.items():
+                if isinstance(value, bool) or not isinstance(value, int | float):
+                    raise ProfileError(f"{origin}: params.{key} must be a number, got {value!r}")
         try:
-            return cls(
+            profile = cls(
                 name=str(data["name"]),
                 source=str(data["source"]),
                 model=dict(data.get("model", {})),
@@ -63,8 +73,10 @@ class Profile:
             )
         except KeyError as exc:
             raise ProfileError(f"{origin}: profile is missing the field {exc.args[0]!r}") from None
-        except TypeError as exc:
+        except (TypeError, ValueError) as exc:
             raise ProfileError(f"{origin}: malformed profile: {exc}") from None
+        _check_usable(profile, origin)
+        return profile
 
     @classmethod
     def load(cls, path: str | Path) -> Profile:
@@ -73,11 +85,27 @@ class Profile:
             data = json.loads(path.read_text())
         except OSError as exc:
             raise ProfileError(f"{path}: cannot read profile: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise ProfileError(f"{path}: not a JSON profile (not UTF-8 text)") from None
         except json.JSONDecodeError as exc:
             raise ProfileError(f"{path}: line {exc.lineno}: not valid JSON: {exc.msg}") from None
         if not isinstance(data, dict):
             raise ProfileError(f"{path}: a profile must be a JSON object")
         return cls.from_json(data, origin=str(path))
+
+
+def _check_usable(profile: Profile, origin: str) -> None:
+    """Refuse a cost model that prices work as free: every run on it would report zero latency and 100% SLO."""
+    cost = profile.cost_model()
+    step = cost.predict(1, 1, 1, 1.0)
+    prefill = cost.predict(2048, 2048, 1, 2048 * 2049 / 2)
+    if not (math.isfinite(step) and step > 0):
+        raise ProfileError(f"{origin}: the cost model prices a one-token decode step at {step!r} s; need > 0")
+    if not (math.isfinite(prefill) and prefill > step):
+        raise ProfileError(
+            f"{origin}: the cost model prices a 2048-token prefill ({prefill!r} s) no higher than a one-token "
+            f"decode ({step!r} s): its token and attention coefficients are zero"
+        )
 
 
 def _bundled() -> dict[str, Path]:

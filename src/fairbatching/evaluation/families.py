@@ -4,6 +4,7 @@ several seeds sample different stretches of real traffic at the same rate."""
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -49,10 +50,46 @@ class WorkloadFamily:
     def available(self) -> bool:
         return self.trace is None or self.path().is_file()
 
+    def fingerprint(self) -> str | None:
+        """Hash of the trace file's content (None for synthetic families): cache keys carry it, so a trace
+        edited in place is simulated again instead of reporting the old file's numbers."""
+        if self.trace is None:
+            return None
+        path = self.path()
+        try:
+            st = path.stat()
+        except OSError:
+            return None  # missing: the run itself reports it
+        return _file_hash(str(path.resolve()), st.st_mtime_ns, st.st_size)
+
+    def check(self) -> None:
+        """Load the trace now, so a bad file fails with its own message before any worker starts."""
+        if self.trace is not None:
+            _load(str(self.path()))
+
+
+def _load(path: str) -> Workload:
+    """The trace, parsed once per version of the file (a trace edited in place is read again)."""
+    try:
+        st = Path(path).stat()
+    except OSError:
+        return load_trace(path)  # missing or unreadable: load_trace says which
+    return _load_version(path, st.st_mtime_ns, st.st_size)
+
 
 @lru_cache(maxsize=8)
-def _load(path: str) -> Workload:
+def _load_version(path: str, mtime_ns: int, size: int) -> Workload:
     return load_trace(path)
+
+
+@lru_cache(maxsize=64)
+def _file_hash(path: str, mtime_ns: int, size: int) -> str:
+    """sha256 of a file, remembered per (path, modification time, size) so sweeps hash each file once."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:20]
 
 
 FAMILIES: dict[str, WorkloadFamily] = {

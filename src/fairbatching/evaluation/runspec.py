@@ -17,10 +17,14 @@ from fairbatching.experiment import Experiment
 RESULT_VERSION = 2
 
 
-def _key(payload: dict[str, Any], profile: str | None) -> str:
-    """The spec plus what its profile holds: a profile remeasured under the same name (or the default
-    changing) must not reuse results simulated with the old numbers."""
-    payload = {**payload, "profile_content": _profile_fingerprint(profile)}
+def _key(payload: dict[str, Any], profile: str | None, workload: str) -> str:
+    """The spec plus what its inputs hold: a profile remeasured under the same name (or the default
+    changing), or a trace edited in place, must not reuse results simulated with the old numbers."""
+    payload = {
+        **payload,
+        "profile_content": _profile_fingerprint(profile),
+        "workload_content": family(workload).fingerprint(),
+    }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
@@ -44,7 +48,7 @@ class RunSpec:
     options: tuple[tuple[str, Any], ...] = field(default_factory=tuple)
 
     def key(self) -> str:
-        return _key({"v": RESULT_VERSION, **asdict(self)}, self.profile)
+        return _key({"v": RESULT_VERSION, **asdict(self)}, self.profile, self.workload)
 
 
 @dataclass(frozen=True)
@@ -66,7 +70,7 @@ class ClusterRunSpec:
     profile: str | None = None
 
     def key(self) -> str:
-        return _key({"v": RESULT_VERSION, "cluster": asdict(self)}, self.profile)
+        return _key({"v": RESULT_VERSION, "cluster": asdict(self)}, self.profile, self.workload)
 
     @property
     def label(self) -> str:

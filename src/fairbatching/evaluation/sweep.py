@@ -14,16 +14,16 @@ from pathlib import Path
 from typing import Any
 
 from fairbatching.errors import ConfigError
+from fairbatching.evaluation.families import family
 from fairbatching.evaluation.runspec import RunSpec, run_spec
+from fairbatching.validate import atomic_write_text
 
 Progress = Callable[[int, int], None]
 
 
 class Sweeper:
     def __init__(self, cache_dir: str | Path | None = None, workers: int | None = None, ray_address: str | None = None):
-        self.cache_dir = Path(cache_dir) if cache_dir else None
-        if self.cache_dir:
-            self.cache_dir.mkdir(parents=True, exist_ok=True)
+        self.cache_dir = Path(cache_dir) if cache_dir else None  # created with the first result it holds
         self.workers = workers or os.cpu_count() or 1
         self.ray_address = ray_address
         self._ray = None
@@ -31,23 +31,26 @@ class Sweeper:
     def _cached(self, spec: RunSpec) -> dict[str, Any] | None:
         if not self.cache_dir:
             return None
-        path = self.cache_dir / f"{spec.key()}.json"
+        key = spec.key()
+        path = self.cache_dir / f"{key}.json"
         if not path.is_file():
             return None
         try:
-            return json.loads(path.read_text())
-        except json.JSONDecodeError:
-            return None  # a write cut short by an interruption: run it again
+            entry = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, ValueError):
+            return None  # unreadable (cut short, edited, binary): run it again
+        return entry if _valid_entry(entry, key) else None
 
     def _store(self, result: dict[str, Any]) -> None:
         if self.cache_dir:
-            tmp = self.cache_dir / f"{result['key']}.json.tmp"
-            tmp.write_text(json.dumps(result) + "\n")
-            tmp.replace(self.cache_dir / f"{result['key']}.json")
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.cache_dir / f"{result['key']}.json", json.dumps(result) + "\n")
 
     def run(self, specs: Iterable[RunSpec], progress: Progress | None = None) -> list[dict[str, Any]]:
         """Results in the order of ``specs`` (duplicates run once)."""
         specs = list(specs)
+        for name in sorted({s.workload for s in specs}):
+            family(name).check()  # a bad trace fails here with its own message, not inside a worker
         results: dict[str, dict[str, Any]] = {}
         todo: dict[str, RunSpec] = {}
         for s in specs:
@@ -77,10 +80,20 @@ class Sweeper:
             for s in specs:
                 yield run_spec(s)
         else:
-            with ProcessPoolExecutor(max_workers=min(self.workers, len(specs))) as pool:
+            pool = ProcessPoolExecutor(max_workers=min(self.workers, len(specs)))
+            try:
                 futures = [pool.submit(run_spec, s) for s in specs]
                 for f in as_completed(futures):
                     yield f.result()
+            except BaseException:
+                # On Ctrl-C or a failed spec, stop now: queued specs are cancelled and running workers ended,
+                # instead of finishing the whole sweep before the interruption is reported.
+                workers = list((getattr(pool, "_processes", None) or {}).values())
+                pool.shutdown(wait=False, cancel_futures=True)
+                for proc in workers:
+                    proc.terminate()
+                raise
+            pool.shutdown()
 
     def _execute_ray(self, specs: list[RunSpec]) -> Iterable[dict[str, Any]]:
         try:
@@ -97,3 +110,14 @@ class Sweeper:
         while pending:
             ready, pending = ray.wait(pending, num_returns=1)
             yield ray.get(ready[0])
+
+
+def _valid_entry(entry: Any, key: str) -> bool:
+    """A cache entry is used only if it is a whole result for this key (not ``{}``, not another run's)."""
+    return (
+        isinstance(entry, dict)
+        and entry.get("key") == key
+        and isinstance(entry.get("spec"), dict)
+        and isinstance(entry.get("summary"), dict)
+        and all(k in entry["summary"] for k in ("slo_attainment", "tpot_attainment", "ttft", "tpot"))
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -43,6 +44,8 @@ class Workload:
 
     def head(self, n: int, start: int = 0) -> Workload:
         """``n`` consecutive requests from ``start``, arrivals shifted to begin at 0."""
+        if n < 1 or start < 0:
+            raise ConfigError(f"workload {self.name!r}: need n >= 1 requests from start >= 0, got {n} from {start}")
         part = self.requests[start : start + n]
         if not part:
             raise ConfigError(f"workload {self.name!r} has {len(self)} requests; slice [{start}:{start + n}] is empty")
@@ -51,10 +54,15 @@ class Workload:
 
     def rescaled(self, qps: float) -> Workload:
         """Same requests and burst pattern, arrival times stretched so the mean rate is ``qps``."""
-        if not qps > 0:
-            raise ConfigError(f"target QPS must be positive, got {qps}")
-        if len(self) < 2 or self.duration <= 0:
+        if not (qps > 0 and math.isfinite(qps)):
+            raise ConfigError(f"target QPS must be positive and finite, got {qps}")
+        if len(self) < 2:
             return self
+        if self.duration <= 0:
+            raise ConfigError(
+                f"workload {self.name!r}: all {len(self)} requests arrive at the same time, so there is no rate "
+                f"to rescale to {qps:g} req/s"
+            )
         factor = self.qps / qps
         t0 = self.requests[0].arrival
         reqs = tuple(replace(r, arrival=(r.arrival - t0) * factor) for r in self.requests)

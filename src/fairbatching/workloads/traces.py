@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import gzip
 import json
+import math
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
@@ -31,8 +32,12 @@ def _plain(path: Path) -> Path:
     return path.with_suffix("") if path.suffix == ".gz" else path
 
 
+# utf-8-sig: spreadsheet exports start CSVs with a byte-order mark that would otherwise glue onto the first column.
+ENCODING = "utf-8-sig"
+
+
 def _csv_rows(path: Path, required: tuple[str, ...]) -> Iterator[tuple[int, dict[str, str]]]:
-    with _open(path, newline="") as f:
+    with _open(path, newline="", encoding=ENCODING) as f:
         reader = csv.DictReader(f)
         header = [h.strip() for h in (reader.fieldnames or [])]
         missing = [c for c in required if c not in header]
@@ -42,18 +47,40 @@ def _csv_rows(path: Path, required: tuple[str, ...]) -> Iterator[tuple[int, dict
         yield from enumerate(reader, start=2)
 
 
+def _short(raw: object) -> str:
+    text = repr(raw)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def _int_field(path: Path, line: int, row: dict, key: str, minimum: int) -> int:
     raw = row.get(key)
     try:
-        value = int(float(raw))
-    except (TypeError, ValueError):
-        raise WorkloadError(f"{path}: line {line}: {key} is not a number: {raw!r}") from None
+        if isinstance(raw, bool):
+            raise TypeError
+        number = float(raw)
+    except (TypeError, ValueError, OverflowError):
+        raise WorkloadError(f"{path}: line {line}: {key} is not a number: {_short(raw)}") from None
+    if not math.isfinite(number) or number != int(number):
+        raise WorkloadError(f"{path}: line {line}: {key} must be a whole number of tokens, got {_short(raw)}")
+    value = int(number)
     if value < minimum:
         raise WorkloadError(f"{path}: line {line}: {key} must be >= {minimum}, got {value}")
     return value
 
 
-def _azure(path: Path) -> Iterator[Row]:
+def _timestamp(path: Path, line: int, key: str, raw: object, scale: float = 1.0) -> float:
+    try:
+        if isinstance(raw, bool):
+            raise TypeError
+        ts = float(raw) * scale
+    except (TypeError, ValueError, OverflowError):
+        raise WorkloadError(f"{path}: line {line}: {key} is not a number: {_short(raw)}") from None
+    if not math.isfinite(ts):
+        raise WorkloadError(f"{path}: line {line}: {key} must be finite, got {raw!r}")
+    return ts
+
+
+def _azure(path: Path, skipped: list[int]) -> Iterator[Row]:
     t0 = None
     for line, row in _csv_rows(path, ("TIMESTAMP", "ContextTokens", "GeneratedTokens")):
         raw = (row.get("TIMESTAMP") or "").strip()
@@ -69,21 +96,19 @@ def _azure(path: Path) -> Iterator[Row]:
         )
 
 
-def _burstgpt(path: Path) -> Iterator[Row]:
+def _burstgpt(path: Path, skipped: list[int]) -> Iterator[Row]:
     for line, row in _csv_rows(path, ("Timestamp", "Request tokens", "Response tokens")):
-        try:
-            ts = float(row["Timestamp"])
-        except (TypeError, ValueError):
-            raise WorkloadError(f"{path}: line {line}: Timestamp is not a number: {row['Timestamp']!r}") from None
+        ts = _timestamp(path, line, "Timestamp", row["Timestamp"])
         prompt = _int_field(path, line, row, "Request tokens", 0)
         output = _int_field(path, line, row, "Response tokens", 0)
         if prompt == 0 or output == 0:
-            continue  # BurstGPT logs failed requests with zero tokens; they carry no work to replay.
+            skipped.append(line)  # BurstGPT logs failed requests with zero tokens; they carry no work to replay.
+            continue
         yield ts, prompt, output
 
 
-def _mooncake(path: Path) -> Iterator[Row]:
-    with _open(path) as f:
+def _mooncake(path: Path, skipped: list[int]) -> Iterator[Row]:
+    with _open(path, encoding=ENCODING) as f:
         for line, text in enumerate(f, start=1):
             if not text.strip():
                 continue
@@ -96,14 +121,12 @@ def _mooncake(path: Path) -> Iterator[Row]:
             missing = [k for k in ("timestamp", "input_length", "output_length") if k not in rec]
             if missing:
                 raise WorkloadError(f"{path}: line {line}: missing field(s) {', '.join(missing)}")
-            try:
-                ts = float(rec["timestamp"]) / 1000.0
-            except (TypeError, ValueError):
-                raise WorkloadError(f"{path}: line {line}: timestamp is not a number") from None
+            ts = _timestamp(path, line, "timestamp", rec["timestamp"], 1e-3)
             yield ts, _int_field(path, line, rec, "input_length", 1), _int_field(path, line, rec, "output_length", 1)
 
 
-TRACE_FORMATS: dict[str, Callable[[Path], Iterator[Row]]] = {
+# Each loader yields (arrival s, prompt tokens, output tokens) and appends the line of every row it skips.
+TRACE_FORMATS: dict[str, Callable[[Path, list[int]], Iterator[Row]]] = {
     "azure": _azure,
     "burstgpt": _burstgpt,
     "mooncake": _mooncake,
@@ -113,7 +136,7 @@ TRACE_FORMATS: dict[str, Callable[[Path], Iterator[Row]]] = {
 def detect_format(path: Path) -> str:
     if _plain(path).suffix in (".jsonl", ".json"):
         return "mooncake"
-    with _open(path) as f:
+    with _open(path, encoding=ENCODING) as f:
         header = f.readline()
     if "TIMESTAMP" in header and "ContextTokens" in header:
         return "azure"
@@ -127,21 +150,33 @@ def detect_format(path: Path) -> str:
 
 def load_trace(path: str | Path, fmt: str = "auto", limit: int | None = None) -> Workload:
     """Load a trace file or a bundled trace by name; arrivals start at 0 and are sorted (stable, so ties keep
-    file order)."""
+    file order). Rows the format marks as failed requests are skipped and counted in ``meta["skipped_rows"]``.
+    """
     path = resolve_trace(path)
+    if path.is_dir():
+        raise WorkloadError(f"{path}: is a folder, not a trace file")
     if not path.is_file():
         raise WorkloadError(f"{path}: no such trace file, and not a bundled trace ({', '.join(BUNDLED)})")
-    fmt = detect_format(path) if fmt == "auto" else fmt
-    if fmt not in TRACE_FORMATS:
+    if fmt != "auto" and fmt not in TRACE_FORMATS:
         raise WorkloadError(f"unknown trace format {fmt!r}; choose from auto, {', '.join(TRACE_FORMATS)}")
     rows: list[Row] = []
-    for row in TRACE_FORMATS[fmt](path):
-        rows.append(row)
-        if limit is not None and len(rows) >= limit:
-            break
+    skipped: list[int] = []
+    try:
+        fmt = detect_format(path) if fmt == "auto" else fmt
+        for row in TRACE_FORMATS[fmt](path, skipped):
+            rows.append(row)
+            if limit is not None and len(rows) >= limit:
+                break
+    except UnicodeDecodeError as exc:
+        raise WorkloadError(f"{path}: not a UTF-8 text file (undecodable byte at offset {exc.start})") from None
+    except csv.Error as exc:
+        raise WorkloadError(f"{path}: not a readable CSV file: {exc}") from None
+    except (OSError, EOFError) as exc:  # EOFError: a truncated .gz
+        raise WorkloadError(f"{path}: cannot read trace: {getattr(exc, 'strerror', None) or exc}") from None
     if not rows:
         raise WorkloadError(f"{path}: the trace has no requests")
     rows.sort(key=lambda r: r[0])
     t0 = rows[0][0]
     reqs = tuple(RequestSpec(f"{_plain(path).stem}-{i}", t - t0, p, o) for i, (t, p, o) in enumerate(rows))
-    return Workload(bundled_name(path) or _plain(path).stem, reqs, {"kind": "trace", "format": fmt, "path": str(path)})
+    meta = {"kind": "trace", "format": fmt, "path": str(path), "skipped_rows": len(skipped)}
+    return Workload(bundled_name(path) or _plain(path).stem, reqs, meta)

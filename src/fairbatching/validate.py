@@ -1,0 +1,201 @@
+"""Validation at the edges: command-line values, policy options and output folders, checked before any work.
+
+Every check raises an error that names the value and where it came from, so the CLI can print one line and
+exit 2; a value that passes here cannot turn into a silent wrong result or a traceback deep inside a run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from fairbatching.errors import ConfigError
+
+# --- command-line option callbacks (typer turns BadParameter into "Invalid value for '--opt': ...", exit 2)
+
+
+def _check(ok: Callable[[float], bool], what: str) -> Callable[[Any], Any]:
+    def callback(value: Any) -> Any:
+        if value is not None and not ok(value):
+            raise typer.BadParameter(f"must be {what}, got {value!r}")
+        return value
+
+    return callback
+
+
+positive = _check(lambda v: math.isfinite(v) and v > 0, "a positive finite number")
+non_negative = _check(lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
+at_least_one = _check(lambda v: v >= 1, ">= 1")
+fraction = _check(lambda v: 0 < v <= 1, "in (0, 1]")
+open_fraction = _check(lambda v: 0 < v < 1, "in (0, 1)")
+
+
+def positive_list(option: str, text: str) -> list[float]:
+    """A comma-separated list of positive finite numbers, e.g. ``--qps 12,14``."""
+    values = []
+    for item in (x.strip() for x in text.split(",")):
+        if not item:
+            continue
+        try:
+            v = float(item)
+        except ValueError:
+            raise ConfigError(f"{option}: {item!r} is not a number") from None
+        if not (math.isfinite(v) and v > 0):
+            raise ConfigError(f"{option}: must be positive finite numbers, got {item!r}")
+        values.append(v)
+    if not values:
+        raise ConfigError(f"{option}: no values given")
+    return values
+
+
+# --- policy options (-o policy.key=value, and any other place options come from)
+
+
+@dataclass(frozen=True)
+class _Rule:
+    kind: type  # int, float or bool
+    lo: float = -math.inf
+    hi: float = math.inf
+    lo_open: bool = False
+    nullable: bool = False
+
+    def describe(self) -> str:
+        if self.kind is bool:
+            return "true or false"
+        what = "an integer" if self.kind is int else "a finite number"
+        if self.lo > -math.inf and self.hi < math.inf:
+            what += f" in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}]"
+        elif self.lo > -math.inf:
+            what += f" {'>' if self.lo_open else '>='} {self.lo:g}"
+        return what + (" (or null)" if self.nullable else "")
+
+    def accepts(self, value: Any) -> bool:
+        if value is None:
+            return self.nullable
+        if self.kind is bool:
+            return isinstance(value, bool)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return False
+        if self.kind is int and not isinstance(value, int):
+            return False
+        if not math.isfinite(value):
+            return False
+        above = value > self.lo if self.lo_open else value >= self.lo
+        return above and value <= self.hi
+
+
+_COUNT = _Rule(int, 1)
+_FRACTION = _Rule(float, 0.0, 1.0)
+_NON_NEGATIVE = _Rule(float, 0.0)
+# Known option ranges across the policies; an option not listed is checked by the type of its default.
+_RULES: dict[str, _Rule] = {
+    "max_num_batched_tokens": _COUNT,
+    "max_num_seqs": _COUNT,
+    "token_budget": _Rule(int, 1, nullable=True),
+    "tpot_slo": _Rule(float, 0.0, lo_open=True, nullable=True),
+    "max_batch_time": _Rule(float, 0.0, lo_open=True, nullable=True),
+    "min_chunk": _COUNT,
+    "edf_window": _COUNT,
+    "urgency_margin": _NON_NEGATIVE,
+    "decode_grace": _NON_NEGATIVE,
+    "mixed_amortization": _NON_NEGATIVE,
+    "slack_carry": _FRACTION,
+    "min_budget_fraction": _FRACTION,
+    "kv_reserve_fraction": _FRACTION,
+    "kv_high_watermark": _FRACTION,
+    "yield_reserve": _NON_NEGATIVE,
+}
+
+
+def _rule_for(param: inspect.Parameter) -> _Rule:
+    if param.name in _RULES:
+        return _RULES[param.name]
+    default = param.default
+    if isinstance(default, bool):
+        return _Rule(bool)
+    if isinstance(default, int):
+        return _Rule(int, 0)
+    return _Rule(float, nullable=default is None)
+
+
+def policy_parameters(policy: str) -> dict[str, inspect.Parameter]:
+    """The options a policy's constructor takes (everything but the cost model)."""
+    from fairbatching.policies import POLICIES
+
+    if policy not in POLICIES:
+        raise ConfigError(f"unknown policy {policy!r}; choose from {', '.join(POLICIES)}")
+    params = list(inspect.signature(POLICIES[policy]).parameters.values())[1:]
+    return {p.name: p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
+def check_policy_options(policy: str, options: dict[str, Any], origin: str = "--policy-option") -> None:
+    """Refuse unknown options and values of the wrong type or out of range, naming ``origin``."""
+    params = policy_parameters(policy)
+    for key, value in options.items():
+        if key not in params:
+            raise ConfigError(f"{origin} {policy}.{key}: unknown option; {policy} takes {', '.join(sorted(params))}")
+        rule = _rule_for(params[key])
+        if not rule.accepts(value):
+            raise ConfigError(f"{origin} {policy}.{key}={value!r}: must be {rule.describe()}")
+
+
+# --- output folders: checked before the run, written under a temporary name and renamed when complete
+
+
+def check_output_dir(path: Path, option: str = "--out") -> None:
+    """Fail now, not after the simulation, if ``path`` cannot become a folder we can write into."""
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{option} {path}: exists and is not a folder")
+    probe_in = path
+    while not probe_in.exists():
+        if probe_in.parent == probe_in:
+            break
+        probe_in = probe_in.parent
+    if not probe_in.is_dir():
+        raise ConfigError(f"{option} {path}: {probe_in} is not a folder")
+    try:
+        fd, name = tempfile.mkstemp(prefix=".fairbatching-probe-", dir=probe_in)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as exc:
+        raise ConfigError(f"{option} {path}: cannot write in {probe_in}: {exc.strerror}") from None
+
+
+@contextlib.contextmanager
+def staged_dir(out: Path, option: str = "--out") -> Iterator[Path]:
+    """A temporary folder beside ``out``; its files move into ``out`` only when the block completes.
+
+    An interrupted or failed write leaves ``out`` as it was (no half-written report next to old ones).
+    """
+    check_output_dir(out, option)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        yield tmp
+        for item in sorted(tmp.iterdir()):
+            os.replace(item, out / item.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``path`` whole or not at all: a temporary file in the same folder, renamed over it."""
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(name, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(name)
+        raise
