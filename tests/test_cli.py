@@ -38,7 +38,7 @@ def test_simulate_json(tmp_path):
     "args,message",
     [
         (["simulate", "-p", "edf"], "unknown policy 'edf'"),
-        (["compare", "--policies", "vllm,nope"], "unknown policy nope"),
+        (["compare", "--policies", "vllm,nope"], "unknown policy 'nope'"),
         (["simulate", "--tpot-slo", "0.0001"], "below the fastest possible decode step"),
         (["simulate", "--ttft-slo", "-1"], "SLO ttft must be a positive"),
         (["simulate", "--profile", "gpt-17-tpu"], "unknown profile 'gpt-17-tpu'"),

@@ -626,7 +626,8 @@ def _policy_names(policies: str) -> list[str]:
     names = [p.strip() for p in policies.split(",") if p.strip()]
     unknown = [p for p in names if p not in POLICIES]
     if unknown or not names:
-        raise FairBatchingError(f"unknown policy {', '.join(unknown) or '(none)'}; choose from {', '.join(POLICIES)}")
+        names = ", ".join(map(repr, unknown)) or "(none)"
+        raise FairBatchingError(f"unknown policy {names}; choose from {', '.join(POLICIES)}")
     return names
 
 
