@@ -86,9 +86,7 @@ def _start_worker(gpus, model: str, max_context: int) -> None:
     log(f"worker on GPU {gpu}: engine ready, {_RUNNER.pool.usable} KV blocks")
 
 
-def _replay_task(
-    sc: Scenario, policy: str, qps: float, seed: int, profile_json: dict, traces: str, detail=False
-) -> dict:
+def _replay_task(sc: Scenario, policy: str, qps: float, seed: int, profile_json: dict, detail: bool = False) -> dict:
     from fairbatching.engine.loop import replay
 
     prof = Profile.from_json(profile_json)
