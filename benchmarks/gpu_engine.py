@@ -34,6 +34,7 @@ import torch
 from fairbatching.core.request import SLO
 from fairbatching.costmodel.fit import fit_cost_model
 from fairbatching.costmodel.model import BatchFeatures
+from fairbatching.costmodel.serving import step_periods
 from fairbatching.engine import build_engine
 from fairbatching.engine.attention import PREFILL_IMPLS, ROUTES, PrefillRouting, attention, build_metadata
 from fairbatching.engine.graph_sizes import linear_layer_times
@@ -405,13 +406,7 @@ def validate(
 
 
 def _periods(log) -> np.ndarray:
-    """Each step's share of the loop's time: start to the next step's start while requests kept running (the
-    step plus the host work after it), else the step alone (the loop then idled until an arrival)."""
-    start, dur, running = np.asarray(log.start), np.asarray(log.duration), np.asarray(log.running)
-    period = dur.copy()
-    busy = (running[1:] > 0) & (running[:-1] > 0)
-    period[:-1][busy] = (start[1:] - start[:-1])[busy]
-    return period
+    return step_periods(log.start, log.duration, log.running)
 
 
 def _host_gaps(log) -> float:

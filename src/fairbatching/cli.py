@@ -254,18 +254,19 @@ RayOpt = Annotated[
 ]
 
 
+SeedsOpt = Annotated[int, typer.Option("--seeds", help="Seeds (trace windows) per load point", callback=at_least_one)]
+TargetOpt = Annotated[float, typer.Option("--target", help="SLO attainment target", callback=fraction)]
+ToleranceOpt = Annotated[float, typer.Option("--tolerance", help="Relative QPS tolerance", callback=open_fraction)]
+
+
 @app.command()
 def capacity(
     policies: Annotated[str, typer.Option("--policies", help="Comma-separated policies")] = "fairbatching,sarathi,vllm",
     workload: Annotated[str, typer.Option("--workload", "-w", help="Family name or trace path")] = "default",
     num: Annotated[int, typer.Option("--num-requests", "-n", help="Requests per run", callback=at_least_one)] = 2000,
-    seeds: Annotated[
-        int, typer.Option("--seeds", help="Seeds (trace windows) per load point", callback=at_least_one)
-    ] = 3,
-    target: Annotated[float, typer.Option("--target", help="SLO attainment target", callback=fraction)] = 0.9,
-    tolerance: Annotated[
-        float, typer.Option("--tolerance", help="Relative QPS tolerance", callback=open_fraction)
-    ] = 0.02,
+    seeds: SeedsOpt = 3,
+    target: TargetOpt = 0.9,
+    tolerance: ToleranceOpt = 0.02,
     start: Annotated[float, typer.Option("--start-qps", help="First load to try", callback=positive)] = 8.0,
     ttft: TtftOpt = DEFAULT_SLO.ttft,
     tpot: TpotOpt = DEFAULT_SLO.tpot,
@@ -430,13 +431,9 @@ def evaluate(
         str, typer.Option("--scenarios", help="workload:TTFT:TPOT:start_qps, comma-separated")
     ] = "default:2:0.1:8,default:1:0.05:8,azure-conv:2:0.1:8,azure-code:2:0.1:2,mooncake-conv:10:0.1:0.5",
     num: Annotated[int, typer.Option("--num-requests", "-n", help="Requests per run", callback=at_least_one)] = 2000,
-    seeds: Annotated[
-        int, typer.Option("--seeds", help="Seeds (trace windows) per load point", callback=at_least_one)
-    ] = 3,
-    target: Annotated[float, typer.Option("--target", help="SLO attainment target", callback=fraction)] = 0.9,
-    tolerance: Annotated[
-        float, typer.Option("--tolerance", help="Relative QPS tolerance", callback=open_fraction)
-    ] = 0.02,
+    seeds: SeedsOpt = 3,
+    target: TargetOpt = 0.9,
+    tolerance: ToleranceOpt = 0.02,
     profile: ProfileOpt = None,
     cache: CacheOpt = Path("out/cache"),
     workers: WorkersOpt = None,
