@@ -25,6 +25,8 @@ NOT_HERE = {
     "profile": "needs the [gpu] extra and a GPU (tests/test_engine.py covers the engine on the CPU)",
     "replay": "needs the [gpu] extra and a GPU (tests/test_engine.py covers the engine on the CPU)",
     "--ray": "starts Ray (tests/test_evaluation.py::test_sweep_on_a_local_ray_instance covers it)",
+    "serve": "starts a Ray Serve application that runs until stopped (tests/test_ray_serve.py covers it)",
+    "bench": "needs a running server at --url (tests/test_ray_serve.py benches a live one)",
 }
 
 
