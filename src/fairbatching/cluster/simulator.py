@@ -13,6 +13,7 @@ import heapq
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from fairbatching.cluster.dispatch import node_report, route
 from fairbatching.cluster.routers import NodeReport, ReportAging, make_router
 from fairbatching.core.request import SLO, Request, RequestStatus
 from fairbatching.costmodel.profile import load_profile
@@ -164,18 +165,10 @@ class _Cluster:
         )
 
     def publish(self, t: float) -> None:
-        needs = self.router.needs_budget
         for i, n in enumerate(self.nodes):
             if not self.alive[i]:
                 continue  # a dead node answers nothing
-            queued = sum(r.num_tokens - r.num_computed for r in n.running + n.waiting if not r.is_decode)
-            budget = None
-            if needs:
-                n.state.now = t
-                budget = n.policy.admission_budget(n.state, self.cfg.slo.ttft)
-            report = NodeReport(
-                i, t, len(n.running) + len(n.waiting), queued, n.kv.used_blocks * n.kv.block_size, budget
-            )
+            report = node_report(n, i, t, self.cfg.slo.ttft, self.router.needs_budget)
             history = self.reports[i]
             history.append(report)
             # Keep only what the delayed view can still need.
@@ -195,24 +188,17 @@ class _Cluster:
         return out
 
     def dispatch(self, spec: RequestSpec, t: float, attempt: Request | None) -> None:
+        slo = spec.slo or self.cfg.slo
         views = self.visible(t)
-        idx = self.router.choose(spec.prompt_len, views)
-        if idx is None:
-            slo = spec.slo or self.cfg.slo
-            if not views:
-                reason = "no node reachable"
-            else:
-                reason = f"admission control: no node's prefill budget fits {spec.prompt_len} tokens"
-            if self.cfg.admission == "defer" and views and t + self.cfg.report_interval - spec.arrival < slo.ttft:
-                self.push(t + self.cfg.report_interval, _RETRY, (spec, attempt))
-                return
-            if not views and t - spec.arrival < slo.ttft:
-                self.push(t + self.cfg.report_interval, _RETRY, (spec, attempt))  # wait for a node to report
-                return
-            self.end(spec, RequestStatus.REJECTED, reason)
+        due = spec.arrival + slo.ttft
+        routed = route(self.router, views, spec.prompt_len, due, t, self.cfg.admission, self.cfg.report_interval)
+        if routed.retry_at is not None:
+            self.push(routed.retry_at, _RETRY, (spec, attempt))
             return
-        node_index = views[idx].node
-        self.router.note_dispatch(idx, spec.prompt_len)
+        if routed.refusal is not None:
+            self.end(spec, RequestStatus.REJECTED, routed.refusal)
+            return
+        node_index = routed.node
         if not self.alive[node_index]:
             self.lost(spec, t, f"sent to node {node_index}, which had stopped answering")
             return

@@ -125,6 +125,26 @@ def generate(
     )
 
 
+def serving_node(
+    runner: ModelRunner,
+    policy: Policy,
+    cost_model: CostModel,
+    default_slo: SLO,
+    clock: Callable[[], float],
+    queue_timeout: float | None = None,
+) -> tuple[Node, EngineExecutor]:
+    """A node whose steps run on ``runner`` and are stamped by ``clock`` (serving: no fast-forward)."""
+    executor = EngineExecutor(runner, clock)
+    config = SimConfig(
+        default_slo,
+        executor.kv_config(),
+        max_model_len=runner.max_context,
+        queue_timeout=queue_timeout,
+        fast_forward=False,
+    )
+    return Node(policy, cost_model, config, executor=executor), executor
+
+
 def replay(
     runner: ModelRunner,
     policy: Policy,
@@ -147,15 +167,7 @@ def replay(
     def clock() -> float:
         return time.perf_counter() - t0
 
-    executor = EngineExecutor(runner, clock)
-    config = SimConfig(
-        default_slo,
-        executor.kv_config(),
-        max_model_len=runner.max_context,
-        queue_timeout=queue_timeout,
-        fast_forward=False,
-    )
-    node = Node(policy, cost_model, config, executor=executor)
+    node, executor = serving_node(runner, policy, cost_model, default_slo, clock, queue_timeout)
     total = len(specs)
     if progress is not None:
         node.on_finish = lambda _r: progress(len(node.done), total)

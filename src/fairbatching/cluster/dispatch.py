@@ -1,0 +1,59 @@
+"""What a router process does, whatever runs the nodes: build a node's report from its step loop, and decide
+where one request goes from the reports it has received. The cluster simulator and the live GPU cluster
+(``engine.cluster``) both call these, so a routing rule behaves the same in simulation and on hardware.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from dataclasses import dataclass
+
+from fairbatching.cluster.routers import NodeReport, Router
+from fairbatching.sim.node import Node
+
+
+def node_report(node: Node, index: Hashable, t: float, ttft_slo: float, with_budget: bool) -> NodeReport:
+    """``node``'s report at ``t``: load, queued prompt tokens, KV in use and (when asked) its PAB."""
+    queued = sum(r.num_tokens - r.num_computed for r in node.running + node.waiting if not r.is_decode)
+    budget = None
+    if with_budget:
+        node.state.now = t
+        budget = node.policy.admission_budget(node.state, ttft_slo)
+    outstanding = len(node.running) + len(node.waiting)
+    return NodeReport(index, t, outstanding, queued, node.kv.used_blocks * node.kv.block_size, budget)
+
+
+@dataclass(frozen=True, slots=True)
+class Routed:
+    """One routing decision: ``node`` set (send it there), ``retry_at`` set (hold it and decide again
+    then), or ``refusal`` set (end it rejected, with this reason)."""
+
+    node: Hashable | None = None
+    retry_at: float | None = None
+    refusal: str | None = None
+
+
+def route(
+    router: Router,
+    views: list[NodeReport],
+    prompt_tokens: int,
+    first_token_due: float,
+    now: float,
+    admission: str,
+    interval: float,
+) -> Routed:
+    """Where a request goes, given the reports as read at ``now``. With no node reachable it waits for
+    a report while its first token is not yet due; with ``admission="defer"`` and no budget that fits it
+    is held while one more report interval still leaves its first-token deadline ahead; otherwise a
+    request the router refuses is rejected with the reason."""
+    idx = router.choose(prompt_tokens, views)
+    if idx is not None:
+        router.note_dispatch(idx, prompt_tokens)
+        return Routed(node=views[idx].node)
+    if not views:
+        if now < first_token_due:
+            return Routed(retry_at=now + interval)
+        return Routed(refusal="no node reachable")
+    if admission == "defer" and now + interval < first_token_due:
+        return Routed(retry_at=now + interval)
+    return Routed(refusal=f"admission control: no node's prefill budget fits {prompt_tokens} tokens")

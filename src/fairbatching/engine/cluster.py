@@ -1,0 +1,285 @@
+"""A cluster of engine replicas on the wall clock: one process per device, each running the same step loop
+and policy as a single-node replay, behind one router process that reads only the reports replicas publish.
+
+The router is the cluster simulator's (``cluster.dispatch``: same reports, same report aging, same routing
+and admission rules), so a configuration run here and in ``simulate_cluster`` differs only in what executes
+the steps. Replicas are kept across replays (an engine is built once per device). This is the package's own
+multi-process driver, not Ray: it exists so a cluster can be measured where Ray cannot be installed.
+"""
+
+from __future__ import annotations
+
+import heapq
+import multiprocessing as mp
+import os
+import queue
+import random
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from fairbatching.cluster.dispatch import node_report, route
+from fairbatching.cluster.routers import NodeReport, make_router
+from fairbatching.cluster.simulator import ClusterConfig, ClusterResult
+from fairbatching.core.request import Request, RequestStatus
+from fairbatching.costmodel.profile import load_profile
+from fairbatching.errors import ConfigError
+from fairbatching.policies import make_policy
+from fairbatching.workloads.spec import RequestSpec, Workload
+
+START_DELAY = 0.2  # seconds between "go" and the first arrival, so every replica's first report is in
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """What each replica builds (``engine.build_engine`` arguments); ``device`` None picks CUDA if present."""
+
+    model: str
+    max_context: int = 16384
+    num_blocks: int | None = None
+    kv_memory_fraction: float = 0.8
+    device: str | None = None
+
+
+class ReplicaError(RuntimeError):
+    """A replica process failed; the message carries its traceback."""
+
+
+class EngineCluster:
+    """``len(devices)`` replica processes, each pinned to one device (``CUDA_VISIBLE_DEVICES``; None for a
+    CPU engine). Use as a context manager; ``replay`` runs one workload through all of them."""
+
+    def __init__(self, engine: EngineSpec, devices: list[str | None]) -> None:
+        if not devices:
+            raise ConfigError("an engine cluster needs at least one device")
+        ctx = mp.get_context("spawn")
+        self.outbox: Any = ctx.Queue()
+        self.inboxes: list[Any] = [ctx.Queue() for _ in devices]
+        self.procs = [
+            ctx.Process(target=_replica_main, args=(i, d, engine, self.inboxes[i], self.outbox), daemon=True)
+            for i, d in enumerate(devices)
+        ]
+        for p in self.procs:
+            p.start()
+        self.kv_blocks = [int(msg[2]) for msg in self._gather("ready")]
+
+    def __enter__(self) -> EngineCluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for box in self.inboxes:
+            box.put(("stop",))
+        for p in self.procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.terminate()
+
+    def _gather(self, kind: str) -> list[tuple]:
+        """One ``kind`` message from every replica (reports arriving meanwhile are dropped)."""
+        got: dict[int, tuple] = {}
+        while len(got) < len(self.procs):
+            msg = self._get(timeout=600)
+            if msg[0] == kind:
+                got[msg[1]] = msg
+        return [got[i] for i in range(len(self.procs))]
+
+    def _get(self, timeout: float) -> tuple:
+        msg = self.outbox.get(timeout=timeout)
+        if msg[0] == "error":
+            raise ReplicaError(f"replica {msg[1]} failed:\n{msg[2]}")
+        return msg
+
+    def replay(
+        self,
+        workload: Workload,
+        config: ClusterConfig,
+        seed: int = 0,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> ClusterResult:
+        """Replay ``workload`` on the wall clock: each request is routed at its trace time (relative to the
+        first) and its TTFT counts from then, so routing, holds and transfer are part of it."""
+        if len(config.nodes) != len(self.procs):
+            raise ConfigError(f"the config names {len(config.nodes)} nodes, this cluster has {len(self.procs)}")
+        specs = sorted(workload.requests, key=lambda s: s.arrival)
+        base = specs[0].arrival if specs else 0.0
+        specs = [RequestSpec(s.request_id, s.arrival - base, s.prompt_len, s.output_len, s.slo) for s in specs]
+        with_budget = make_router(config.router, admission=config.admission != "none").needs_budget
+        for i, box in enumerate(self.inboxes):
+            node = config.nodes[i]
+            box.put(("run", node.policy, node.profile, config.slo, config.report_interval, with_budget, specs, seed))
+        self._gather("prepared")
+        t0 = time.monotonic() + START_DELAY
+        for box in self.inboxes:
+            box.put(("go", t0))
+        ended = _Router(config, self, t0).run(specs, progress)
+        for box in self.inboxes:
+            box.put(("drain",))
+        done = self._gather("done")
+        requests = [r for msg in done for r in msg[2]["requests"]] + ended
+        per_node = [msg[2]["node"] for msg in done]
+        return ClusterResult(
+            requests,
+            max((n["end_s"] for n in per_node), default=0.0),
+            sum(n["busy_s"] for n in per_node),
+            sum(n["preemptions"] for n in per_node),
+            per_node,
+        )
+
+
+class _Router:
+    """The router process's loop: wait for each arrival, read the latest reports, route, send."""
+
+    def __init__(self, config: ClusterConfig, cluster: EngineCluster, t0: float) -> None:
+        self.cfg = config
+        self.cluster = cluster
+        self.t0 = t0
+        self.router = make_router(config.router, admission=config.admission != "none", seed=config.seed)
+        self.latest: dict[int, NodeReport] = {}
+
+    def clock(self) -> float:
+        return time.monotonic() - self.t0
+
+    def take_reports(self, until: float) -> None:
+        """Read replica reports until the clock reaches ``until`` (at least once, without waiting)."""
+        while True:
+            wait = until - self.clock()
+            try:
+                msg = self.cluster._get(timeout=wait) if wait > 0 else self.cluster.outbox.get_nowait()
+            except queue.Empty:
+                return
+            if msg[0] == "report":
+                self.latest[msg[1]] = msg[2]
+
+    def run(self, specs: list[RequestSpec], progress: Callable[[int, int], None] | None) -> list[Request]:
+        pending = [(s.arrival, i, s) for i, s in enumerate(specs)]
+        heapq.heapify(pending)
+        seq = len(pending)
+        ended: list[Request] = []
+        routed = 0
+        while pending:
+            t, _, spec = heapq.heappop(pending)
+            self.take_reports(t)
+            now = max(t, self.clock())
+            aging = self.cfg.aging
+            views = [v for r in self.latest.values() if (v := aging.read(r, now)) is not None]
+            slo = spec.slo or self.cfg.slo
+            decision = route(
+                self.router,
+                sorted(views, key=lambda v: v.node),
+                spec.prompt_len,
+                spec.arrival + slo.ttft,
+                now,
+                self.cfg.admission,
+                self.cfg.report_interval,
+            )
+            if decision.retry_at is not None:
+                seq += 1
+                heapq.heappush(pending, (decision.retry_at, seq, spec))
+                continue
+            if decision.refusal is not None:
+                r = Request(spec.request_id, spec.arrival, spec.prompt_len, slo)
+                r.status, r.finish_reason = RequestStatus.REJECTED, decision.refusal
+                ended.append(r)
+            else:
+                self.cluster.inboxes[decision.node].put(("submit", spec.request_id))
+            routed += 1
+            if progress is not None:
+                progress(routed, len(specs))
+        return ended
+
+
+def _replica_main(index: int, device: str | None, engine: EngineSpec, inbox: Any, outbox: Any) -> None:
+    """A replica process: build the engine on its device, then serve replays until told to stop."""
+    try:
+        if device is not None:
+            os.environ["CUDA_VISIBLE_DEVICES"] = device
+        from fairbatching.engine import build_engine
+
+        runner = build_engine(
+            engine.model,
+            device=engine.device,
+            num_blocks=engine.num_blocks,
+            max_context=engine.max_context,
+            kv_memory_fraction=engine.kv_memory_fraction,
+        )
+        runner.warmup()
+        outbox.put(("ready", index, runner.pool.usable))
+        while (msg := inbox.get())[0] == "run":
+            outbox.put(("done", index, _serve_replay(index, runner, msg[1:], inbox, outbox)))
+    except BaseException:
+        outbox.put(("error", index, traceback.format_exc()))
+
+
+def _serve_replay(index: int, runner: Any, run: tuple, inbox: Any, outbox: Any) -> dict:
+    """One replay on this replica: requests come from the router, reports go out every interval."""
+    from fairbatching.engine.loop import serving_node
+
+    policy_name, profile_name, slo, interval, with_budget, specs, seed = run
+    cost = load_profile(profile_name).cost_model()
+    policy = make_policy(policy_name, cost, tpot_slo=slo.tpot)
+    # Every replica draws every prompt the same way, before the clock starts (clients send token ids).
+    rng = random.Random(seed)
+    vocab = runner.model.config.vocab_size
+    by_id = {s.request_id: (s, [rng.randrange(vocab) for _ in range(s.prompt_len)]) for s in specs}
+    outbox.put(("prepared", index))
+    t0 = _expect(inbox, "go")[1]
+
+    def clock() -> float:
+        return time.monotonic() - t0
+
+    node, executor = serving_node(runner, policy, cost, slo, clock)
+    next_report = clock()
+    draining = False
+    while True:
+        now = clock()
+        if now >= next_report:
+            outbox.put(("report", index, node_report(node, index, now, slo.ttft, with_budget)))
+            next_report = max(next_report + interval, now)
+        timeout = 0.0 if node.has_work else max(0.0, next_report - clock())
+        for msg in _messages(inbox, timeout if not draining else 0.0):
+            if msg[0] == "drain":
+                draining = True
+                continue
+            spec, prompt = by_id[msg[1]]
+            executor.add_prompt(spec.request_id, prompt)
+            node.submit(node.new_request(spec.request_id, spec.arrival, spec.prompt_len, spec.slo), spec.output_len)
+        node.clock = clock()
+        if node.has_work:
+            node.step(horizon=float("inf"))
+        elif draining:
+            break
+    executor.sync_blocks()
+    summary = {
+        "node": f"n{index}",
+        "policy": policy.name,
+        "finished": len(node.done),
+        "iterations": node.iterations,
+        "busy_s": node.busy,
+        "preemptions": node.preemptions,
+        "end_s": node.clock,
+    }
+    return {"requests": node.done, "node": summary}
+
+
+def _messages(inbox: Any, timeout: float) -> list[tuple]:
+    """What the router has sent: everything queued now, or (``timeout`` > 0) the first thing within it."""
+    out = []
+    try:
+        out.append(inbox.get(timeout=timeout) if timeout > 0 else inbox.get_nowait())
+        while True:
+            out.append(inbox.get_nowait())
+    except queue.Empty:
+        pass
+    return out
+
+
+def _expect(inbox: Any, kind: str) -> tuple:
+    msg = inbox.get()
+    if msg[0] != kind:
+        raise RuntimeError(f"replica expected {kind!r}, got {msg[0]!r}")
+    return msg

@@ -1,0 +1,54 @@
+"""The engine cluster driver (one engine process per device behind the routing core), on CPU engines."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("torch", reason="the engine cluster needs the [gpu] extra (torch)")
+
+from fairbatching.cluster.simulator import ClusterConfig, homogeneous  # noqa: E402
+from fairbatching.core.request import SLO, RequestStatus  # noqa: E402
+from fairbatching.engine.cluster import EngineCluster, EngineSpec, ReplicaError  # noqa: E402
+from fairbatching.workloads.spec import RequestSpec, Workload  # noqa: E402
+
+CPU_ENGINE = EngineSpec("tiny", max_context=1024, num_blocks=200, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with EngineCluster(CPU_ENGINE, [None, None]) as c:
+        yield c
+
+
+def specs() -> tuple[RequestSpec, ...]:
+    arrivals = tuple(RequestSpec(f"r{i}", 100.0 + 0.02 * i, 20 + 7 * i, 2 + i % 3) for i in range(16))
+    return arrivals + (RequestSpec("too-long", 100.05, 2000, 4),)
+
+
+@pytest.mark.parametrize(("router", "admission"), [("round-robin", "none"), ("pab", "reject")])
+def test_every_request_ends_once_on_some_replica_with_its_tokens(cluster, router, admission):
+    config = ClusterConfig(
+        homogeneous(2, "fairbatching"), SLO(5.0, 1.0), router=router, admission=admission, report_interval=0.1
+    )
+    res = cluster.replay(Workload("w", specs()), config)
+    by_id = {r.request_id: r for r in res.requests}
+    assert sorted(by_id) == sorted(s.request_id for s in specs()) and len(res.requests) == len(by_id)
+    assert by_id["too-long"].status is RequestStatus.REJECTED and by_id["too-long"].finish_reason
+    for s in specs()[:-1]:
+        r = by_id[s.request_id]
+        # Times are relative to the first arrival (the trace's clock moved to zero).
+        assert r.arrival == pytest.approx(s.arrival - 100.0)
+        if r.status is RequestStatus.FINISHED:
+            assert r.num_generated == s.output_len and r.token_times[0] >= r.arrival
+        else:
+            assert r.status is RequestStatus.REJECTED and "admission control" in r.finish_reason
+    reached = [n["finished"] for n in res.per_node]  # what each replica ended, its own rejections included
+    refused = [r for r in res.requests if "admission control" in (r.finish_reason or "")]
+    assert sum(reached) == len(res.requests) - len(refused)
+    if router == "round-robin":
+        assert all(reached)
+
+
+def test_a_replica_that_cannot_start_is_reported_with_its_error():
+    with pytest.raises(ReplicaError, match="unknown model 'llama-9'"):
+        EngineCluster(EngineSpec("llama-9", device="cpu", num_blocks=8), [None])
