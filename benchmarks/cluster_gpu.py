@@ -132,8 +132,14 @@ def run(args) -> None:
 
     rows = json.loads(args.plan.read_text())["rows"]
     stacks = {s.name: s for s in STACKS}
-    scenarios = {s.name: s for s in SCENARIOS if args.scenarios is None or s.name in args.scenarios.split(",")}
-    todo = [r for r in rows if r["scenario"] in scenarios]
+    scenarios = {s.name: s for s in SCENARIOS}
+    # Scenario by scenario in the order given, rounds within each, stacks in the order given.
+    order_sc = args.scenarios.split(",") if args.scenarios else list(scenarios)
+    order_st = args.stacks.split(",") if args.stacks else list(stacks)
+    todo = sorted(
+        (r for r in rows if r["scenario"] in order_sc and r["stack"] in order_st),
+        key=lambda r: (order_sc.index(r["scenario"]), order_st.index(r["stack"])),
+    )
     points: dict[tuple[str, str], list[tuple[float, float]]] = {(r["scenario"], r["stack"]): [] for r in todo}
     earlier = [json.loads(line) for line in args.resume.read_text().splitlines()] if args.resume else []
     for key, qps in sorted({((r["scenario"], r["stack"]), r["qps"]) for r in earlier}):
@@ -152,40 +158,42 @@ def run(args) -> None:
     with EngineCluster(engine, devices) as cluster:
         log(f"replicas ready: {cluster.kv_blocks} KV blocks")
         device = "cpu" if args.cpu else _device_name()
-        for depth in range(args.max_points):
-            for r in todo:
-                key = (r["scenario"], r["stack"])
-                qps = next_load(points[key], r["sim_capacity_rps"])
-                if qps is None or len(points[key]) > depth:
-                    continue
-                if time.time() > deadline:
-                    log("time budget spent: no more replays")
-                    out.close()
-                    return
-                sc, stack = scenarios[r["scenario"]], stacks[r["stack"]]
-                slos = []
-                for seed in WINDOWS:
-                    w = family(sc.workload).build(qps, seed, 3 if args.cpu else sc.requests)
-                    start = time.time()
-                    res = cluster.replay(w, config(stack, sc), seed=seed)
-                    s = summarize(stack.name, w.name, res.requests, res.end_time, res.busy_time, res.preemptions)
-                    row = {
-                        "scenario": sc.name,
-                        "stack": stack.name,
-                        "qps": qps,
-                        "seed": seed,
-                        "depth": depth,
-                        "device": device,
-                        "wall_s": time.time() - start,
-                        "gpu": fields(s),
-                        "refused": sum("admission control" in (q.finish_reason or "") for q in res.requests),
-                        "per_node": res.per_node,
-                    }
-                    out.write(json.dumps(row) + "\n")
-                    out.flush()
-                    slos.append(s.slo_attainment)
-                points[key].append((qps, statistics.mean(slos)))
-                log(f"{sc.name} / {stack.name} @ {qps}: GPU SLO {statistics.mean(slos):.3f} {slos}")
+        rounds = [
+            (sc, depth, r) for sc in order_sc for depth in range(args.max_points) for r in todo if r["scenario"] == sc
+        ]
+        for _sc, depth, r in rounds:
+            key = (r["scenario"], r["stack"])
+            qps = next_load(points[key], r["sim_capacity_rps"])
+            if qps is None or len(points[key]) > depth:
+                continue
+            if time.time() > deadline:
+                log("time budget spent: no more replays")
+                out.close()
+                return
+            sc, stack = scenarios[r["scenario"]], stacks[r["stack"]]
+            slos = []
+            for seed in WINDOWS:
+                w = family(sc.workload).build(qps, seed, 3 if args.cpu else sc.requests)
+                start = time.time()
+                res = cluster.replay(w, config(stack, sc), seed=seed)
+                s = summarize(stack.name, w.name, res.requests, res.end_time, res.busy_time, res.preemptions)
+                row = {
+                    "scenario": sc.name,
+                    "stack": stack.name,
+                    "qps": qps,
+                    "seed": seed,
+                    "depth": depth,
+                    "device": device,
+                    "wall_s": time.time() - start,
+                    "gpu": fields(s),
+                    "refused": sum("admission control" in (q.finish_reason or "") for q in res.requests),
+                    "per_node": res.per_node,
+                }
+                out.write(json.dumps(row) + "\n")
+                out.flush()
+                slos.append(s.slo_attainment)
+            points[key].append((qps, statistics.mean(slos)))
+            log(f"{sc.name} / {stack.name} @ {qps}: GPU SLO {statistics.mean(slos):.3f} {slos}")
     out.close()
 
 
@@ -278,7 +286,8 @@ def main() -> None:
     ap.add_argument("--cpus", type=int, default=2)
     ap.add_argument("--budget-s", type=float, default=420.0, help="start no replay load after this many seconds")
     ap.add_argument("--max-points", type=int, default=3)
-    ap.add_argument("--scenarios", default=None, help="comma-separated subset of scenario names")
+    ap.add_argument("--scenarios", default=None, help="comma-separated scenario names, in the order to run")
+    ap.add_argument("--stacks", default=None, help="comma-separated stack names, in the order to run")
     ap.add_argument("--cpu", action="store_true", help="plumbing check on CPU engines: tiny model, 3 requests")
     args = ap.parse_args()
     if args.cpu:
