@@ -52,3 +52,10 @@ def test_every_request_ends_once_on_some_replica_with_its_tokens(cluster, router
 def test_a_replica_that_cannot_start_is_reported_with_its_error():
     with pytest.raises(ReplicaError, match="unknown model 'llama-9'"):
         EngineCluster(EngineSpec("llama-9", device="cpu", num_blocks=8), [None])
+
+
+def test_a_replica_that_dies_mid_run_stops_the_replay_with_a_named_error():
+    with pytest.raises(ReplicaError, match="replica 0 exited"), EngineCluster(CPU_ENGINE, [None]) as cluster:
+        cluster.procs[0].kill()
+        config = ClusterConfig(homogeneous(1, "vllm"), SLO(5.0, 1.0), router="round-robin")
+        cluster.replay(Workload("w", specs()), config)

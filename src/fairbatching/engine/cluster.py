@@ -68,28 +68,41 @@ class EngineCluster:
     def __enter__(self) -> EngineCluster:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        self.close(abort=exc_type is not None)
 
-    def close(self) -> None:
-        for box in self.inboxes:
-            box.put(("stop",))
+    def close(self, abort: bool = False) -> None:
+        """Stop the replicas: after their current replay, or at once (``abort``: an error or Ctrl-C)."""
+        if not abort:
+            for box in self.inboxes:
+                box.put(("stop",))
         for p in self.procs:
-            p.join(timeout=10)
+            p.join(timeout=0 if abort else 10)
             if p.is_alive():
                 p.terminate()
+                p.join()
 
     def _gather(self, kind: str) -> list[tuple]:
         """One ``kind`` message from every replica (reports arriving meanwhile are dropped)."""
         got: dict[int, tuple] = {}
         while len(got) < len(self.procs):
-            msg = self._get(timeout=600)
+            try:
+                msg = self.receive(timeout=1.0)
+            except queue.Empty:
+                continue
             if msg[0] == kind:
                 got[msg[1]] = msg
         return [got[i] for i in range(len(self.procs))]
 
-    def _get(self, timeout: float) -> tuple:
-        msg = self.outbox.get(timeout=timeout)
+    def receive(self, timeout: float) -> tuple:
+        """The next replica message; a replica that reported an error, or died without one, raises."""
+        try:
+            msg = self.outbox.get(timeout=timeout) if timeout > 0 else self.outbox.get_nowait()
+        except queue.Empty:
+            for i, p in enumerate(self.procs):
+                if not p.is_alive():
+                    raise ReplicaError(f"replica {i} exited (code {p.exitcode}) without a word") from None
+            raise
         if msg[0] == "error":
             raise ReplicaError(f"replica {msg[1]} failed:\n{msg[2]}")
         return msg
@@ -149,7 +162,7 @@ class _Router:
         while True:
             wait = until - self.clock()
             try:
-                msg = self.cluster._get(timeout=wait) if wait > 0 else self.cluster.outbox.get_nowait()
+                msg = self.cluster.receive(timeout=wait)
             except queue.Empty:
                 return
             if msg[0] == "report":
@@ -245,6 +258,8 @@ def _serve_replay(index: int, runner: Any, run: tuple, inbox: Any, outbox: Any) 
             if msg[0] == "drain":
                 draining = True
                 continue
+            if msg[0] != "submit":
+                raise RuntimeError(f"replica got {msg[0]!r} in the middle of a replay")
             spec, prompt = by_id[msg[1]]
             executor.add_prompt(spec.request_id, prompt)
             node.submit(node.new_request(spec.request_id, spec.arrival, spec.prompt_len, spec.slo), spec.output_len)
