@@ -121,8 +121,8 @@ def main() -> None:
                     {
                         "slo_met": round(s.slo_attainment * s.requests),
                         "refused": s.rejected,
-                        "ttft_p50": s.ttft["p50"],
-                        "ttft_p99": s.ttft["p99"],
+                        "ttft_p50": s.ttft.p50,
+                        "ttft_p99": s.ttft.p99,
                         "tpot_attainment": s.tpot_attainment,
                     }
                 )

@@ -78,9 +78,9 @@ def main() -> None:
                 w = base.rescaled(qps)
                 res = simulate(make_policy(policy, plan_cost, tpot_slo=slo.tpot), model, w, config)
                 s = summarize(policy, w.name, res.requests, res.end_time, res.busy_time, res.preemptions)
-                p50.append(s.ttft["p50"] / float(cell["gpu_ttft_p50"]) - 1)
-                tpot.append(s.tpot["mean"] / float(cell["gpu_tpot_mean"]) - 1)
-                p99.setdefault(qps, {})[policy] = (s.ttft["p99"], float(cell["gpu_ttft_p99"]))
+                p50.append(s.ttft.p50 / float(cell["gpu_ttft_p50"]) - 1)
+                tpot.append(s.tpot.mean / float(cell["gpu_tpot_mean"]) - 1)
+                p99.setdefault(qps, {})[policy] = (s.ttft.p99, float(cell["gpu_ttft_p99"]))
             agree = sum(
                 (v["fairbatching"][0] < v["sarathi"][0]) == (v["fairbatching"][1] < v["sarathi"][1])
                 for v in p99.values()

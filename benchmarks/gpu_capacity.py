@@ -32,10 +32,10 @@ from pathlib import Path
 from fairbatching.core.request import SLO
 from fairbatching.costmodel.profile import Profile
 from fairbatching.evaluation.capacity import bracket_search
-from fairbatching.evaluation.families import family
-from fairbatching.experiment import Experiment
 from fairbatching.metrics.summary import summarize
 from fairbatching.policies import make_policy
+from fairbatching.runs import Experiment
+from fairbatching.workloads.families import family
 
 T0 = time.time()
 POLICIES = ("fairbatching", "sarathi", "vllm")
@@ -128,9 +128,9 @@ def _summary_fields(s) -> dict:
         "slo": s.slo_attainment,
         "ttft_ok": s.ttft_attainment,
         "tpot_ok": s.tpot_attainment,
-        "ttft_p50": s.ttft["p50"],
-        "ttft_p99": s.ttft["p99"],
-        "tpot_mean": s.tpot["mean"],
+        "ttft_p50": s.ttft.p50,
+        "ttft_p99": s.ttft.p99,
+        "tpot_mean": s.tpot.mean,
         "finished": s.finished,
     }
 

@@ -55,9 +55,9 @@ from fairbatching.workloads.traces import load_trace
 
 T0 = time.time()
 SUMMARY_COLUMNS = {
-    "ttft_p50": lambda s: s.ttft["p50"],
-    "ttft_p99": lambda s: s.ttft["p99"],
-    "tpot_mean": lambda s: s.tpot["mean"],
+    "ttft_p50": lambda s: s.ttft.p50,
+    "ttft_p99": lambda s: s.ttft.p99,
+    "tpot_mean": lambda s: s.tpot.mean,
     "slo_attainment": lambda s: s.slo_attainment,
 }
 

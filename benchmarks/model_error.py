@@ -15,7 +15,7 @@ import statistics
 
 from fairbatching.core.request import SLO
 from fairbatching.costmodel.profile import load_profile
-from fairbatching.experiment import Experiment, WorkloadSpec
+from fairbatching.runs import Experiment, WorkloadSpec
 from fairbatching.sim.pricing import StepError
 
 
@@ -58,7 +58,7 @@ def main() -> None:
                 exp = Experiment(w, profile, slo, policy_options=options, step_error=err)
                 s = exp.run(policy).summary
                 slos.append(s.slo_attainment)
-                p99.append(s.ttft["p99"])
+                p99.append(s.ttft.p99)
                 tpot_ok.append(s.tpot_attainment)
                 ttft_ok.append(s.ttft_attainment)
             print(

@@ -21,8 +21,8 @@ from fairbatching.cluster import ClusterConfig, simulate_cluster
 from fairbatching.cluster.simulator import homogeneous
 from fairbatching.core import SLO
 from fairbatching.costmodel import load_profile
-from fairbatching.experiment import Experiment
 from fairbatching.policies import POLICIES
+from fairbatching.runs import Experiment
 from fairbatching.workloads import load_trace
 
 TRACE = Path(__file__).resolve().parents[2] / "shared" / "traces" / "AzureLLMInferenceTrace_conv.csv"

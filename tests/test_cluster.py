@@ -100,9 +100,10 @@ def test_bad_cluster_configs():
 def test_cluster_capacity_search_and_cli(tmp_path):
     from test_cli import cli
 
-    from fairbatching.evaluation import ClusterRunSpec, Sweeper, find_capacity
+    from fairbatching.evaluation import Sweeper, find_capacity
+    from fairbatching.runs import ClusterShape, RunSpec
 
-    base = ClusterRunSpec("fairbatching", "pab", "default", 1.0, nodes=2, num_requests=200)
+    base = RunSpec("fairbatching", "default", 1.0, num_requests=200, cluster=ClusterShape(nodes=2))
     res = find_capacity(base, Sweeper(tmp_path / "c", workers=1), seeds=1, start_qps=20, tolerance=0.2)
     at = {p.qps: p.attainment for p in res.curve}
     assert res.policy == "fairbatching+pab" and at[res.bracket[0]] >= 0.9 > at[res.bracket[1]]

@@ -1,7 +1,7 @@
 """The headline behaviour on the embedded default workload, as `fairbatching compare` runs it."""
 
 from fairbatching.costmodel import load_profile
-from fairbatching.experiment import Experiment, WorkloadSpec
+from fairbatching.runs import Experiment, WorkloadSpec
 
 
 def test_fairbatching_meets_the_most_slos_on_the_measured_engine_profile():
@@ -13,7 +13,7 @@ def test_fairbatching_meets_the_most_slos_on_the_measured_engine_profile():
     assert all(x.tpot_attainment >= 0.95 and x.ttft_attainment >= 0.9 for x in s.values())
     assert s["fairbatching"].tpot_attainment > max(s["sarathi"].tpot_attainment, s["vllm"].tpot_attainment)
     assert s["fairbatching"].slo_attainment > max(s["sarathi"].slo_attainment, s["vllm"].slo_attainment)
-    assert s["fairbatching"].ttft["p99"] < min(s["sarathi"].ttft["p99"], s["vllm"].ttft["p99"])
+    assert s["fairbatching"].ttft.p99 < min(s["sarathi"].ttft.p99, s["vllm"].ttft.p99)
 
 
 def test_fairbatching_has_the_lowest_p99_ttft_on_the_analytic_profile():
@@ -21,5 +21,5 @@ def test_fairbatching_has_the_lowest_p99_ttft_on_the_analytic_profile():
     exp = Experiment(WorkloadSpec(qps=17.5).build(), load_profile("llama-3-8b-h100-analytic"))
     s = {name: exp.run(name).summary for name in ("fairbatching", "sarathi", "vllm")}
     assert all(x.tpot_attainment >= 0.9 for x in s.values())
-    assert s["fairbatching"].ttft["p99"] < s["sarathi"].ttft["p99"] < s["vllm"].ttft["p99"]
+    assert s["fairbatching"].ttft.p99 < s["sarathi"].ttft.p99 < s["vllm"].ttft.p99
     assert s["fairbatching"].slo_attainment > max(s["sarathi"].slo_attainment, s["vllm"].slo_attainment)

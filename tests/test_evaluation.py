@@ -1,13 +1,15 @@
 import json
+from types import SimpleNamespace
 
 import pytest
 
 from fairbatching.costmodel import load_profile
 from fairbatching.errors import ConfigError
-from fairbatching.evaluation import RunSpec, Sweeper, family, find_capacity
+from fairbatching.evaluation import Sweeper, find_capacity
 from fairbatching.evaluation import sweep as sweep_mod
 from fairbatching.evaluation.bounds import clairvoyant_capacity
-from fairbatching.experiment import Experiment
+from fairbatching.runs import ClusterShape, Experiment, RunResult, RunSpec
+from fairbatching.workloads.families import family
 
 
 class StepSweeper:
@@ -22,8 +24,8 @@ class StepSweeper:
         for s in specs:
             self.calls.append(s.qps)
             ok = 0.99 if s.qps <= self.capacity else 0.5
-            summary = {"slo_attainment": ok, "tpot_attainment": ok, "ttft": {"p99": 1.0 / ok}}
-            out.append({"spec": {"qps": s.qps}, "summary": summary})
+            summary = SimpleNamespace(slo_attainment=ok, tpot_attainment=ok, ttft=SimpleNamespace(p99=1.0 / ok))
+            out.append(RunResult(s, summary))
         return out
 
 
@@ -52,13 +54,13 @@ def test_real_capacity_search_is_consistent_with_its_curve(tmp_path):
 
 def test_sweep_caches_and_resumes(tmp_path, monkeypatch):
     calls = []
-    real = sweep_mod.run_spec
+    real = sweep_mod.run_for_cache
 
     def counting(spec):
         calls.append(spec)
         return real(spec)
 
-    monkeypatch.setattr(sweep_mod, "run_spec", counting)
+    monkeypatch.setattr(sweep_mod, "run_for_cache", counting)
     specs = [RunSpec(p, "default", 10.0, num_requests=80) for p in ("fairbatching", "vllm")]
     first = Sweeper(tmp_path, workers=1).run(specs + specs[:1])
     assert len(calls) == 2 and len(first) == 3 and first[0] == first[2]
@@ -71,13 +73,13 @@ def test_sweep_caches_and_resumes(tmp_path, monkeypatch):
 
 def test_cache_key_follows_the_profile_content(tmp_path):
     """A profile remeasured under the same name must not reuse results simulated with the old numbers."""
-    from fairbatching.evaluation.runspec import ClusterRunSpec, _profile_fingerprint
+    from fairbatching.runs import _profile_fingerprint
 
     path = tmp_path / "mine.json"
     load_profile().save(path)
     specs = (
         RunSpec("fairbatching", "default", 10.0, profile=str(path)),
-        ClusterRunSpec("fairbatching", "pab", "default", 40.0, profile=str(path)),
+        RunSpec("fairbatching", "default", 40.0, num_requests=4000, profile=str(path), cluster=ClusterShape()),
     )
     before = [s.key() for s in specs]
     assert before == [s.key() for s in specs]  # stable for the same content
@@ -93,7 +95,7 @@ def test_parallel_sweep_matches_serial(tmp_path):
     specs = [RunSpec("fairbatching", "default", q, num_requests=80) for q in (6.0, 12.0, 18.0)]
     serial = Sweeper(None, workers=1).run(specs)
     parallel = Sweeper(None, workers=2).run(specs)
-    assert [r["summary"] for r in serial] == [r["summary"] for r in parallel]
+    assert [r.summary for r in serial] == [r.summary for r in parallel]
 
 
 def test_sweep_on_a_local_ray_instance(tmp_path):
@@ -103,7 +105,7 @@ def test_sweep_on_a_local_ray_instance(tmp_path):
         got = Sweeper(tmp_path, workers=1, ray_address="local").run(specs)
     finally:
         ray.shutdown()
-    assert [r["spec"]["policy"] for r in got] == ["fairbatching", "sarathi"]
+    assert [r.spec.policy for r in got] == ["fairbatching", "sarathi"]
     assert got == Sweeper(None, workers=1).run(specs)
 
 
@@ -112,8 +114,8 @@ def test_clairvoyant_bound_is_above_what_any_policy_achieves():
     w = family("default").build(60.0, 0, 500)  # far past capacity: the GPU never idles
     bound = clairvoyant_capacity(w, prof)
     for policy in ("fairbatching", "vllm", "prefill-first"):
-        res = Experiment(w, prof).run(policy).sim
-        achieved = len(w) / (res.end_time - w.requests[0].arrival)
+        res = Experiment(w, prof).run(policy).summary
+        achieved = len(w) / res.duration_s
         assert achieved <= bound
         assert bound < 3 * achieved  # and not uselessly loose
 

@@ -43,7 +43,7 @@ def test_summary_counts_failures_as_misses():
     assert s.slo_attainment == pytest.approx(1 / 3)
     assert s.goodput_rps == pytest.approx(1 / 4.0)
     assert s.gpu_busy == pytest.approx(0.5) and s.preemptions == 3
-    assert s.ttft["max"] == pytest.approx(3.0) and not math.isnan(s.tbt["p99"])
+    assert s.ttft.max == pytest.approx(3.0) and not math.isnan(s.tbt.p99)
     assert request_metrics(rejected).ttft != request_metrics(rejected).ttft  # NaN for never-served
 
 

@@ -3,7 +3,7 @@
 from fairbatching.core.request import SLO
 from fairbatching.costmodel.adaptive import AdaptiveCostModel
 from fairbatching.costmodel.profile import load_profile
-from fairbatching.experiment import Experiment
+from fairbatching.runs import Experiment
 from fairbatching.sim.pricing import StepError
 from fairbatching.workloads.synthetic import default_workload
 

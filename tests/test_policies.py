@@ -214,7 +214,7 @@ def test_a_step_that_starts_carrying_prefill_must_be_worth_the_mixing_price():
 def test_mixed_slo_classes_on_the_measured_engine_profile():
     """Regression: before the first-chunk floor, FairBatching met 68% of SLOs here (now 89%, Sarathi 86%)."""
     from fairbatching.costmodel import load_profile
-    from fairbatching.experiment import Experiment
+    from fairbatching.runs import Experiment
     from fairbatching.workloads.synthetic import synthetic_workload
 
     slo_classes = [(1, SLO(ttft=0.5, tpot=0.05)), (1, SLO(ttft=10.0, tpot=0.2))]

@@ -15,11 +15,12 @@ import pytest
 
 from fairbatching.costmodel import load_profile
 from fairbatching.errors import ConfigError
-from fairbatching.evaluation import RunSpec, Sweeper
+from fairbatching.evaluation import Sweeper
 from fairbatching.evaluation.bounds import clairvoyant_capacity, windows_capacity
-from fairbatching.evaluation.families import family
+from fairbatching.runs import RunSpec
 from fairbatching.validate import staged_dir
 from fairbatching.workloads import load_trace
+from fairbatching.workloads.families import family
 
 AZURE_HEADER = "TIMESTAMP,ContextTokens,GeneratedTokens\n"
 
@@ -70,10 +71,11 @@ def test_trace_edited_in_place_is_simulated_again(tmp_path):
     spec = RunSpec("vllm", str(trace), 4.0, num_requests=40)
     cache = tmp_path / "cache"
     first = Sweeper(cache, workers=1).run([spec])[0]
+    key = spec.key()
     trace.write_text(AZURE_HEADER + azure_rows(40, output=200))  # same path, ten times the output
     second = Sweeper(cache, workers=1).run([spec])[0]
-    assert second["key"] != first["key"]
-    assert second["summary"]["throughput_tok_s"] > 2 * first["summary"]["throughput_tok_s"]
+    assert spec.key() != key
+    assert second.summary.throughput_tok_s > 2 * first.summary.throughput_tok_s
 
 
 @pytest.mark.parametrize("content", [b"{}", b"\xff\xfe\x00binary", b"[]", b'{"key": "x", "summary": {}}'])
@@ -84,7 +86,7 @@ def test_unreadable_cache_entries_are_recomputed(tmp_path, content):
     entry.write_bytes(content)
     again = Sweeper(tmp_path, workers=1).run([spec])[0]
     assert again == good
-    assert json.loads(entry.read_text()) == good  # and the entry is repaired
+    assert json.loads(entry.read_text()) == good.to_json()  # and the entry is repaired
 
 
 def test_csv_with_byte_order_mark_loads(tmp_path):

@@ -145,7 +145,7 @@ def test_node_admission_control_refuses_with_reasons_and_helps_those_admitted(mo
     refused = [r for r in guarded.requests if r.status is RequestStatus.REJECTED]
     assert refused and all(r.finish_reason.startswith("admission control: prefill budget") for r in refused)
     served = [r for r in guarded.requests if r.status is RequestStatus.FINISHED]
-    p99 = lambda reqs: summarize("x", "w", reqs, 1, 0, 0).ttft["p99"]  # noqa: E731
+    p99 = lambda reqs: summarize("x", "w", reqs, 1, 0, 0).ttft.p99  # noqa: E731
     assert p99(served) < 0.5 * p99(plain.requests)
     if mode == "defer":
         assert any("deferred" in r.finish_reason for r in refused)

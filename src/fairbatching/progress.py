@@ -8,9 +8,11 @@ drawn.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.progress import Progress
 
 # what is running (scenario, policy, load), runs finished, runs in this step (None: not known yet)
 Status = Callable[[str, int, int | None], None]
@@ -18,6 +20,8 @@ Status = Callable[[str, int, int | None], None]
 
 def progress_bar(console: Console, label_width: int = 0) -> Progress:
     """Label (right-aligned to ``label_width``), bar, runs done of total, time elapsed."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn  # slow: lazy
+
     return Progress(
         TextColumn(f"{{task.description:>{label_width}}}" if label_width else "{task.description}"),
         BarColumn(bar_width=16),

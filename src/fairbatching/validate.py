@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import json
 import math
 import os
 import shutil
@@ -147,6 +148,38 @@ def check_policy_options(policy: str, options: dict[str, Any], origin: str = "--
         rule = _rule_for(params[key])
         if not rule.accepts(value):
             raise ConfigError(f"{origin} {policy}.{key}={value!r}: must be {rule.describe()}")
+
+
+def policy_names(policies: str) -> list[str]:
+    """A comma-separated list of known policy names, e.g. ``--policies fairbatching,vllm``."""
+    from fairbatching.policies import POLICIES
+
+    names = [p.strip() for p in policies.split(",") if p.strip()]
+    unknown = [p for p in names if p not in POLICIES]
+    if unknown or not names:
+        names = ", ".join(map(repr, unknown)) or "(none)"
+        raise ConfigError(f"unknown policy {names}; choose from {', '.join(POLICIES)}")
+    return names
+
+
+def parse_policy_options(items: list[str]) -> dict[str, dict[str, Any]]:
+    """``policy.key=value`` pairs; values are read as JSON where they parse (numbers, true, null), else text."""
+    from fairbatching.policies import POLICIES
+
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        head, eq, raw = item.partition("=")
+        policy, dot, key = head.partition(".")
+        if not (eq and dot and key) or policy not in POLICIES:
+            raise ConfigError(f"--policy-option takes policy.key=value with a policy of {', '.join(POLICIES)}")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        out.setdefault(policy, {})[key] = value
+    for policy, options in out.items():
+        check_policy_options(policy, options)
+    return out
 
 
 # --- output folders: checked before the run, written under a temporary name and renamed when complete

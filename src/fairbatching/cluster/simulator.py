@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from fairbatching.cluster.dispatch import node_report, route
 from fairbatching.cluster.routers import NodeReport, ReportAging, make_router
+from fairbatching.core.modes import Admission, OnFailure, parse_mode
 from fairbatching.core.request import SLO, Request, RequestStatus
 from fairbatching.costmodel.profile import load_profile
 from fairbatching.errors import ConfigError
@@ -34,21 +35,19 @@ class ClusterConfig:
     nodes: tuple[NodeSpec, ...]
     slo: SLO
     router: str = "pab"
-    admission: str = "none"  # none | reject | defer: what to do when no node's PAB fits a request
+    admission: Admission = Admission.NONE  # what to do when no node's PAB fits a request
     report_interval: float = 0.5
     report_delay: float = 0.0
     stale_after: float | None = None  # default: two intervals plus the delay
     failures: tuple[tuple[int, float], ...] = ()  # (node index, time it stops answering)
-    on_failure: str = "fail"  # fail | retry
+    on_failure: OnFailure = OnFailure.FAIL
     seed: int = 0
 
     def __post_init__(self) -> None:
         if not self.nodes:
             raise ConfigError("a cluster needs at least one node")
-        if self.admission not in ("none", "reject", "defer"):
-            raise ConfigError(f"admission must be none, reject or defer, got {self.admission!r}")
-        if self.on_failure not in ("fail", "retry"):
-            raise ConfigError(f"on_failure must be fail or retry, got {self.on_failure!r}")
+        object.__setattr__(self, "admission", parse_mode(Admission, self.admission, "admission"))
+        object.__setattr__(self, "on_failure", parse_mode(OnFailure, self.on_failure, "on_failure"))
         if self.report_interval <= 0 or self.report_delay < 0:
             raise ConfigError("report_interval must be positive and report_delay non-negative")
         for node, _ in self.failures:

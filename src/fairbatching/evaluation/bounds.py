@@ -14,7 +14,9 @@ from __future__ import annotations
 import numpy as np
 
 from fairbatching.costmodel.model import attn_work
-from fairbatching.costmodel.profile import Profile
+from fairbatching.costmodel.profile import Profile, load_profile
+from fairbatching.runs import RunSpec
+from fairbatching.workloads.families import family
 from fairbatching.workloads.spec import Workload
 
 
@@ -61,3 +63,9 @@ def windows_capacity(windows: list[Workload], profile: Profile, max_num_seqs: in
     if not windows or any(chain_limited(w, profile, max_num_seqs) for w in windows):
         return None
     return sum(len(w) for w in windows) / sum(min_gpu_seconds(w, profile, max_num_seqs) for w in windows)
+
+
+def spec_bound(base: RunSpec, seeds: int) -> float | None:
+    """The bound on the windows (seeds) a capacity search of ``base`` runs; None where they are too short."""
+    fam = family(base.workload)
+    return windows_capacity([fam.build(1.0, s, base.num_requests) for s in range(seeds)], load_profile(base.profile))

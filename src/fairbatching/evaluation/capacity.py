@@ -8,12 +8,13 @@ seeds (different trace windows or synthetic draws), all run through the sweeper'
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 from fairbatching.errors import ConfigError
-from fairbatching.evaluation.runspec import ClusterRunSpec, RunSpec
 from fairbatching.evaluation.sweep import Sweeper
+from fairbatching.progress import Status
+from fairbatching.runs import RunSpec
 
 
 @dataclass
@@ -37,7 +38,7 @@ class CapacityResult:
 
 
 def find_capacity(
-    base: RunSpec | ClusterRunSpec,
+    base: RunSpec,
     sweeper: Sweeper,
     target: float = 0.9,
     seeds: int = 3,
@@ -60,14 +61,14 @@ def find_capacity(
     def evaluate(qps: float) -> bool:
         specs = [replace(base, qps=qps, seed=s) for s in range(seeds)]
         runs = sweeper.run(specs, progress=(lambda d, t: progress(qps, d, t)) if progress else None)
-        results = [r["summary"] for r in runs]
-        vals = [r[metric] for r in results]
+        results = [r.summary for r in runs]
+        vals = [getattr(r, metric) for r in results]
         point = LoadPoint(
             qps,
             sum(vals) / len(vals),
             vals,
-            max(r["ttft"]["p99"] for r in results),
-            sum(r["tpot_attainment"] for r in results) / len(results),
+            max(r.ttft.p99 for r in results),
+            sum(r.tpot_attainment for r in results) / len(results),
         )
         curve.append(point)
         if on_point:
@@ -76,8 +77,7 @@ def find_capacity(
 
     lo, hi = bracket_search(evaluate, start_qps, tolerance, max_points)
     curve.sort(key=lambda p: p.qps)
-    label = base.label if isinstance(base, ClusterRunSpec) else base.policy
-    return CapacityResult(label, base.workload, lo, target, tolerance, (lo, hi), curve)
+    return CapacityResult(base.label, base.workload, lo, target, tolerance, (lo, hi), curve)
 
 
 def bracket_search(
@@ -110,3 +110,77 @@ def bracket_search(
         else:
             hi = mid
     return lo, hi
+
+
+def policy_capacities(
+    base: RunSpec,
+    policies: Sequence[str],
+    sweeper: Sweeper,
+    target: float,
+    seeds: int,
+    start_qps: float,
+    tolerance: float,
+    log: Callable[[str], None],
+    status: Status,
+) -> list[CapacityResult]:
+    """Each policy's capacity on ``base``'s workload and SLO, logging every load point tried."""
+    results = []
+    for name in policies:
+        log(f"[bold]{name}[/] on {base.workload}: searching (target {target:.0%}, tolerance {tolerance:.0%})")
+        what = f"{name} {base.workload} @ {{:.2f}} req/s"
+        results.append(
+            find_capacity(
+                replace(base, policy=name),
+                sweeper,
+                target,
+                seeds,
+                start_qps,
+                tolerance,
+                on_point=lambda p: log(point_line(p)),
+                progress=lambda q, d, t, what=what: status(what.format(q), d, t),
+            )
+        )
+    return results
+
+
+def capacity_lines(results: Sequence[CapacityResult], bound: float | None, num_requests: int) -> list[str]:
+    """The capacity table: each policy against the best baseline and the clairvoyant bound."""
+    best_base = max((r.capacity_qps for r in results if r.policy != "fairbatching"), default=0.0)
+    lines = []
+    for r in results:
+        gain = (
+            f" ({r.capacity_qps / best_base - 1:+.1%} vs best baseline)"
+            if r.policy == "fairbatching" and best_base
+            else ""
+        )
+        of_bound = ""
+        if bound:  # the bound holds for sustained load; a window that finishes as one burst can beat it
+            of_bound = (
+                f"  {r.capacity_qps / bound:5.1%} of the clairvoyant bound"
+                if r.capacity_qps <= bound
+                else "  above the bound"
+            )
+        lines.append(
+            f"{r.policy:14s} capacity {r.capacity_qps:7.3f} req/s  bracket [{r.bracket[0]:.3f}, {r.bracket[1]:.3f}]"
+            f"{of_bound}{gain}"
+        )
+    if not bound:
+        return [
+            *lines,
+            f"no clairvoyant bound: in {num_requests} requests one output's sequential decode steps, not GPU "
+            "throughput, set the minimum time (use more requests)",
+        ]
+    lines.append(f"{'clairvoyant':14s} bound    {bound:7.3f} req/s (GPU 100% busy, latency ignored)")
+    if any(r.capacity_qps > bound for r in results):
+        lines.append(
+            f"a capacity above the bound means {num_requests} requests are too few to load the GPU for long: raise -n"
+        )
+    return lines
+
+
+def point_line(p: LoadPoint) -> str:
+    seeds = ", ".join(f"{v:.1%}" for v in p.per_seed)
+    return (
+        f"  {p.qps:8.3f} req/s  attainment {p.attainment:6.1%}  (seeds {seeds})"
+        f"  P99 TTFT {p.p99_ttft:.2f} s  TPOT ok {p.tpot_attainment:.1%}"
+    )

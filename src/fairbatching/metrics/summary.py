@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -77,16 +77,23 @@ def request_metrics(r: Request) -> RequestMetrics:
     )
 
 
-def _dist(values: np.ndarray) -> dict[str, float]:
-    values = values[~np.isnan(values)]
-    if not len(values):
-        return {"mean": math.nan, **{f"p{p}": math.nan for p in PERCENTILES}, "max": math.nan}
-    pct = np.percentile(values, PERCENTILES)
-    return {
-        "mean": float(values.mean()),
-        **{f"p{p}": float(v) for p, v in zip(PERCENTILES, pct, strict=True)},
-        "max": float(values.max()),
-    }
+@dataclass(frozen=True, slots=True)
+class Dist:
+    """A latency distribution in seconds; NaN throughout when no request produced the value."""
+
+    mean: float
+    p50: float
+    p90: float
+    p99: float
+    max: float
+
+    @classmethod
+    def of(cls, values: np.ndarray) -> Dist:
+        values = values[~np.isnan(values)]
+        if not len(values):
+            return cls(math.nan, math.nan, math.nan, math.nan, math.nan)
+        p50, p90, p99 = (float(v) for v in np.percentile(values, PERCENTILES))
+        return cls(float(values.mean()), p50, p90, p99, float(values.max()))
 
 
 @dataclass
@@ -98,11 +105,11 @@ class Summary:
     rejected: int
     timed_out: int
     duration_s: float
-    ttft: dict[str, float]
-    tpot: dict[str, float]
-    tbt: dict[str, float]
-    e2e: dict[str, float]
-    queue_delay: dict[str, float]
+    ttft: Dist
+    tpot: Dist
+    tbt: Dist
+    e2e: Dist
+    queue_delay: Dist
     ttft_attainment: float
     tpot_attainment: float
     slo_attainment: float
@@ -111,13 +118,18 @@ class Summary:
     throughput_tok_s: float
     gpu_busy: float
     preemptions: int
-    per_request: list[RequestMetrics]
+    per_request: list[RequestMetrics] = field(default_factory=list)
 
     def to_dict(self, with_requests: bool = False) -> dict:
-        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "per_request"}
+        d = {f.name: _plain(getattr(self, f.name)) for f in fields(self) if f.name != "per_request"}
         if with_requests:
             d["per_request"] = [asdict(m) for m in self.per_request]
         return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Summary:
+        """The inverse of ``to_dict()`` (without per-request rows): how a cached summary comes back."""
+        return cls(**{f.name: Dist(**d[f.name]) if f.name in DISTS else d[f.name] for f in fields(cls) if f.name in d})
 
     def write_json(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2, allow_nan=True) + "\n")
@@ -129,6 +141,13 @@ class Summary:
             w.writerow(names)
             for m in self.per_request:
                 w.writerow([getattr(m, n) for n in names])
+
+
+DISTS = ("ttft", "tpot", "tbt", "e2e", "queue_delay")
+
+
+def _plain(value: object) -> object:
+    return asdict(value) if isinstance(value, Dist) else value
 
 
 def summarize(
@@ -156,11 +175,11 @@ def summarize(
         rejected=sum(m.status == RequestStatus.REJECTED.value for m in per),
         timed_out=sum(m.status == RequestStatus.TIMED_OUT.value for m in per),
         duration_s=duration,
-        ttft=_dist(col["ttft"]),
-        tpot=_dist(col["tpot"]),
-        tbt=_dist(tbt),
-        e2e=_dist(col["e2e"]),
-        queue_delay=_dist(col["queue_delay"]),
+        ttft=Dist.of(col["ttft"]),
+        tpot=Dist.of(col["tpot"]),
+        tbt=Dist.of(tbt),
+        e2e=Dist.of(col["e2e"]),
+        queue_delay=Dist.of(col["queue_delay"]),
         ttft_attainment=share("ttft_met"),
         tpot_attainment=share("tpot_met"),
         slo_attainment=good / n if n else math.nan,

@@ -45,7 +45,7 @@ def value(s: Summary, key: str) -> float:
         return s.rejected + s.timed_out
     head, _, tail = key.partition(".")
     v = getattr(s, head)
-    return v[tail] if tail else v
+    return getattr(v, tail) if tail else v
 
 
 def _fmt(v: float, fmt: str) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import matplotlib
 
@@ -14,19 +14,23 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from fairbatching.core.request import Request  # noqa: E402
+from fairbatching.metrics.summary import Summary  # noqa: E402
 from fairbatching.report.plots import TPOT_CLIP, clip_to_slo, save_figure  # noqa: E402
 
+if TYPE_CHECKING:
+    from fairbatching.runs import RunResult
 
-def plot_load_curves(results: Sequence[dict[str, Any]], path: str | Path, title: str = "") -> Path:
+
+def plot_load_curves(results: Sequence[RunResult], path: str | Path, title: str = "") -> Path:
     """P99 TTFT, P99 TPOT and SLO attainment against QPS, one line per policy (mean over seeds)."""
-    series: dict[str, dict[float, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    series: dict[str, dict[float, list[Summary]]] = defaultdict(lambda: defaultdict(list))
     for r in results:
-        series[r["spec"]["policy"]][r["spec"]["qps"]].append(r["summary"])
+        series[r.spec.policy][r.spec.qps].append(r.summary)
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     panels = [
-        ("P99 TTFT (s)", lambda s: s["ttft"]["p99"], "log"),
-        ("P99 TPOT (ms)", lambda s: s["tpot"]["p99"] * 1e3, "linear"),
-        ("SLO attainment", lambda s: s["slo_attainment"], "linear"),
+        ("P99 TTFT (s)", lambda s: s.ttft.p99, "log"),
+        ("P99 TPOT (ms)", lambda s: s.tpot.p99 * 1e3, "linear"),
+        ("SLO attainment", lambda s: s.slo_attainment, "linear"),
     ]
     highest = []
     for ax, (label, get, scale) in zip(axes, panels, strict=True):
@@ -40,7 +44,7 @@ def plot_load_curves(results: Sequence[dict[str, Any]], path: str | Path, title:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     if results:
-        tpot_ms = max(r["spec"]["tpot_slo"] for r in results) * 1e3
+        tpot_ms = max(r.spec.tpot_slo for r in results) * 1e3
         axes[1].axhline(tpot_ms, color="grey", linestyle="--", linewidth=0.8)
         clip_to_slo(axes[1], "y", highest[1], tpot_ms, TPOT_CLIP, "P99 TPOT (ms)", "ms")
     axes[2].axhline(0.9, color="grey", linestyle="--", linewidth=0.8)

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from fairbatching.core.kv import BlockAllocator, KVCacheConfig
+from fairbatching.core.modes import Admission, parse_mode
 from fairbatching.core.plan import BatchPlan
 from fairbatching.core.request import SLO, Request, RequestStatus
 from fairbatching.costmodel.model import CostModel
@@ -38,11 +39,10 @@ class SimConfig:
     fast_forward: bool = True
     # FairBatching-PAB on the node: a request whose prompt does not fit the node's Prefill Admission Budget
     # (horizon: its own TTFT) is rejected, or deferred until it fits or can no longer make its TTFT.
-    admission: str = "none"
+    admission: Admission = Admission.NONE
 
     def __post_init__(self) -> None:
-        if self.admission not in ("none", "reject", "defer"):
-            raise ConfigError(f"admission must be none, reject or defer, got {self.admission!r}")
+        object.__setattr__(self, "admission", parse_mode(Admission, self.admission, "admission"))
         if self.max_model_len < 2:
             raise ConfigError(f"max_model_len must be >= 2, got {self.max_model_len}")
         if self.queue_timeout is not None and self.queue_timeout <= 0:

@@ -23,6 +23,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from ray.serve.config import RequestRouterConfig
 from ray.serve.handle import DeploymentHandle
 
+from fairbatching.core.modes import Admission, parse_mode
 from fairbatching.core.request import SLO
 from fairbatching.errors import ConfigError
 from fairbatching.integrations.ray_serve.node_server import NodeOptions, NodeServer
@@ -35,7 +36,7 @@ from fairbatching.integrations.ray_serve.protocol import (
     sse,
     usage,
 )
-from fairbatching.integrations.ray_serve.routing import ADMISSION_MODES, RoutingRefused
+from fairbatching.integrations.ray_serve.routing import RoutingRefused
 
 ROUTERS = ("pab", "default")
 MAX_ATTEMPTS = 4  # sends of one request whose replicas keep dying before its first token
@@ -47,7 +48,7 @@ class ServeConfig:
     replicas: int = 2
     node: NodeOptions = field(default_factory=NodeOptions)
     router: str = "pab"
-    admission: str = "reject"  # the router's (pab only): none, reject or defer
+    admission: Admission = Admission.REJECT  # the router's (pab only)
     report_interval: float = 0.5
     report_delay: float = 0.2
     model_name: str = "fairbatching-sim"
@@ -58,8 +59,7 @@ class ServeConfig:
             raise ConfigError(f"replicas must be >= 1, got {self.replicas}")
         if self.router not in ROUTERS:
             raise ConfigError(f"router must be one of {', '.join(ROUTERS)}, got {self.router!r}")
-        if self.admission not in ADMISSION_MODES:
-            raise ConfigError(f"admission must be one of {', '.join(ADMISSION_MODES)}, got {self.admission!r}")
+        object.__setattr__(self, "admission", parse_mode(Admission, self.admission, "admission"))
         if self.router != "pab" and self.admission != "none":
             raise ConfigError("router admission control needs --router pab (it is the one that sees budgets)")
         if self.report_interval <= 0 or self.report_delay < 0:

@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from fairbatching.core.modes import DEFAULT_SLO
 from fairbatching.core.request import SLO
 from fairbatching.errors import ConfigError
 
@@ -41,8 +42,8 @@ def serve(
     node_admission: Annotated[
         str, typer.Option("--node-admission", help="Node-side PAB admission: none, reject, defer")
     ] = "none",
-    ttft: Ttft = 2.0,
-    tpot: Tpot = 0.1,
+    ttft: Ttft = DEFAULT_SLO.ttft,
+    tpot: Tpot = DEFAULT_SLO.tpot,
     time_scale: Annotated[
         float, typer.Option("--time-scale", help="Wall seconds per profiled second (0.5: twice as fast)")
     ] = 1.0,
@@ -100,15 +101,15 @@ def bench(
     start: Annotated[int, typer.Option("--start", help="Skip this many requests of the trace first")] = 0,
     qps: Annotated[float | None, typer.Option("--qps", help="Rescale arrivals to this mean rate")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the embedded workload and the prompt tokens")] = 0,
-    ttft: Ttft = 2.0,
-    tpot: Tpot = 0.1,
+    ttft: Ttft = DEFAULT_SLO.ttft,
+    tpot: Tpot = DEFAULT_SLO.tpot,
     model: Annotated[str | None, typer.Option("--model", help="Model name (default: the server's first)")] = None,
     timeout: Annotated[float, typer.Option("--timeout", help="Seconds one request may take")] = 600.0,
     label: Annotated[str, typer.Option("--label", help="Name of this run in the table")] = "bench",
     out: Annotated[Path | None, typer.Option("--out", help="Write summary.json and requests.csv here")] = None,
 ) -> None:
     """Replay a trace against an OpenAI-compatible server; TTFT, TPOT, TBT, SLO attainment and goodput."""
-    from fairbatching.experiment import WorkloadSpec
+    from fairbatching.runs import WorkloadSpec
 
     if not url.startswith(("http://", "https://")):
         raise ConfigError(f"--url must start with http:// or https://, got {url!r}")

@@ -15,6 +15,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, replace
 
+from fairbatching.core.modes import DEFAULT_SLO
 from fairbatching.core.request import SLO, Request, RequestStatus
 from fairbatching.costmodel.model import CostModel
 from fairbatching.costmodel.profile import load_profile
@@ -29,7 +30,7 @@ IDLE_POLL_S = 0.05  # an idle node with deferred requests re-checks them this of
 class NodeOptions:
     policy: str = "fairbatching"
     profile: str | None = None
-    slo: SLO = SLO(2.0, 0.1)
+    slo: SLO = DEFAULT_SLO
     time_scale: float = 1.0
     admission: str = "none"  # node-side FairBatching-PAB admission: none, reject or defer
     max_model_len: int = 131072

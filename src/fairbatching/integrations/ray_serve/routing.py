@@ -11,10 +11,8 @@ from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
 
 from fairbatching.cluster.routers import NodeReport, PABRouter, ReportAging
-from fairbatching.errors import ConfigError
+from fairbatching.core.modes import Admission, parse_mode
 from fairbatching.policies.admission import AdmissionBudget
-
-ADMISSION_MODES = ("none", "reject", "defer")
 
 
 class RoutingRefused(Exception):
@@ -54,9 +52,8 @@ class PABRanking:
     """Ranks replicas by the Prefill Admission Budget left since their last report; with admission control
     refuses (``reject``) or holds (``defer``, until it can no longer make its TTFT) what fits nowhere."""
 
-    def __init__(self, aging: ReportAging, admission: str = "reject") -> None:
-        if admission not in ADMISSION_MODES:
-            raise ConfigError(f"admission must be one of {', '.join(ADMISSION_MODES)}, got {admission!r}")
+    def __init__(self, aging: ReportAging, admission: Admission = Admission.REJECT) -> None:
+        admission = parse_mode(Admission, admission, "admission")
         self.aging = aging
         self.admission = admission
         self.core = PABRouter(admission=admission != "none")

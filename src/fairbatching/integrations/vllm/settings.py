@@ -24,6 +24,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from fairbatching.core.modes import DEFAULT_SLO, Calibration
 from fairbatching.core.request import SLO
 from fairbatching.costmodel.model import CostModel
 from fairbatching.costmodel.profile import DEFAULT_PROFILE, Profile, load_profile
@@ -40,10 +41,10 @@ FILE_ONLY = ("policy_options",)
 @dataclass(frozen=True)
 class SchedulerSettings:
     policy: str = "fairbatching"
-    ttft_slo: float = 2.0
-    tpot_slo: float = 0.1
+    ttft_slo: float = DEFAULT_SLO.ttft
+    tpot_slo: float = DEFAULT_SLO.tpot
     profile: str | None = None
-    calibration: str = "online"
+    calibration: Calibration = Calibration.ONLINE
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
     policy_options: dict[str, Any] = field(default_factory=dict)
@@ -231,10 +232,10 @@ def _profile(value: Any) -> str | None:
     return value
 
 
-def _calibration(value: Any) -> str:
-    if value not in ("online", "off"):
+def _calibration(value: Any) -> Calibration:
+    if not isinstance(value, str) or value not in tuple(Calibration):
         raise ConfigError("must be 'online' or 'off'")
-    return value
+    return Calibration(value)
 
 
 def _port(value: Any) -> int | None:

@@ -1,0 +1,158 @@
+"""The GPU engine's commands: `profile` (measure and fit a profile), `replay` (a workload in real time) and
+`fit-profile` (fit measured rows). torch loads only when one of them runs."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from fairbatching.cli_options import (
+    EngineArgs,
+    PolicyOpt,
+    PolicyOptionOpt,
+    SloArgs,
+    WideOpt,
+    WorkloadArgs,
+    console,
+    grouped,
+    out_console,
+)
+from fairbatching.core.modes import Grid, parse_mode
+from fairbatching.costmodel.profile import load_profile
+from fairbatching.errors import FairBatchingError
+from fairbatching.metrics.table import show, summary_table
+from fairbatching.progress import progress_bar
+from fairbatching.runs import check_slo_feasible
+from fairbatching.validate import atomic_write_text, check_output_dir, open_fraction, parse_policy_options
+
+MaxContext = Annotated[int, typer.Option("--max-context", help="Longest sequence the engine serves (tokens)")]
+
+
+def _engine(e: EngineArgs, max_context: int) -> Any:
+    try:
+        from fairbatching.engine import build_engine
+    except ImportError as exc:
+        raise FairBatchingError(f"the GPU engine needs the [gpu] extra: {exc}") from None
+    return build_engine(
+        e.model, device=e.device, num_blocks=e.num_blocks, block_size=e.block_size, max_context=max_context
+    )
+
+
+def fit_profile(
+    rows: Annotated[
+        Path, typer.Argument(help="Profile rows (CSV/JSON): new_tokens,context_tokens,num_seqs,attn_work,latency_s")
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Profile JSON to write")],
+    name: Annotated[str, typer.Option("--name", help="Profile name")] = "measured",
+    base: Annotated[str | None, typer.Option("--base", help="Profile whose model, hardware and KV to keep")] = None,
+    holdout: Annotated[
+        float, typer.Option("--holdout", help="Fraction of rows held out", callback=open_fraction)
+    ] = 0.2,
+) -> None:
+    """Fit the batch cost model to measured rows and save it as a profile."""
+    from fairbatching.costmodel.fit import fit_cost_model, load_profile_rows
+
+    if out.is_dir():
+        raise FairBatchingError(f"--out {out}: is a folder; give the profile JSON file to write")
+    check_output_dir(out.parent)
+    base_profile = load_profile(base)
+    report = fit_cost_model(load_profile_rows(rows), holdout_fraction=holdout)
+    fit = {"params": report.model.params, "fit": report.as_dict(), "note": f"fitted from {rows.name}"}
+    prof = replace(base_profile, name=name, source="measured", **fit)
+    atomic_write_text(out, json.dumps(prof.to_json(), indent=2) + "\n")
+    out_console.print(
+        f"fitted {report.train_rows} rows; held-out MAPE {report.holdout_mape * 100:.2f}%, "
+        f"max error {report.holdout_max_error * 100:.2f}% on {report.holdout_rows} rows -> {out}"
+    )
+
+
+@grouped
+def profile(
+    *,
+    out: Annotated[Path, typer.Option("--out", help="Folder for rows.csv and profile.json")],
+    e: EngineArgs,
+    max_context: MaxContext = 32768,
+    repeats: Annotated[int, typer.Option("--repeats", help="Timed runs per composition (median)")] = 5,
+    grid: Annotated[str, typer.Option("--grid", help="full, or quick (a few compositions, for a smoke test)")] = "full",
+    name: Annotated[str | None, typer.Option("--name", help="Profile name (default: MODEL-DEVICE-measured)")] = None,
+) -> None:
+    """Measure batch latencies on the GPU engine, fit the cost model, and write a profile."""
+    from fairbatching.engine.profiler import default_grid, measured_profile, run_profile, write_rows_csv
+
+    mode = parse_mode(Grid, grid, "--grid")
+    check_output_dir(out)
+    runner = _engine(e, max_context)
+    compositions = default_grid(runner.pool.usable * e.block_size, max_context)
+    if mode is Grid.QUICK:
+        compositions = compositions[:: max(1, len(compositions) // 14)]
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    with progress_bar(console, label_width=14) as bar:
+        task = bar.add_task("profiling", total=len(compositions))
+        rows = run_profile(runner, compositions, repeats, progress=lambda i, _n, _row: bar.update(task, completed=i))
+    write_rows_csv(out / "rows.csv", rows)
+    hardware = _hardware(runner)
+    prof, report = measured_profile(
+        runner,
+        rows,
+        name or f"{runner.model.config.name}-{hardware.split()[-1].lower()}-measured",
+        f"fairbatching profile --model {e.model} --grid {grid}: {len(rows)} compositions on the GPU engine",
+        {"device": hardware, "profiled_s": round(time.time() - start, 1)},
+    )
+    prof.save(out / "profile.json")
+    out_console.print(
+        f"{len(rows)} compositions in {time.time() - start:.0f} s; held-out MAPE {report.holdout_mape * 100:.2f}%, "
+        f"max {report.holdout_max_error * 100:.2f}% -> {out / 'profile.json'}"
+    )
+
+
+def _hardware(runner: Any) -> str:
+    if runner.device.type != "cuda":
+        return runner.device.type
+    import torch
+
+    return torch.cuda.get_device_name(runner.device)
+
+
+@grouped
+def replay(
+    *,
+    policy: PolicyOpt = "fairbatching",
+    e: EngineArgs,
+    max_context: MaxContext = 16384,
+    w: WorkloadArgs,
+    slo: SloArgs,
+    profile: Annotated[str | None, typer.Option("--profile", help="Cost-model profile the policy plans with")] = None,
+    policy_option: PolicyOptionOpt = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Write summary.json and requests.csv here")] = None,
+    wide: WideOpt = False,
+) -> None:
+    """Replay a workload on the GPU engine in real time, scheduled by a policy; same metrics as `simulate`."""
+    from fairbatching.engine.loop import replay as replay_engine
+    from fairbatching.metrics.summary import summarize
+    from fairbatching.policies import make_policy
+
+    if out:
+        check_output_dir(out)
+    workload = w.spec().build()
+    prof = load_profile(profile)
+    check_slo_feasible(slo.slo, prof)
+    cost = prof.cost_model()
+    options = parse_policy_options(policy_option or []).get(policy, {})
+    pol = make_policy(policy, cost, tpot_slo=slo.tpot, **options)
+    runner = _engine(e, max_context)
+    console.print(f"replaying {len(workload)} requests ({workload.qps:.2f} req/s) on {runner.device} with {policy}")
+    with progress_bar(console, label_width=14) as bar:
+        task = bar.add_task(policy, total=len(workload))
+        res = replay_engine(runner, pol, cost, workload, slo.slo, progress=lambda d, _t: bar.update(task, completed=d))
+    s = summarize(policy, workload.name, res.requests, res.end_time, res.busy_time, res.preemptions)
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        s.write_json(out / "summary.json")
+        s.write_requests_csv(out / "requests.csv")
+    show(out_console, summary_table([s], wide=wide))

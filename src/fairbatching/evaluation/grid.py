@@ -1,0 +1,66 @@
+"""The `sweep` command's grid: policies x workloads x SLOs x loads x seeds, and the files it writes."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from fairbatching.core.request import SLO
+from fairbatching.costmodel.profile import load_profile
+from fairbatching.errors import ConfigError
+from fairbatching.report.curves import plot_load_curves
+from fairbatching.runs import RunResult, RunSpec, check_slo_feasible
+from fairbatching.validate import positive_list
+
+CSV_HEADER = "workload,ttft_slo,tpot_slo,qps,seed,policy,ttft_p99,tpot_p99,tpot_attainment,slo_attainment"
+
+
+def parse_slos(text: str) -> list[tuple[float, float]]:
+    """``TTFT:TPOT`` pairs in seconds, comma-separated."""
+    try:
+        pairs = [tuple(float(x) for x in pair.split(":")) for pair in text.split(",") if pair.strip()]
+    except ValueError:
+        raise ConfigError(f"--slos takes TTFT:TPOT pairs of numbers, e.g. 2:0.1,1:0.05; got {text!r}") from None
+    if any(len(p) != 2 for p in pairs):
+        raise ConfigError("--slos takes TTFT:TPOT pairs, e.g. --slos 2:0.1,1:0.05")
+    return [(p[0], p[1]) for p in pairs]
+
+
+def sweep_specs(
+    policies: Sequence[str], workloads: str, loads: str, slos: str, seeds: int, num: int, profile: str | None
+) -> list[RunSpec]:
+    """Every run of the grid, each SLO checked against the profile first."""
+    qps_levels = positive_list("--qps", loads)
+    slo_pairs = parse_slos(slos)
+    prof = load_profile(profile)
+    for ttft, tpot in slo_pairs:
+        check_slo_feasible(SLO(ttft, tpot), prof)
+    return [
+        RunSpec(p, w, q, s, num, ttft, tpot, profile)
+        for w in [x.strip() for x in workloads.split(",") if x.strip()]
+        for ttft, tpot in slo_pairs
+        for q in qps_levels
+        for p in policies
+        for s in range(seeds)
+    ]
+
+
+def write_sweep(folder: Path, results: Sequence[RunResult]) -> list[Path]:
+    """sweep.json, sweep.csv and one load-curve plot per (workload, SLO) into ``folder``; returns the plots."""
+    specs = [r.spec for r in results if r.spec is not None]
+    rows = [
+        (s.workload, s.ttft_slo, s.tpot_slo, s.qps, s.seed, s.policy)
+        + (r.summary.ttft.p99, r.summary.tpot.p99, r.summary.tpot_attainment, r.summary.slo_attainment)
+        for s, r in zip(specs, results, strict=True)
+    ]
+    (folder / "sweep.json").write_text(json.dumps([r.to_json() for r in results], indent=2) + "\n")
+    (folder / "sweep.csv").write_text(CSV_HEADER + "\n" + "\n".join(",".join(map(str, row)) for row in rows) + "\n")
+    plots = []
+    for w, ttft, tpot in sorted({(s.workload, s.ttft_slo, s.tpot_slo) for s in specs}):
+        part = [
+            r for s, r in zip(specs, results, strict=True) if (s.workload, s.ttft_slo, s.tpot_slo) == (w, ttft, tpot)
+        ]
+        name = f"curves_{Path(w).name}_{ttft:g}_{tpot:g}.png"
+        plots.append(plot_load_curves(part, folder / name, f"{w}, SLO {ttft:g} s / {tpot * 1e3:g} ms"))
+    return plots
