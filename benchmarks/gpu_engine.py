@@ -327,9 +327,8 @@ def validate(
     log(f"validation: simulated fairbatching knee {knee:.2f} req/s; loads {loads}")
     # Calibration: the steps of one replay of a different trace window (the next N requests, middle load),
     # each priced at its period (the step and the loop's host work up to the next one), so the simulator's
-    # clock runs as the engine's loop does. Grid rows left out: with them the simulator ran 6-12% low on P50
-    # TTFT (results/gpu-engine/fixed-sizes-rerun); without, within 10% in 62 of 64 cells over the recorded
-    # calibration replays and validations (benchmarks/calibration_choice.py). Absolute error was less stable.
+    # clock runs as the engine's loop does. Grid rows left out and relative error rather than absolute: why,
+    # measured, in results/gpu-engine/README.md (fixed-sizes-rerun, absolute-calibration, calibration_choice).
     calib = replay(
         runner,
         make_policy("fairbatching", cost, tpot_slo=slo.tpot),

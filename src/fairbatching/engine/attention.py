@@ -10,8 +10,8 @@ Two backends share one metadata object, built once per iteration:
   (benchmarks/engine_kernels.py): short chunks (``PAGED_MAX_TOKENS``) go to the Triton kernel
   (FlashAttention-2 leaves most SMs idle on short chunks over long context, and a step whose chunks all run
   on the Triton kernel replays as one CUDA graph); fresh chunks of ``CUDNN_MIN_TOKENS`` or more to cuDNN
-  (1.9x faster than FlashAttention-2 at 8k, but slower over earlier context, and one call per chunk costs
-  host time that only long chunks repay); the rest to varlen.
+  (faster than FlashAttention-2 on long fresh chunks, but slower over earlier context, and one call per chunk
+  costs host time that only long chunks repay); the rest to varlen. The numbers: results/gpu-engine/README.md.
 """
 
 from __future__ import annotations
@@ -26,15 +26,14 @@ from fairbatching.errors import ConfigError
 
 PREFILL_IMPLS = ("auto", "varlen", "cudnn", "paged")
 CUDNN_MIN_TOKENS = 1024
-# Longest chunks the Triton kernel takes, over earlier context and fresh (measured, engine_kernels.py: it beats
-# FlashAttention-2 varlen up to 256 tokens over 1-16k of context, by up to 3x on short chunks over long
-# context, and loses 15-30% at 512; fresh chunks of 512 it still runs 10% faster).
+# Longest chunks the Triton kernel takes, over earlier context and fresh: where engine_kernels.py measured it
+# beating FlashAttention-2 varlen (results/gpu-engine/README.md).
 PAGED_MAX_TOKENS = 256
 PAGED_MAX_FRESH_TOKENS = 512
 # cuDNN builds an execution plan for every new sequence length, which costs more than the attention it saves
-# (measured: prefill-carrying serving steps 25-33% slower than profiled). Fresh chunks are padded up to a
-# multiple of this, so a few dozen plans, built at warm-up, cover every length; causality keeps the padding
-# keys out of every real row.
+# (measured: prefill-carrying serving steps ran slower than profiled, results/gpu-engine/README.md). Fresh
+# chunks are padded up to a multiple of this, so a few dozen plans, built at warm-up, cover every length;
+# causality keeps the padding keys out of every real row.
 CUDNN_PAD = 256
 ROUTES = ("paged", "varlen", "cudnn")  # the order chunks are packed in, after the decodes
 CHUNK_ROWS = 64  # query rows one Triton program holds for a chunk: tokens x the GQA group padded to a power of 2

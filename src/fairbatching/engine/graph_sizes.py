@@ -2,9 +2,9 @@
 
 A mixed step runs padded up to the next captured size, so each size should be one where the step's linear
 layers run faster than at every larger size. cuBLAS does not guarantee that: on an H100 with Llama-3-8B
-shapes, 448 tokens took 15.8 ms of linear layers against 10.3 ms at 512, and 192 more than 256
-(results/gpu-engine, ``step_sizes``). Padding to such a size costs more than padding past it, and makes step
-time jump where a cost model linear in tokens expects a smooth line. The engine therefore times one layer's
+shapes some sizes ran slower than larger ones (results/gpu-engine/README.md, ``step_sizes``). Padding to
+such a size costs more than padding past it, and makes step time jump where a cost model linear in tokens
+expects a smooth line. The engine therefore times one layer's
 matmuls at every candidate size at warm-up and keeps only the sizes that save time over the next one kept.
 """
 
@@ -18,8 +18,8 @@ from fairbatching.engine.model import LayerWeights
 from fairbatching.engine.timing import cuda_time
 from fairbatching.errors import ConfigError
 
-# Finer steps than powers of two: coarse buckets padded a 270-token step to 512, and such steps ran 11-25%
-# over what a cost model linear in tokens predicts (results/gpu-engine/coarse-buckets).
+# Finer steps than powers of two: coarse buckets pad a mixed step far past its tokens, and padded steps run
+# over what a cost model linear in tokens predicts (measured: results/gpu-engine/README.md, coarse-buckets).
 CANDIDATE_TOKEN_SIZES = (*range(32, 257, 32), *range(320, 1025, 64), *range(1152, 2049, 128))
 MIN_SAVING = 0.03  # a smaller size is kept only if it saves at least this share over the next larger one
 

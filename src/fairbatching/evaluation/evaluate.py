@@ -135,18 +135,8 @@ def _scenario_rows(
     say: Status,
 ) -> list[dict[str, Any]]:
     bound = spec_bound(base, seeds)
-    caps: dict[str, CapacityResult] = {}
+    caps = {p: _capacity(sc, replace(base, policy=p), sweeper, seeds, target, tolerance, head, say) for p in policies}
     for p in policies:
-        what = f"{head} capacity {p} @ {{:.2f}} req/s"
-        caps[p] = find_capacity(
-            replace(base, policy=p),
-            sweeper,
-            target,
-            seeds,
-            sc.start_qps,
-            tolerance,
-            progress=lambda q, d, t, what=what: say(what.format(q), d, t),
-        )
         log(f"{sc.label}: {p} capacity {caps[p].capacity_qps:.3f} req/s")
     best_baseline = max((caps[p].capacity_qps for p in policies if p != "fairbatching"), default=0.0)
     # Equal-load comparisons sit at the best baseline's capacity; if no baseline reaches the target at
@@ -182,6 +172,14 @@ def _scenario_rows(
         }
         for p in policies
     ]
+
+
+def _capacity(
+    sc: Scenario, spec: RunSpec, sweeper: Sweeper, seeds: int, target: float, tolerance: float, head: str, say: Status
+) -> CapacityResult:
+    what = f"{head} capacity {spec.policy} @ {{:.2f}} req/s"
+    progress = lambda q, d, t: say(what.format(q), d, t)  # noqa: E731
+    return find_capacity(spec, sweeper, target, seeds, sc.start_qps, tolerance, progress=progress)
 
 
 def _quiet(what: str, done: int, total: int | None) -> None:

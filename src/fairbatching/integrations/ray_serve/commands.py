@@ -4,7 +4,6 @@ command runs, so the core install's CLI never needs them."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sys
 import time
@@ -13,11 +12,11 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fairbatching.core.modes import DEFAULT_SLO
 from fairbatching.core.request import SLO
 from fairbatching.errors import ConfigError
+from fairbatching.progress import progress_bar
 
 console = Console(stderr=True, soft_wrap=True)
 out_console = Console(width=None if sys.stdout.isatty() else 200)
@@ -118,18 +117,13 @@ def bench(
     slo = SLO(ttft, tpot)
     workload = WorkloadSpec(str(trace) if trace else None, fmt, num, start, qps, seed).build()
     _need("aiohttp", "serve")
+    import asyncio
+
     from fairbatching.integrations.ray_serve.bench import BenchOptions, replay
     from fairbatching.metrics.table import summary_table
 
     console.print(f"replaying {len(workload)} requests ({workload.qps:.2f} req/s) against {url}")
-    with Progress(
-        TextColumn("{task.description:>10}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        disable=not console.is_terminal,
-    ) as bar:
+    with progress_bar(console, label_width=10) as bar:
         task = bar.add_task(label, total=len(workload))
         result = asyncio.run(
             replay(workload, BenchOptions(url, slo, model, timeout, seed), lambda d, _t: bar.update(task, completed=d))
