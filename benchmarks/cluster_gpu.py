@@ -29,8 +29,8 @@ from pathlib import Path
 from fairbatching.cluster.simulator import ClusterConfig, homogeneous, simulate_cluster
 from fairbatching.core.request import SLO
 from fairbatching.evaluation.capacity import bracket_search
-from fairbatching.evaluation.families import family
 from fairbatching.metrics.summary import summarize
+from fairbatching.workloads.families import family
 
 T0 = time.time()
 PROFILE = "llama-3-8b-h200-engine"
@@ -89,9 +89,9 @@ def config(stack: Stack, sc: Scenario) -> ClusterConfig:
 def fields(s) -> dict:
     return {
         "slo": s.slo_attainment,
-        "ttft_p50": s.ttft["p50"],
-        "ttft_p99": s.ttft["p99"],
-        "tpot_mean": s.tpot["mean"],
+        "ttft_p50": s.ttft.p50,
+        "ttft_p99": s.ttft.p99,
+        "tpot_mean": s.tpot.mean,
         "finished": s.finished,
         "requests": s.requests,
     }
