@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 pytest.importorskip("torch", reason="the engine cluster needs the [gpu] extra (torch)")
@@ -9,6 +11,7 @@ pytest.importorskip("torch", reason="the engine cluster needs the [gpu] extra (t
 from fairbatching.cluster.simulator import ClusterConfig, homogeneous  # noqa: E402
 from fairbatching.core.request import SLO, RequestStatus  # noqa: E402
 from fairbatching.engine.cluster import EngineCluster, EngineSpec, ReplicaError  # noqa: E402
+from fairbatching.errors import ConfigError  # noqa: E402
 from fairbatching.workloads.spec import RequestSpec, Workload  # noqa: E402
 
 CPU_ENGINE = EngineSpec("tiny", max_context=1024, num_blocks=200, device="cpu")
@@ -59,3 +62,29 @@ def test_a_replica_that_dies_mid_run_stops_the_replay_with_a_named_error():
         cluster.procs[0].kill()
         config = ClusterConfig(homogeneous(1, "vllm"), SLO(5.0, 1.0), router="round-robin")
         cluster.replay(Workload("w", specs()), config)
+
+
+def test_replay_command_with_replicas_on_cpu_engines(tmp_path):
+    from typer.testing import CliRunner
+
+    from fairbatching.cli import app
+
+    common = ["replay", "--model", "tiny", "--device", "cpu", "--num-blocks", "200", "--max-context", "1024"]
+    res = CliRunner().invoke(app, [*common, "--replicas", "2", "--router", "nope", "-n", "6"])
+    assert isinstance(res.exception, ConfigError) and "unknown router 'nope'" in str(res.exception)  # main(): exit 2
+    args = [
+        *common,
+        "--replicas",
+        "2",
+        "--router",
+        "least-outstanding",
+        "-n",
+        "6",
+        "--qps",
+        "50",
+        "--out",
+        str(tmp_path),
+    ]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "summary.json").read_text())["requests"] == 6

@@ -32,6 +32,7 @@ from fairbatching.cli_options import (
     console,
     grouped,
     out_console,
+    save_summary,
 )
 from fairbatching.costmodel.profile import available_profiles, load_profile
 from fairbatching.errors import FairBatchingError
@@ -98,9 +99,7 @@ def simulate(
     (result,) = _run_with_progress(exp, [policy])
     s = result.summary
     if out:
-        with staged_dir(out) as tmp:
-            s.write_json(tmp / "summary.json")
-            s.write_requests_csv(tmp / "requests.csv")
+        save_summary(s, out)
     if as_json:
         print(json.dumps({**exp.describe(), "summary": s.to_dict()}, indent=2))
     else:

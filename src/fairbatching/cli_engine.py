@@ -3,9 +3,10 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -21,11 +22,14 @@ from fairbatching.cli_options import (
     console,
     grouped,
     out_console,
+    save_summary,
 )
 from fairbatching.core.modes import Grid, parse_mode
 from fairbatching.costmodel.profile import load_profile
 from fairbatching.errors import FairBatchingError
+from fairbatching.metrics.summary import summarize
 from fairbatching.metrics.table import show, summary_table
+from fairbatching.policies import make_policy
 from fairbatching.progress import progress_bar
 from fairbatching.runs import check_slo_feasible
 from fairbatching.validate import atomic_write_text, check_output_dir, open_fraction, parse_policy_options
@@ -111,6 +115,44 @@ def profile(
     )
 
 
+@dataclass
+class ReplicaArgs:
+    replicas: Annotated[
+        int, typer.Option("--replicas", min=1, help="Engine replicas, one process per GPU, behind one router")
+    ] = 1
+    router: Annotated[str, typer.Option("--router", help="With --replicas: pab, round-robin, least-outstanding...")] = (
+        "pab"
+    )
+    admission: Annotated[
+        str, typer.Option("--admission", help="With --replicas and the pab router: none, reject or defer")
+    ] = "none"
+
+    def cluster_config(self, policy: str, profile: str | None, slo: SloArgs, options: dict) -> Any:
+        """The replicas' cluster config, checked before any engine is built."""
+        from fairbatching.cluster.routers import make_router
+        from fairbatching.cluster.simulator import ClusterConfig, homogeneous
+
+        if options:
+            raise FairBatchingError("--policy-option with --replicas: replicas build their policy with its defaults")
+        nodes = homogeneous(self.replicas, policy, profile)
+        config = ClusterConfig(nodes, slo.slo, router=self.router, admission=self.admission)
+        make_router(self.router, admission=config.admission != "none")
+        return config
+
+
+def _engine_cluster(e: EngineArgs, max_context: int, replicas: int) -> Any:
+    try:
+        from fairbatching.engine.cluster import EngineCluster, EngineSpec, replica_devices
+    except ImportError as exc:
+        raise FairBatchingError(f"the GPU engine needs the [gpu] extra: {exc}") from None
+    spec = EngineSpec(e.model, max_context, e.num_blocks, device=e.device, block_size=e.block_size)
+    return EngineCluster(spec, replica_devices(replicas, e.device))
+
+
+def _advance(bar: Any, task: Any, done: int, _total: int) -> None:
+    bar.update(task, completed=done)
+
+
 def _hardware(runner: Any) -> str:
     if runner.device.type != "cuda":
         return runner.device.type
@@ -131,28 +173,31 @@ def replay(
     policy_option: PolicyOptionOpt = None,
     out: Annotated[Path | None, typer.Option("--out", help="Write summary.json and requests.csv here")] = None,
     wide: WideOpt = False,
+    r: ReplicaArgs,
 ) -> None:
-    """Replay a workload on the GPU engine in real time, scheduled by a policy; same metrics as `simulate`."""
+    """Replay a workload in real time on the GPU engine (--replicas N: GPUs 0..N-1 behind one router)."""
     from fairbatching.engine.loop import replay as replay_engine
-    from fairbatching.metrics.summary import summarize
-    from fairbatching.policies import make_policy
 
     if out:
         check_output_dir(out)
     workload = w.spec().build()
     prof = load_profile(profile)
     check_slo_feasible(slo.slo, prof)
-    cost = prof.cost_model()
     options = parse_policy_options(policy_option or []).get(policy, {})
+    cost = prof.cost_model()
     pol = make_policy(policy, cost, tpot_slo=slo.tpot, **options)
-    runner = _engine(e, max_context)
-    console.print(f"replaying {len(workload)} requests ({workload.qps:.2f} req/s) on {runner.device} with {policy}")
+    config = r.cluster_config(policy, profile, slo, options) if r.replicas > 1 else None
+    label = f"{policy} x{r.replicas}" if r.replicas > 1 else policy
+    console.print(f"replaying {len(workload)} requests ({workload.qps:.2f} req/s) with {label}")
     with progress_bar(console, label_width=14) as bar:
         task = bar.add_task(policy, total=len(workload))
-        res = replay_engine(runner, pol, cost, workload, slo.slo, progress=lambda d, _t: bar.update(task, completed=d))
+        step = functools.partial(_advance, bar, task)
+        if config is None:
+            res = replay_engine(_engine(e, max_context), pol, cost, workload, slo.slo, progress=step)
+        else:
+            with _engine_cluster(e, max_context, r.replicas) as cluster:
+                res = cluster.replay(workload, config, progress=step)
     s = summarize(policy, workload.name, res.requests, res.end_time, res.busy_time, res.preemptions)
     if out:
-        out.mkdir(parents=True, exist_ok=True)
-        s.write_json(out / "summary.json")
-        s.write_requests_csv(out / "requests.csv")
+        save_summary(s, out)
     show(out_console, summary_table([s], wide=wide))

@@ -21,9 +21,17 @@ from rich.console import Console
 from fairbatching.core.modes import DEFAULT_SLO
 from fairbatching.core.request import SLO
 from fairbatching.costmodel.profile import load_profile
+from fairbatching.metrics.summary import Summary
 from fairbatching.policies import POLICIES
 from fairbatching.runs import DEFAULT_QPS, Experiment, WorkloadSpec
-from fairbatching.validate import at_least_one, check_output_dir, non_negative, parse_policy_options, positive
+from fairbatching.validate import (
+    at_least_one,
+    check_output_dir,
+    non_negative,
+    parse_policy_options,
+    positive,
+    staged_dir,
+)
 
 console = Console(stderr=True, soft_wrap=True)
 out_console = Console(width=None if sys.stdout.isatty() else 200)
@@ -173,3 +181,10 @@ def build_experiment(w: WorkloadArgs, slo: SloArgs, node: NodeArgs) -> Experimen
     return Experiment(
         workload, load_profile(node.profile), slo.slo, node.max_len, node.timeout, node.admission, options
     )
+
+
+def save_summary(s: Summary, out: Path) -> None:
+    """``summary.json`` and ``requests.csv`` of one run, moved into ``out`` only once both are written."""
+    with staged_dir(out) as tmp:
+        s.write_json(tmp / "summary.json")
+        s.write_requests_csv(tmp / "requests.csv")

@@ -41,6 +41,18 @@ class EngineSpec:
     num_blocks: int | None = None
     kv_memory_fraction: float = 0.8
     device: str | None = None
+    block_size: int = 16
+
+
+def replica_devices(replicas: int, device: str | None) -> list[str | None]:
+    """One ``CUDA_VISIBLE_DEVICES`` value per replica (GPUs 0..N-1), or None each for CPU engines."""
+    import torch
+
+    if device == "cpu" or (device is None and not torch.cuda.is_available()):
+        return [None] * replicas
+    if replicas > torch.cuda.device_count():
+        raise ConfigError(f"{replicas} replicas need {replicas} GPUs; this machine has {torch.cuda.device_count()}")
+    return [str(i) for i in range(replicas)]
 
 
 class ReplicaError(RuntimeError):
@@ -217,6 +229,7 @@ def _replica_main(index: int, device: str | None, engine: EngineSpec, inbox: Any
             engine.model,
             device=engine.device,
             num_blocks=engine.num_blocks,
+            block_size=engine.block_size,
             max_context=engine.max_context,
             kv_memory_fraction=engine.kv_memory_fraction,
         )
