@@ -222,3 +222,22 @@ def test_mixed_slo_classes_on_the_measured_engine_profile():
     exp = Experiment(w, load_profile("llama-3-8b-h100-engine"))
     fb, sarathi = (exp.run(p).summary.slo_attainment for p in ("fairbatching", "sarathi"))
     assert fb > sarathi
+
+
+def test_a_tight_request_is_judged_against_only_the_prefill_work_due_before_it(cost):
+    """Relaxed-class prefills queued on a node are served after a tight request's (deadline order): the
+    budget over the tight TTFT must not count them, while the reported budget (the node's load) does."""
+    from fairbatching.cluster.routers import NodeReport, PABRouter
+    from fairbatching.policies.admission import prefill_admission_budget
+
+    relaxed = [waiting(f"r{i}", NOW, 0.1, prompt=6000, ttft=8.0) for i in range(6)]
+    b = prefill_admission_budget(state(NOW, [], relaxed), cost, horizon=0.5, max_num_seqs=256)
+    assert b.tokens == 0  # all 36k queued tokens against 0.5 s
+    assert b.tokens_within(0.5) > 4000  # none of them is due before a new 0.5 s request
+    assert b.tokens_within(8.0) > b.tokens_within(0.5)
+    tight = [waiting("t", NOW, 0.1, prompt=6000, ttft=0.5)]  # due before a new 0.5 s request: it counts
+    assert prefill_admission_budget(state(NOW, [], tight), cost, 0.5, 256).tokens_within(0.5) < b.tokens_within(0.5)
+    router = PABRouter(admission=True)
+    report = NodeReport(0, NOW, 6, 36000, 0, b)
+    assert router.choose(2000, [report]) is None  # judged on the reported horizon: refused
+    assert router.choose(2000, [report], ttft=0.5) == 0  # judged on its own TTFT and deadline: admitted

@@ -37,16 +37,18 @@ def route(
     router: Router,
     views: list[NodeReport],
     prompt_tokens: int,
-    first_token_due: float,
+    arrival: float,
+    ttft: float,
     now: float,
     admission: str,
     interval: float,
 ) -> Routed:
-    """Where a request goes, given the reports as read at ``now``. With no node reachable it waits for
-    a report while its first token is not yet due; with ``admission="defer"`` and no budget that fits it
-    is held while one more report interval still leaves its first-token deadline ahead; otherwise a
-    request the router refuses is rejected with the reason."""
-    idx = router.choose(prompt_tokens, views)
+    """Where a request (``ttft``: its first-token SLO) goes, given the reports as read at ``now``. With no
+    node reachable it waits for a report while its first token is not yet due; with ``admission="defer"``
+    and no budget that fits it is held while one more report interval still leaves its first-token
+    deadline ahead; otherwise a request the router refuses is rejected with the reason."""
+    first_token_due = arrival + ttft
+    idx = router.choose(prompt_tokens, views, ttft)
     if idx is not None:
         router.note_dispatch(idx, prompt_tokens)
         return Routed(node=views[idx].node)

@@ -53,9 +53,7 @@ class ReportAging:
         if b is None or age <= fresh:
             return report
         keep = max(0.0, 1.0 - (age - fresh) / max(staleness - fresh, 1e-9))
-        budget = AdmissionBudget(
-            b.seconds * keep, int(b.tokens * keep), b.decode_share, b.queued_seconds, b.free_slots, b.horizon
-        )
+        budget = replace(b, seconds=b.seconds * keep, tokens=int(b.tokens * keep), keep=b.keep * keep)
         return replace(report, budget=budget)
 
 
@@ -64,8 +62,9 @@ class Router(ABC):
     needs_budget = False
 
     @abstractmethod
-    def choose(self, prompt_tokens: int, reports: list[NodeReport]) -> int | None:
-        """Index into ``reports`` of the chosen node, or None to refuse the request."""
+    def choose(self, prompt_tokens: int, reports: list[NodeReport], ttft: float | None = None) -> int | None:
+        """Index into ``reports`` of the chosen node, or None to refuse the request (``ttft``: its own
+        first-token SLO, for routers that weigh budgets over it)."""
 
     @abstractmethod
     def note_dispatch(self, report_index: int, prompt_tokens: int) -> None:
@@ -106,7 +105,7 @@ class RoundRobin(_SentSinceReport):
         super().__init__()
         self._next = 0
 
-    def choose(self, prompt_tokens: int, reports: list[NodeReport]) -> int | None:
+    def choose(self, prompt_tokens: int, reports: list[NodeReport], ttft: float | None = None) -> int | None:
         self._last = reports
         if not reports:
             return None
@@ -123,7 +122,7 @@ class LeastOutstanding(_SentSinceReport):
     def load(self, r: NodeReport) -> float:
         return r.outstanding + self.pending(r)[0]
 
-    def choose(self, prompt_tokens: int, reports: list[NodeReport]) -> int | None:
+    def choose(self, prompt_tokens: int, reports: list[NodeReport], ttft: float | None = None) -> int | None:
         self._last = reports
         if not reports:
             return None
@@ -148,7 +147,7 @@ class PowerOfTwo(LeastOutstanding):
         super().__init__()
         self._rng = random.Random(seed)
 
-    def choose(self, prompt_tokens: int, reports: list[NodeReport]) -> int | None:
+    def choose(self, prompt_tokens: int, reports: list[NodeReport], ttft: float | None = None) -> int | None:
         self._last = reports
         if not reports:
             return None
@@ -170,24 +169,28 @@ class PABRouter(_SentSinceReport):
         super().__init__()
         self.admission = admission
 
-    def left(self, r: NodeReport) -> int:
-        return (r.budget.tokens if r.budget else 0) - self.pending(r)[1]
+    def left(self, r: NodeReport, ttft: float | None = None) -> int:
+        """Prompt tokens ``r``'s node can still take, over the reported horizon or over ``ttft``."""
+        b = r.budget
+        tokens = 0 if b is None else b.tokens if ttft is None else b.tokens_within(ttft)
+        return tokens - self.pending(r)[1]
 
-    def admits(self, prompt_tokens: int, r: NodeReport) -> bool:
-        """Whether a request may go to ``r``'s node: always without admission control, else if it fits."""
-        return not self.admission or self.left(r) >= prompt_tokens
+    def admits(self, prompt_tokens: int, r: NodeReport, ttft: float | None = None) -> bool:
+        """Whether a request may go to ``r``'s node: always without admission control, else if it fits
+        (within its own ``ttft`` when given)."""
+        return not self.admission or self.left(r, ttft) >= prompt_tokens
 
     def ranked(self, reports: list[NodeReport]) -> list[int]:
         """Indices into ``reports``, the largest budget left first (ties keep report order, so the first
         is the node ``choose`` picks)."""
         return sorted(range(len(reports)), key=lambda i: -self.left(reports[i]))
 
-    def choose(self, prompt_tokens: int, reports: list[NodeReport]) -> int | None:
+    def choose(self, prompt_tokens: int, reports: list[NodeReport], ttft: float | None = None) -> int | None:
         self._last = reports
         if not reports:
             return None
         best = max(range(len(reports)), key=lambda i: self.left(reports[i]))
-        return best if self.admits(prompt_tokens, reports[best]) else None
+        return best if self.admits(prompt_tokens, reports[best], ttft) else None
 
 
 ROUTERS = {

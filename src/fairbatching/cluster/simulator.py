@@ -189,8 +189,8 @@ class _Cluster:
     def dispatch(self, spec: RequestSpec, t: float, attempt: Request | None) -> None:
         slo = spec.slo or self.cfg.slo
         views = self.visible(t)
-        due = spec.arrival + slo.ttft
-        routed = route(self.router, views, spec.prompt_len, due, t, self.cfg.admission, self.cfg.report_interval)
+        cfg, n = self.cfg, spec.prompt_len
+        routed = route(self.router, views, n, spec.arrival, slo.ttft, t, cfg.admission, cfg.report_interval)
         if routed.retry_at is not None:
             self.push(routed.retry_at, _RETRY, (spec, attempt))
             return

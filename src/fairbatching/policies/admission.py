@@ -5,13 +5,16 @@ router all see one quantity:
 - keeping every running decode on its envelope costs one decode-only step of all of them per tightest
   TPOT: that share of the GPU is spoken for;
 - the prefills already queued or in progress must finish within the horizon (a TTFT): their remaining
-  work, priced at full-batch prefill throughput plus attention over their prior context, is spoken for;
+  work, priced at full-batch prefill throughput plus attention over their prior context, is spoken for
+  (``tokens_within`` judges one request over its own TTFT, counting only the work due before it);
 - what is left of the horizon is the budget in seconds. In tokens it is further capped by the KV blocks
   left after the decodes grow over the horizon, and it is zero when no sequence slot is free.
 """
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -27,9 +30,36 @@ class AdmissionBudget:
     queued_seconds: float  # prefill work already committed (queued or in progress)
     free_slots: int
     horizon: float
+    seconds_per_token: float = 0.0  # full-batch prefill price of a prompt token (0: not reported)
+    kv_tokens: int = 0  # prompt tokens the free KV holds once the decodes have grown over the horizon
+    keep: float = 1.0  # the share of this budget a router still trusts (a stale report is read down)
+    # Queued prefill work by when its first token is due: (seconds from now, work due by then), ascending.
+    queued_due: tuple[tuple[float, float], ...] = ()
 
     def fits(self, prompt_tokens: int) -> bool:
         return prompt_tokens <= self.tokens
+
+    def tokens_within(self, horizon: float) -> int:
+        """The budget in prompt tokens for a request whose first token is due ``horizon`` from now: the same
+        split of GPU time over its own TTFT instead of the reported one, less only the queued prefill work
+        due before it (what is due later is served after it, in deadline order). ``tokens`` itself counts
+        all queued work: the node's load, which routers rank by."""
+        if self.seconds_per_token <= 0:
+            return self.tokens
+        queued = queued_within(self.queued_due, horizon)
+        if horizon == self.horizon and queued == self.queued_seconds:
+            return self.tokens
+        if self.free_slots <= 0:
+            return 0
+        seconds = max(0.0, (1.0 - self.decode_share) * horizon - queued)
+        return int(min(seconds / self.seconds_per_token, self.kv_tokens) * self.keep)
+
+
+def queued_within(queued_due: tuple[tuple[float, float], ...], horizon: float) -> float:
+    """Prefill work whose first token is due within ``horizon`` (``queued_due`` as in ``AdmissionBudget``;
+    a nanosecond of slack keeps a request that arrived just now, due exactly one horizon out, inside)."""
+    i = bisect.bisect_right(queued_due, (horizon + 1e-9, math.inf))
+    return queued_due[i - 1][1] if i else 0.0
 
 
 def prefill_seconds_per_token(cost: CostModel, chunk: int) -> float:
@@ -54,13 +84,20 @@ def prefill_admission_budget(
         growth_blocks = n * math.ceil(tokens_each / state.kv.block_size)
     per_token = prefill_seconds_per_token(cost, chunk)
     c_attn = cost.params.c_attn
-    queued = 0.0
+    due: list[tuple[float, float]] = []
     for r in state.running + state.waiting:
         if not r.is_decode:
             remaining = r.num_tokens - r.num_computed
-            queued += remaining * per_token + c_attn * attn_work(remaining, r.num_computed)
+            due.append(
+                (r.first_deadline - state.now, remaining * per_token + c_attn * attn_work(remaining, r.num_computed))
+            )
+    due.sort()
+    queued_due = tuple(zip([d for d, _ in due], itertools.accumulate(w for _, w in due), strict=True))
+    queued = queued_due[-1][1] if queued_due else 0.0
     seconds = max(0.0, (1.0 - decode_share) * horizon - queued)
     free_slots = max_num_seqs - len(state.running) - len(state.waiting)
     kv_tokens = max(0, state.kv.free_blocks - growth_blocks) * state.kv.block_size
     tokens = 0 if free_slots <= 0 else int(min(seconds / per_token, kv_tokens))
-    return AdmissionBudget(seconds, tokens, decode_share, queued, free_slots, horizon)
+    return AdmissionBudget(
+        seconds, tokens, decode_share, queued, free_slots, horizon, per_token, kv_tokens, queued_due=queued_due
+    )
