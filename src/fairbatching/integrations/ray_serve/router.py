@@ -41,9 +41,8 @@ class PABRequestRouter(RequestRouter):
         job = pending_request.args[0]
         by_id = {r.replica_id: r for r in candidate_replicas}
         stats = {r.replica_id: r.routing_stats for r in candidate_replicas}
-        decision = self.ranking.decide(
-            job["prompt_tokens"], job["arrival"] + job["ttft"], stats, self._get_curr_time_s()
-        )
+        now = self._get_curr_time_s()
+        decision = self.ranking.decide(job["prompt_tokens"], job["arrival"] + job["ttft"], stats, now, job["ttft"])
         if decision.order:
             return [[by_id[k]] for k in decision.order]
         if decision.refusal is not None:

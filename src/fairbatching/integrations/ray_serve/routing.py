@@ -75,14 +75,22 @@ class PABRanking:
                 out.append(v)
         return out
 
-    def decide(self, prompt_tokens: int, deadline: float, stats: Mapping[Hashable, Mapping], now: float) -> Decision:
-        """Where a request of ``prompt_tokens`` goes; ``deadline`` is its first token's due time."""
+    def decide(
+        self,
+        prompt_tokens: int,
+        deadline: float,
+        stats: Mapping[Hashable, Mapping],
+        now: float,
+        ttft: float | None = None,
+    ) -> Decision:
+        """Where a request of ``prompt_tokens`` goes; ``deadline`` is its first token's due time, ``ttft`` its
+        first-token SLO (admission judges the budget over it, as the cluster simulator does)."""
         views = self.views(stats, now)
         interval = self.aging.interval
         if views:
             order = self.core.ranked(views)
             best = views[order[0]]
-            if self.core.admits(prompt_tokens, best):
+            if self.core.admits(prompt_tokens, best, ttft):
                 self._seen.update((v.node, v) for v in views)
                 return Decision([views[i].node for i in order])
             reason = f"admission control: no replica's prefill budget fits {prompt_tokens} tokens"
