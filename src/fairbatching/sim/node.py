@@ -62,6 +62,18 @@ class IterationLog:
     kv_used: list[int] = field(default_factory=list)
 
 
+@dataclass(slots=True)
+class _Stretch:
+    """A decode-only stretch in progress: iterations left, and the context of the next one.
+
+    It outlives ``advance_to``'s horizon, so a cluster's report ticks (every node advanced to the tick)
+    continue it instead of asking the policy for the same all-decode plan again.
+    """
+
+    left: int
+    ctx: int
+
+
 class Node:
     """A node's scheduler state and clock. ``submit`` requests, ``advance_to`` a time; ``done`` collects ends."""
 
@@ -92,6 +104,7 @@ class Node:
         self.executor = executor or self._predict
         # Fast-forward prices decode stretches without running them: only for the simulator's own executor.
         self._fast = executor is None and config.fast_forward and policy.schedules_all_decodes_when_idle
+        self._stretch: _Stretch | None = None
         self.on_finish: Callable[[Request], None] | None = None
 
     def new_request(self, request_id: str, arrival: float, prompt_len: int, slo: SLO | None) -> Request:
@@ -108,6 +121,7 @@ class Node:
 
     def submit(self, r: Request, output_len: int) -> None:
         """Queue ``r`` (the simulator alone knows ``output_len``), or reject it if it can never fit."""
+        self._stretch = None  # the next iteration is the policy's to plan again
         self.targets[r.request_id] = output_len
         reason = self._admission_problem(r, output_len, self.kv)
         if reason:
@@ -174,17 +188,22 @@ class Node:
             self._expire(cfg.queue_timeout)
         if not (waiting or running):
             return False  # nothing runnable: only an arrival can change that
+        if self._stretch is not None:
+            # Still the decode-only batch the policy planned when the stretch began: no arrival (``submit``
+            # ends a stretch), no finish, KV covered. Report ticks land here without a new plan.
+            if not self.deferred:
+                self._advance(*self._continue_stretch(horizon))
+                return True
+            self._stretch = None
         self.state.now = self.clock
         plan = self.policy.schedule(self.state)
         self.preemptions += self._apply_preemptions(plan, running, waiting, kv)
         if plan.is_empty:
             return bool(plan.preempted)
         if self._fast and not waiting and plan.num_decodes == len(running) == plan.num_seqs > 1:
-            steps, elapsed = self._fast_forward(running, kv, self.targets, self.clock, horizon, self.log)
+            steps, elapsed = self._fast_forward(horizon)
             if steps:
-                self.clock += elapsed
-                self.busy += elapsed
-                self.iterations += steps
+                self._advance(steps, elapsed)
                 return True
         start = self.clock
         n_running, n_waiting = len(running), len(waiting)
@@ -214,37 +233,44 @@ class Node:
             running[:] = [r for r in running if r.status is RequestStatus.RUNNING]
         return True
 
+    def _advance(self, steps: int, elapsed: float) -> None:
+        self.clock += elapsed
+        self.busy += elapsed
+        self.iterations += steps
+
     def _predict(self, plan: BatchPlan, start: float) -> float:
         return start + self.cost.predict(plan.new_tokens, plan.context_tokens, plan.num_seqs, plan.attn_work)
 
-    def _fast_forward(
-        self,
-        running: list[Request],
-        kv: BlockAllocator,
-        targets: dict[str, int],
-        clock: float,
-        horizon: float,
-        log: IterationLog,
-    ) -> tuple[int, float]:
-        """Replay decode-only iterations of all ``running`` requests in one go.
+    def _fast_forward(self, horizon: float) -> tuple[int, float]:
+        """Start replaying decode-only iterations of all running requests in one go (see ``_Stretch``).
 
-        Valid while nothing arrives (``horizon``), no request finishes, and the free KV blocks cover every
-        block the decodes cross; the policy has promised (``schedules_all_decodes_when_idle``) that it would
-        plan exactly this batch each time. Stops one token short of the first finish so that iteration,
-        and every later decision, goes through the policy again. Returns (iterations, elapsed seconds).
+        Valid while nothing arrives, no request finishes, and the free KV blocks cover every block the
+        decodes cross; the policy has promised (``schedules_all_decodes_when_idle``) that it would plan
+        exactly this batch each time. Stops one token short of the first finish so that iteration, and
+        every later decision, goes through the policy again. Returns (iterations, elapsed seconds).
         """
+        running, kv = self.running, self.kv
         n = len(running)
-        steps = min(targets[r.request_id] - len(r.token_times) for r in running) - 1
+        targets = self.targets
+        steps = min([targets[r.request_id] - len(r.token_times) for r in running]) - 1
         steps = min(steps, (kv.free_blocks // n) * kv.block_size)  # a decode crosses <= 1 block per block_size
         if steps < 2:
             return 0, 0.0
-        ctx = sum(r.num_computed for r in running) + n
+        self._stretch = _Stretch(steps, sum([r.num_computed for r in running]) + n)
+        return self._continue_stretch(horizon)
+
+    def _continue_stretch(self, horizon: float) -> tuple[int, float]:
+        """Run the pending stretch's iterations that start before ``horizon``; the rest stays pending."""
+        stretch = self._stretch
+        running, kv = self.running, self.kv
+        n = len(running)
+        ctx = stretch.ctx
         predict = self.cost.predict
         observe = self.policy.observe_step
         times: list[float] = []
         durations: list[float] = []
-        t = clock
-        for _ in range(steps):
+        clock = t = self.clock
+        for _ in range(stretch.left):
             if t >= horizon and times:
                 break
             dt = predict(n, ctx, n, ctx)
@@ -254,6 +280,10 @@ class Node:
             times.append(t)
             ctx += n
         k = len(times)
+        stretch.left -= k
+        stretch.ctx = ctx
+        if not stretch.left:
+            self._stretch = None
         for r in running:
             kv.allocate(r, k)
             r.num_computed += k
@@ -261,6 +291,7 @@ class Node:
             r.token_times.extend(times)
             r.next_deadline += k * r.tpot
         if self.config.record_iterations:
+            log = self.log
             log.start.extend([clock, *times[:-1]])
             log.duration.extend(durations)
             log.prefill_tokens.extend([0] * k)
