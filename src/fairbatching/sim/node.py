@@ -200,7 +200,7 @@ class Node:
         self.preemptions += self._apply_preemptions(plan, running, waiting, kv)
         if plan.is_empty:
             return bool(plan.preempted)
-        if self._fast and not waiting and plan.num_decodes == len(running) == plan.num_seqs > 1:
+        if self._fast and not waiting and plan.num_decodes == len(running) == plan.num_seqs:
             steps, elapsed = self._fast_forward(horizon)
             if steps:
                 self._advance(steps, elapsed)
