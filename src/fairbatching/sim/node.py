@@ -12,6 +12,8 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from fairbatching.core.kv import BlockAllocator, KVCacheConfig
 from fairbatching.core.modes import Admission, parse_mode
 from fairbatching.core.plan import BatchPlan
@@ -264,24 +266,12 @@ class Node:
         stretch = self._stretch
         running, kv = self.running, self.kv
         n = len(running)
-        ctx = stretch.ctx
-        predict = self.cost.predict
-        observe = self.policy.observe_step
-        times: list[float] = []
-        durations: list[float] = []
-        clock = t = self.clock
-        for _ in range(stretch.left):
-            if t >= horizon and times:
-                break
-            dt = predict(n, ctx, n, ctx)
-            observe(n, ctx, n, ctx, dt)
-            durations.append(dt)
-            t += dt
-            times.append(t)
-            ctx += n
+        clock = self.clock
+        ctx, durations, times = self._stretch_prices(n, stretch.ctx, stretch.left, clock, horizon)
         k = len(times)
+        self.policy.observe_decode_steps(n, ctx, durations)
         stretch.left -= k
-        stretch.ctx = ctx
+        stretch.ctx += k * n
         if not stretch.left:
             self._stretch = None
         for r in running:
@@ -293,13 +283,46 @@ class Node:
         if self.config.record_iterations:
             log = self.log
             log.start.extend([clock, *times[:-1]])
-            log.duration.extend(durations)
+            log.duration.extend(durations.tolist())
             log.prefill_tokens.extend([0] * k)
             log.decode_seqs.extend([n] * k)
             log.running.extend([n] * k)
             log.waiting.extend([0] * k)
             log.kv_used.extend([kv.used_blocks] * k)
-        return k, t - clock
+        return k, times[-1] - clock
+
+    def _stretch_prices(
+        self, n: int, ctx: int, left: int, clock: float, horizon: float
+    ) -> tuple[np.ndarray, np.ndarray, list[float]]:
+        """Contexts, durations and end times of the next decode-only steps, up to ``left`` of them and the
+        last one that starts before ``horizon`` (always at least one).
+
+        A ``CostModel`` prices them as arrays: step i has context ``ctx + i * n`` and ends at the running sum
+        of the durations from ``clock`` (``np.cumsum`` adds in order, as a step loop does, so the same bits).
+        Every step costs at least the first, which bounds how many can start before ``horizon``. Any other
+        pricer (a perturbed one draws noise per call) is asked step by step, exactly as often as needed.
+        """
+        cost = self.cost
+        if isinstance(cost, CostModel):
+            m = left
+            if horizon != math.inf:
+                m = min(m, int((horizon - clock) / cost.predict(n, ctx, n, ctx)) + 2)
+            contexts = ctx + n * np.arange(m)
+            durations = cost.predict_decodes(n, contexts)
+            ends = np.cumsum(np.concatenate(([clock], durations)))
+            k = max(1, int(np.searchsorted(ends[:-1], horizon)))  # steps that start before the horizon
+            return contexts[:k], durations[:k], ends[1 : k + 1].tolist()
+        durations_: list[float] = []
+        times: list[float] = []
+        t = clock
+        for _ in range(left):
+            if t >= horizon and times:
+                break
+            dt = cost.predict(n, ctx + n * len(times), n, ctx + n * len(times))
+            durations_.append(dt)
+            t += dt
+            times.append(t)
+        return ctx + n * np.arange(len(times)), np.array(durations_), times
 
     def _admission_problem(self, r: Request, output_len: int, kv: BlockAllocator) -> str | None:
         total_len = r.prompt_len + output_len
