@@ -192,15 +192,24 @@ class FairBatchingPolicy(Policy):
         order). A request whose TTFT is lost can no longer meet its SLO; serving it first, as plain EDF does,
         makes the next ones late too and under a burst every request misses (the domino effect of EDF in
         overload). Late ones still run, in the time the feasible ones leave."""
-        late = [r.first_deadline <= now + self._lone_prefill_time(r) for r in pool]
+        predict = self.cost_model.predict
+        # The least time the rest of a prompt can take is alone in a step. The model grows with new tokens,
+        # context and attention work alike (for chunks of 2+ tokens: one step kind), so pricing the longest
+        # rest over the deepest prefix bounds them all and clears most of a long queue without pricing each.
+        most_new = max([r.num_tokens - r.num_computed for r in pool])
+        most_done = max([r.num_computed for r in pool])
+        clear = now + predict(most_new, most_done + most_new, 1, most_new * (most_done + (most_new + 1) * 0.5))
+        late = []
+        for r in pool:
+            c = r.num_computed
+            n = r.num_tokens - c
+            if n > 1 and r.first_deadline > clear:
+                late.append(False)
+            else:  # ``attn_work(n, c)`` inlined
+                late.append(r.first_deadline <= now + predict(n, c + n, 1, n * (c + (n + 1) * 0.5)))
         if not any(late) or all(late):
             return pool
         return [r for r, x in zip(pool, late, strict=True) if not x] + [r for r, x in zip(pool, late, strict=True) if x]
-
-    def _lone_prefill_time(self, r: Request) -> float:
-        """The least time the rest of ``r``'s prompt can take: alone in a step."""
-        n, c = r.num_tokens - r.num_computed, r.num_computed
-        return self.cost_model.predict(n, c + n, 1, attn_work(n, c))
 
     def _first_chunk_floor(self) -> int:
         """Smallest partial chunk worth opening a mixed step for: ``mixed_amortization`` x the model's
