@@ -220,9 +220,15 @@ class Node:
         finished = False
         targets = self.targets
         for r, n in plan.items:
-            r.num_computed += n
-            if r.num_computed == r.num_tokens:
-                r.record_token(clock)
+            c = r.num_computed = r.num_computed + n
+            if c == r.num_tokens:
+                times = r.token_times
+                if times:  # ``Request.record_token`` for a later token, inlined: once per decode per step
+                    times.append(clock)
+                    r.num_tokens = c + 1
+                    r.next_deadline += r.tpot
+                else:
+                    r.record_token(clock)
                 if r.num_tokens - r.prompt_len >= targets[r.request_id]:
                     r.status = FINISHED
                     r.finish_reason = "length"
