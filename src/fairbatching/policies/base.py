@@ -181,7 +181,7 @@ class BatchBuilder:
         self.seqs += 1
         if admitting:
             self.resident += 1
-        if n == 1 and request.token_times:
+        if n == 1 and request.token_times:  # a one-token step past the first token: what engines count as a decode
             self.plan.num_decodes += 1
         return True
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import math
-from bisect import bisect_left
 from itertools import accumulate
 from operator import attrgetter
 
+from fairbatching.core.envelope import count_urgent
 from fairbatching.core.plan import BatchPlan
 from fairbatching.core.request import Request
 from fairbatching.costmodel.model import CostModel, attn_work
@@ -92,6 +92,7 @@ class FairBatchingPolicy(Policy):
     def schedule(self, state: SchedulerState) -> BatchPlan:
         now = state.now
         running = state.running
+        # ``Request.is_decode``, inlined: a property call per running request per step costs more than the test.
         decodes = [r for r in running if r.num_tokens - r.num_computed == 1 and r.token_times]
         prefills = (
             [r for r in running if r.num_tokens - r.num_computed != 1 or not r.token_times]
@@ -117,7 +118,8 @@ class FairBatchingPolicy(Policy):
             may_yield = pressure < self.kv_high_watermark
             all_decodes = self.cost_model.predict(n, ctx, n, ctx)
             margin = self.urgency_margin * all_decodes + (self.yield_reserve * tpot if may_yield else 0.0)
-            n_urgent = bisect_left(deadlines, now + budget + margin)
+            # Urgent: skipped now, their next token would come after the budget and the margin (the next step).
+            n_urgent = count_urgent(deadlines, now, budget, margin)
             if n_urgent:
                 b.add_decodes(decodes[:n_urgent], fresh=True)
             budget = prefill_budget = max(budget, b.time())
