@@ -207,6 +207,8 @@ class FairBatchingPolicy(Policy):
             n = r.num_tokens - c
             if n > 1 and r.first_deadline > clear:
                 late.append(False)
+            elif r.first_deadline <= now:  # already lost, however fast it could run
+                late.append(True)
             else:  # ``attn_work(n, c)`` inlined
                 late.append(r.first_deadline <= now + predict(n, c + n, 1, n * (c + (n + 1) * 0.5)))
         if not any(late) or all(late):

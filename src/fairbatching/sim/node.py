@@ -217,7 +217,7 @@ class Node:
             _log_iteration(self.log, start, dt, plan, n_running, n_waiting, kv.used_blocks)
         self.busy += dt
         self.iterations += 1
-        finished = False
+        finished = []
         targets = self.targets
         for r, n in plan.items:
             c = r.num_computed = r.num_computed + n
@@ -234,11 +234,11 @@ class Node:
                     r.finish_reason = "length"
                     kv.free(r)
                     self.done.append(r)
-                    finished = True
+                    finished.append(r)
                     if self.on_finish is not None:
                         self.on_finish(r)
-        if finished:
-            running[:] = [r for r in running if r.status is RequestStatus.RUNNING]
+        for r in finished:
+            running.remove(r)
         return True
 
     def _advance(self, steps: int, elapsed: float) -> None:
@@ -354,7 +354,7 @@ class Node:
     def _admit(plan: BatchPlan, running: list[Request], waiting: list[Request], kv: BlockAllocator, now: float) -> None:
         """Reserve the plan's KV and move newly scheduled requests from waiting to running."""
         bs = kv.block_size
-        admitted = None
+        admitted = []
         for r, n in plan.items:
             held = r.num_blocks
             if r.num_computed + n > held * bs:
@@ -364,10 +364,9 @@ class Node:
                 if r.first_scheduled is None:
                     r.first_scheduled = now
                 running.append(r)
-                admitted = admitted or set()
-                admitted.add(id(r))
-        if admitted:
-            waiting[:] = [r for r in waiting if id(r) not in admitted]
+                admitted.append(r)
+        for r in admitted:  # admissions come from near the head of a queue that can be thousands long
+            waiting.remove(r)
 
     def _expire(self, timeout: float) -> None:
         now = self.clock
