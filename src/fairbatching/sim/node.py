@@ -192,8 +192,9 @@ class Node:
             return False  # nothing runnable: only an arrival can change that
         if self._stretch is not None:
             # Still the decode-only batch the policy planned when the stretch began: no arrival (``submit``
-            # ends a stretch), no finish, KV covered. Report ticks land here without a new plan.
-            if not self.deferred:
+            # ends a stretch), no finish, KV covered. Report ticks land here without a new plan. Deferred
+            # requests are re-checked every step, and one admitted just now makes this a new decision.
+            if not (waiting or self.deferred):
                 self._advance(*self._continue_stretch(horizon))
                 return True
             self._stretch = None
