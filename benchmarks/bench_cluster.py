@@ -4,34 +4,28 @@
 trace (19,366 requests) at its recorded rate and (b) the same requests compressed to 768 req/s (12 per
 node, so every node is busy).
 Prints wall time and simulated requests per wall-second, with round-robin measured in the same run as
-the baseline (same nodes, no budget reports to compute). Issue 5's target: one hour on 64 nodes in minutes.
+the baseline (same nodes, no budget reports to compute). Issue 20's target: the one hour on 64 nodes (PAB) under 20 s.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 from fairbatching.cluster import ClusterConfig, simulate_cluster
 from fairbatching.cluster.simulator import homogeneous
 from fairbatching.core import SLO
 from fairbatching.metrics import summarize
-from fairbatching.workloads import load_trace, synthetic_workload
-
-TRACE = Path(__file__).resolve().parents[2] / "shared" / "traces" / "AzureLLMInferenceTrace_conv.csv"
+from fairbatching.workloads import load_trace
+from fairbatching.workloads.bundled import resolve_trace
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--nodes", type=int, default=64)
     args = ap.parse_args()
-    if TRACE.is_file():
-        hour = load_trace(TRACE)
-        loaded = hour.rescaled(12.0 * args.nodes)
-    else:
-        hour = synthetic_workload(19_366, 5.5, burstiness=4, name="synthetic-hour")
-        loaded = hour.rescaled(12.0 * args.nodes)
+    hour = load_trace(resolve_trace("azure-conv"))  # bundled with the package
+    loaded = hour.rescaled(12.0 * args.nodes)
     slo = SLO(2.0, 0.1)
     print(f"{'workload':22s} {'router':12s} {'requests':>9s} {'sim s':>8s} {'wall s':>8s} {'req/s':>8s} {'SLO ok':>7s}")
     for label, w in (("one hour, native rate", hour), (f"loaded, {loaded.qps:.0f} req/s", loaded)):

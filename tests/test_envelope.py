@@ -66,3 +66,27 @@ def test_emission_slack_reports_lead_per_token():
 def test_impossible_slo_values_are_rejected(ttft, tpot):
     with pytest.raises(ConfigError, match="SLO"):
         SLO(ttft=ttft, tpot=tpot)
+
+
+def test_count_urgent_is_is_urgent_over_sorted_deadlines_lists_or_arrays():
+    import numpy as np
+
+    from fairbatching.core.envelope import count_urgent, urgency_cutoff
+
+    reqs = [Request(f"r{i}", arrival=0.1 * i, prompt_len=10, slo=SLO(ttft=1.0, tpot=0.1)) for i in range(30)]
+    deadlines = sorted(r.next_deadline for r in reqs)
+    for now, batch, follow in ((0.5, 0.2, None), (1.0, 0.3, 0.05), (0.0, 0.01, 0.01), (5.0, 0.1, 0.1)):
+        expected = sum(is_urgent(r, now, batch, follow) for r in reqs)
+        assert count_urgent(deadlines, now, batch, follow) == expected
+        assert count_urgent(np.array(deadlines), now, batch, follow) == expected
+        assert all((d < urgency_cutoff(now, batch, follow)) == (i < expected) for i, d in enumerate(deadlines))
+
+
+def test_token_deadline_takes_index_arrays():
+    import numpy as np
+
+    r = Request("a", arrival=10.0, prompt_len=100, slo=SLO(ttft=2.0, tpot=0.05))
+    ks = np.arange(1, 12)
+    assert token_deadline(r, ks).tolist() == [token_deadline(r, int(k)) for k in ks]
+    with pytest.raises(ValueError):
+        token_deadline(r, np.array([1, 0]))

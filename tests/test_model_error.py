@@ -1,5 +1,8 @@
 """Planning under model error: executed steps dearer than the planning model must not collapse FairBatching."""
 
+import numpy as np
+import pytest
+
 from fairbatching.core.request import SLO
 from fairbatching.costmodel.adaptive import AdaptiveCostModel
 from fairbatching.costmodel.profile import load_profile
@@ -29,3 +32,31 @@ def test_adaptive_model_learns_the_measured_ratio_per_step_kind():
     decode_factor, mixed_factor = m.factors
     assert abs(decode_factor - 1.3) < 1e-9 and mixed_factor == 1.0
     assert abs(m.predict(32, 32000, 32, 32000.0) / prior.predict(32, 32000, 32, 32000.0) - 1.3) < 1e-9
+
+
+@pytest.mark.parametrize("held", [0, 3, 40, 300])
+@pytest.mark.parametrize("window,min_steps,refresh", [(256, 16, 8), (32, 4, 1), (20, 20, 7)])
+def test_batched_decode_observations_leave_the_model_as_step_by_step_ones(held, window, min_steps, refresh):
+    prior = load_profile().cost_model()
+    stepwise = AdaptiveCostModel(prior, window=window, min_steps=min_steps, refresh_every=refresh)
+    batched = AdaptiveCostModel(prior, window=window, min_steps=min_steps, refresh_every=refresh)
+    rng = np.random.default_rng(held + window)
+    for m in (stepwise, batched):  # some history of both step kinds first
+        for i in range(held):
+            m.observe(8, 9000 + i, 8 if i % 3 else 2, 9000.0, 0.02 * (1 + 0.1 * (i % 7)))
+    for n, k in ((4, 1), (16, 5), (3, 37), (1, 300)):
+        ctx = 20000 + n * np.arange(k)
+        seconds = prior.predict_decodes(n, ctx) * rng.uniform(0.8, 1.5, k)
+        for c, t in zip(ctx.tolist(), seconds.tolist(), strict=True):
+            stepwise.observe(n, c, n, c, t)
+        batched.observe_decodes(n, ctx, seconds)
+        assert batched.factors == stepwise.factors
+        assert list(batched._ratios[0]) == list(stepwise._ratios[0]) and batched._since == stepwise._since
+
+
+@pytest.mark.parametrize("name", ["llama-3-8b-h100-analytic", "llama-3-8b-h100-engine", "llama-3-8b-h200-engine"])
+def test_predict_decodes_is_predict_bit_for_bit(name):
+    m = load_profile(name).cost_model()
+    for n in (1, 7, 256):
+        ctx = 3 * n + n * np.arange(2000)
+        assert m.predict_decodes(n, ctx).tolist() == [m.predict(n, c, n, c) for c in ctx.tolist()]

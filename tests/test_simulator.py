@@ -156,3 +156,30 @@ def test_bad_admission_mode():
 
     with pytest.raises(ConfigError, match="admission must be"):
         SimConfig(default_slo=SLO_, kv=KVCacheConfig(100), admission="maybe")
+
+
+def test_report_ticks_continue_a_decode_stretch_without_asking_the_policy_again(profile):
+    from fairbatching.sim.node import Node
+
+    cost = profile.cost_model()
+
+    def run_node(tick):
+        policy = make_policy("fairbatching", cost, tpot_slo=SLO_.tpot)
+        plans = []
+        schedule = policy.schedule
+        policy.schedule = lambda state: plans.append(state.now) or schedule(state)
+        node = Node(policy, cost, SimConfig(default_slo=SLO_, kv=profile.kv))
+        for i, output_len in enumerate((300, 500)):
+            node.submit(node.new_request(f"r{i}", 0.0, 200, None), output_len)
+        t = 0.0
+        while node.has_work:
+            t += tick
+            node.advance_to(t)  # a cluster's report tick
+        return node, len(plans)
+
+    ticked, ticked_plans = run_node(0.05)
+    whole, whole_plans = run_node(1e6)
+    assert ticked.iterations == whole.iterations == 500
+    assert ticked_plans == whole_plans < 10
+    for a, b in zip(ticked.done, whole.done, strict=True):
+        assert a.token_times == pytest.approx(b.token_times, rel=1e-12)

@@ -93,6 +93,22 @@ class CostModel:
         fixed = self._t_fixed + self._t_mixed if new_tokens > num_seqs else self._t_fixed
         return fixed + self._c_seq * num_seqs + core
 
+    def predict_decodes(self, num_seqs: int, context: np.ndarray) -> np.ndarray:
+        """``predict(n, c, n, c)`` for decode-only steps of ``num_seqs`` sequences at each context ``c``.
+
+        The same operations in the same order as ``predict``, so the same bits; for ``p != 1`` the power is
+        taken per element in Python, since NumPy's vectorised ``power`` may round differently from libm.
+        """
+        mem = self._t_w + self._c_kv * context
+        comp = self._c_tok * num_seqs + self._c_attn * context
+        p = self._p
+        if p == 1.0:
+            core = mem + comp
+        else:
+            inv = self._inv_p
+            core = np.array([(m**p + c**p) ** inv for m, c in zip(mem.tolist(), comp.tolist(), strict=True)])
+        return self._t_fixed + self._c_seq * num_seqs + core
+
 
 def predict_with(theta: np.ndarray, x: np.ndarray) -> np.ndarray:
     """Model output for parameter vector ``theta`` (CostParams order) on feature rows ``x``."""

@@ -6,6 +6,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from operator import attrgetter
 
+import numpy as np
+
 from fairbatching.core.kv import BlockAllocator
 from fairbatching.core.plan import BatchPlan
 from fairbatching.core.request import Request
@@ -63,6 +65,17 @@ class Policy(ABC):
         if isinstance(cost, AdaptiveCostModel):
             return cost.observe(new_tokens, context_tokens, num_seqs, attn_work, seconds)
         return False
+
+    def observe_decode_steps(self, num_seqs: int, context: np.ndarray, seconds: np.ndarray) -> None:
+        """A run of executed decode-only steps (``num_seqs`` sequences, context ``context[i]``, ``seconds[i]``
+        each), as the simulator's fast-forward replays them; the same as ``observe_step`` on each in turn.
+        A policy that re-derives limits on a change overrides ``observe_step`` and is fed step by step."""
+        cost = self.cost_model
+        if type(self).observe_step is not Policy.observe_step:
+            for c, t in zip(context.tolist(), seconds.tolist(), strict=True):
+                self.observe_step(num_seqs, c, num_seqs, c, t)
+        elif isinstance(cost, AdaptiveCostModel):
+            cost.observe_decodes(num_seqs, context, seconds)
 
     def admission_budget(self, state: SchedulerState, horizon: float):
         """This node's Prefill Admission Budget (see ``policies.admission``), priced by this policy's model."""
@@ -168,7 +181,7 @@ class BatchBuilder:
         self.seqs += 1
         if admitting:
             self.resident += 1
-        if n == 1 and request.token_times:
+        if n == 1 and request.token_times:  # a one-token step past the first token: what engines count as a decode
             self.plan.num_decodes += 1
         return True
 

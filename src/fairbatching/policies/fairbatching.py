@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import math
-from bisect import bisect_left
 from itertools import accumulate
 from operator import attrgetter
 
+from fairbatching.core.envelope import count_urgent
 from fairbatching.core.plan import BatchPlan
 from fairbatching.core.request import Request
 from fairbatching.costmodel.model import CostModel, attn_work
@@ -92,6 +92,7 @@ class FairBatchingPolicy(Policy):
     def schedule(self, state: SchedulerState) -> BatchPlan:
         now = state.now
         running = state.running
+        # ``Request.is_decode``, inlined: a property call per running request per step costs more than the test.
         decodes = [r for r in running if r.num_tokens - r.num_computed == 1 and r.token_times]
         prefills = (
             [r for r in running if r.num_tokens - r.num_computed != 1 or not r.token_times]
@@ -117,7 +118,8 @@ class FairBatchingPolicy(Policy):
             may_yield = pressure < self.kv_high_watermark
             all_decodes = self.cost_model.predict(n, ctx, n, ctx)
             margin = self.urgency_margin * all_decodes + (self.yield_reserve * tpot if may_yield else 0.0)
-            n_urgent = bisect_left(deadlines, now + budget + margin)
+            # Urgent: skipped now, their next token would come after the budget and the margin (the next step).
+            n_urgent = count_urgent(deadlines, now, budget, margin)
             if n_urgent:
                 b.add_decodes(decodes[:n_urgent], fresh=True)
             budget = prefill_budget = max(budget, b.time())
@@ -192,15 +194,26 @@ class FairBatchingPolicy(Policy):
         order). A request whose TTFT is lost can no longer meet its SLO; serving it first, as plain EDF does,
         makes the next ones late too and under a burst every request misses (the domino effect of EDF in
         overload). Late ones still run, in the time the feasible ones leave."""
-        late = [r.first_deadline <= now + self._lone_prefill_time(r) for r in pool]
+        predict = self.cost_model.predict
+        # The least time the rest of a prompt can take is alone in a step. The model grows with new tokens,
+        # context and attention work alike (for chunks of 2+ tokens: one step kind), so pricing the longest
+        # rest over the deepest prefix bounds them all and clears most of a long queue without pricing each.
+        most_new = max([r.num_tokens - r.num_computed for r in pool])
+        most_done = max([r.num_computed for r in pool])
+        clear = now + predict(most_new, most_done + most_new, 1, most_new * (most_done + (most_new + 1) * 0.5))
+        late = []
+        for r in pool:
+            c = r.num_computed
+            n = r.num_tokens - c
+            if n > 1 and r.first_deadline > clear:
+                late.append(False)
+            elif r.first_deadline <= now:  # already lost, however fast it could run
+                late.append(True)
+            else:  # ``attn_work(n, c)`` inlined
+                late.append(r.first_deadline <= now + predict(n, c + n, 1, n * (c + (n + 1) * 0.5)))
         if not any(late) or all(late):
             return pool
         return [r for r, x in zip(pool, late, strict=True) if not x] + [r for r, x in zip(pool, late, strict=True) if x]
-
-    def _lone_prefill_time(self, r: Request) -> float:
-        """The least time the rest of ``r``'s prompt can take: alone in a step."""
-        n, c = r.num_tokens - r.num_computed, r.num_computed
-        return self.cost_model.predict(n, c + n, 1, attn_work(n, c))
 
     def _first_chunk_floor(self) -> int:
         """Smallest partial chunk worth opening a mixed step for: ``mixed_amortization`` x the model's

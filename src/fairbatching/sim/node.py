@@ -12,6 +12,8 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from fairbatching.core.kv import BlockAllocator, KVCacheConfig
 from fairbatching.core.modes import Admission, parse_mode
 from fairbatching.core.plan import BatchPlan
@@ -62,6 +64,18 @@ class IterationLog:
     kv_used: list[int] = field(default_factory=list)
 
 
+@dataclass(slots=True)
+class _Stretch:
+    """A decode-only stretch in progress: iterations left, and the context of the next one.
+
+    It outlives ``advance_to``'s horizon, so a cluster's report ticks (every node advanced to the tick)
+    continue it instead of asking the policy for the same all-decode plan again.
+    """
+
+    left: int
+    ctx: int
+
+
 class Node:
     """A node's scheduler state and clock. ``submit`` requests, ``advance_to`` a time; ``done`` collects ends."""
 
@@ -92,6 +106,7 @@ class Node:
         self.executor = executor or self._predict
         # Fast-forward prices decode stretches without running them: only for the simulator's own executor.
         self._fast = executor is None and config.fast_forward and policy.schedules_all_decodes_when_idle
+        self._stretch: _Stretch | None = None
         self.on_finish: Callable[[Request], None] | None = None
 
     def new_request(self, request_id: str, arrival: float, prompt_len: int, slo: SLO | None) -> Request:
@@ -108,6 +123,7 @@ class Node:
 
     def submit(self, r: Request, output_len: int) -> None:
         """Queue ``r`` (the simulator alone knows ``output_len``), or reject it if it can never fit."""
+        self._stretch = None  # the next iteration is the policy's to plan again
         self.targets[r.request_id] = output_len
         reason = self._admission_problem(r, output_len, self.kv)
         if reason:
@@ -174,17 +190,23 @@ class Node:
             self._expire(cfg.queue_timeout)
         if not (waiting or running):
             return False  # nothing runnable: only an arrival can change that
+        if self._stretch is not None:
+            # Still the decode-only batch the policy planned when the stretch began: no arrival (``submit``
+            # ends a stretch), no finish, KV covered. Report ticks land here without a new plan. Deferred
+            # requests are re-checked every step, and one admitted just now makes this a new decision.
+            if not (waiting or self.deferred):
+                self._advance(*self._continue_stretch(horizon))
+                return True
+            self._stretch = None
         self.state.now = self.clock
         plan = self.policy.schedule(self.state)
         self.preemptions += self._apply_preemptions(plan, running, waiting, kv)
         if plan.is_empty:
             return bool(plan.preempted)
-        if self._fast and not waiting and plan.num_decodes == len(running) == plan.num_seqs > 1:
-            steps, elapsed = self._fast_forward(running, kv, self.targets, self.clock, horizon, self.log)
+        if self._fast and not waiting and plan.num_decodes == len(running) == plan.num_seqs:
+            steps, elapsed = self._fast_forward(horizon)
             if steps:
-                self.clock += elapsed
-                self.busy += elapsed
-                self.iterations += steps
+                self._advance(steps, elapsed)
                 return True
         start = self.clock
         n_running, n_waiting = len(running), len(waiting)
@@ -196,64 +218,69 @@ class Node:
             _log_iteration(self.log, start, dt, plan, n_running, n_waiting, kv.used_blocks)
         self.busy += dt
         self.iterations += 1
-        finished = False
+        finished = []
         targets = self.targets
         for r, n in plan.items:
-            r.num_computed += n
-            if r.num_computed == r.num_tokens:
-                r.record_token(clock)
+            c = r.num_computed = r.num_computed + n
+            if c == r.num_tokens:
+                times = r.token_times
+                if times:  # ``Request.record_token`` for a later token, inlined: once per decode per step
+                    times.append(clock)
+                    r.num_tokens = c + 1
+                    r.next_deadline += r.tpot
+                else:
+                    r.record_token(clock)
                 if r.num_tokens - r.prompt_len >= targets[r.request_id]:
                     r.status = FINISHED
                     r.finish_reason = "length"
                     kv.free(r)
                     self.done.append(r)
-                    finished = True
+                    finished.append(r)
                     if self.on_finish is not None:
                         self.on_finish(r)
-        if finished:
-            running[:] = [r for r in running if r.status is RequestStatus.RUNNING]
+        for r in finished:
+            running.remove(r)
         return True
+
+    def _advance(self, steps: int, elapsed: float) -> None:
+        self.clock += elapsed
+        self.busy += elapsed
+        self.iterations += steps
 
     def _predict(self, plan: BatchPlan, start: float) -> float:
         return start + self.cost.predict(plan.new_tokens, plan.context_tokens, plan.num_seqs, plan.attn_work)
 
-    def _fast_forward(
-        self,
-        running: list[Request],
-        kv: BlockAllocator,
-        targets: dict[str, int],
-        clock: float,
-        horizon: float,
-        log: IterationLog,
-    ) -> tuple[int, float]:
-        """Replay decode-only iterations of all ``running`` requests in one go.
+    def _fast_forward(self, horizon: float) -> tuple[int, float]:
+        """Start replaying decode-only iterations of all running requests in one go (see ``_Stretch``).
 
-        Valid while nothing arrives (``horizon``), no request finishes, and the free KV blocks cover every
-        block the decodes cross; the policy has promised (``schedules_all_decodes_when_idle``) that it would
-        plan exactly this batch each time. Stops one token short of the first finish so that iteration,
-        and every later decision, goes through the policy again. Returns (iterations, elapsed seconds).
+        Valid while nothing arrives, no request finishes, and the free KV blocks cover every block the
+        decodes cross; the policy has promised (``schedules_all_decodes_when_idle``) that it would plan
+        exactly this batch each time. Stops one token short of the first finish so that iteration, and
+        every later decision, goes through the policy again. Returns (iterations, elapsed seconds).
         """
+        running, kv = self.running, self.kv
         n = len(running)
-        steps = min(targets[r.request_id] - len(r.token_times) for r in running) - 1
+        targets = self.targets
+        steps = min([targets[r.request_id] - len(r.token_times) for r in running]) - 1
         steps = min(steps, (kv.free_blocks // n) * kv.block_size)  # a decode crosses <= 1 block per block_size
         if steps < 2:
             return 0, 0.0
-        ctx = sum(r.num_computed for r in running) + n
-        predict = self.cost.predict
-        observe = self.policy.observe_step
-        times: list[float] = []
-        durations: list[float] = []
-        t = clock
-        for _ in range(steps):
-            if t >= horizon and times:
-                break
-            dt = predict(n, ctx, n, ctx)
-            observe(n, ctx, n, ctx, dt)
-            durations.append(dt)
-            t += dt
-            times.append(t)
-            ctx += n
+        self._stretch = _Stretch(steps, sum([r.num_computed for r in running]) + n)
+        return self._continue_stretch(horizon)
+
+    def _continue_stretch(self, horizon: float) -> tuple[int, float]:
+        """Run the pending stretch's iterations that start before ``horizon``; the rest stays pending."""
+        stretch = self._stretch
+        running, kv = self.running, self.kv
+        n = len(running)
+        clock = self.clock
+        ctx, durations, times = self._stretch_prices(n, stretch.ctx, stretch.left, clock, horizon)
         k = len(times)
+        self.policy.observe_decode_steps(n, ctx, durations)
+        stretch.left -= k
+        stretch.ctx += k * n
+        if not stretch.left:
+            self._stretch = None
         for r in running:
             kv.allocate(r, k)
             r.num_computed += k
@@ -261,14 +288,48 @@ class Node:
             r.token_times.extend(times)
             r.next_deadline += k * r.tpot
         if self.config.record_iterations:
+            log = self.log
             log.start.extend([clock, *times[:-1]])
-            log.duration.extend(durations)
+            log.duration.extend(durations.tolist())
             log.prefill_tokens.extend([0] * k)
             log.decode_seqs.extend([n] * k)
             log.running.extend([n] * k)
             log.waiting.extend([0] * k)
             log.kv_used.extend([kv.used_blocks] * k)
-        return k, t - clock
+        return k, times[-1] - clock
+
+    def _stretch_prices(
+        self, n: int, ctx: int, left: int, clock: float, horizon: float
+    ) -> tuple[np.ndarray, np.ndarray, list[float]]:
+        """Contexts, durations and end times of the next decode-only steps, up to ``left`` of them and the
+        last one that starts before ``horizon`` (always at least one).
+
+        A ``CostModel`` prices them as arrays: step i has context ``ctx + i * n`` and ends at the running sum
+        of the durations from ``clock`` (``np.cumsum`` adds in order, as a step loop does, so the same bits).
+        Every step costs at least the first, which bounds how many can start before ``horizon``. Any other
+        pricer (a perturbed one draws noise per call) is asked step by step, exactly as often as needed.
+        """
+        cost = self.cost
+        if isinstance(cost, CostModel):
+            m = left
+            if horizon != math.inf:
+                m = min(m, int((horizon - clock) / cost.predict(n, ctx, n, ctx)) + 2)
+            contexts = ctx + n * np.arange(m)
+            durations = cost.predict_decodes(n, contexts)
+            ends = np.cumsum(np.concatenate(([clock], durations)))
+            k = max(1, int(np.searchsorted(ends[:-1], horizon)))  # steps that start before the horizon
+            return contexts[:k], durations[:k], ends[1 : k + 1].tolist()
+        durations_: list[float] = []
+        times: list[float] = []
+        t = clock
+        for _ in range(left):
+            if t >= horizon and times:
+                break
+            dt = cost.predict(n, ctx + n * len(times), n, ctx + n * len(times))
+            durations_.append(dt)
+            t += dt
+            times.append(t)
+        return ctx + n * np.arange(len(times)), np.array(durations_), times
 
     def _admission_problem(self, r: Request, output_len: int, kv: BlockAllocator) -> str | None:
         total_len = r.prompt_len + output_len
@@ -294,7 +355,7 @@ class Node:
     def _admit(plan: BatchPlan, running: list[Request], waiting: list[Request], kv: BlockAllocator, now: float) -> None:
         """Reserve the plan's KV and move newly scheduled requests from waiting to running."""
         bs = kv.block_size
-        admitted = None
+        admitted = []
         for r, n in plan.items:
             held = r.num_blocks
             if r.num_computed + n > held * bs:
@@ -304,10 +365,9 @@ class Node:
                 if r.first_scheduled is None:
                     r.first_scheduled = now
                 running.append(r)
-                admitted = admitted or set()
-                admitted.add(id(r))
-        if admitted:
-            waiting[:] = [r for r in waiting if id(r) not in admitted]
+                admitted.append(r)
+        for r in admitted:  # admissions come from near the head of a queue that can be thousands long
+            waiting.remove(r)
 
     def _expire(self, timeout: float) -> None:
         now = self.clock
