@@ -183,3 +183,19 @@ def test_report_ticks_continue_a_decode_stretch_without_asking_the_policy_again(
     assert ticked_plans == whole_plans < 10
     for a, b in zip(ticked.done, whole.done, strict=True):
         assert a.token_times == pytest.approx(b.token_times, rel=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["reject", "defer"])
+def test_node_admission_with_mixed_slo_classes_helps_rather_than_halves_attainment(mode):
+    """Relaxed-class prefills queued on the node do not count against a tight request's budget (they are
+    served after it): admission control must not turn away half the traffic that the node would serve."""
+    from fairbatching.costmodel.profile import load_profile
+    from fairbatching.runs import Experiment
+    from fairbatching.workloads.families import family
+
+    w = family("mixed-slo").build(30, 1, 400)
+    runs = {
+        a: Experiment(w, load_profile("llama-3-8b-h200-engine"), SLO(0.5, 0.05), admission=a) for a in ("none", mode)
+    }
+    none, with_admission = (runs[a].run("fairbatching").summary.slo_attainment for a in ("none", mode))
+    assert with_admission >= none - 0.05

@@ -37,7 +37,8 @@ class AdmissionBudget:
     queued_due: tuple[tuple[float, float], ...] = ()
 
     def fits(self, prompt_tokens: int) -> bool:
-        return prompt_tokens <= self.tokens
+        """Whether a request whose TTFT is this budget's horizon fits: against the work due before it."""
+        return prompt_tokens <= self.tokens_within(self.horizon)
 
     def tokens_within(self, horizon: float) -> int:
         """The budget in prompt tokens for a request whose first token is due ``horizon`` from now: the same

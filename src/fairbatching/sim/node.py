@@ -397,7 +397,7 @@ class Node:
 
 
 def _refusal(budget: AdmissionBudget, r: Request) -> str:
-    return f"admission control: prefill budget {budget.tokens} tokens < prompt {r.prompt_len}"
+    return f"admission control: prefill budget {budget.tokens_within(budget.horizon)} tokens < prompt {r.prompt_len}"
 
 
 def _log_iteration(
