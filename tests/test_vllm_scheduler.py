@@ -24,6 +24,7 @@ from vllm.v1.outputs import ModelRunnerOutput  # noqa: E402
 from vllm.v1.request import Request, RequestStatus  # noqa: E402
 from vllm.v1.structured_output import StructuredOutputManager  # noqa: E402
 
+from fairbatching.costmodel.adaptive import AdaptiveCostModel  # noqa: E402
 from fairbatching.errors import ConfigError  # noqa: E402
 
 DOTTED = "fairbatching.integrations.vllm.FairBatchingScheduler"
@@ -164,6 +165,28 @@ def test_async_variant_completes_requests(model_dir, monkeypatch):
     reqs = make_requests(4, prompt_len=30, max_tokens=5)
     assert run_all(sched, reqs) == {r.request_id for r in reqs}
     assert all(len(r.output_token_ids) == 5 for r in reqs)
+
+
+def test_online_calibration_learns_from_every_executed_step(model_dir, monkeypatch):
+    """As in every backend's step loop: each executed step's measured time goes to ``Policy.observe_step``, and
+    the policy plans on the corrected model (CPU steps take microseconds against the H100 profile's ms)."""
+    sched = make_scheduler(model_dir, monkeypatch)
+    model = sched.fb_policy.cost_model
+    assert isinstance(model, AdaptiveCostModel) and model.factors == (1.0, 1.0)
+    seen, observe = [], sched.fb_policy.observe_step
+    monkeypatch.setattr(sched.fb_policy, "observe_step", lambda *step: seen.append(step) or observe(*step))
+    executed = 0
+
+    def check(sched, out):
+        nonlocal executed
+        executed += out.total_num_scheduled_tokens > 0
+
+    reqs = make_requests(4, prompt_len=30, max_tokens=30)
+    assert len(run_all(sched, reqs, check=check)) == 4
+    assert len(seen) == executed >= 30  # a step per token of output at least
+    assert all(seconds > 0 for *_features, seconds in seen)
+    assert model.factors[0] < 0.5  # decode-only steps priced from what they took here
+    assert sched.fb_policy.cost_model is model
 
 
 def test_requests_complete_with_length_finish(model_dir, monkeypatch):
@@ -340,7 +363,8 @@ def test_policy_options_out_of_range_are_named(model_dir, monkeypatch):
 def test_settings_from_additional_config_and_the_startup_line(model_dir, monkeypatch, vllm_log):
     config = {"fairbatching": {"ttft_slo": 1.5, "calibration": "off"}}
     sched = make_scheduler(model_dir, monkeypatch, additional_config=config, env={"FAIRBATCHING_TPOT_SLO": "0.05"})
-    assert (sched.fb_settings.ttft_slo, sched.fb_settings.tpot_slo, sched.fb_calibrator) == (1.5, 0.05, None)
+    assert (sched.fb_settings.ttft_slo, sched.fb_settings.tpot_slo) == (1.5, 0.05)
+    assert not isinstance(sched.fb_policy.cost_model, AdaptiveCostModel)  # plans on the profile as it is
     (line,) = [r.getMessage() for r in ours(vllm_log) if r.levelname == "INFO"]
     assert line.startswith("FairBatchingScheduler (sync scheduling): policy=fairbatching ttft_slo=1.5s tpot_slo=0.05s")
     assert "profile=llama-3-8b-h100-engine (default) calibration=off" in line

@@ -16,6 +16,7 @@ Two backends share one metadata object, built once per iteration:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -121,27 +122,7 @@ def build_metadata(
 ) -> AttentionMetadata:
     """``chunks``: (tokens already cached, new tokens, block ids) per sequence, decodes first, then prefill
     chunks in ``ROUTES`` order of ``routing.route`` (the runner packs them so)."""
-    bs = block_size
-    slots: list[np.ndarray] = []
-    routes: list[str] = []
-    gathered: list[tuple[int, np.ndarray, bool]] = []  # (new tokens, context slots, padded) per gathering chunk
-    for i, (cached, new, blocks) in enumerate(chunks):
-        table = np.asarray(blocks, dtype=np.int64)
-        if backend != "reference" and i < num_decodes:
-            slots.append(_slots(table, bs, cached, cached + 1))  # a decode only writes; the kernel reads blocks
-            continue
-        route = "reference" if backend == "reference" else routing.route(cached, new)
-        if routes and route != "reference" and ROUTES.index(route) < ROUTES.index(routes[-1]):
-            raise ValueError(f"prefill chunks must be packed in {ROUTES} order, got {route} after {routes[-1]}")
-        routes.append(route)
-        slots.append(_slots(table, bs, cached, cached + new))
-        if route == "paged":
-            continue
-        ctx = _slots(table, bs, 0, cached + new)
-        pad = route == "cudnn" and cached == 0
-        if pad and new % CUDNN_PAD:  # slot 0 (the runner's scratch block) holds finite values
-            ctx = np.concatenate([ctx, np.zeros(CUDNN_PAD - new % CUDNN_PAD, dtype=np.int64)])
-        gathered.append((new, ctx, pad))
+    slots, routes, gathered = _place_tokens(backend, chunks, num_decodes, block_size, routing)
 
     def tensor(values, dtype=torch.int64):
         return torch.as_tensor(values, dtype=dtype).to(device, non_blocking=True)
@@ -163,24 +144,66 @@ def build_metadata(
         meta.chunk_tiles = tensor(tiles, torch.int32) if paged else None
         meta.chunk_block_q, meta.paged_q, meta.num_splits = routing.block_q, sum(n for _c, n, _b in paged), splits
     if gathered:
-        # The varlen chunks share one call; every cuDNN chunk gets its own.
-        split = routes.count("varlen")
-        cu_q = _cumsum([n for n, _ctx, _p in gathered])
-        cu_k = _cumsum([len(ctx) for _n, ctx, _p in gathered])
-        if split:
-            varlen = prefills[len(paged) : len(paged) + split]
-            meta.cu_q = tensor(cu_q[: split + 1], torch.int32)
-            meta.cu_k = tensor(cu_k[: split + 1], torch.int32)
-            meta.max_q = max(n for _c, n, _b in varlen)
-            meta.max_k = max(c + n for c, n, _b in varlen)
-            meta.varlen_q, meta.varlen_k = cu_q[split], cu_k[split]
-        if split < len(gathered):
-            padded = [p for _n, _ctx, p in gathered]
-            meta.cudnn_spans = list(
-                zip(cu_q[split:-1], cu_q[split + 1 :], cu_k[split:-1], cu_k[split + 1 :], padded[split:], strict=True)
-            )
-        meta.prefill_context_slots = tensor(np.concatenate([ctx for _n, ctx, _p in gathered]))
+        varlen = prefills[len(paged) : len(paged) + routes.count("varlen")]
+        _add_gathered(meta, gathered, varlen, tensor)
     return meta
+
+
+def _place_tokens(
+    backend: str,
+    chunks: list[tuple[int, int, list[int]]],
+    num_decodes: int,
+    block_size: int,
+    routing: PrefillRouting,
+) -> tuple[list[np.ndarray], list[str], list[tuple[int, np.ndarray, bool]]]:
+    """Each sequence's new-token slots, each prefill chunk's route, and (new tokens, context slots, padded)
+    of each chunk that gathers its context (every chunk on the reference backend)."""
+    slots: list[np.ndarray] = []
+    routes: list[str] = []
+    gathered: list[tuple[int, np.ndarray, bool]] = []
+    for i, (cached, new, blocks) in enumerate(chunks):
+        table = np.asarray(blocks, dtype=np.int64)
+        if backend != "reference" and i < num_decodes:
+            slots.append(_slots(table, block_size, cached, cached + 1))  # a decode only writes; the kernel reads
+            continue
+        route = "reference" if backend == "reference" else routing.route(cached, new)
+        if routes and route != "reference" and ROUTES.index(route) < ROUTES.index(routes[-1]):
+            raise ValueError(f"prefill chunks must be packed in {ROUTES} order, got {route} after {routes[-1]}")
+        routes.append(route)
+        slots.append(_slots(table, block_size, cached, cached + new))
+        if route == "paged":
+            continue
+        ctx = _slots(table, block_size, 0, cached + new)
+        pad = route == "cudnn" and cached == 0
+        if pad and new % CUDNN_PAD:  # slot 0 (the runner's scratch block) holds finite values
+            ctx = np.concatenate([ctx, np.zeros(CUDNN_PAD - new % CUDNN_PAD, dtype=np.int64)])
+        gathered.append((new, ctx, pad))
+    return slots, routes, gathered
+
+
+def _add_gathered(
+    meta: AttentionMetadata,
+    gathered: list[tuple[int, np.ndarray, bool]],
+    varlen: list[tuple[int, int, list[int]]],
+    tensor: Callable[..., torch.Tensor],
+) -> None:
+    """The gathering chunks' offsets: the ``varlen`` chunks (the first of ``gathered``) share one call; every
+    cuDNN chunk after them gets its own."""
+    split = len(varlen)
+    cu_q = _cumsum([n for n, _ctx, _p in gathered])
+    cu_k = _cumsum([len(ctx) for _n, ctx, _p in gathered])
+    if split:
+        meta.cu_q = tensor(cu_q[: split + 1], torch.int32)
+        meta.cu_k = tensor(cu_k[: split + 1], torch.int32)
+        meta.max_q = max(n for _c, n, _b in varlen)
+        meta.max_k = max(c + n for c, n, _b in varlen)
+        meta.varlen_q, meta.varlen_k = cu_q[split], cu_k[split]
+    if split < len(gathered):
+        padded = [p for _n, _ctx, p in gathered]
+        meta.cudnn_spans = list(
+            zip(cu_q[split:-1], cu_q[split + 1 :], cu_k[split:-1], cu_k[split + 1 :], padded[split:], strict=True)
+        )
+    meta.prefill_context_slots = tensor(np.concatenate([ctx for _n, ctx, _p in gathered]))
 
 
 def triton_inputs(

@@ -9,7 +9,9 @@ attention run eagerly between them; larger ones run eagerly.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -72,6 +74,44 @@ class BlockPool:
         self.free.extend(reversed(blocks))
 
 
+T = TypeVar("T")
+
+
+def _capture(
+    runner: ModelRunner, pieces: int, step: Callable[[int, list[T]], T], warmups: int
+) -> tuple[list[torch.cuda.CUDAGraph], list[T]]:
+    """Warm up, then capture ``pieces`` graphs, piece ``i`` computed by ``step(i, outputs of pieces before i)``.
+
+    The warm-up (cuBLAS handles, workspaces, Triton compilation) runs on a side stream outside any capture; each
+    graph is captured into the runner's one memory pool, so graphs captured largest first share its memory.
+    Returns the graphs and the static output each one writes on replay."""
+    with torch.inference_mode():
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(warmups):
+                warm: list[T] = []
+                for i in range(pieces):
+                    warm.append(step(i, warm))
+                del warm  # freed as before the capture, as the graphs will not read it
+        torch.cuda.current_stream().wait_stream(stream)
+        graphs: list[torch.cuda.CUDAGraph] = []
+        outputs: list[T] = []
+        for i in range(pieces):
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=runner.graph_pool):
+                outputs.append(step(i, outputs))
+            runner.graph_pool = graph.pool()
+            graphs.append(graph)
+    return graphs, outputs
+
+
+def _capture_one(runner: ModelRunner, step: Callable[[], T]) -> tuple[torch.cuda.CUDAGraph, T]:
+    """A whole step as one graph, after two warm-up runs."""
+    (graph,), (output,) = _capture(runner, 1, lambda _i, _outputs: step(), warmups=2)
+    return graph, output
+
+
 class _DecodeGraph:
     """Static buffers and a captured graph for decode batches of one padded size."""
 
@@ -94,16 +134,9 @@ class _DecodeGraph:
             num_splits=split_count(batch, runner.max_context),
         )
         model, cache = runner.model, runner.kv_cache
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                model.forward(self.token_ids, self.positions, cache, self.meta, self.sample_index)
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=runner.graph_pool):
-            self.output = model.forward(self.token_ids, self.positions, cache, self.meta, self.sample_index)
-        runner.graph_pool = self.graph.pool()
+        self.graph, self.output = _capture_one(
+            runner, lambda: model.forward(self.token_ids, self.positions, cache, self.meta, self.sample_index)
+        )
 
     def run(self, chunks: list[SeqChunk], block_size: int) -> list[int]:
         n = len(chunks)
@@ -142,36 +175,19 @@ class _PiecewiseGraph:
         self._cache = cache
         layers = len(model.layers)
 
-        def piece(i: int):
+        def piece(i: int, outputs: list[tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
             """Layer i-1's post-attention and layer i's pre-attention; outputs (Q, residual[, cos, sin])."""
             if i == 0:
                 cos, sin = model.rope_tables(self.positions)
                 h = model.embed[self.token_ids]
                 return (*model.pre_attention(0, h, None, cos, sin, cache, self.slots), cos, sin)
-            h, residual = model.post_attention(i - 1, self.attn_out, self.outputs[i - 1][1])
+            h, residual = model.post_attention(i - 1, self.attn_out, outputs[i - 1][1])
             if i == layers:
                 return h, residual
-            cos, sin = self.outputs[0][2], self.outputs[0][3]
+            cos, sin = outputs[0][2], outputs[0][3]
             return model.pre_attention(i, h, residual, cos, sin, cache, self.slots)
 
-        self.graphs: list[torch.cuda.CUDAGraph] = []
-        self.outputs: list[tuple[torch.Tensor, ...]] = []
-        with torch.inference_mode():
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):  # warm-up (cuBLAS handles, workspaces) outside the capture
-                self.outputs = []
-                for i in range(layers + 1):
-                    self.outputs.append(piece(i))
-            torch.cuda.current_stream().wait_stream(stream)
-            self.outputs = []
-            for i in range(layers + 1):
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=runner.graph_pool):
-                    out = piece(i)
-                runner.graph_pool = graph.pool()
-                self.graphs.append(graph)
-                self.outputs.append(out)
+        self.graphs, self.outputs = _capture(runner, layers + 1, piece, warmups=1)
 
     def run(
         self, ids: list[int], pos: list[int], meta: AttentionMetadata, sample_index: list[int], model: LlamaModel
@@ -226,8 +242,8 @@ class _MixedGraph:
     attention between piecewise graphs cost about 0.1 ms of host time per layer, more than a small mixed
     step's GPU work (benchmarks/engine_kernels.py)."""
 
-    def __init__(self, runner: ModelRunner, tokens: int, inputs: _StaticInputs) -> None:
-        model, cache = runner.model, runner.kv_cache
+    def __init__(self, runner: ModelRunner, tokens: int) -> None:
+        model, cache, inputs = runner.model, runner.kv_cache, runner.static_inputs
         self.tokens, self.inputs = tokens, inputs
         self.max_tiles = tokens // runner.routing.block_q + MAX_GRAPH_CHUNKS
         self.meta = AttentionMetadata(
@@ -243,16 +259,7 @@ class _MixedGraph:
         )
         ids, pos = inputs.token_ids[:tokens], inputs.positions[:tokens]
         inputs.reset()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                model.hidden(ids, pos, cache, self.meta)
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=runner.graph_pool):
-            self.output = model.hidden(ids, pos, cache, self.meta)
-        runner.graph_pool = self.graph.pool()
+        self.graph, self.output = _capture_one(runner, lambda: model.hidden(ids, pos, cache, self.meta))
 
     def run(self, packed: list[SeqChunk], num_decodes: int, runner: ModelRunner) -> list[int]:
         t, bs = self.tokens, runner.block_size
@@ -284,6 +291,9 @@ class _MixedGraph:
     @property
     def block_q(self) -> int:
         return self.meta.chunk_block_q
+
+
+G = TypeVar("G", _DecodeGraph, _PiecewiseGraph, _MixedGraph)
 
 
 class ModelRunner:
@@ -319,11 +329,9 @@ class ModelRunner:
         self.pool = BlockPool(num_blocks)
         self.graph_pool = None
         self.graph_batch_sizes = tuple(sorted(graph_batch_sizes)) if cuda_graphs and self.backend == "cuda" else ()
-        self._graphs: dict[int, _DecodeGraph] = {}
         self.piecewise_token_sizes = tuple(sorted(piecewise_token_sizes)) if self.graph_batch_sizes else ()
         self.linear_times: dict[int, float] = {}  # one layer's matmuls at each candidate size, from warmup
-        self._pieces: dict[int, _PiecewiseGraph] = {}
-        self._full: dict[int, _MixedGraph] = {}
+        self._graphs: dict[tuple[type, int], _DecodeGraph | _PiecewiseGraph | _MixedGraph] = {}
         self._inputs: _StaticInputs | None = None
 
     def warmup(self) -> None:
@@ -346,7 +354,7 @@ class ModelRunner:
             paged_attention(q, k, v, table, None, tiles, splits, block_q)
         if self.prefill_attention == "cudnn" or (self.prefill_attention == "auto" and self.cudnn_wins):
             warm_cudnn(c.num_heads, c.num_kv_heads, c.head_dim, self.max_context, self.model.dtype)
-        if self.piecewise_token_sizes and not (self._pieces or self._full):
+        if self.piecewise_token_sizes and all(kind is _DecodeGraph for kind, _size in self._graphs):
             self.linear_times = linear_layer_times(self.model.layers[0], self.piecewise_token_sizes)
             self.piecewise_token_sizes = efficient_sizes(self.linear_times)
             torch.cuda.empty_cache()  # the timing inputs' blocks, before graphs and steps need the memory
@@ -361,30 +369,24 @@ class ModelRunner:
     def capture_graphs(self) -> None:
         """Capture every graph now (largest first, so smaller ones reuse its memory pool)."""
         for b in sorted(self.graph_batch_sizes, reverse=True):
-            self._graph_for(b)
+            self._graph(_DecodeGraph, b)
         for t in sorted(self.piecewise_token_sizes, reverse=True):
-            self._pieces_for(t)
-            self._full_for(t)
+            self._graph(_PiecewiseGraph, t)
+            self._graph(_MixedGraph, t)
 
-    def _pieces_for(self, tokens: int) -> _PiecewiseGraph:
-        g = self._pieces.get(tokens)
-        if g is None:
-            g = self._pieces[tokens] = _PiecewiseGraph(self, tokens)
-        return g
+    def _graph(self, kind: type[G], size: int) -> G:
+        """The graph of this kind for this padded size (batch or tokens), captured on first use."""
+        graph = self._graphs.get((kind, size))
+        if graph is None:
+            graph = self._graphs[kind, size] = kind(self, size)
+        return graph
 
-    def _full_for(self, tokens: int) -> _MixedGraph:
-        g = self._full.get(tokens)
-        if g is None:
-            if self._inputs is None:
-                self._inputs = _StaticInputs(self, self.piecewise_token_sizes[-1])
-            g = self._full[tokens] = _MixedGraph(self, tokens, self._inputs)
-        return g
-
-    def _graph_for(self, batch: int) -> _DecodeGraph:
-        g = self._graphs.get(batch)
-        if g is None:
-            g = self._graphs[batch] = _DecodeGraph(self, batch)
-        return g
+    @property
+    def static_inputs(self) -> _StaticInputs:
+        """The input buffers the whole-step mixed graphs share, sized for the largest."""
+        if self._inputs is None:
+            self._inputs = _StaticInputs(self, self.piecewise_token_sizes[-1])
+        return self._inputs
 
     def run(self, chunks: list[SeqChunk]) -> list[int | None]:
         """Run one iteration; the sampled token of each chunk that samples, else None, in input order."""
@@ -404,7 +406,7 @@ class ModelRunner:
         num_decodes = sum(c.is_decode for c in packed)
         if num_decodes == len(packed) and self.graph_batch_sizes and len(packed) <= self.graph_batch_sizes[-1]:
             size = next(b for b in self.graph_batch_sizes if b >= len(packed))
-            rows = self._graph_for(size).run(packed, self.block_size)
+            rows = self._graph(_DecodeGraph, size).run(packed, self.block_size)
             tokens = [t for t, c in zip(rows, packed, strict=True) if c.sample]
         elif (graph := self._full_graph(packed, num_decodes, routing)) is not None:
             tokens = graph.run(packed, num_decodes, self)
@@ -428,7 +430,7 @@ class ModelRunner:
             routing.route(c.cached, len(c.token_ids)) != "paged" for c in chunks
         ):
             return None
-        graph = self._full_for(next(t for t in self.piecewise_token_sizes if t >= n))
+        graph = self._graph(_MixedGraph, next(t for t in self.piecewise_token_sizes if t >= n))
         tiles = sum(-(-len(c.token_ids) // routing.block_q) for c in chunks)
         return graph if tiles <= graph.max_tiles else None
 
@@ -446,7 +448,7 @@ class ModelRunner:
         )
         if self.piecewise_token_sizes and len(ids) <= self.piecewise_token_sizes[-1]:
             size = next(t for t in self.piecewise_token_sizes if t >= len(ids))
-            return self._pieces_for(size).run(ids, pos, meta, sample_index, self.model)
+            return self._graph(_PiecewiseGraph, size).run(ids, pos, meta, sample_index, self.model)
         out = self.model.forward(
             torch.tensor(ids, dtype=torch.int64).to(dev, non_blocking=True),
             torch.tensor(pos, dtype=torch.int64).to(dev, non_blocking=True),

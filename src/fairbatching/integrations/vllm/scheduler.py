@@ -25,7 +25,6 @@ from vllm.v1.request import RequestStatus as VllmStatus
 
 from fairbatching.core.kv import BlockAllocator, KVCacheConfig
 from fairbatching.core.request import Request
-from fairbatching.costmodel.online import OnlineCalibrator
 from fairbatching.errors import ConfigError
 from fairbatching.integrations.vllm import SUPPORTED_VLLM
 from fairbatching.integrations.vllm.settings import SchedulerSettings, request_slo
@@ -55,15 +54,13 @@ class FairBatchingMixin:
         super().__init__(*args, **kwargs)
         try:
             self.fb_settings = SchedulerSettings.load(additional_config=self.vllm_config.additional_config)
-            prior = self.fb_settings.load_profile().cost_model()
             self.fb_policy = self.fb_settings.make_policy(
-                prior, self.max_num_running_reqs, self.max_num_scheduled_tokens
+                self.fb_settings.load_profile().cost_model(), self.max_num_running_reqs, self.max_num_scheduled_tokens
             )
             self._fb_gauges = self._start_exporter()
         except ConfigError as exc:  # vLLM prints the traceback; this is the line that says what to fix
             logger.error("%s", exc)
             raise
-        self.fb_calibrator = OnlineCalibrator(prior) if self.fb_settings.calibration == "online" else None
         pool = self.kv_cache_manager.block_pool
         self.fb_kv = BlockAllocator(KVCacheConfig(max(1, pool.num_gpu_blocks - 1), self.block_size))
         self.fb_views: dict[str, Request] = {}
@@ -165,7 +162,7 @@ class FairBatchingMixin:
             output = super().schedule(*args, **kwargs)
         else:
             output = self._steered(plan, args, kwargs)
-            if output.total_num_scheduled_tokens:  # priced as planned, for online calibration
+            if output.total_num_scheduled_tokens:  # priced as planned, for the policy's calibration
                 features = (plan.new_tokens, plan.context_tokens, plan.num_seqs, plan.attn_work)
                 self._fb_scheduled[id(output)] = (time.monotonic(), features)
         self._export_budget()
@@ -218,11 +215,9 @@ class FairBatchingMixin:
     def update_from_output(self, scheduler_output, model_runner_output):
         now_mono, now = time.monotonic(), time.time()
         started = self._fb_scheduled.pop(id(scheduler_output), None)
-        if started is not None and self.fb_calibrator is not None:
+        if started is not None:  # as every backend's step loop does; learns only with calibration online
             began, features = started
-            seconds = now_mono - max(began, self._fb_last_update)
-            if self.fb_calibrator.observe(*features, seconds):
-                self.fb_policy.cost_model = self.fb_calibrator.model
+            self.fb_policy.observe_step(*features, now_mono - max(began, self._fb_last_update))
         self._fb_last_update = now_mono
         outputs = super().update_from_output(scheduler_output, model_runner_output)
         views, live = self.fb_views, self.requests

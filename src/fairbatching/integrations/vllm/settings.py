@@ -94,13 +94,15 @@ class SchedulerSettings:
                 )
 
     def make_policy(self, cost_model: CostModel, max_num_seqs: int, max_num_batched_tokens: int) -> Policy:
-        """The configured policy, sized by vLLM's limits unless ``policy_options`` says otherwise."""
+        """The configured policy, sized by vLLM's limits unless ``policy_options`` says otherwise, planning on
+        ``cost_model`` corrected from the measured step times (``AdaptiveCostModel``) when calibration is online."""
         options: dict[str, Any] = {"max_num_seqs": max_num_seqs}
         if self.policy != "sarathi":  # Sarathi sizes its budget from the TPOT SLO
             options["max_num_batched_tokens"] = max_num_batched_tokens
         options.update(self.policy_options)
         try:
-            return make_policy(self.policy, cost_model, tpot_slo=self.tpot_slo, **options)
+            calibrate = self.calibration is Calibration.ONLINE
+            return make_policy(self.policy, cost_model, tpot_slo=self.tpot_slo, calibrate=calibrate, **options)
         except (ValueError, TypeError, ArithmeticError) as exc:  # ConfigError is a ValueError
             where = self.where("policy_options", self.policy_options)
             raise ConfigError(f"fairbatching scheduler: {where}: {exc}") from None
