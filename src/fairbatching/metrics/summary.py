@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fairbatching.core.envelope import emission_slack
 from fairbatching.core.request import Request, RequestStatus
 
 PERCENTILES = (50, 90, 99)
@@ -55,7 +56,7 @@ def request_metrics(r: Request) -> RequestMetrics:
     max_tbt = max(b - a for a, b in zip(times, times[1:], strict=False)) if n > 1 else 0.0 if n else nan
     finished = r.status is RequestStatus.FINISHED
     # 1e-9 absorbs float noise in clock arithmetic; SLOs are in seconds, far above it.
-    envelope = finished and all(t <= r.first_deadline + i * r.slo.tpot + 1e-9 for i, t in enumerate(times))
+    envelope = finished and all(ahead >= -1e-9 for ahead in emission_slack(r))
     return RequestMetrics(
         request_id=r.request_id,
         status=r.status.value,
