@@ -149,19 +149,20 @@ class _Cluster:
             max(n.clock for n in self.nodes),
             sum(n.busy for n in self.nodes),
             sum(n.preemptions for n in self.nodes),
-            [
-                {
-                    "node": n.name,
-                    "policy": n.policy.name,
-                    "alive": self.alive[i],
-                    "finished": len(n.done),
-                    "iterations": n.iterations,
-                    "busy_s": n.busy,
-                    "preemptions": n.preemptions,
-                }
-                for i, n in enumerate(self.nodes)
-            ],
+            [self.node_summary(i) for i in range(len(self.nodes))],
         )
+
+    def node_summary(self, i: int) -> dict:
+        n = self.nodes[i]
+        return {
+            "node": n.name,
+            "policy": n.policy.name,
+            "alive": self.alive[i],
+            "finished": len(n.done),
+            "iterations": n.iterations,
+            "busy_s": n.busy,
+            "preemptions": n.preemptions,
+        }
 
     def publish(self, t: float) -> None:
         for i, n in enumerate(self.nodes):
