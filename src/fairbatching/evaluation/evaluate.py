@@ -233,7 +233,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         lines.append(
             f"| {r['workload']} | {r['ttft_slo']:g} s / {r['tpot_slo'] * 1e3:g} ms | {r['policy']} "
-            f"| {r['capacity_qps']:.2f} | {r['capacity_vs_best_baseline']:+.1%} "
+            f"| {r['capacity_qps']:.2f} | {_percent(r['capacity_vs_best_baseline'], '+.1%')} "
             f"| {_percent(r['fraction_of_clairvoyant'])} "
             f"| {r['p99_ttft_at_equal_load']:.2f} | {r['tpot_attainment_at_equal_load']:.1%} "
             f"| {r['slo_attainment_at_equal_load']:.1%} | {r['p99_ttft_at_125pct_load']:.2f} |"
@@ -241,5 +241,6 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _percent(value: float) -> str:
-    return "–" if math.isnan(value) else f"{value:.0%}"
+def _percent(value: float, spec: str = ".0%") -> str:
+    """A percentage, or a dash where there is none (no bound; no baseline reached the target)."""
+    return "–" if math.isnan(value) else format(value, spec)
