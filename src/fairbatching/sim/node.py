@@ -230,7 +230,7 @@ class Node:
                     r.next_deadline += r.tpot
                 else:
                     r.record_token(clock)
-                if r.num_tokens - r.prompt_len >= targets[r.request_id]:
+                if len(times) >= targets[r.request_id]:  # tokens generated (num_tokens - prompt_len)
                     r.status = FINISHED
                     r.finish_reason = "length"
                     kv.free(r)
@@ -281,12 +281,19 @@ class Node:
         stretch.ctx += k * n
         if not stretch.left:
             self._stretch = None
+        # ``BlockAllocator.allocate`` inlined: ``_fast_forward`` sized the stretch so the free blocks cover it.
+        bs = kv.block_size
+        used = 0
         for r in running:
-            kv.allocate(r, k)
-            r.num_computed += k
+            c = r.num_computed = r.num_computed + k
+            need = -(-c // bs) - r.num_blocks
+            if need > 0:
+                r.num_blocks += need
+                used += need
             r.num_tokens += k
             r.token_times.extend(times)
             r.next_deadline += k * r.tpot
+        kv.free_blocks -= used
         if self.config.record_iterations:
             log = self.log
             log.start.extend([clock, *times[:-1]])
