@@ -241,3 +241,38 @@ def test_a_tight_request_is_judged_against_only_the_prefill_work_due_before_it(c
     report = NodeReport(0, NOW, 6, 36000, 0, b)
     assert router.choose(2000, [report]) is None  # judged on the reported horizon: refused
     assert router.choose(2000, [report], ttft=0.5) == 0  # judged on its own TTFT and deadline: admitted
+
+
+def test_largest_chunk_finds_what_plain_bisection_finds(cost):
+    """The chord-guided search ends where bisection on the time budget ends, for any batch and budget."""
+    from fairbatching.costmodel.adaptive import AdaptiveCostModel
+
+    def bisect(b, r, limit, budget):
+        if limit <= 0 or b.time_with(r, 1) > budget:
+            return 0
+        if b.time_with(r, limit) <= budget:
+            return limit
+        lo, hi = 1, limit
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if b.time_with(r, mid) <= budget else (lo, mid)
+        return lo
+
+    adaptive = AdaptiveCostModel(cost)
+    adaptive._factor = [1.0, 0.8]  # a step carrying prefill priced below a decode-only one: not monotone at 1 -> 2
+    checked = 0
+    for model in (cost, adaptive):
+        for n_decodes in (0, 3, 200):
+            b = FairBatchingPolicy(model, max_num_seqs=512).builder(
+                state(NOW, [decode(f"d{i}", NOW, slack=1.0) for i in range(n_decodes)], [])
+            )
+            b.add_decodes(b.state.running, fresh=True)
+            for done in (0, 700, 9000):
+                r = waiting("p", NOW, age=0.5, prompt=done + 9000)
+                r.num_computed = done
+                for limit in (1, 2, 17, 1000, 8192):
+                    for budget in (0.001, 0.012, 0.02, 0.05, 0.1, 0.3, 1.0):
+                        got = b.largest_chunk(r, limit, budget)
+                        assert got == bisect(b, r, limit, budget), (model, n_decodes, done, limit, budget)
+                        checked += got not in (0, limit)
+    assert checked > 20  # the budget binds inside the range often enough to exercise the search

@@ -185,10 +185,11 @@ class BatchBuilder:
             self.plan.num_decodes += 1
         return True
 
-    def add_decodes(self, decodes: list[Request], fresh: bool = False) -> int:
+    def add_decodes(self, decodes: list[Request], fresh: bool = False, computed: int | None = None) -> int:
         """Add one token for each decode, in order, preempting for KV as needed; returns how many were added.
 
         ``fresh``: the caller guarantees none of ``decodes`` is in the batch yet (skips a membership pass).
+        ``computed``: the sum of their ``num_computed``, when the caller has it (spares a pass).
         Fast path: when the sequence and token limits and the free blocks cover them all, they are added in
         one pass (a decode needs a new block only when its KV exactly fills the blocks it holds).
         """
@@ -208,7 +209,7 @@ class BatchBuilder:
             and self.new_tokens + n <= self.token_budget
             and not self.plan.preempted
         ):
-            ctx = sum(map(_computed, todo)) + n
+            ctx = (sum(map(_computed, todo)) if computed is None or todo is not decodes else computed) + n
             self.free_blocks -= need
             self.plan.items.extend(zip(todo, [1] * n, strict=True))
             self._scheduled = None
@@ -253,12 +254,38 @@ class BatchBuilder:
             self.resident -= 1
 
     def largest_chunk(self, request: Request, limit: int, time_budget: float) -> int:
-        """Largest ``n <= limit`` whose addition keeps the batch within ``time_budget`` (0 if none)."""
-        if limit <= 0 or self.time_with(request, 1) > time_budget:
+        """Largest ``n <= limit`` whose addition keeps the batch within ``time_budget`` (0 if none).
+
+        The time grows with ``n`` (past a one-token chunk, a step of one kind), so the fitting sizes are a
+        prefix and any search that keeps ``time(lo) <= budget < time(hi)`` ends at the same ``n``. Time is
+        close to linear in ``n``: a guess where the chord between the bounds crosses the budget, checked
+        with its successor, usually ends the search in two prices; bisection takes over if it does not.
+        """
+        if limit <= 0:
             return 0
-        if self.time_with(request, limit) <= time_budget:
+        t_lo = self.time_with(request, 1)
+        if t_lo > time_budget:
+            return 0
+        t_hi = self.time_with(request, limit)
+        if t_hi <= time_budget:
             return limit
         lo, hi = 1, limit
+        for _ in range(2):
+            if hi - lo <= 1:
+                return lo
+            guess = lo + int((time_budget - t_lo) * (hi - lo) / (t_hi - t_lo))
+            guess = min(max(guess, lo + 1), hi - 1)
+            t = self.time_with(request, guess)
+            if t > time_budget:
+                hi, t_hi = guess, t
+                continue
+            lo, t_lo = guess, t
+            if guess + 1 == hi:
+                return lo
+            t = self.time_with(request, guess + 1)
+            if t > time_budget:
+                return lo
+            lo, t_lo = guess + 1, t
         while hi - lo > 1:
             mid = (lo + hi) // 2
             if self.time_with(request, mid) <= time_budget:

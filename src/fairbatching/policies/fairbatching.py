@@ -107,7 +107,8 @@ class FairBatchingPolicy(Policy):
             n = len(decodes)
             decodes.sort(key=_deadline)  # our own list: urgent decodes are a prefix, slack ones the rest
             deadlines = list(map(_deadline, decodes))
-            ctx = sum(map(_computed, decodes)) + n
+            computed = sum(map(_computed, decodes))
+            ctx = computed + n
             tpot = min(map(_tpot, decodes))
             # No batch can outlast one at the token cap, so deadlines beyond that are not urgent.
             cap = self.max_num_batched_tokens
@@ -121,7 +122,14 @@ class FairBatchingPolicy(Policy):
             # Urgent: skipped now, their next token would come after the budget and the margin (the next step).
             n_urgent = count_urgent(deadlines, now, budget, margin)
             if n_urgent:
-                b.add_decodes(decodes[:n_urgent], fresh=True)
+                urgent = decodes[:n_urgent]
+                # Context sums of the urgent prefix and the rest, summing only the shorter side.
+                if n_urgent <= n - n_urgent:
+                    computed_rest = computed - sum(map(_computed, urgent))
+                else:
+                    computed_rest = sum(map(_computed, decodes[n_urgent:]))
+                b.add_decodes(urgent, fresh=True, computed=computed - computed_rest)
+                computed = computed_rest
             budget = prefill_budget = max(budget, b.time())
             if not may_yield and n_urgent < n and budget < full_batch:
                 # Every decode runs in this step: the prefills get the budget less what the others add to it.
@@ -133,8 +141,10 @@ class FairBatchingPolicy(Policy):
             rest = decodes[n_urgent:]
             if b.plan.preempted:
                 gone = set(map(id, b.plan.preempted))
-                rest = [r for r in rest if id(r) not in gone]
-            self._add_slack_decodes(b, rest, budget if backlog and may_yield else math.inf)
+                kept = [r for r in rest if id(r) not in gone]
+                if len(kept) < len(rest):
+                    rest, computed = kept, sum(map(_computed, kept))
+            self._add_slack_decodes(b, rest, budget if backlog and may_yield else math.inf, computed)
         return b.finish()
 
     def _decode_block_reserve(self, b: BatchBuilder, decodes: list[Request], n_urgent: int, admitting: int) -> int:
@@ -229,22 +239,25 @@ class FairBatchingPolicy(Policy):
         floor = math.ceil(self.mixed_amortization * t_mixed / max(per_token, 1e-12))
         return max(self.min_chunk, min(floor, self.max_num_batched_tokens // 2))
 
-    def _add_slack_decodes(self, b: BatchBuilder, rest: list[Request], budget: float) -> None:
-        """Phase 3: the decodes not yet scheduled (least slack first), as many as fit in ``budget``."""
+    def _add_slack_decodes(self, b: BatchBuilder, rest: list[Request], budget: float, computed: int) -> None:
+        """Phase 3: the decodes not yet scheduled (least slack first, their ``num_computed`` summing to
+        ``computed``), as many as fit in ``budget``."""
         if not rest:
             return
         if budget != math.inf:
             n = len(rest)
-            ctx = sum(map(_computed, rest)) + n
+            ctx = computed + n
             if b.cost.predict(b.new_tokens + n, b.context + ctx, b.seqs + n, b.attn + ctx) > budget:
-                rest = rest[: _max_prefix_within(b, rest, budget)]
-        b.add_decodes(rest, fresh=True)
+                prefix = [0, *accumulate(map(_computed, rest))]
+                k = _max_prefix_within(b, prefix, budget)
+                rest, computed = rest[:k], prefix[k]
+        b.add_decodes(rest, fresh=True, computed=computed)
 
 
-def _max_prefix_within(b: BatchBuilder, decodes: list[Request], budget: float) -> int:
-    """How many of ``decodes`` (in order) fit in the time budget, by bisection on prefix sums."""
-    prefix = [0, *accumulate(map(_computed, decodes))]
-    lo, hi = 0, len(decodes)
+def _max_prefix_within(b: BatchBuilder, prefix: list[int], budget: float) -> int:
+    """How many decodes (in order, ``prefix[k]``: the ``num_computed`` of the first k) fit in the time budget,
+    by bisection."""
+    lo, hi = 0, len(prefix) - 1
     while lo < hi:
         mid = (lo + hi + 1) // 2
         ctx = prefix[mid] + mid
