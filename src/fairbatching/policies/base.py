@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from itertools import repeat
 from operator import attrgetter
 
 import numpy as np
@@ -211,7 +212,7 @@ class BatchBuilder:
         ):
             ctx = (sum(map(_computed, todo)) if computed is None or todo is not decodes else computed) + n
             self.free_blocks -= need
-            self.plan.items.extend(zip(todo, [1] * n, strict=True))
+            self.plan.items.extend(zip(todo, repeat(1)))
             self._scheduled = None
             self.new_tokens += n
             self.context += ctx

@@ -14,7 +14,6 @@ from fairbatching.policies.base import BatchBuilder, Policy, SchedulerState
 
 _deadline = attrgetter("next_deadline")
 _computed = attrgetter("num_computed")
-_tpot = attrgetter("tpot")
 
 
 class FairBatchingPolicy(Policy):
@@ -109,7 +108,7 @@ class FairBatchingPolicy(Policy):
             deadlines = list(map(_deadline, decodes))
             computed = sum(map(_computed, decodes))
             ctx = computed + n
-            tpot = min(map(_tpot, decodes))
+            tpot = min({r.tpot for r in decodes})  # a few distinct values: the set is the cheaper pass
             # No batch can outlast one at the token cap, so deadlines beyond that are not urgent.
             cap = self.max_num_batched_tokens
             full_batch = self.cost_model.predict(cap, ctx + cap, n + 1, ctx + attn_work(max(cap - n, 0), 0))
@@ -211,19 +210,19 @@ class FairBatchingPolicy(Policy):
         most_new = max([r.num_tokens - r.num_computed for r in pool])
         most_done = max([r.num_computed for r in pool])
         clear = now + predict(most_new, most_done + most_new, 1, most_new * (most_done + (most_new + 1) * 0.5))
-        late = []
+        feasible: list[Request] = []
+        late: list[Request] = []
         for r in pool:
-            c = r.num_computed
-            n = r.num_tokens - c
-            if n > 1 and r.first_deadline > clear:
-                late.append(False)
-            elif r.first_deadline <= now:  # already lost, however fast it could run
-                late.append(True)
+            d = r.first_deadline
+            if d <= now:  # already lost, however fast it could run (``clear`` is never before ``now``)
+                late.append(r)
+            elif d > clear and r.num_tokens - r.num_computed > 1:
+                feasible.append(r)
             else:  # ``attn_work(n, c)`` inlined
-                late.append(r.first_deadline <= now + predict(n, c + n, 1, n * (c + (n + 1) * 0.5)))
-        if not any(late) or all(late):
-            return pool
-        return [r for r, x in zip(pool, late, strict=True) if not x] + [r for r, x in zip(pool, late, strict=True) if x]
+                c = r.num_computed
+                n = r.num_tokens - c
+                (late if d <= now + predict(n, c + n, 1, n * (c + (n + 1) * 0.5)) else feasible).append(r)
+        return feasible + late if feasible and late else pool
 
     def _first_chunk_floor(self) -> int:
         """Smallest partial chunk worth opening a mixed step for: ``mixed_amortization`` x the model's
