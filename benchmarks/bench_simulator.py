@@ -30,7 +30,7 @@ from fairbatching.core import SLO, BlockAllocator, KVCacheConfig, Request
 from fairbatching.core.request import RequestStatus
 from fairbatching.costmodel import load_profile
 from fairbatching.policies import POLICIES, SchedulerState, make_policy
-from fairbatching.sim import SimConfig, simulate
+from fairbatching.serving import NodeConfig, simulate
 from fairbatching.workloads import load_trace
 from fairbatching.workloads.bundled import resolve_trace
 
@@ -72,7 +72,7 @@ def bench_simulator(n: int, repeats: int, at_knee: bool = False) -> list[dict]:
         for _ in range(repeats):
             pol = make_policy(policy, cost, tpot_slo=SLO_.tpot)
             c0, t0 = time.process_time(), time.perf_counter()
-            res = simulate(pol, cost, w, SimConfig(default_slo=SLO_, kv=prof.kv, record_iterations=False))
+            res = simulate(pol, cost, w, NodeConfig(default_slo=SLO_, kv=prof.kv, record_iterations=False))
             dt, dc = time.perf_counter() - t0, time.process_time() - c0
             best = dt if best is None else min(best, dt)
             cpu = dc if cpu is None else min(cpu, dc)

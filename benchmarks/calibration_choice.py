@@ -29,8 +29,8 @@ from fairbatching.costmodel.fit import fit_cost_model, load_profile_rows
 from fairbatching.costmodel.profile import Profile
 from fairbatching.metrics.summary import summarize
 from fairbatching.policies import make_policy
-from fairbatching.sim.node import SimConfig
-from fairbatching.sim.simulator import simulate
+from fairbatching.serving.node import NodeConfig
+from fairbatching.serving.simulator import simulate
 from fairbatching.workloads.traces import load_trace
 
 FEATURES = ("new_tokens", "context_tokens", "num_seqs", "attn_work")
@@ -68,7 +68,7 @@ def main() -> None:
         if Profile.load(calib_run / "profile.json").params != profile.params:
             continue
         plan_cost = profile.cost_model()
-        config = SimConfig(slo, profile.kv, max_model_len=16384)
+        config = NodeConfig(slo, profile.kv, max_model_len=16384)
         cells = read_csv(valid_run / "validation.csv")
         for method, rows_of in METHODS.items():
             model = fit_cost_model(rows_of(calib_run)).model

@@ -49,8 +49,8 @@ from fairbatching.engine.profiler import (
 from fairbatching.engine.timing import cuda_time
 from fairbatching.metrics.summary import summarize
 from fairbatching.policies import make_policy
-from fairbatching.sim.node import SimConfig
-from fairbatching.sim.simulator import simulate
+from fairbatching.serving.node import NodeConfig
+from fairbatching.serving.simulator import simulate
 from fairbatching.workloads.traces import load_trace
 
 T0 = time.time()
@@ -308,7 +308,7 @@ def validate(
     cost = prof.cost_model()
     full = load_trace(trace)
     base = full.head(n)
-    sim_cfg = SimConfig(slo, prof.kv, max_model_len=runner.max_context)
+    sim_cfg = NodeConfig(slo, prof.kv, max_model_len=runner.max_context)
 
     def sim(policy: str, qps: float, step_cost=cost, plan_cost=cost, raw: bool = False):
         """The policy plans with ``plan_cost`` (as on the GPU); ``step_cost`` prices the steps."""

@@ -16,7 +16,7 @@ import statistics
 from fairbatching.core.request import SLO
 from fairbatching.costmodel.profile import load_profile
 from fairbatching.runs import Experiment, WorkloadSpec
-from fairbatching.sim.pricing import StepError
+from fairbatching.serving.pricing import StepError
 
 
 def main() -> None:

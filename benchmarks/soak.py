@@ -56,7 +56,7 @@ def main() -> None:
     node_w = hour.rescaled(args.load * NODE_CAPACITY)
     exp = Experiment(node_w, load_profile(), slo)
     for policy in POLICIES:
-        runs.append((f"node {policy}", lambda p=policy: [r.request_id for r in exp.run(p).sim.requests]))
+        runs.append((f"node {policy}", lambda p=policy: [r.request_id for r in exp.run(p).requests]))
     cluster_w = hour.rescaled(args.load * NODE_CAPACITY * args.nodes)
     for policy, router, admission in (
         ("vllm", "round-robin", "none"),

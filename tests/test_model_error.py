@@ -7,7 +7,7 @@ from fairbatching.core.request import SLO
 from fairbatching.costmodel.adaptive import AdaptiveCostModel
 from fairbatching.costmodel.profile import load_profile
 from fairbatching.runs import Experiment
-from fairbatching.sim.pricing import StepError
+from fairbatching.serving.pricing import StepError
 from fairbatching.workloads.synthetic import default_workload
 
 

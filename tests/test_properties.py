@@ -27,7 +27,7 @@ from fairbatching.costmodel import CostModel, CostParams, Profile, analytic_prof
 from fairbatching.errors import ConfigError
 from fairbatching.metrics.summary import summarize
 from fairbatching.policies import POLICIES, make_policy
-from fairbatching.sim.simulator import SimConfig, simulate
+from fairbatching.serving.simulator import NodeConfig, simulate
 from fairbatching.validate import check_policy_options, policy_parameters
 from fairbatching.workloads.spec import RequestSpec, Workload
 
@@ -130,7 +130,7 @@ def check_summary(summary) -> None:
 def _run_node(policy, params, kv, slo, options, workload, admission, timeout):
     cost = CostModel(params)
     pol = make_policy(policy, cost, tpot_slo=slo.tpot, **options)
-    cfg = SimConfig(default_slo=slo, kv=kv, queue_timeout=timeout, admission=admission)
+    cfg = NodeConfig(default_slo=slo, kv=kv, queue_timeout=timeout, admission=admission)
     return simulate(pol, cost, workload, cfg)
 
 

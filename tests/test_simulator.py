@@ -4,7 +4,7 @@ from fairbatching.core import SLO, KVCacheConfig
 from fairbatching.core.request import RequestStatus
 from fairbatching.costmodel import load_profile
 from fairbatching.policies import POLICIES, make_policy
-from fairbatching.sim import SimConfig, simulate
+from fairbatching.serving import NodeConfig, simulate
 from fairbatching.workloads import synthetic_workload
 from fairbatching.workloads.spec import RequestSpec, Workload
 
@@ -18,7 +18,7 @@ def profile():
 
 def run(policy, workload, profile, kv=None, options=None, **cfg):
     cost = profile.cost_model()
-    config = SimConfig(default_slo=SLO_, kv=kv or profile.kv, **cfg)
+    config = NodeConfig(default_slo=SLO_, kv=kv or profile.kv, **cfg)
     return simulate(make_policy(policy, cost, tpot_slo=SLO_.tpot, **(options or {})), cost, workload, config)
 
 
@@ -155,11 +155,11 @@ def test_bad_admission_mode():
     from fairbatching.errors import ConfigError
 
     with pytest.raises(ConfigError, match="admission must be"):
-        SimConfig(default_slo=SLO_, kv=KVCacheConfig(100), admission="maybe")
+        NodeConfig(default_slo=SLO_, kv=KVCacheConfig(100), admission="maybe")
 
 
 def test_report_ticks_continue_a_decode_stretch_without_asking_the_policy_again(profile):
-    from fairbatching.sim.node import Node
+    from fairbatching.serving.node import Node
 
     cost = profile.cost_model()
 
@@ -168,7 +168,7 @@ def test_report_ticks_continue_a_decode_stretch_without_asking_the_policy_again(
         plans = []
         schedule = policy.schedule
         policy.schedule = lambda state: plans.append(state.now) or schedule(state)
-        node = Node(policy, cost, SimConfig(default_slo=SLO_, kv=profile.kv))
+        node = Node(policy, cost, NodeConfig(default_slo=SLO_, kv=profile.kv))
         for i, output_len in enumerate((300, 500)):
             node.submit(node.new_request(f"r{i}", 0.0, 200, None), output_len)
         t = 0.0

@@ -22,9 +22,9 @@ from fairbatching.costmodel.profile import Profile, load_profile
 from fairbatching.errors import ConfigError
 from fairbatching.metrics.summary import Summary, summarize
 from fairbatching.policies import make_policy
-from fairbatching.sim.node import IterationLog
-from fairbatching.sim.pricing import StepError, pricing_model
-from fairbatching.sim.simulator import SimConfig, simulate
+from fairbatching.serving.node import IterationLog
+from fairbatching.serving.pricing import StepError, pricing_model
+from fairbatching.serving.simulator import NodeConfig, simulate
 from fairbatching.validate import check_policy_options
 from fairbatching.workloads.families import family
 from fairbatching.workloads.spec import Workload
@@ -246,7 +246,7 @@ class Experiment:
         cost = self.profile.cost_model()
         pol = make_policy(policy, cost, tpot_slo=self.slo.tpot, **self.policy_options.get(policy, {}))
         priced = self.pricing or self.profile
-        cfg = SimConfig(
+        cfg = NodeConfig(
             default_slo=self.slo,
             kv=priced.kv,
             max_model_len=self.max_model_len,

@@ -9,7 +9,7 @@ from collections.abc import Hashable
 from dataclasses import dataclass
 
 from fairbatching.cluster.routers import NodeReport, Router
-from fairbatching.sim.node import Node
+from fairbatching.serving.node import Node
 
 
 def node_report(node: Node, index: Hashable, t: float, ttft_slo: float, with_budget: bool) -> NodeReport:

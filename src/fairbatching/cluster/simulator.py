@@ -20,7 +20,7 @@ from fairbatching.core.request import SLO, Request, RequestStatus
 from fairbatching.costmodel.profile import load_profile
 from fairbatching.errors import ConfigError
 from fairbatching.policies import make_policy
-from fairbatching.sim.node import Node, SimConfig
+from fairbatching.serving.node import Node, NodeConfig
 from fairbatching.workloads.spec import RequestSpec, Workload
 
 
@@ -89,7 +89,7 @@ class _Cluster:
             prof = load_profile(spec.profile)
             cost = prof.cost_model()
             policy = make_policy(spec.policy, cost, tpot_slo=config.slo.tpot)
-            self.nodes.append(Node(policy, cost, SimConfig(config.slo, prof.kv, record_iterations=False), f"n{i}"))
+            self.nodes.append(Node(policy, cost, NodeConfig(config.slo, prof.kv, record_iterations=False), f"n{i}"))
         self.alive = [True] * len(self.nodes)
         self.router = make_router(config.router, admission=config.admission != "none", seed=config.seed)
         self.reports: list[list[NodeReport]] = [[] for _ in self.nodes]

@@ -1,5 +1,5 @@
 """GPU serving engine (optional extra ``[gpu]``: torch): a Llama-family model over a paged KV cache, run by
-the same policy objects and ``sim.Node`` step loop as the simulator.
+the same policy objects and ``serving.Node`` step loop as the simulator.
 
 - ``config``: model architecture (presets, or a local HF checkpoint's config.json)
 - ``model``: weights and the forward pass over one iteration's packed chunks

@@ -1,4 +1,4 @@
-"""The engine's step loop: the same ``sim.Node`` and policy objects as the simulator, with the model run
+"""The engine's step loop: the same ``serving.Node`` and policy objects as the simulator, with the model run
 for real. ``generate`` runs prompts offline; ``replay`` replays a workload on the wall clock (arrivals at
 their trace times, every token stamped when its iteration returns) and yields the simulator's result type,
 so the same metrics module reports both.
@@ -18,8 +18,8 @@ from fairbatching.costmodel.model import CostModel
 from fairbatching.engine.runner import ModelRunner, SeqChunk
 from fairbatching.errors import ConfigError
 from fairbatching.policies.base import Policy
-from fairbatching.sim.node import Node, ProgressFn, SimConfig
-from fairbatching.sim.simulator import SimResult, node_result
+from fairbatching.serving.node import Node, NodeConfig, ProgressFn
+from fairbatching.serving.simulator import NodeResult, node_result
 from fairbatching.workloads.spec import Workload
 
 OFFLINE_SLO = SLO(10.0, 1.0)  # offline generation has no latency target; deadlines only order the work
@@ -106,7 +106,7 @@ def generate(
     """Greedy continuations of ``prompts`` (exactly ``max_new_tokens`` each), batched as ``policy`` plans."""
     start = time.perf_counter()
     executor = EngineExecutor(runner, lambda: time.perf_counter() - start)
-    config = SimConfig(slo, executor.kv_config(), max_model_len=runner.max_context, fast_forward=False)
+    config = NodeConfig(slo, executor.kv_config(), max_model_len=runner.max_context, fast_forward=False)
     node = Node(policy, cost_model, config, executor=executor)
     for i, prompt in enumerate(prompts):
         rid = f"prompt-{i}"
@@ -135,7 +135,7 @@ def serving_node(
 ) -> tuple[Node, EngineExecutor]:
     """A node whose steps run on ``runner`` and are stamped by ``clock`` (serving: no fast-forward)."""
     executor = EngineExecutor(runner, clock)
-    config = SimConfig(
+    config = NodeConfig(
         default_slo,
         executor.kv_config(),
         max_model_len=runner.max_context,
@@ -154,7 +154,7 @@ def replay(
     seed: int = 0,
     queue_timeout: float | None = None,
     progress: ProgressFn | None = None,
-) -> SimResult:
+) -> NodeResult:
     """Replay ``workload`` on the wall clock: requests arrive at their trace times (random prompt tokens of
     the trace's lengths) and run to the trace's output length, as benchmark clients with ignore_eos do."""
     rng = random.Random(seed)

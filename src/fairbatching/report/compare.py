@@ -11,7 +11,7 @@ from fairbatching.metrics.summary import Summary
 from fairbatching.metrics.table import markdown_table, write_summary_csv
 from fairbatching.report.html import write_html_report
 from fairbatching.report.plots import plot_comparison
-from fairbatching.sim.node import IterationLog
+from fairbatching.serving.node import IterationLog
 
 
 def write_comparison(

@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from fairbatching.metrics.summary import Summary  # noqa: E402
-from fairbatching.sim.node import IterationLog  # noqa: E402
+from fairbatching.serving.node import IterationLog  # noqa: E402
 
 
 def _cdf(ax, values: np.ndarray, label: str, scale: float = 1.0) -> None:

@@ -1,4 +1,4 @@
-"""One serving node in real time: our step loop (``sim.Node``) and a policy, with a simulated executor.
+"""One serving node in real time: our step loop (``serving.Node``) and a policy, with a simulated executor.
 
 Each step the policy plans a batch, the profile's cost model prices it, and the loop sleeps until the step's
 tokens are due, then hands them to the requests' streams. Requests that arrive meanwhile join the queue
@@ -21,7 +21,7 @@ from fairbatching.costmodel.model import CostModel
 from fairbatching.costmodel.profile import load_profile
 from fairbatching.errors import ConfigError
 from fairbatching.policies import make_policy
-from fairbatching.sim.node import Node, SimConfig
+from fairbatching.serving.node import Node, NodeConfig
 
 IDLE_POLL_S = 0.05  # an idle node with deferred requests re-checks them this often (scaled)
 
@@ -89,7 +89,7 @@ class NodeServer:
         prof = load_profile(options.profile)
         cost = scaled(prof.cost_model(), options.time_scale)
         policy = make_policy(options.policy, cost, tpot_slo=options.slo.tpot, **dict(options.policy_options))
-        config = SimConfig(
+        config = NodeConfig(
             options.slo,
             prof.kv,
             max_model_len=options.max_model_len,

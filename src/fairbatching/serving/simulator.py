@@ -7,14 +7,14 @@ from dataclasses import dataclass
 from fairbatching.core.request import Request
 from fairbatching.costmodel.model import CostModel
 from fairbatching.policies.base import Policy
-from fairbatching.sim.node import IterationLog, Node, ProgressFn, SimConfig
+from fairbatching.serving.node import IterationLog, Node, NodeConfig, ProgressFn
 from fairbatching.workloads.spec import Workload
 
-__all__ = ["IterationLog", "SimConfig", "SimResult", "Simulator", "node_result", "simulate"]
+__all__ = ["IterationLog", "NodeConfig", "NodeResult", "Simulator", "node_result", "simulate"]
 
 
 @dataclass
-class SimResult:
+class NodeResult:
     policy: str
     requests: list[Request]
     output_lens: dict[str, int]
@@ -28,9 +28,9 @@ class SimResult:
     step_rows: list[tuple[int, int, int, float, float]] | None = None
 
 
-def node_result(node: Node, step_rows: list | None = None) -> SimResult:
+def node_result(node: Node, step_rows: list | None = None) -> NodeResult:
     """Everything a finished node has to report, for the metrics module (simulated or real backend)."""
-    return SimResult(
+    return NodeResult(
         node.policy.name,
         node.done,
         node.targets,
@@ -45,12 +45,12 @@ def node_result(node: Node, step_rows: list | None = None) -> SimResult:
 
 
 class Simulator:
-    def __init__(self, policy: Policy, cost_model: CostModel, config: SimConfig) -> None:
+    def __init__(self, policy: Policy, cost_model: CostModel, config: NodeConfig) -> None:
         self.policy = policy
         self.cost = cost_model
         self.config = config
 
-    def run(self, workload: Workload, progress: ProgressFn | None = None) -> SimResult:
+    def run(self, workload: Workload, progress: ProgressFn | None = None) -> NodeResult:
         node = Node(self.policy, self.cost, self.config)
         specs = sorted(workload.requests, key=lambda s: s.arrival)
         total = len(specs)
@@ -68,6 +68,6 @@ class Simulator:
 
 
 def simulate(
-    policy: Policy, cost_model: CostModel, workload: Workload, config: SimConfig, progress: ProgressFn | None = None
-) -> SimResult:
+    policy: Policy, cost_model: CostModel, workload: Workload, config: NodeConfig, progress: ProgressFn | None = None
+) -> NodeResult:
     return Simulator(policy, cost_model, config).run(workload, progress)

@@ -32,7 +32,7 @@ executor prices the plan with the cost model; the GPU engine's runs it and reads
 
 
 @dataclass(frozen=True)
-class SimConfig:
+class NodeConfig:
     default_slo: SLO
     kv: KVCacheConfig
     max_model_len: int = 131072
@@ -83,7 +83,7 @@ class Node:
         self,
         policy: Policy,
         cost_model: CostModel,
-        config: SimConfig,
+        config: NodeConfig,
         name: str = "node",
         executor: Executor | None = None,
     ) -> None:
