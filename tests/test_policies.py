@@ -276,3 +276,18 @@ def test_largest_chunk_finds_what_plain_bisection_finds(cost):
                         assert got == bisect(b, r, limit, budget), (model, n_decodes, done, limit, budget)
                         checked += got not in (0, limit)
     assert checked > 20  # the budget binds inside the range often enough to exercise the search
+
+
+def test_a_lost_prefill_waits_behind_feasible_ones_only_up_to_the_age_limit(cost):
+    old = waiting("old", NOW, age=7.0, prompt=6000)  # TTFT (2 s) lost 5 s ago: 3.5 TTFTs waited
+    new = waiting("new", NOW, age=0.1, prompt=6000)
+
+    def first(**options) -> str:
+        plan = FairBatchingPolicy(cost, max_num_batched_tokens=6000, **options).schedule(state(NOW, [], [old, new]))
+        return plan.items[0][0].request_id
+
+    assert first() == "new"  # late_last: the one that can still make its TTFT
+    assert first(late_age_limit=3.0) == "old"  # waited past the limit: back in deadline order
+    assert first(late_age_limit=4.0) == "new"
+    with pytest.raises(ValueError, match="late_age_limit"):
+        FairBatchingPolicy(cost, late_age_limit=0)

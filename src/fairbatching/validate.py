@@ -115,6 +115,7 @@ _RULES: dict[str, _Rule] = {
     "kv_reserve_fraction": _FRACTION,
     "kv_high_watermark": _FRACTION,
     "yield_reserve": _NON_NEGATIVE,
+    "late_age_limit": _Rule(float, 0.0, lo_open=True, nullable=True),
 }
 
 

@@ -40,6 +40,8 @@ class FairBatchingPolicy(Policy):
          KV or slot pressure yielding stalls admissions (Little's law).
     Prefills whose first-token deadline is already lost go after those that can still make theirs
     (``late_last``): plain EDF serves the late ones first and, under a burst, makes every request late.
+    Passed over without limit, though, a lost request's TTFT grows with the backlog (the P99 TTFT tail):
+    ``late_age_limit`` (in TTFT SLOs waited) puts one that has waited that long back in deadline order.
     """
 
     name = "fairbatching"
@@ -61,9 +63,13 @@ class FairBatchingPolicy(Policy):
         decode_grace: float = 0.0,
         mixed_amortization: float = 6.0,
         late_last: bool = True,
+        late_age_limit: float | None = None,
     ) -> None:
         super().__init__(cost_model, max_num_batched_tokens, max_num_seqs)
         self.late_last = late_last
+        if late_age_limit is not None and not late_age_limit > 0:
+            raise ValueError("late_age_limit must be positive (TTFT SLOs waited)")
+        self.late_age_limit = late_age_limit
         if yield_reserve < 0:
             raise ValueError("yield_reserve must be >= 0")
         self.yield_reserve = yield_reserve
@@ -215,7 +221,8 @@ class FairBatchingPolicy(Policy):
         for r in pool:
             d = r.first_deadline
             if d <= now:  # already lost, however fast it could run (``clear`` is never before ``now``)
-                late.append(r)
+                limit = self.late_age_limit
+                (feasible if limit is not None and now - r.arrival >= limit * r.slo.ttft else late).append(r)
             elif d > clear and r.num_tokens - r.num_computed > 1:
                 feasible.append(r)
             else:  # ``attn_work(n, c)`` inlined
