@@ -178,15 +178,21 @@ def server_counts(url: str) -> dict:
         return json.loads(resp.read())
 
 
-def bench(url: str, trace: Path, out: Path) -> dict:
-    res = subprocess.run(
-        [sys.executable, "-m", "fairbatching", "bench", "--url", url, "--trace", str(trace)]
-        + ["--ttft-slo", str(TRACE_SLO.ttft), "--tpot-slo", str(TRACE_SLO.tpot), "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert res.returncode == 0, res.stderr
+def bench(url: str, trace: Path, out: Path, on_start=None) -> dict:
+    """Replay ``trace`` with the `bench` client; ``on_start`` is called as it starts sending (after its
+    start-up, which on a loaded machine takes seconds), so timed events line up with the trace."""
+    args = [sys.executable, "-m", "fairbatching", "bench", "--url", url, "--trace", str(trace)]
+    args += ["--ttft-slo", str(TRACE_SLO.ttft), "--tpot-slo", str(TRACE_SLO.tpot), "--out", str(out)]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    err = []
+    for line in proc.stderr:
+        err.append(line)
+        if line.startswith("replaying"):
+            break
+    if on_start is not None:
+        on_start()
+    _stdout, rest = proc.communicate(timeout=300)
+    assert proc.returncode == 0, "".join(err) + rest
     summary = json.loads((out / "summary.json").read_text())
     rows = (out / "requests.csv").read_text().splitlines()[1:]
     summary["ids"] = [row.split(",")[0] for row in rows]
@@ -245,8 +251,7 @@ def test_replica_killed_mid_run_reroutes_unstarted_requests_and_fails_begun_stre
         ray.kill(ray.get_actor(victims[0]["name"], namespace=victims[0]["namespace"]), no_restart=True)
 
     killer = threading.Thread(target=kill)
-    killer.start()
-    s = bench(serve_url, trace, tmp_path / "kill")
+    s = bench(serve_url, trace, tmp_path / "kill", on_start=killer.start)
     killer.join()
     server = diff(server_counts(serve_url), before)
     assert sorted(s["ids"]) == sorted(f"bursty-{i}" for i in range(240)) and s["requests"] == 240
