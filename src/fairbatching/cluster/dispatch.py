@@ -9,7 +9,16 @@ from collections.abc import Hashable
 from dataclasses import dataclass
 
 from fairbatching.cluster.routers import NodeReport, Router
+from fairbatching.core.request import SLO, Request, RequestStatus
 from fairbatching.serving.node import Node
+from fairbatching.workloads.spec import RequestSpec
+
+
+def ended_request(spec: RequestSpec, default_slo: SLO, status: RequestStatus, reason: str) -> Request:
+    """A request the router ended without sending it anywhere (refused, or lost), for the metrics."""
+    r = Request(spec.request_id, spec.arrival, spec.prompt_len, spec.slo or default_slo)
+    r.status, r.finish_reason = status, reason
+    return r
 
 
 def node_report(node: Node, index: Hashable, t: float, ttft_slo: float, with_budget: bool) -> NodeReport:

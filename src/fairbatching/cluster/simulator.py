@@ -13,7 +13,7 @@ import heapq
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from fairbatching.cluster.dispatch import node_report, route
+from fairbatching.cluster.dispatch import ended_request, node_report, route
 from fairbatching.cluster.routers import NodeReport, ReportAging, make_router
 from fairbatching.core.modes import Admission, OnFailure, parse_mode
 from fairbatching.core.request import SLO, Request, RequestStatus
@@ -229,9 +229,7 @@ class _Cluster:
             self.end(spec, RequestStatus.FAILED, reason)
 
     def end(self, spec: RequestSpec, status: RequestStatus, reason: str) -> None:
-        r = Request(spec.request_id, spec.arrival, spec.prompt_len, spec.slo or self.cfg.slo)
-        r.status, r.finish_reason = status, reason
-        self.ended.append(r)
+        self.ended.append(ended_request(spec, self.cfg.slo, status, reason))
 
 
 def homogeneous(n: int, policy: str, profile: str | None = None) -> tuple[NodeSpec, ...]:

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from fairbatching.cluster.dispatch import node_report, route
+from fairbatching.cluster.dispatch import ended_request, node_report, route
 from fairbatching.cluster.routers import NodeReport, make_router
 from fairbatching.cluster.simulator import ClusterConfig, ClusterResult
 from fairbatching.core.request import Request, RequestStatus
@@ -208,9 +208,7 @@ class _Router:
                 heapq.heappush(pending, (decision.retry_at, seq, spec))
                 continue
             if decision.refusal is not None:
-                r = Request(spec.request_id, spec.arrival, spec.prompt_len, slo)
-                r.status, r.finish_reason = RequestStatus.REJECTED, decision.refusal
-                ended.append(r)
+                ended.append(ended_request(spec, self.cfg.slo, RequestStatus.REJECTED, decision.refusal))
             else:
                 self.cluster.inboxes[decision.node].put(("submit", spec.request_id))
             routed += 1
