@@ -258,3 +258,14 @@ def test_evaluate_says_which_scenario_policy_and_load_it_runs(tmp_path):
     assert any(w.startswith("[1/1] azure-code 2s/100ms curves, 1 policies x") for w in whats)
     assert any(w.startswith("azure-code plots vllm @ ") for w in whats)
     assert all(total is None or 0 <= done <= total for _, done, total in seen)
+
+
+def test_a_capacity_no_load_failed_is_printed_as_a_lower_bound():
+    import math
+
+    from fairbatching.evaluation.capacity import CapacityResult, capacity_lines
+
+    open_ended = CapacityResult("vllm", "w", 64.0, 0.9, 0.02, (64.0, math.inf))
+    bracketed = CapacityResult("sarathi", "w", 12.0, 0.9, 0.02, (12.0, 12.2))
+    lines = capacity_lines([open_ended, bracketed], None, 10)
+    assert "lower bound" in lines[0] and "lower bound" not in lines[1]

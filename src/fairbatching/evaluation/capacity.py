@@ -160,9 +160,10 @@ def capacity_lines(results: Sequence[CapacityResult], bound: float | None, num_r
                 if r.capacity_qps <= bound
                 else "  above the bound"
             )
+        censored = "  (a lower bound: no load tried missed the target)" if math.isinf(r.bracket[1]) else ""
         lines.append(
             f"{r.policy:14s} capacity {r.capacity_qps:7.3f} req/s  bracket [{r.bracket[0]:.3f}, {r.bracket[1]:.3f}]"
-            f"{of_bound}{gain}"
+            f"{of_bound}{gain}{censored}"
         )
     if not bound:
         return [
