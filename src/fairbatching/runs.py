@@ -35,7 +35,7 @@ from fairbatching.workloads.traces import load_trace
 # policies' SLO attainment is ~90%, so scheduling decisions matter.
 DEFAULT_QPS = 14.8
 # Bump when simulator or metric semantics (or the spec's fields) change, so stale cache entries are never reused.
-RESULT_VERSION = 3
+RESULT_VERSION = 4
 
 Progress = Callable[[int, int], None]
 
