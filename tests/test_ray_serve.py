@@ -118,15 +118,17 @@ TIME_SCALE = 4.0
 TRACE_SLO = SLO(2.0, 0.2)  # wall seconds: the profile's 0.5 s / 50 ms at TIME_SCALE 4
 
 
-def bursty_trace(path: Path, n: int = 240, bursts: int = 6, gap: float = 0.6, seed: int = 7) -> Path:
-    """Bursts of requests, 20% of them long prompts (4k-12k tokens), short outputs (4-16 tokens); ``gap``
+def bursty_trace(
+    path: Path, n: int = 240, bursts: int = 6, gap: float = 0.6, seed: int = 7, outputs: tuple[int, int] = (4, 16)
+) -> Path:
+    """Bursts of requests, 20% of them long prompts (4k-12k tokens), outputs of ``outputs`` tokens; ``gap``
     seconds of the profile between bursts (stretched by ``TIME_SCALE``, as the replicas are)."""
     rng = random.Random(seed)
     rows = []
     for b in range(bursts):
         for _ in range(n // bursts):
             prompt = rng.randint(4000, 12000) if rng.random() < 0.2 else rng.randint(100, 800)
-            rows.append(((b * gap + rng.random() * 0.25) * TIME_SCALE, prompt, rng.randint(4, 16)))
+            rows.append(((b * gap + rng.random() * 0.25) * TIME_SCALE, prompt, rng.randint(*outputs)))
     rows.sort()
     lines = [json.dumps({"timestamp": t * 1000, "input_length": p, "output_length": o}) for t, p, o in rows]
     path.write_text("\n".join(lines) + "\n")
@@ -241,13 +243,14 @@ def test_replica_killed_mid_run_reroutes_unstarted_requests_and_fails_begun_stre
     import ray
 
     deploy(serve_url, "pab", admission="none", replicas=3)
-    trace = bursty_trace(tmp_path / "bursty.jsonl", n=240, bursts=4, gap=1.5)
+    # Outputs long enough that the first burst is still streaming when the second arrives and the replica dies.
+    trace = bursty_trace(tmp_path / "bursty.jsonl", n=240, bursts=4, gap=1.5, outputs=(40, 80))
     before = server_counts(serve_url)
     victims = [a for a in ray.util.list_named_actors(all_namespaces=True) if "#NodeReplica#" in a["name"]]
     assert len(victims) == 3
 
     def kill() -> None:
-        time.sleep(1.6 * TIME_SCALE)  # inside the second burst: the replica has streams running and requests queued
+        time.sleep(1.72 * TIME_SCALE)  # late in the second burst: the replica has streams running and requests queued
         ray.kill(ray.get_actor(victims[0]["name"], namespace=victims[0]["namespace"]), no_restart=True)
 
     killer = threading.Thread(target=kill)
