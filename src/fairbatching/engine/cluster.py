@@ -13,7 +13,6 @@ import heapq
 import multiprocessing as mp
 import os
 import queue
-import random
 import time
 import traceback
 from collections.abc import Callable
@@ -242,15 +241,14 @@ def _replica_main(index: int, device: str | None, engine: EngineSpec, inbox: Any
 
 def _serve_replay(index: int, runner: Any, run: tuple, inbox: Any, outbox: Any) -> dict:
     """One replay on this replica: requests come from the router, reports go out every interval."""
-    from fairbatching.engine.loop import serving_node
+    from fairbatching.engine.loop import draw_prompts, serving_node
 
     policy_name, profile_name, slo, interval, with_budget, specs, seed = run
     cost = load_profile(profile_name).cost_model()
     policy = make_policy(policy_name, cost, tpot_slo=slo.tpot)
     # Every replica draws every prompt the same way, before the clock starts (clients send token ids).
-    rng = random.Random(seed)
-    vocab = runner.model.config.vocab_size
-    by_id = {s.request_id: (s, [rng.randrange(vocab) for _ in range(s.prompt_len)]) for s in specs}
+    prompts = draw_prompts(specs, runner.model.config.vocab_size, seed)
+    by_id = {s.request_id: (s, p) for s, p in zip(specs, prompts, strict=True)}
     outbox.put(("prepared", index))
     t0 = _expect(inbox, "go")[1]
 

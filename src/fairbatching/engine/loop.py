@@ -20,7 +20,7 @@ from fairbatching.errors import ConfigError
 from fairbatching.policies.base import Policy
 from fairbatching.serving.node import Node, NodeConfig, ProgressFn
 from fairbatching.serving.simulator import NodeResult, node_result
-from fairbatching.workloads.spec import Workload
+from fairbatching.workloads.spec import RequestSpec, Workload
 
 OFFLINE_SLO = SLO(10.0, 1.0)  # offline generation has no latency target; deadlines only order the work
 TERMINAL = (RequestStatus.FINISHED, RequestStatus.REJECTED, RequestStatus.TIMED_OUT, RequestStatus.FAILED)
@@ -125,6 +125,12 @@ def generate(
     )
 
 
+def draw_prompts(specs: list[RequestSpec], vocab: int, seed: int) -> list[list[int]]:
+    """Random prompt token ids of each spec's length, in order: the same ids for the same specs and seed."""
+    rng = random.Random(seed)
+    return [[rng.randrange(vocab) for _ in range(s.prompt_len)] for s in specs]
+
+
 def serving_node(
     runner: ModelRunner,
     policy: Policy,
@@ -157,11 +163,9 @@ def replay(
 ) -> NodeResult:
     """Replay ``workload`` on the wall clock: requests arrive at their trace times (random prompt tokens of
     the trace's lengths) and run to the trace's output length, as benchmark clients with ignore_eos do."""
-    rng = random.Random(seed)
-    vocab = runner.model.config.vocab_size
     specs = sorted(workload.requests, key=lambda s: s.arrival)
     # Drawn before the clock starts: clients send token ids, the server's loop does not make them.
-    prompts = [[rng.randrange(vocab) for _ in range(s.prompt_len)] for s in specs]
+    prompts = draw_prompts(specs, runner.model.config.vocab_size, seed)
     t0 = time.perf_counter()
 
     def clock() -> float:
