@@ -128,16 +128,13 @@ class ReplicaArgs:
     ] = "none"
 
     def cluster_config(self, policy: str, profile: str | None, slo: SloArgs, options: dict) -> Any:
-        """The replicas' cluster config, checked before any engine is built."""
-        from fairbatching.cluster.routers import make_router
+        """The replicas' cluster config, checked (router and admission too) before any engine is built."""
         from fairbatching.cluster.simulator import ClusterConfig, homogeneous
 
         if options:
             raise FairBatchingError("--policy-option with --replicas: replicas build their policy with its defaults")
         nodes = homogeneous(self.replicas, policy, profile)
-        config = ClusterConfig(nodes, slo.slo, router=self.router, admission=self.admission)
-        make_router(self.router, admission=config.admission != "none")
-        return config
+        return ClusterConfig(nodes, slo.slo, router=self.router, admission=self.admission)
 
 
 def _engine_cluster(e: EngineArgs, max_context: int, replicas: int) -> Any:

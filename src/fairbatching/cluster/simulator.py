@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from fairbatching.cluster.dispatch import ended_request, node_report, route
-from fairbatching.cluster.routers import NodeReport, ReportAging, make_router
+from fairbatching.cluster.routers import NodeReport, ReportAging, Router, make_router
 from fairbatching.core.modes import Admission, OnFailure, parse_mode
 from fairbatching.core.request import SLO, Request, RequestStatus
 from fairbatching.costmodel.profile import load_profile
@@ -48,11 +48,16 @@ class ClusterConfig:
             raise ConfigError("a cluster needs at least one node")
         object.__setattr__(self, "admission", parse_mode(Admission, self.admission, "admission"))
         object.__setattr__(self, "on_failure", parse_mode(OnFailure, self.on_failure, "on_failure"))
+        self.make_router()  # an unknown router, or admission without the pab router, fails here
         if self.report_interval <= 0 or self.report_delay < 0:
             raise ConfigError("report_interval must be positive and report_delay non-negative")
         for node, _ in self.failures:
             if not 0 <= node < len(self.nodes):
                 raise ConfigError(f"failure names node {node}, the cluster has nodes 0..{len(self.nodes) - 1}")
+
+    def make_router(self) -> Router:
+        """A fresh router for one run of this cluster."""
+        return make_router(self.router, admission=self.admission != "none", seed=self.seed)
 
     @property
     def aging(self) -> ReportAging:
@@ -91,7 +96,7 @@ class _Cluster:
             policy = make_policy(spec.policy, cost, tpot_slo=config.slo.tpot)
             self.nodes.append(Node(policy, cost, NodeConfig(config.slo, prof.kv, record_iterations=False), f"n{i}"))
         self.alive = [True] * len(self.nodes)
-        self.router = make_router(config.router, admission=config.admission != "none", seed=config.seed)
+        self.router = config.make_router()
         self.reports: list[list[NodeReport]] = [[] for _ in self.nodes]
         self.ended: list[Request] = []
         self.events: list[tuple[float, int, int, object]] = []

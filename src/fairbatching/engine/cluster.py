@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fairbatching.cluster.dispatch import ended_request, node_report, route
-from fairbatching.cluster.routers import NodeReport, make_router
+from fairbatching.cluster.routers import NodeReport
 from fairbatching.cluster.simulator import ClusterConfig, ClusterResult
 from fairbatching.core.request import Request, RequestStatus
 from fairbatching.costmodel.profile import load_profile
@@ -132,7 +132,7 @@ class EngineCluster:
         specs = sorted(workload.requests, key=lambda s: s.arrival)
         base = specs[0].arrival if specs else 0.0
         specs = [RequestSpec(s.request_id, s.arrival - base, s.prompt_len, s.output_len, s.slo) for s in specs]
-        with_budget = make_router(config.router, admission=config.admission != "none").needs_budget
+        with_budget = config.make_router().needs_budget
         for i, box in enumerate(self.inboxes):
             node = config.nodes[i]
             box.put(("run", node.policy, node.profile, config.slo, config.report_interval, with_budget, specs, seed))
@@ -162,7 +162,7 @@ class _Router:
         self.cfg = config
         self.cluster = cluster
         self.t0 = t0
-        self.router = make_router(config.router, admission=config.admission != "none", seed=config.seed)
+        self.router = config.make_router()
         self.latest: dict[int, NodeReport] = {}
 
     def clock(self) -> float:
