@@ -21,6 +21,7 @@ from fairbatching.costmodel.profile import load_profile
 from fairbatching.errors import ConfigError
 from fairbatching.policies import make_policy
 from fairbatching.serving.node import Node, NodeConfig
+from fairbatching.serving.simulator import paused_gc
 from fairbatching.workloads.spec import RequestSpec, Workload
 
 
@@ -83,7 +84,8 @@ _FAIL, _TICK, _ARRIVE, _RETRY = 0, 1, 2, 3
 def simulate_cluster(
     workload: Workload, config: ClusterConfig, progress: Callable[[int, int], None] | None = None
 ) -> ClusterResult:
-    return _Cluster(config).run(workload, progress)
+    with paused_gc():
+        return _Cluster(config).run(workload, progress)
 
 
 class _Cluster:

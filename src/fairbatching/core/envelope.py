@@ -11,7 +11,8 @@ one pass: ``count_urgent`` over the decodes' deadlines in order is what FairBatc
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -54,10 +55,15 @@ def is_urgent(request: Request, now: float, batch_time: float, next_batch_time: 
 
 
 def count_urgent(
-    deadlines: Sequence[float] | np.ndarray, now: float, batch_time: float, next_batch_time: float | None = None
+    deadlines: Sequence[Any] | np.ndarray,
+    now: float,
+    batch_time: float,
+    next_batch_time: float | None = None,
+    key: Callable[[Any], float] | None = None,
 ) -> int:
-    """How many of ``deadlines`` (next-token deadlines, ascending) are urgent: they are a prefix."""
-    return bisect_left(deadlines, urgency_cutoff(now, batch_time, next_batch_time))
+    """How many of ``deadlines`` (next-token deadlines, ascending; or requests in that order with ``key``
+    giving the deadline) are urgent: they are a prefix."""
+    return bisect_left(deadlines, urgency_cutoff(now, batch_time, next_batch_time), key=key)
 
 
 def emission_slack(request: Request) -> list[float]:

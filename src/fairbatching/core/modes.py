@@ -50,7 +50,7 @@ M = TypeVar("M", bound=StrEnum)
 def parse_mode(kind: type[M], value: object, what: str) -> M:
     """``value`` as a ``kind``, or a ConfigError naming ``what`` and the choices."""
     try:
-        return kind(value)
+        return kind(value)  # type: ignore[arg-type]  # the ValueError below is the check
     except ValueError:
         names = [m.value for m in kind]
         choices = ", ".join(names[:-1]) + f" or {names[-1]}"

@@ -40,7 +40,7 @@ def linear_quantile(values: list[float], q: float) -> float:
 class AdaptiveCostModel:
     """The prior model scaled, per step kind, by a high quantile of recent measured/predicted ratios."""
 
-    __slots__ = ("prior", "params", "quantile", "min_steps", "_ratios", "_factor", "_since", "refresh_every")
+    __slots__ = ("prior", "params", "quantile", "window", "min_steps", "_ratios", "_factor", "_since", "refresh_every")
 
     def __init__(
         self,
@@ -59,7 +59,9 @@ class AdaptiveCostModel:
         self.quantile = quantile
         self.min_steps = min_steps
         self.refresh_every = refresh_every
-        self._ratios = (deque(maxlen=window), deque(maxlen=window))  # [decode-only, carrying prefill]
+        self.window = window
+        # Measured/predicted ratios: [decode-only steps, steps carrying prefill].
+        self._ratios: tuple[deque[float], deque[float]] = (deque(maxlen=window), deque(maxlen=window))
         self._factor = [1.0, 1.0]
         self._since = [0, 0]
 
@@ -109,7 +111,7 @@ class AdaptiveCostModel:
             self._since[0] = since + k
             return False
         last = first + (k - first) // self.refresh_every * self.refresh_every
-        window = [*ratios, *new[:last]][-ratios.maxlen :]
+        window = [*ratios, *new[:last]][-self.window :]
         ratios.extend(new)
         self._since[0] = k - last
         factor = linear_quantile(sorted(window), self.quantile)

@@ -157,6 +157,7 @@ def fit_cost_model(rows: np.ndarray, holdout_fraction: float = 0.2, seed: int = 
         sol = least_squares(residual, z0, bounds=(np.append(np.zeros(7), 1.0), np.append(np.full(7, np.inf), 32.0)))
         if best is None or sol.cost < best.cost:
             best = sol
+    assert best is not None  # the loop above ran
     theta = theta_of(best.x)
     model = CostModel(CostParams(*map(float, theta)))
     train_mape, _ = _mape(theta, x, y)

@@ -17,6 +17,7 @@ piecewise graphs; measured here on our engine, results/gpu-engine).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -68,6 +69,17 @@ class BatchFeatures:
 def attn_work(new_tokens: int, computed: int) -> float:
     """Query-key pairs of a causal chunk of ``new_tokens`` over ``computed`` prior tokens."""
     return new_tokens * (computed + (new_tokens + 1) * 0.5)
+
+
+class BatchPricer(Protocol):
+    """Anything that prices a batch by its aggregate shape: a ``CostModel``, the ``AdaptiveCostModel`` that
+    scales one by measured error, or the simulator's perturbed ``StepPricer``. Policies plan with one and
+    the simulator prices executed steps with one."""
+
+    @property
+    def params(self) -> CostParams: ...
+
+    def predict(self, new_tokens: float, context_tokens: float, num_seqs: int, attn: float) -> float: ...
 
 
 class CostModel:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from fairbatching.costmodel.adaptive import AdaptiveCostModel
-from fairbatching.costmodel.model import CostModel
+from fairbatching.costmodel.model import BatchPricer, CostModel
 from fairbatching.errors import ConfigError
 from fairbatching.policies.base import BatchBuilder, Policy, SchedulerState
 from fairbatching.policies.decode_first import PrefillFirstPolicy, SarathiPolicy, VLLMPolicy, budget_for_tpot
@@ -20,19 +20,19 @@ POLICIES: dict[str, type[Policy]] = {
 
 
 def make_policy(
-    name: str, cost_model: CostModel, tpot_slo: float | None = None, calibrate: bool = True, **options: Any
+    name: str, cost_model: BatchPricer, tpot_slo: float | None = None, calibrate: bool = True, **options: Any
 ) -> Policy:
     """Build a policy by name. ``tpot_slo`` sizes Sarathi's token budget unless ``token_budget`` is given.
 
-    ``calibrate``: plan on an ``AdaptiveCostModel`` over ``cost_model`` that learns from the executed steps
-    the backend feeds back (``Policy.observe_step``); where steps cost exactly what the model says, its
-    plans are the model's own.
+    ``calibrate``: plan on an ``AdaptiveCostModel`` over ``cost_model`` (a profile's ``CostModel``) that
+    learns from the executed steps the backend feeds back (``Policy.observe_step``); where steps cost
+    exactly what the model says, its plans are the model's own.
     """
     try:
         cls = POLICIES[name]
     except KeyError:
         raise ConfigError(f"unknown policy {name!r}; choose from {', '.join(POLICIES)}") from None
-    if calibrate and not isinstance(cost_model, AdaptiveCostModel):
+    if calibrate and isinstance(cost_model, CostModel):
         cost_model = AdaptiveCostModel(cost_model)
     if cls is SarathiPolicy:
         options.setdefault("tpot_slo", tpot_slo)

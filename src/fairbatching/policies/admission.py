@@ -18,7 +18,7 @@ import itertools
 import math
 from dataclasses import dataclass
 
-from fairbatching.costmodel.model import CostModel, attn_work
+from fairbatching.costmodel.model import BatchPricer, attn_work
 from fairbatching.policies.base import SchedulerState
 
 
@@ -63,13 +63,13 @@ def queued_within(queued_due: tuple[tuple[float, float], ...], horizon: float) -
     return queued_due[i - 1][1] if i else 0.0
 
 
-def prefill_seconds_per_token(cost: CostModel, chunk: int) -> float:
+def prefill_seconds_per_token(cost: BatchPricer, chunk: int) -> float:
     """Marginal GPU time of one prompt token when prefills run in full ``chunk``-token batches."""
     return cost.predict(chunk, chunk, 1, attn_work(chunk, 0)) / chunk
 
 
 def prefill_admission_budget(
-    state: SchedulerState, cost: CostModel, horizon: float, max_num_seqs: int, chunk: int = 8192
+    state: SchedulerState, cost: BatchPricer, horizon: float, max_num_seqs: int, chunk: int = 8192
 ) -> AdmissionBudget:
     if horizon <= 0:
         raise ValueError("horizon must be positive")

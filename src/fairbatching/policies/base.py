@@ -5,7 +5,6 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from itertools import repeat
-from operator import attrgetter
 
 import numpy as np
 
@@ -13,9 +12,7 @@ from fairbatching.core.kv import BlockAllocator
 from fairbatching.core.plan import BatchPlan
 from fairbatching.core.request import Request
 from fairbatching.costmodel.adaptive import AdaptiveCostModel
-from fairbatching.costmodel.model import CostModel
-
-_computed = attrgetter("num_computed")
+from fairbatching.costmodel.model import BatchPricer
 
 
 @dataclass(slots=True)
@@ -46,7 +43,7 @@ class Policy(ABC):
     #: each iteration; a test holds every policy that sets it to the promise.
     schedules_all_decodes_when_idle: bool = True
 
-    def __init__(self, cost_model: CostModel, max_num_batched_tokens: int = 8192, max_num_seqs: int = 256) -> None:
+    def __init__(self, cost_model: BatchPricer, max_num_batched_tokens: int = 8192, max_num_seqs: int = 256) -> None:
         if max_num_batched_tokens < 1 or max_num_seqs < 1:
             raise ValueError("max_num_batched_tokens and max_num_seqs must be >= 1")
         self.cost_model = cost_model
@@ -89,6 +86,23 @@ class Policy(ABC):
         return BatchBuilder(state, self.cost_model, budget, self.max_num_seqs)
 
 
+def total_computed(requests: list[Request]) -> int:
+    """The requests' ``num_computed``, summed (a decode's context is that plus its one new token)."""
+    total = 0
+    for r in requests:
+        total += r.num_computed
+    return total
+
+
+def count_crossing(decodes: list[Request], block_size: int) -> int:
+    """How many of ``decodes`` need a new KV block for their next token: their KV fills the blocks they hold."""
+    count = 0
+    for r in decodes:
+        if r.num_computed >= r.num_blocks * block_size:
+            count += 1
+    return count
+
+
 class BatchBuilder:
     """Accumulates a batch while tracking tokens, sequences, KV blocks and the predicted batch time.
 
@@ -113,7 +127,7 @@ class BatchBuilder:
         "resident",
     )
 
-    def __init__(self, state: SchedulerState, cost: CostModel, token_budget: int, max_seqs: int) -> None:
+    def __init__(self, state: SchedulerState, cost: BatchPricer, token_budget: int, max_seqs: int) -> None:
         self.state = state
         self.cost = cost
         self.token_budget = token_budget
@@ -202,15 +216,14 @@ class BatchBuilder:
         n = len(todo)
         if not n:
             return 0
-        bs = self.block_size
-        need = len([1 for r in todo if r.num_computed >= r.num_blocks * bs])
+        need = count_crossing(todo, self.block_size)
         if (
             need <= self.free_blocks
             and self.seqs + n <= self.max_seqs
             and self.new_tokens + n <= self.token_budget
             and not self.plan.preempted
         ):
-            ctx = (sum(map(_computed, todo)) if computed is None or todo is not decodes else computed) + n
+            ctx = (total_computed(todo) if computed is None or todo is not decodes else computed) + n
             self.free_blocks -= need
             self.plan.items.extend(zip(todo, repeat(1)))
             self._scheduled = None

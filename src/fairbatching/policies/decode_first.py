@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fairbatching.core.plan import BatchPlan
 from fairbatching.core.request import Request
-from fairbatching.costmodel.model import CostModel, attn_work
+from fairbatching.costmodel.model import BatchPricer, attn_work
 from fairbatching.errors import ConfigError
 from fairbatching.policies.base import Policy, SchedulerState
 
@@ -56,7 +56,7 @@ class SarathiPolicy(VLLMPolicy):
 
     def __init__(
         self,
-        cost_model: CostModel,
+        cost_model: BatchPricer,
         tpot_slo: float | None = None,
         token_budget: int | None = None,
         max_num_seqs: int = 256,
@@ -88,7 +88,7 @@ class SarathiPolicy(VLLMPolicy):
 
 
 def budget_for_tpot(
-    cost_model: CostModel,
+    cost_model: BatchPricer,
     tpot_slo: float,
     ref_decodes: int = 32,
     ref_context: int = 1024,

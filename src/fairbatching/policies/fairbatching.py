@@ -9,8 +9,8 @@ from operator import attrgetter
 from fairbatching.core.envelope import count_urgent
 from fairbatching.core.plan import BatchPlan
 from fairbatching.core.request import Request
-from fairbatching.costmodel.model import CostModel, attn_work
-from fairbatching.policies.base import BatchBuilder, Policy, SchedulerState
+from fairbatching.costmodel.model import BatchPricer, attn_work
+from fairbatching.policies.base import BatchBuilder, Policy, SchedulerState, count_crossing, total_computed
 
 _deadline = attrgetter("next_deadline")
 _computed = attrgetter("num_computed")
@@ -48,7 +48,7 @@ class FairBatchingPolicy(Policy):
 
     def __init__(
         self,
-        cost_model: CostModel,
+        cost_model: BatchPricer,
         max_num_batched_tokens: int = 8192,
         max_num_seqs: int = 256,
         max_batch_time: float | None = None,
@@ -97,13 +97,18 @@ class FairBatchingPolicy(Policy):
     def schedule(self, state: SchedulerState) -> BatchPlan:
         now = state.now
         running = state.running
-        # ``Request.is_decode``, inlined: a property call per running request per step costs more than the test.
-        decodes = [r for r in running if r.num_tokens - r.num_computed == 1 and r.token_times]
-        prefills = (
-            [r for r in running if r.num_tokens - r.num_computed != 1 or not r.token_times]
-            if len(decodes) < len(running)
-            else []
-        )
+        decodes: list[Request] = []
+        prefills: list[Request] = []
+        computed = 0  # the decodes' num_computed, summed
+        tpot = math.inf  # the tightest TPOT among them
+        for r in running:  # one pass classifies and sums: it runs over every running request every step
+            if r.num_tokens - r.num_computed == 1 and r.token_times:  # ``Request.is_decode``, inlined
+                decodes.append(r)
+                computed += r.num_computed
+                if r.tpot < tpot:
+                    tpot = r.tpot
+            else:
+                prefills.append(r)
         b = self.builder(state)
         budget = prefill_budget = self.max_batch_time
         n_urgent = 0
@@ -111,28 +116,25 @@ class FairBatchingPolicy(Policy):
         if decodes:
             n = len(decodes)
             decodes.sort(key=_deadline)  # our own list: urgent decodes are a prefix, slack ones the rest
-            deadlines = list(map(_deadline, decodes))
-            computed = sum(map(_computed, decodes))
             ctx = computed + n
-            tpot = min({r.tpot for r in decodes})  # a few distinct values: the set is the cheaper pass
             # No batch can outlast one at the token cap, so deadlines beyond that are not urgent.
             cap = self.max_num_batched_tokens
             full_batch = self.cost_model.predict(cap, ctx + cap, n + 1, ctx + attn_work(max(cap - n, 0), 0))
-            budget = min(budget, full_batch, max(deadlines[0] - now, self.min_budget_fraction * tpot))
+            budget = min(budget, full_batch, max(decodes[0].next_deadline - now, self.min_budget_fraction * tpot))
             kv = state.kv
             pressure = max(1.0 - kv.free_blocks / kv.num_blocks, len(running) / self.max_num_seqs)
             may_yield = pressure < self.kv_high_watermark
             all_decodes = self.cost_model.predict(n, ctx, n, ctx)
             margin = self.urgency_margin * all_decodes + (self.yield_reserve * tpot if may_yield else 0.0)
             # Urgent: skipped now, their next token would come after the budget and the margin (the next step).
-            n_urgent = count_urgent(deadlines, now, budget, margin)
+            n_urgent = count_urgent(decodes, now, budget, margin, key=_deadline)
             if n_urgent:
                 urgent = decodes[:n_urgent]
                 # Context sums of the urgent prefix and the rest, summing only the shorter side.
                 if n_urgent <= n - n_urgent:
-                    computed_rest = computed - sum(map(_computed, urgent))
+                    computed_rest = computed - total_computed(urgent)
                 else:
-                    computed_rest = sum(map(_computed, decodes[n_urgent:]))
+                    computed_rest = total_computed(decodes[n_urgent:])
                 b.add_decodes(urgent, fresh=True, computed=computed - computed_rest)
                 computed = computed_rest
             budget = prefill_budget = max(budget, b.time())
@@ -148,7 +150,7 @@ class FairBatchingPolicy(Policy):
                 gone = set(map(id, b.plan.preempted))
                 kept = [r for r in rest if id(r) not in gone]
                 if len(kept) < len(rest):
-                    rest, computed = kept, sum(map(_computed, kept))
+                    rest, computed = kept, total_computed(kept)
             self._add_slack_decodes(b, rest, budget if backlog and may_yield else math.inf, computed)
         return b.finish()
 
@@ -162,9 +164,7 @@ class FairBatchingPolicy(Policy):
         upper = len(decodes) - n_urgent
         if b.free_blocks >= upper + extra + admitting:
             return upper + extra
-        bs = b.block_size
-        rest = decodes[n_urgent:]
-        return len([1 for r in rest if r.num_computed >= r.num_blocks * bs]) + extra
+        return count_crossing(decodes[n_urgent:], b.block_size) + extra
 
     def _add_prefills(
         self,

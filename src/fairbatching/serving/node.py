@@ -18,7 +18,7 @@ from fairbatching.core.kv import BlockAllocator, KVCacheConfig
 from fairbatching.core.modes import Admission, parse_mode
 from fairbatching.core.plan import BatchPlan
 from fairbatching.core.request import SLO, Request, RequestStatus
-from fairbatching.costmodel.model import CostModel
+from fairbatching.costmodel.model import BatchPricer, CostModel
 from fairbatching.errors import ConfigError
 from fairbatching.policies.admission import AdmissionBudget
 from fairbatching.policies.base import Policy, SchedulerState
@@ -82,7 +82,7 @@ class Node:
     def __init__(
         self,
         policy: Policy,
-        cost_model: CostModel,
+        cost_model: BatchPricer,
         config: NodeConfig,
         name: str = "node",
         executor: Executor | None = None,
@@ -271,6 +271,7 @@ class Node:
     def _continue_stretch(self, horizon: float) -> tuple[int, float]:
         """Run the pending stretch's iterations that start before ``horizon``; the rest stays pending."""
         stretch = self._stretch
+        assert stretch is not None, "_continue_stretch without a stretch"
         running, kv = self.running, self.kv
         n = len(running)
         clock = self.clock

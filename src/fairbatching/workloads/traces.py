@@ -57,7 +57,7 @@ def _int_field(path: Path, line: int, row: dict, key: str, minimum: int) -> int:
     try:
         if isinstance(raw, bool):
             raise TypeError
-        number = float(raw)
+        number = float(raw)  # type: ignore[arg-type]  # anything float() refuses is the error below
     except (TypeError, ValueError, OverflowError):
         raise WorkloadError(f"{path}: line {line}: {key} is not a number: {_short(raw)}") from None
     if not math.isfinite(number) or number != int(number):
@@ -72,7 +72,7 @@ def _timestamp(path: Path, line: int, key: str, raw: object, scale: float = 1.0)
     try:
         if isinstance(raw, bool):
             raise TypeError
-        ts = float(raw) * scale
+        ts = float(raw) * scale  # type: ignore[arg-type]  # anything float() refuses is the error below
     except (TypeError, ValueError, OverflowError):
         raise WorkloadError(f"{path}: line {line}: {key} is not a number: {_short(raw)}") from None
     if not math.isfinite(ts):
