@@ -137,7 +137,8 @@ def policy_parameters(policy: str) -> dict[str, inspect.Parameter]:
     if policy not in POLICIES:
         raise ConfigError(f"unknown policy {policy!r}; choose from {', '.join(POLICIES)}")
     params = list(inspect.signature(POLICIES[policy]).parameters.values())[1:]
-    return {p.name: p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    # Not VAR_*; a compiled (mypyc) class may report keyword-passable parameters as positional-only.
+    return {p.name: p for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
 
 
 def check_policy_options(policy: str, options: dict[str, Any], origin: str = "--policy-option") -> None:

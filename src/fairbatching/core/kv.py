@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from mypy_extensions import mypyc_attr
+
 from fairbatching.core.request import Request
 from fairbatching.errors import ConfigError
 
 
+@mypyc_attr(native_class=False)  # a plain class when compiled: frozen values pickle as usual
 @dataclass(frozen=True, slots=True)
 class KVCacheConfig:
     """How many KV blocks of how many tokens a node has."""

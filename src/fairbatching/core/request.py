@@ -11,6 +11,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
+
+from mypy_extensions import mypyc_attr
 
 from fairbatching.errors import ConfigError
 
@@ -29,6 +32,7 @@ def decode_anchor(first_deadline: float, first_token_time: float, slack_carry: f
     return first_token_time + slack_carry * max(0.0, first_deadline - first_token_time) + grace
 
 
+@mypyc_attr(native_class=False)  # a plain class when compiled: frozen values pickle as usual
 @dataclass(frozen=True, slots=True)
 class SLO:
     """Per-request latency targets in seconds: time to first token, and time per output token after it."""
@@ -141,8 +145,34 @@ class Request:
         self.num_preemptions += 1
         self.status = RequestStatus.WAITING
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickle as constructor arguments plus the changing state: compiled (mypyc) classes have no default."""
+        args = (self.request_id, self.arrival, self.prompt_len, self.slo, 0, self.slack_carry, self.decode_grace)
+        return _unpickle_request, (args, {name: getattr(self, name) for name in _STATE})
+
     def __repr__(self) -> str:
         return (
             f"Request({self.request_id!r}, arrival={self.arrival:.3f}, prompt={self.prompt_len}, "
             f"computed={self.num_computed}/{self.num_tokens}, generated={self.num_generated})"
         )
+
+
+_STATE = (
+    "num_tokens",
+    "num_computed",
+    "num_blocks",
+    "token_times",
+    "first_deadline",
+    "next_deadline",
+    "first_scheduled",
+    "num_preemptions",
+    "status",
+    "finish_reason",
+)
+
+
+def _unpickle_request(args: tuple[Any, ...], state: dict[str, Any]) -> Request:
+    r = Request(*args)
+    for name, value in state.items():
+        setattr(r, name, value)
+    return r

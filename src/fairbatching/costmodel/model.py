@@ -20,10 +20,12 @@ from dataclasses import asdict, dataclass
 from typing import Protocol
 
 import numpy as np
+from mypy_extensions import mypyc_attr
 
 from fairbatching.errors import ProfileError
 
 
+@mypyc_attr(native_class=False)  # a plain class when compiled: frozen values pickle as usual
 @dataclass(frozen=True, slots=True)
 class CostParams:
     t_fixed: float
@@ -46,6 +48,7 @@ class CostParams:
         return np.array(list(asdict(self).values()), dtype=float)
 
 
+@mypyc_attr(native_class=False)  # a plain class when compiled: frozen values pickle as usual
 @dataclass(frozen=True, slots=True)
 class BatchFeatures:
     """The aggregate shape of one batch; what profile rows record and the model prices."""

@@ -68,7 +68,7 @@ class EngineExecutor:
             ids = self.token_ids[rid]
             c = r.num_computed
             chunks.append(SeqChunk(ids[c : c + n], c, blocks, sample=c + n == r.num_tokens))
-        for (r, _n), token in zip(plan.items, self.runner.run(chunks), strict=True):
+        for r, token in zip(plan.requests, self.runner.run(chunks), strict=True):
             if token is not None:
                 self.token_ids[r.request_id].append(token)
         end = self.clock()

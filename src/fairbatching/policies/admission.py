@@ -18,10 +18,13 @@ import itertools
 import math
 from dataclasses import dataclass
 
+from mypy_extensions import mypyc_attr
+
 from fairbatching.costmodel.model import BatchPricer, attn_work
 from fairbatching.policies.base import SchedulerState
 
 
+@mypyc_attr(native_class=False)  # a plain class when compiled: frozen values pickle as usual
 @dataclass(frozen=True, slots=True)
 class AdmissionBudget:
     seconds: float  # GPU time free for new prefill work within the horizon

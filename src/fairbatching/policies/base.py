@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from itertools import repeat
 
 import numpy as np
+from mypy_extensions import mypyc_attr
 
 from fairbatching.core.kv import BlockAllocator
 from fairbatching.core.plan import BatchPlan
@@ -29,6 +29,7 @@ class SchedulerState:
     kv: BlockAllocator
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # users' own policies subclass it
 class Policy(ABC):
     """A batch-formation policy. One ``schedule`` call plans one iteration."""
 
@@ -187,7 +188,8 @@ class BatchBuilder:
                 return False
         self.free_blocks -= need
         c = request.num_computed
-        self.plan.items.append((request, n))
+        self.plan.requests.append(request)
+        self.plan.chunks.append(n)
         if self._scheduled is not None:
             self._scheduled.add(id(request))
         self.new_tokens += n
@@ -208,7 +210,7 @@ class BatchBuilder:
         Fast path: when the sequence and token limits and the free blocks cover them all, they are added in
         one pass (a decode needs a new block only when its KV exactly fills the blocks it holds).
         """
-        if fresh or not self.plan.items:
+        if fresh or not self.plan.requests:
             todo = decodes
         else:
             scheduled = self.scheduled_ids()
@@ -225,7 +227,8 @@ class BatchBuilder:
         ):
             ctx = (total_computed(todo) if computed is None or todo is not decodes else computed) + n
             self.free_blocks -= need
-            self.plan.items.extend(zip(todo, repeat(1)))
+            self.plan.requests.extend(todo)
+            self.plan.chunks.extend([1] * n)
             self._scheduled = None
             self.new_tokens += n
             self.context += ctx
@@ -243,7 +246,7 @@ class BatchBuilder:
     def scheduled_ids(self) -> set[int]:
         """Identities of the requests in the batch so far (built on demand: most plans never ask)."""
         if self._scheduled is None:
-            self._scheduled = {id(r) for r, _ in self.plan.items}
+            self._scheduled = set(map(id, self.plan.requests))
         return self._scheduled
 
     def _preempt_one(self, exclude: Request) -> bool:

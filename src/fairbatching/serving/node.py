@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
+from mypy_extensions import mypyc_attr
 
 from fairbatching.core.kv import BlockAllocator, KVCacheConfig
 from fairbatching.core.modes import Admission, parse_mode
@@ -31,6 +32,7 @@ Executor = Callable[[BatchPlan, float], float]
 executor prices the plan with the cost model; the GPU engine's runs it and reads the wall clock."""
 
 
+@mypyc_attr(native_class=False)  # a plain class when compiled: frozen values pickle as usual
 @dataclass(frozen=True)
 class NodeConfig:
     default_slo: SLO
@@ -220,7 +222,7 @@ class Node:
         self.iterations += 1
         finished = []
         targets = self.targets
-        for r, n in plan.items:
+        for r, n in zip(plan.requests, plan.chunks, strict=True):
             c = r.num_computed = r.num_computed + n
             if c == r.num_tokens:
                 times = r.token_times
@@ -364,7 +366,7 @@ class Node:
         """Reserve the plan's KV and move newly scheduled requests from waiting to running."""
         bs = kv.block_size
         admitted = []
-        for r, n in plan.items:
+        for r, n in zip(plan.requests, plan.chunks, strict=True):
             held = r.num_blocks
             if r.num_computed + n > held * bs:
                 kv.allocate(r, n)

@@ -12,10 +12,13 @@ import math
 import random
 from dataclasses import dataclass
 
+from mypy_extensions import mypyc_attr
+
 from fairbatching.costmodel.model import CostModel
 from fairbatching.errors import ConfigError
 
 
+@mypyc_attr(native_class=False)  # a plain class when compiled: frozen values pickle as usual
 @dataclass(frozen=True)
 class StepError:
     """How executed steps depart from the pricing model: ``t * scale * (mixed_scale if prefill) * noise +

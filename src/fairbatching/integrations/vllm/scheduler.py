@@ -170,7 +170,7 @@ class FairBatchingMixin:
 
     def _steered(self, plan, args, kwargs):
         """Run vLLM's schedule() over exactly the planned requests, in plan order, with the plan's budget."""
-        order = {r.request_id: i for i, (r, _n) in enumerate(plan.items)}
+        order = {r.request_id: i for i, r in enumerate(plan.requests)}
         running, waiting, holding = self.running, self.waiting, self.kv_holding_waiting
         planned = [self.requests[rid] for rid in order if rid in self.requests]
         planned_running = [r for r in planned if r.status == VllmStatus.RUNNING]

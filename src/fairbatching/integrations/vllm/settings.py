@@ -14,11 +14,9 @@ where it came from. A request overrides the SLO for itself through ``vllm_xargs`
 from __future__ import annotations
 
 import difflib
-import inspect
 import json
 import math
 import os
-import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -31,6 +29,7 @@ from fairbatching.costmodel.profile import DEFAULT_PROFILE, Profile, load_profil
 from fairbatching.errors import ConfigError, FairBatchingError
 from fairbatching.policies import POLICIES, make_policy
 from fairbatching.policies.base import Policy
+from fairbatching.validate import check_policy_options
 
 ENV_PREFIX = "FAIRBATCHING_"
 CONFIG_ENV = ENV_PREFIX + "CONFIG"
@@ -60,7 +59,7 @@ class SchedulerSettings:
                 except (ConfigError, TypeError, ValueError) as exc:
                     raise ConfigError(f"fairbatching scheduler: {self.where(f.name, value)}: {exc}") from None
         try:
-            check_policy_options(self.policy, self.policy_options)
+            check_policy_options(self.policy, dict(self.policy_options), origin="option")
         except ConfigError as exc:
             where = self.where("policy_options", self.policy_options)
             raise ConfigError(f"fairbatching scheduler: {where}: {exc}") from None
@@ -270,27 +269,6 @@ _CHECKS: dict[str, Callable[[Any], Any]] = {
     "metrics_host": _host,
     "policy_options": _options,
 }
-
-
-def check_policy_options(policy: str, options: Mapping[str, Any]) -> None:
-    """Names and types of ``options`` against the policy's constructor (ranges are the policy's to check)."""
-    init = POLICIES[policy].__init__
-    params = inspect.signature(init).parameters
-    hints = typing.get_type_hints(init)
-    for key, value in options.items():
-        if key not in params or key in ("self", "cost_model"):
-            allowed = ", ".join(p for p in params if p not in ("self", "cost_model"))
-            raise ConfigError(f"{key}: not an option of policy {policy!r}; options: {allowed}")
-        kinds = typing.get_args(hints.get(key)) or (hints.get(key),)
-        if value is None and type(None) in kinds:
-            continue
-        if int in kinds and float not in kinds:
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ConfigError(f"{key}={value!r}: must be a whole number")
-        elif float in kinds and (
-            isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value)
-        ):
-            raise ConfigError(f"{key}={value!r}: must be a finite number")
 
 
 def request_slo(extra_args: Mapping[str, Any] | None, default: SLO) -> tuple[SLO, str | None]:
