@@ -11,14 +11,20 @@
 5. CLI start-up: ``fairbatching simulate --help`` in a fresh interpreter (best of 3).
 Targets (issue 20): >= 10k simulated requests per wall-second at 0.9x/1.1x knee; a FairBatching decision at
 256 running <= 40 us and <= 1.5x vLLM's policy; the 64-node one-hour cluster under 20 s.
+
+``--builds pure,compiled`` runs the chosen sections once on the source and once on a mypyc build made for
+the run (``_build/inplace.py``, what ``pip install .`` installs), one after the other, and prints the
+compiled/pure ratios.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -34,7 +40,9 @@ from fairbatching.serving import NodeConfig, simulate
 from fairbatching.workloads import load_trace
 from fairbatching.workloads.bundled import resolve_trace
 
-EVALUATION = Path(__file__).resolve().parents[1] / "results" / "evaluation-engine" / "evaluation.json"
+ROOT = Path(__file__).resolve().parents[1]
+EVALUATION = ROOT / "results" / "evaluation-engine" / "evaluation.json"
+BUILDS = ("pure", "compiled")
 SLO_ = SLO(ttft=2.0, tpot=0.1)
 
 
@@ -176,6 +184,57 @@ def print_sim(rows: list[dict]) -> None:
 SECTIONS = ("recorded", "knee", "decisions", "cluster", "startup")
 
 
+def this_build() -> str:
+    import fairbatching.policies.base
+
+    return "compiled" if fairbatching.policies.base.__file__.endswith(".so") else "pure"
+
+
+def run_builds(builds: list[str], argv: list[str]) -> dict[str, dict]:
+    """This script with ``argv`` on each build in turn (a fresh interpreter each), their results by build."""
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for build in builds:
+            if build == "pure":
+                src = ROOT / "src"
+            else:
+                made = subprocess.run(
+                    [sys.executable, str(ROOT / "_build" / "inplace.py"), f"{tmp}/build"],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                )
+                src = Path(made.stdout.strip())
+            print(f"== {build} build ({src}) ==", flush=True)
+            out = Path(tmp) / f"{build}.json"
+            env = {**os.environ, "PYTHONPATH": str(src)}
+            subprocess.run([sys.executable, __file__, *argv, "--json", str(out)], env=env, check=True)
+            results[build] = json.loads(out.read_text())
+            print()
+    return results
+
+
+def print_build_ratios(results: dict[str, dict]) -> None:
+    """Compiled against pure, where both ran: simulated requests per CPU-second, decisions, the cluster run."""
+    pure, fast = results["pure"], results["compiled"]
+    print("compiled vs pure (same sitting):")
+    for section in ("simulator", "at_knee"):
+        for a, b in zip(pure.get(section, []), fast.get(section, []), strict=True):
+            rate_a, rate_b = a["requests"] / a["cpu_s"], b["requests"] / b["cpu_s"]
+            print(
+                f"  {a['workload']:18s} {a['policy']:14s} {rate_a:8.0f} -> {rate_b:8.0f} req/cpu-s"
+                f"  {rate_b / rate_a:5.2f}x"
+            )
+    for a, b in zip(pure.get("decisions", []), fast.get("decisions", []), strict=True):
+        print(
+            f"  decision at {a['running']:4d} running, {a['policy']:14s} median {a['median_us']:7.1f} -> "
+            f"{b['median_us']:7.1f} us  {a['median_us'] / b['median_us']:5.2f}x"
+        )
+    if "cluster" in pure and "cluster" in fast:
+        a, b = pure["cluster"]["cpu_s"], fast["cluster"]["cpu_s"]
+        print(f"  {pure['cluster']['nodes']}-node cluster run: {a:.1f} -> {b:.1f} s CPU  {a / b:5.2f}x")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--requests", type=int, default=10_000)
@@ -184,12 +243,27 @@ def main() -> None:
     ap.add_argument("--nodes", type=int, default=64, help="cluster size for the one-hour cluster run")
     ap.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections of {', '.join(SECTIONS)}")
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--builds", help=f"comma-separated builds of {', '.join(BUILDS)}: each in turn, then ratios")
     args = ap.parse_args()
     only = set(args.only.split(","))
     if not only <= set(SECTIONS):
         ap.error(f"--only takes sections of {', '.join(SECTIONS)}, got {args.only!r}")
+    if args.builds:
+        builds = args.builds.split(",")
+        if not set(builds) <= set(BUILDS):
+            ap.error(f"--builds takes {', '.join(BUILDS)}, got {args.builds!r}")
+        argv = [a for a in sys.argv[1:] if not a.startswith("--builds") and a != args.builds]
+        if "--json" in argv:
+            del argv[argv.index("--json") : argv.index("--json") + 2]
+        results = run_builds(builds, argv)
+        if set(results) == set(BUILDS):
+            print_build_ratios(results)
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=2) + "\n")
+        return
 
-    out: dict = {}
+    out: dict = {"build": this_build()}
+    print(f"build: {out['build']}")
     if "recorded" in only:
         out["simulator"] = bench_simulator(args.requests, args.repeats)
         print("req/s*: the workload's arrival rate")
