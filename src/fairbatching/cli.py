@@ -1,7 +1,8 @@
 """Command line: simulate/compare/capacity/sweep/evaluate/cluster on the simulator; profile/replay on the GPU engine.
 
-Each command parses its options, calls the run layer or the evaluation, and prints. Plotting, scipy, Ray
-and torch load inside the commands that use them, so a simulation starts without them.
+Each command parses its options, calls the run layer or the evaluation, and prints. The library (numpy, the
+simulator, plotting, scipy, Ray, torch) loads inside the commands that use it, so ``--help`` and a usage
+error answer at once and a simulation starts without what it does not use.
 """
 
 from __future__ import annotations
@@ -10,13 +11,14 @@ import json
 import sys
 from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.markup import escape
 
 from fairbatching import cli_engine
 from fairbatching.cli_options import (
+    POLICY_NAMES,
     NodeArgs,
     PoliciesOpt,
     PolicyOpt,
@@ -34,12 +36,8 @@ from fairbatching.cli_options import (
     out_console,
     save_summary,
 )
-from fairbatching.costmodel.profile import available_profiles, load_profile
 from fairbatching.errors import FairBatchingError
-from fairbatching.metrics.table import show, summary_table
-from fairbatching.policies import POLICIES
 from fairbatching.progress import Activity, progress_bar
-from fairbatching.runs import ClusterShape, Experiment, RunResult, RunSpec, check_slo_feasible
 from fairbatching.validate import (
     at_least_one,
     check_output_dir,
@@ -51,12 +49,25 @@ from fairbatching.validate import (
     staged_dir,
 )
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="FairBatching: SLO-fair LLM batch scheduling.")
+if TYPE_CHECKING:
+    from fairbatching.runs import Experiment, RunResult, RunSpec
+
+# typer (0.29) builds a pydantic validator for every option it is handed a value for, None included, so an
+# unset --help flag (the top level's in `fairbatching simulate ...`) would import pydantic (~0.1 s) for
+# nothing. Its default given as the bool it becomes skips that. Options a command reads still go through
+# pydantic, so only the top level and the commands that take no value need this.
+HELP_UNSET = {"default_map": {"help": False}}
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="FairBatching: SLO-fair LLM batch scheduling.",
+    context_settings=HELP_UNSET,
+)
 
 TargetOpt = Annotated[float, typer.Option("--target", help="SLO attainment target", callback=fraction)]
 ToleranceOpt = Annotated[float, typer.Option("--tolerance", help="Relative QPS tolerance", callback=open_fraction)]
 BASELINES = "fairbatching,sarathi,vllm"
-ALL_POLICIES = ",".join(POLICIES)
+ALL_POLICIES = ",".join(POLICY_NAMES)
 
 
 def _run_with_progress(exp: Experiment, policies: list[str]) -> list[RunResult]:
@@ -91,6 +102,8 @@ def simulate(
     wide: WideOpt = False,
 ) -> None:
     """Simulate one policy on one workload."""
+    from fairbatching.metrics.table import show, summary_table
+
     policy_names(policy)
     if out:
         check_output_dir(out)
@@ -118,6 +131,7 @@ def compare(
     wide: WideOpt = False,
 ) -> None:
     """Run several policies on the same workload; write tables, CSV/JSON and a plot + HTML report."""
+    from fairbatching.metrics.table import show, summary_table
     from fairbatching.report.compare import write_comparison
 
     names = policy_names(policies)
@@ -149,8 +163,10 @@ def capacity(
     out: Annotated[Path | None, typer.Option("--out", help="Write capacity.json here")] = None,
 ) -> None:
     """Highest request rate each policy sustains at the SLO-attainment target (bracketing + bisection)."""
+    from fairbatching.costmodel.profile import load_profile
     from fairbatching.evaluation.bounds import spec_bound
     from fairbatching.evaluation.capacity import capacity_lines, policy_capacities
+    from fairbatching.runs import RunSpec, check_slo_feasible
     from fairbatching.workloads.families import family
 
     names = policy_names(policies)
@@ -265,6 +281,9 @@ def cluster(
     out: Annotated[Path | None, typer.Option("--out", help="Write cluster.json here")] = None,
 ) -> None:
     """Compare node-policy + router stacks on a simulated cluster (one load, or capacity with --capacity)."""
+    from fairbatching.costmodel.profile import load_profile
+    from fairbatching.runs import ClusterShape, RunSpec, check_slo_feasible
+
     shape = ClusterShape(nodes, "pab", report_interval, report_delay)
     base = RunSpec("fairbatching", workload, qps, 0, num, slo.ttft, slo.tpot, profile, cluster=shape)
     if out:
@@ -298,12 +317,12 @@ def _cluster(
             console.print(f"wrote {out / png.name}")
 
 
-@app.command()
+@app.command(context_settings=HELP_UNSET)
 def traces(
     as_json: Annotated[bool, typer.Option("--json", help="Print the shapes as JSON on stdout")] = False,
 ) -> None:
     """List the bundled traces (usable as `--trace NAME` and `-w NAME`) with their shape."""
-    from fairbatching.metrics.table import shapes_table
+    from fairbatching.metrics.table import shapes_table, show
     from fairbatching.workloads.bundled import NOTICE, bundled_shapes
 
     shapes = bundled_shapes()
@@ -314,10 +333,10 @@ def traces(
         console.print(f"sources, licenses and what was changed: {NOTICE}", markup=False)
 
 
-@app.command()
+@app.command(context_settings=HELP_UNSET)
 def profiles() -> None:
     """List the bundled cost-model profiles."""
-    from fairbatching.costmodel.profile import DEFAULT_PROFILE
+    from fairbatching.costmodel.profile import DEFAULT_PROFILE, available_profiles, load_profile
 
     for name in available_profiles():
         p = load_profile(name)

@@ -1,5 +1,5 @@
 """The GPU engine's commands: `profile` (measure and fit a profile), `replay` (a workload in real time) and
-`fit-profile` (fit measured rows). torch loads only when one of them runs."""
+`fit-profile` (fit measured rows). torch, and the library itself, load only when one of them runs."""
 
 from __future__ import annotations
 
@@ -24,14 +24,8 @@ from fairbatching.cli_options import (
     out_console,
     save_summary,
 )
-from fairbatching.core.modes import Grid, parse_mode
-from fairbatching.costmodel.profile import load_profile
 from fairbatching.errors import FairBatchingError
-from fairbatching.metrics.summary import summarize
-from fairbatching.metrics.table import show, summary_table
-from fairbatching.policies import make_policy
 from fairbatching.progress import progress_bar
-from fairbatching.runs import check_slo_feasible
 from fairbatching.validate import atomic_write_text, check_output_dir, open_fraction, parse_policy_options
 
 MaxContext = Annotated[int, typer.Option("--max-context", help="Longest sequence the engine serves (tokens)")]
@@ -60,6 +54,7 @@ def fit_profile(
 ) -> None:
     """Fit the batch cost model to measured rows and save it as a profile."""
     from fairbatching.costmodel.fit import fit_cost_model, load_profile_rows
+    from fairbatching.costmodel.profile import load_profile
 
     if out.is_dir():
         raise FairBatchingError(f"--out {out}: is a folder; give the profile JSON file to write")
@@ -86,6 +81,7 @@ def profile(
     name: Annotated[str | None, typer.Option("--name", help="Profile name (default: MODEL-DEVICE-measured)")] = None,
 ) -> None:
     """Measure batch latencies on the GPU engine, fit the cost model, and write a profile."""
+    from fairbatching.core.modes import Grid, parse_mode
     from fairbatching.engine.profiler import default_grid, measured_profile, run_profile, write_rows_csv
 
     mode = parse_mode(Grid, grid, "--grid")
@@ -173,7 +169,12 @@ def replay(
     r: ReplicaArgs,
 ) -> None:
     """Replay a workload in real time on the GPU engine (--replicas N: GPUs 0..N-1 behind one router)."""
+    from fairbatching.costmodel.profile import load_profile
     from fairbatching.engine.loop import replay as replay_engine
+    from fairbatching.metrics.summary import summarize
+    from fairbatching.metrics.table import show, summary_table
+    from fairbatching.policies import make_policy
+    from fairbatching.runs import check_slo_feasible
 
     if out:
         check_output_dir(out)

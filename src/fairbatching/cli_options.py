@@ -3,6 +3,10 @@
 A command takes a group as one parameter (``w: WorkloadArgs``); ``grouped`` spreads the group's fields into
 the command's options for typer and gathers them back into the dataclass for the command, so an option is
 declared once however many commands take it.
+
+Declaring the options imports only typer and rich: ``--help`` runs without numpy or the simulator (a test
+holds this), so the few library defaults the declarations show are mirrored here, and a test checks each
+mirror against its source.
 """
 
 from __future__ import annotations
@@ -13,17 +17,11 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
-from typing import Annotated, Any, TypeVar, get_type_hints
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar, get_type_hints
 
 import typer
 from rich.console import Console
 
-from fairbatching.core.modes import DEFAULT_SLO
-from fairbatching.core.request import SLO
-from fairbatching.costmodel.profile import load_profile
-from fairbatching.metrics.summary import Summary
-from fairbatching.policies import POLICIES
-from fairbatching.runs import DEFAULT_QPS, Experiment, WorkloadSpec
 from fairbatching.validate import (
     at_least_one,
     check_output_dir,
@@ -32,6 +30,17 @@ from fairbatching.validate import (
     positive,
     staged_dir,
 )
+
+if TYPE_CHECKING:
+    from fairbatching.core.request import SLO
+    from fairbatching.metrics.summary import Summary
+    from fairbatching.runs import Experiment, WorkloadSpec
+
+# Mirrors (see the module doc): fairbatching.policies.POLICIES, core.modes.DEFAULT_SLO, runs.DEFAULT_QPS.
+POLICY_NAMES = ("fairbatching", "sarathi", "vllm", "prefill-first")
+DEFAULT_TTFT_S = 2.0
+DEFAULT_TPOT_S = 0.1
+DEFAULT_QPS = 14.8
 
 console = Console(stderr=True, soft_wrap=True)
 out_console = Console(width=None if sys.stdout.isatty() else 200)
@@ -67,7 +76,7 @@ def grouped(command: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-PolicyOpt = Annotated[str, typer.Option("--policy", "-p", help=f"One of: {', '.join(POLICIES)}")]
+PolicyOpt = Annotated[str, typer.Option("--policy", "-p", help=f"One of: {', '.join(POLICY_NAMES)}")]
 PoliciesOpt = Annotated[str, typer.Option("--policies", help="Comma-separated policies")]
 ProfileOpt = Annotated[str | None, typer.Option("--profile", help="Profile name or JSON path (see `profiles`)")]
 PolicyOptionOpt = Annotated[
@@ -111,6 +120,8 @@ class WorkloadArgs:
     ] = 0
 
     def spec(self) -> WorkloadSpec:
+        from fairbatching.runs import WorkloadSpec
+
         return WorkloadSpec(
             str(self.trace) if self.trace else None, self.fmt, self.num, self.start, self.qps, self.seed
         )
@@ -118,11 +129,13 @@ class WorkloadArgs:
 
 @dataclass
 class SloArgs:
-    ttft: Annotated[float, typer.Option("--ttft-slo", help="TTFT SLO in seconds")] = DEFAULT_SLO.ttft
-    tpot: Annotated[float, typer.Option("--tpot-slo", help="TPOT SLO in seconds")] = DEFAULT_SLO.tpot
+    ttft: Annotated[float, typer.Option("--ttft-slo", help="TTFT SLO in seconds")] = DEFAULT_TTFT_S
+    tpot: Annotated[float, typer.Option("--tpot-slo", help="TPOT SLO in seconds")] = DEFAULT_TPOT_S
 
     @property
     def slo(self) -> SLO:
+        from fairbatching.core.request import SLO
+
         return SLO(self.ttft, self.tpot)
 
 
@@ -174,6 +187,9 @@ class EngineArgs:
 
 
 def build_experiment(w: WorkloadArgs, slo: SloArgs, node: NodeArgs) -> Experiment:
+    from fairbatching.costmodel.profile import load_profile
+    from fairbatching.runs import Experiment
+
     options = parse_policy_options(node.policy_option or [])
     workload = w.spec().build()
     if workload.meta.get("skipped_rows"):

@@ -13,8 +13,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from fairbatching.core.modes import DEFAULT_SLO
-from fairbatching.core.request import SLO
+from fairbatching.cli_options import DEFAULT_TPOT_S, DEFAULT_TTFT_S
 from fairbatching.errors import ConfigError
 from fairbatching.progress import progress_bar
 
@@ -41,8 +40,8 @@ def serve(
     node_admission: Annotated[
         str, typer.Option("--node-admission", help="Node-side PAB admission: none, reject, defer")
     ] = "none",
-    ttft: Ttft = DEFAULT_SLO.ttft,
-    tpot: Tpot = DEFAULT_SLO.tpot,
+    ttft: Ttft = DEFAULT_TTFT_S,
+    tpot: Tpot = DEFAULT_TPOT_S,
     time_scale: Annotated[
         float, typer.Option("--time-scale", help="Wall seconds per profiled second (0.5: twice as fast)")
     ] = 1.0,
@@ -58,6 +57,7 @@ def serve(
     ] = None,
 ) -> None:
     """Serve simulated FairBatching nodes behind an OpenAI-compatible /v1/completions on Ray Serve."""
+    from fairbatching.core.request import SLO
     from fairbatching.integrations.ray_serve.node_server import NodeOptions
 
     slo = SLO(ttft, tpot)
@@ -100,14 +100,15 @@ def bench(
     start: Annotated[int, typer.Option("--start", help="Skip this many requests of the trace first")] = 0,
     qps: Annotated[float | None, typer.Option("--qps", help="Rescale arrivals to this mean rate")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the embedded workload and the prompt tokens")] = 0,
-    ttft: Ttft = DEFAULT_SLO.ttft,
-    tpot: Tpot = DEFAULT_SLO.tpot,
+    ttft: Ttft = DEFAULT_TTFT_S,
+    tpot: Tpot = DEFAULT_TPOT_S,
     model: Annotated[str | None, typer.Option("--model", help="Model name (default: the server's first)")] = None,
     timeout: Annotated[float, typer.Option("--timeout", help="Seconds one request may take")] = 600.0,
     label: Annotated[str, typer.Option("--label", help="Name of this run in the table")] = "bench",
     out: Annotated[Path | None, typer.Option("--out", help="Write summary.json and requests.csv here")] = None,
 ) -> None:
     """Replay a trace against an OpenAI-compatible server; TTFT, TPOT, TBT, SLO attainment and goodput."""
+    from fairbatching.core.request import SLO
     from fairbatching.runs import WorkloadSpec
 
     if not url.startswith(("http://", "https://")):
