@@ -74,7 +74,9 @@ class EngineCluster:
         ]
         for p in self.procs:
             p.start()
-        self.kv_blocks = [int(msg[2]) for msg in self._gather("ready")]
+        ready = self._gather("ready")
+        self.kv_blocks = [int(msg[2]) for msg in ready]
+        self.graphs: list[dict[str, int]] = [msg[3] for msg in ready]  # captured at warm-up, per replica
 
     def __enter__(self) -> EngineCluster:
         return self
@@ -232,7 +234,7 @@ def _replica_main(index: int, device: str | None, engine: EngineSpec, inbox: Any
             kv_memory_fraction=engine.kv_memory_fraction,
         )
         runner.warmup()
-        outbox.put(("ready", index, runner.pool.usable))
+        outbox.put(("ready", index, runner.pool.usable, runner.graph_counts))
         while (msg := inbox.get())[0] == "run":
             outbox.put(("done", index, _serve_replay(index, runner, msg[1:], inbox, outbox)))
     except BaseException:

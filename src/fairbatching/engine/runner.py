@@ -9,6 +9,7 @@ attention run eagerly between them; larger ones run eagerly.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -373,6 +374,11 @@ class ModelRunner:
         for t in sorted(self.piecewise_token_sizes, reverse=True):
             self._graph(_PiecewiseGraph, t)
             self._graph(_MixedGraph, t)
+
+    @property
+    def graph_counts(self) -> dict[str, int]:
+        """Graphs captured so far per kind (decode, piecewise, mixed): what a run logs to show capture ran."""
+        return dict(Counter(kind.__name__.strip("_").removesuffix("Graph").lower() for kind, _size in self._graphs))
 
     def _graph(self, kind: type[G], size: int) -> G:
         """The graph of this kind for this padded size (batch or tokens), captured on first use."""
