@@ -362,6 +362,27 @@ def test_fused_kernels_match_torch_and_hf_in_interpreter(llama, prompts, referen
     assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:]
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks what a machine without a CUDA GPU is told")
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["replay", "--trace", "azure-conv", "-n", "300", "--qps", "20"], "`replay` needs a CUDA GPU; found none"),
+        (["profile", "--out", "{tmp}/p"], "`profile` needs a CUDA GPU; found none"),
+        (["replay", "--replicas", "2", "--device", "cuda"], "`replay` needs a CUDA GPU; found none"),
+        (["replay", "--device", "cpu"], "--model llama-3-8b: 8.0B parameters is too large for a CPU run"),
+        (["profile", "--out", "{tmp}/p", "--device", "cpu", "--model", "tiny"], "--device cpu needs --num-blocks"),
+        (["replay", "--device", "tpu"], "--device 'tpu': use cuda, cuda:N or cpu"),
+    ],
+)
+def test_gpu_commands_without_a_gpu_exit_2_before_building_anything(tmp_path, args, message):
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    res = subprocess.run([sys.executable, "-m", "fairbatching", *args], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2, res.stderr
+    assert message in res.stderr and "Traceback" not in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert not (tmp_path / "p").exists()
+
+
 def test_profile_and_replay_commands_on_the_cpu(tmp_path):
     from typer.testing import CliRunner
 

@@ -29,13 +29,43 @@ from fairbatching.progress import progress_bar
 from fairbatching.validate import atomic_write_text, check_output_dir, open_fraction, parse_policy_options
 
 MaxContext = Annotated[int, typer.Option("--max-context", help="Longest sequence the engine serves (tokens)")]
+# A CPU engine runs fp32 weights eagerly: past this size one step takes seconds and the weights tens of GB.
+CPU_MAX_PARAMS = 1_500_000_000
+
+
+def check_engine_device(command: str, e: EngineArgs) -> str:
+    """The device ``command`` runs its engine on, checked before anything is built: without a CUDA GPU a GPU
+    command says so at once (not after minutes building an 8B model on the CPU), and a CPU run happens only
+    when asked for (``--device cpu``) with a model small enough for a CPU."""
+    try:
+        import torch
+    except ImportError as exc:
+        raise FairBatchingError(f"`{command}` runs the GPU engine, which needs the [gpu] extra: {exc}") from None
+    device = e.device or "cuda"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise FairBatchingError(
+                f"`{command}` needs a CUDA GPU; found none (a CPU run of a small model: --device cpu --model tiny)"
+            )
+        return device
+    if device != "cpu":
+        raise FairBatchingError(f"--device {device!r}: use cuda, cuda:N or cpu")
+    from fairbatching.engine.config import model_config
+
+    params = model_config(e.model).num_params
+    if params > CPU_MAX_PARAMS:
+        raise FairBatchingError(
+            f"--model {e.model}: {params / 1e9:.1f}B parameters is too large for a CPU run "
+            f"(at most {CPU_MAX_PARAMS / 1e9:.1f}B); use --model tiny, or a layer slice such as {e.model}@2"
+        )
+    if e.num_blocks is None:
+        raise FairBatchingError("--device cpu needs --num-blocks (the KV blocks to allocate, e.g. 400)")
+    return device
 
 
 def _engine(e: EngineArgs, max_context: int) -> Any:
-    try:
-        from fairbatching.engine import build_engine
-    except ImportError as exc:
-        raise FairBatchingError(f"the GPU engine needs the [gpu] extra: {exc}") from None
+    from fairbatching.engine import build_engine
+
     return build_engine(
         e.model, device=e.device, num_blocks=e.num_blocks, block_size=e.block_size, max_context=max_context
     )
@@ -81,6 +111,7 @@ def profile(
     name: Annotated[str | None, typer.Option("--name", help="Profile name (default: MODEL-DEVICE-measured)")] = None,
 ) -> None:
     """Measure batch latencies on the GPU engine, fit the cost model, and write a profile."""
+    check_engine_device("profile", e)
     from fairbatching.core.modes import Grid, parse_mode
     from fairbatching.engine.profiler import default_grid, measured_profile, run_profile, write_rows_csv
 
@@ -169,6 +200,7 @@ def replay(
     r: ReplicaArgs,
 ) -> None:
     """Replay a workload in real time on the GPU engine (--replicas N: GPUs 0..N-1 behind one router)."""
+    check_engine_device("replay", e)
     from fairbatching.costmodel.profile import load_profile
     from fairbatching.engine.loop import replay as replay_engine
     from fairbatching.metrics.summary import summarize
