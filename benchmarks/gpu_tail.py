@@ -295,12 +295,12 @@ class Engine:
                 self.runner = build_engine(
                     "llama-3-8b", device=self.device, max_context=MAX_CONTEXT, kv_memory_fraction=0.8
                 )
-            self.runner.warmup()
             cuda = self.runner.device.type == "cuda"
             self.info = {
                 "device": torch.cuda.get_device_name(self.runner.device) if cuda else "cpu",
                 "model": self.runner.model.config.name,
                 "kv_blocks": self.runner.pool.usable,
+                "warmup_bytes": self.runner.warmup_bytes,
                 "graphs": self.runner.graph_counts,
                 "engine_start_s": round(time.time() - start, 1),
             }

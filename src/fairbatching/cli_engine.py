@@ -25,7 +25,7 @@ from fairbatching.cli_options import (
     save_summary,
 )
 from fairbatching.errors import FairBatchingError
-from fairbatching.progress import progress_bar
+from fairbatching.progress import Activity, progress_bar
 from fairbatching.validate import atomic_write_text, check_output_dir, open_fraction, parse_policy_options
 
 MaxContext = Annotated[int, typer.Option("--max-context", help="Longest sequence the engine serves (tokens)")]
@@ -64,11 +64,23 @@ def check_engine_device(command: str, e: EngineArgs) -> str:
 
 
 def _engine(e: EngineArgs, max_context: int) -> Any:
+    """The engine, warmed (kernels compiled, graphs captured, KV sized after both) before any clock starts."""
     from fairbatching.engine import build_engine
 
-    return build_engine(
-        e.model, device=e.device, num_blocks=e.num_blocks, block_size=e.block_size, max_context=max_context
+    start = time.time()
+    with Activity(console) as status:
+        status(f"building and warming the engine ({e.model})", 0, None)
+        runner = build_engine(
+            e.model, device=e.device, num_blocks=e.num_blocks, block_size=e.block_size, max_context=max_context
+        )
+    kv_gib = runner.kv_cache.numel() * runner.kv_cache.element_size() / 2**30
+    measured = f", warm-up took {runner.warmup_bytes / 2**30:.1f} GiB" if runner.warmup_bytes is not None else ""
+    graphs = ", ".join(f"{n} {kind}" for kind, n in runner.graph_counts.items()) or "none"
+    console.print(
+        f"engine ready in {time.time() - start:.0f} s: {runner.pool.usable} KV blocks ({kv_gib:.1f} GiB){measured}; "
+        f"graphs: {graphs}"
     )
+    return runner
 
 
 def fit_profile(
@@ -218,14 +230,18 @@ def replay(
     pol = make_policy(policy, cost, tpot_slo=slo.tpot, **options)
     config = r.cluster_config(policy, profile, slo, options) if r.replicas > 1 else None
     label = f"{policy} x{r.replicas}" if r.replicas > 1 else policy
-    console.print(f"replaying {len(workload)} requests ({workload.qps:.2f} req/s) with {label}")
-    with progress_bar(console, label_width=14) as bar:
-        task = bar.add_task(policy, total=len(workload))
-        step = functools.partial(_advance, bar, task)
-        if config is None:
-            res = replay_engine(_engine(e, max_context), pol, cost, workload, slo.slo, progress=step)
-        else:
-            with _engine_cluster(e, max_context, r.replicas) as cluster:
+    if config is None:
+        runner = _engine(e, max_context)
+        console.print(f"replaying {len(workload)} requests ({workload.qps:.2f} req/s) with {label}")
+        with progress_bar(console, label_width=14) as bar:
+            step = functools.partial(_advance, bar, bar.add_task(policy, total=len(workload)))
+            res = replay_engine(runner, pol, cost, workload, slo.slo, progress=step)
+    else:
+        console.print(f"starting {r.replicas} engine replicas (each builds and warms its engine)")
+        with _engine_cluster(e, max_context, r.replicas) as cluster:
+            console.print(f"replaying {len(workload)} requests ({workload.qps:.2f} req/s) with {label}")
+            with progress_bar(console, label_width=14) as bar:
+                step = functools.partial(_advance, bar, bar.add_task(policy, total=len(workload)))
                 res = cluster.replay(workload, config, progress=step)
     s = summarize(policy, workload.name, res.requests, res.end_time, res.busy_time, res.preemptions)
     if out:
