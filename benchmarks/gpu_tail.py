@@ -48,7 +48,7 @@ MAX_CONTEXT = 16384
 TARGET = 0.9
 LOADS = (1.0, 1.15, 1.3)
 BASELINES = ("sarathi", "vllm")
-ENGINE_START_S = 120.0  # building and warming the engine, once per process (estimate for the plan)
+ENGINE_START_S = 150.0  # building and warming the engine, once per process (estimate for the plan)
 REPLAY_OVERHEAD_S = 3.0  # per replay beyond its simulated span: prompts drawn, requests set up, drain slack
 TINY_REQUESTS = 6
 
@@ -279,6 +279,7 @@ class Engine:
 
     device: str
     tiny: bool
+    num_blocks: int | None = None
     runner: Any = None
     info: dict = field(default_factory=dict)
 
@@ -293,7 +294,11 @@ class Engine:
                 self.runner = build_engine("tiny", device=self.device, num_blocks=2000, max_context=4096)
             else:
                 self.runner = build_engine(
-                    "llama-3-8b", device=self.device, max_context=MAX_CONTEXT, kv_memory_fraction=0.8
+                    "llama-3-8b",
+                    device=self.device,
+                    max_context=MAX_CONTEXT,
+                    num_blocks=self.num_blocks,
+                    kv_memory_fraction=0.8,
                 )
             cuda = self.runner.device.type == "cuda"
             self.info = {
@@ -362,7 +367,7 @@ def run(args: argparse.Namespace) -> None:
         log(f"  {j.scenario.name:12s} x{j.load:<5} {j.qps:7.2f} req/s  {j.variant.label:16s} ~{j.est_s:.0f} s")
     if args.dry_plan:
         return
-    engine = Engine(args.device, args.tiny)
+    engine = Engine(args.device, args.tiny, args.num_blocks)
     ran = 0
     for j in todo:
         start_cost = 0.0 if engine.runner is not None else ENGINE_START_S
@@ -554,6 +559,9 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=540.0, help="start no replay that would end past this")
     ap.add_argument("--cpus", type=int, default=2, help="simulator processes (plan, report)")
     ap.add_argument("--device", default=None, help="cuda (default) or cpu (with --tiny)")
+    ap.add_argument(
+        "--num-blocks", type=int, help="KV blocks to allocate (default: sized after warm-up, at most 0.8 of free)"
+    )
     ap.add_argument("--tiny", action="store_true", help="a tiny model and a handful of requests: plumbing check")
     ap.add_argument("--dry-plan", action="store_true", help="run: print what would run, and stop")
     args = ap.parse_args()

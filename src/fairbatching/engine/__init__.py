@@ -84,7 +84,7 @@ def build_engine(
     step_tokens = min(MAX_STEP_TOKENS, max_context)
     probe = num_blocks is None
     if probe:
-        free, _total = torch.cuda.mem_get_info()
+        free, _total = torch.cuda.mem_get_info(llama.device)
         # A small cache for warm-up: the largest step's prompt, and a scratch block.
         num_blocks = -(-step_tokens // block_size) + 1
     runner = ModelRunner(
@@ -95,7 +95,7 @@ def build_engine(
         runner.warmup()
         _largest_step(runner, step_tokens)
         torch.cuda.synchronize()
-        used = free - torch.cuda.mem_get_info()[0] - num_blocks * block_bytes
+        used = free - torch.cuda.mem_get_info(llama.device)[0] - num_blocks * block_bytes
         runner.resize_kv(kv_cache_blocks(free, used, block_bytes, kv_memory_fraction))
         runner.warmup_bytes = used
     if warmup:
