@@ -63,6 +63,22 @@ def check_engine_device(command: str, e: EngineArgs) -> str:
     return device
 
 
+def _planning_profile(model: str, device: str) -> str:
+    """With no --profile: one measured on this GPU model when bundled, else the default; the user is told which
+    and why (a policy planning with another GPU's step times misjudges what fits in an SLO)."""
+    from fairbatching.costmodel.profile import DEFAULT_PROFILE, profile_for_device
+    from fairbatching.engine.config import model_config
+
+    if device == "cpu":
+        console.print(f"planning with profile {DEFAULT_PROFILE} (the default: no profile is measured on a CPU)")
+        return DEFAULT_PROFILE
+    import torch
+
+    name, why = profile_for_device(model_config(model).name, torch.cuda.get_device_name(device))
+    console.print(f"planning with profile {name}: {why}")
+    return name
+
+
 def _engine(e: EngineArgs, max_context: int) -> Any:
     """The engine, warmed (kernels compiled, graphs captured, KV sized after both) before any clock starts."""
     from fairbatching.engine import build_engine
@@ -212,7 +228,7 @@ def replay(
     r: ReplicaArgs,
 ) -> None:
     """Replay a workload in real time on the GPU engine (--replicas N: GPUs 0..N-1 behind one router)."""
-    check_engine_device("replay", e)
+    device = check_engine_device("replay", e)
     from fairbatching.costmodel.profile import load_profile
     from fairbatching.engine.loop import replay as replay_engine
     from fairbatching.metrics.summary import summarize
@@ -223,6 +239,8 @@ def replay(
     if out:
         check_output_dir(out)
     workload = w.spec().build()
+    if profile is None:
+        profile = _planning_profile(e.model, device)
     prof = load_profile(profile)
     check_slo_feasible(slo.slo, prof)
     options = parse_policy_options(policy_option or []).get(policy, {})
