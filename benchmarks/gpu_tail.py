@@ -1,7 +1,7 @@
 """The tail and the lead together on the GPU (issue 26): SLO attainment beside P99 TTFT / TBT, per scenario, at
 1.0x / 1.15x / 1.3x the best baseline's simulated capacity, on sustained windows nobody calibrated or tuned on.
 
-Phase ``plan`` (CPU, a few minutes): for each scenario, the simulator's capacity (>= 90% of requests meeting
+Phase ``plan`` (CPU, 25 s on 2 cores): for each scenario, the simulator's capacity (>= 90% of requests meeting
 both SLOs) of every policy on that scenario's window, on the bundled ``llama-3-8b-h200-engine`` profile; the
 best baseline's (Sarathi or vLLM's policy; FairBatching's own where neither reaches 90%) sets the loads, and
 each replay's simulated span estimates its wall time. Phase ``run`` (one GPU, one engine built and warmed once
@@ -14,10 +14,19 @@ the best baseline at each load with issue 26's targets marked met / not met: ``t
 tables.
 
   PYTHONPATH=src python3 benchmarks/gpu_tail.py plan --out results/gpu-tail
-  PYTHONPATH=src python3 benchmarks/gpu_tail.py run --out $OUT/tail --plan results/gpu-tail/plan.json \\
-      --variant "fb-age3:fairbatching:late_age_limit=3" --scenarios conv-2s,conv-1s --budget-s 540
+  PYTHONPATH=src python3 benchmarks/gpu_tail.py run --out $OUT/tail --job conv-2s@1.0,1.15 --job conv-1s@1.0 \\
+      --variant fb-age3:fairbatching:late_age_limit=3 --budget-s 540
+  (copy that call's replays.jsonl to results/gpu-tail/replays.jsonl, then)
+  PYTHONPATH=src python3 benchmarks/gpu_tail.py run --out $OUT/tail --resume results/gpu-tail/replays.jsonl \\
+      --variant fb-age3:fairbatching:late_age_limit=3 --budget-s 540 --job conv-1s@1.15 \\
+      --job code@1.0=fairbatching,fb-age3,sarathi --job mixed-slo@1.0=fairbatching,fb-age3,vllm \\
+      --job long-prompt@1.0=fairbatching,fb-age3,sarathi
   PYTHONPATH=src python3 benchmarks/gpu_tail.py report --out results/gpu-tail
   PYTHONPATH=src python3 benchmarks/gpu_tail.py run --out /tmp/tail --device cpu --tiny   # plumbing, on a CPU
+
+Each device call builds and warms one engine (about 2 minutes, estimated) and replays about 6 minutes; a 600-
+request conversation window takes its arrivals (20-30 s at these loads) plus the drain. ``run`` prints the
+plan (replays, estimated seconds) before it starts.
 """
 
 from __future__ import annotations
