@@ -322,7 +322,25 @@ class Engine:
         return self.runner
 
 
-def replay_job(engine: Engine, job: Job, tiny: bool) -> dict:
+STEP_COLUMNS = (
+    "scenario,load,label,start,new_tokens,context_tokens,num_seqs,attn_work,seconds,path,prefill_chunks,"
+    "max_chunk,max_prefix"
+)
+
+
+def append_steps(path: Path, row: dict, steps: list[tuple]) -> None:
+    """Every step of a replay as a line of ``path`` (gzip members appended, one per replay; the header once):
+    the data simulator fidelity is checked and refitted on, from windows nobody calibrated on."""
+    import gzip
+
+    lines = [] if path.exists() else [STEP_COLUMNS]
+    key = f"{row['scenario']},{row['load']},{row['label']}"
+    lines += [",".join([key, *(f"{v:.6g}" if isinstance(v, float) else str(v) for v in s)]) for s in steps]
+    with gzip.open(path, "at") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def replay_job(engine: Engine, job: Job, tiny: bool) -> tuple[dict, list[tuple]]:
     from fairbatching.engine.loop import replay
     from fairbatching.policies import make_policy
 
@@ -335,6 +353,7 @@ def replay_job(engine: Engine, job: Job, tiny: bool) -> dict:
     res = replay(runner, policy, prof.cost_model(), w, sc.slo)
     wall = time.time() - start
     s = summarize(v.label, w.name, res.requests, res.end_time, res.busy_time, res.preemptions)
+    steps = [(d[0], *r[:5], *d[1:]) for r, d in zip(res.step_rows or [], res.step_detail or [], strict=True)]
     if s.requests != len(w):
         raise RuntimeError(f"replay accounted for {s.requests} of {len(w)} requests")
     return {
@@ -352,7 +371,7 @@ def replay_job(engine: Engine, job: Job, tiny: bool) -> dict:
         "calibration_factors": list(getattr(policy.cost_model, "factors", (1.0, 1.0))),
         **engine.info,
         **({"tiny": True} if tiny else {}),
-    }
+    }, steps
 
 
 def run(args: argparse.Namespace) -> None:
@@ -383,7 +402,8 @@ def run(args: argparse.Namespace) -> None:
         if time.time() - T0 + start_cost + j.est_s * 1.2 > args.budget_s:
             log(f"budget: {j.scenario.name} x{j.load} {j.variant.label} (~{j.est_s:.0f} s) would end past it; stop")
             break
-        row = replay_job(engine, j, args.tiny)
+        row, steps = replay_job(engine, j, args.tiny)
+        append_steps(args.out / "steps.csv.gz", row, steps)
         with path.open("a") as out:
             out.write(json.dumps(row) + "\n")
         ran += 1

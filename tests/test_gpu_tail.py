@@ -3,6 +3,8 @@ its targets, and (with torch) the whole driver end to end on a CPU engine: run, 
 
 from __future__ import annotations
 
+import csv
+import gzip
 import importlib.util
 import json
 import subprocess
@@ -123,6 +125,14 @@ def test_driver_end_to_end_on_a_cpu_engine_runs_resumes_and_reports(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "replays.jsonl").read_text().splitlines()]
     assert [r["label"] for r in rows] == ["fairbatching", "fb-age3", "sarathi"]
     assert rows[1]["options"] == {"late_age_limit": 3} and all(r["gpu"]["requests"] == 6 for r in rows)
+    with gzip.open(tmp_path / "steps.csv.gz", "rt") as f:
+        steps = list(csv.DictReader(f))
+    for r in rows:  # one line per executed step, in start order, each saying how it ran
+        mine = [s for s in steps if s["label"] == r["label"]]
+        assert len(mine) == r["steps"]
+        assert [float(s["start"]) for s in mine] == sorted(float(s["start"]) for s in mine)
+        assert {s["path"] for s in mine} <= {"eager", "piecewise", "decode-graph", "mixed-graph"}
+        assert any(int(s["prefill_chunks"]) for s in mine) and any(not int(s["prefill_chunks"]) for s in mine)
     res = tail("report", "--cpus", "1")
     assert res.returncode == 0, res.stderr + res.stdout
     doc = json.loads((tmp_path / "tail.json").read_text())

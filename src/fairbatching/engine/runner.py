@@ -332,6 +332,7 @@ class ModelRunner:
         self.num_blocks = num_blocks
         self.warmed = False
         self.warmup_bytes: int | None = None  # GPU memory warm-up and the largest step took, where measured
+        self.last_path = ""  # how the last step ran: decode-graph, mixed-graph, piecewise or eager (step logs)
         self.graph_pool = None
         self.graph_batch_sizes = tuple(sorted(graph_batch_sizes)) if cuda_graphs and self.backend == "cuda" else ()
         self.piecewise_token_sizes = tuple(sorted(piecewise_token_sizes)) if self.graph_batch_sizes else ()
@@ -446,8 +447,10 @@ class ModelRunner:
             size = next(b for b in self.graph_batch_sizes if b >= len(packed))
             rows = self._graph(_DecodeGraph, size).run(packed, self.block_size)
             tokens = [t for t, c in zip(rows, packed, strict=True) if c.sample]
+            self.last_path = "decode-graph"
         elif (graph := self._full_graph(packed, num_decodes, routing)) is not None:
             tokens = graph.run(packed, num_decodes, self)
+            self.last_path = "mixed-graph"
         else:
             tokens = self._mixed(packed, num_decodes, routing)
         out: list[int | None] = [None] * len(chunks)
@@ -486,7 +489,9 @@ class ModelRunner:
         )
         if self.piecewise_token_sizes and len(ids) <= self.piecewise_token_sizes[-1]:
             size = next(t for t in self.piecewise_token_sizes if t >= len(ids))
+            self.last_path = "piecewise"
             return self._graph(_PiecewiseGraph, size).run(ids, pos, meta, sample_index, self.model)
+        self.last_path = "eager"
         out = self.model.forward(
             torch.tensor(ids, dtype=torch.int64).to(dev, non_blocking=True),
             torch.tensor(pos, dtype=torch.int64).to(dev, non_blocking=True),
