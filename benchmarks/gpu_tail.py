@@ -55,7 +55,7 @@ T0 = time.time()
 PROFILE = "llama-3-8b-h200-engine"
 MAX_CONTEXT = 16384
 TARGET = 0.9
-LOADS = (1.0, 1.15, 1.3)
+LOADS = (0.85, 1.0, 1.15, 1.3)
 BASELINES = ("sarathi", "vllm")
 ENGINE_START_S = 150.0  # building and warming the engine, once per process (estimate for the plan)
 REPLAY_OVERHEAD_S = 3.0  # per replay beyond its simulated span: prompts drawn, requests set up, drain slack
@@ -115,6 +115,7 @@ class Variant:
     label: str
     policy: str
     options: tuple[tuple[str, Any], ...] = ()
+    admission: str = "none"  # node admission control (none, reject, defer): refused requests count as missed
 
     @property
     def is_fairbatching(self) -> bool:
@@ -125,11 +126,14 @@ DEFAULT_VARIANTS = (Variant("fairbatching", "fairbatching"), Variant("sarathi", 
 
 
 def parse_variant(text: str) -> Variant:
-    """``LABEL:POLICY[:key=value,...]``, e.g. ``fb-age3:fairbatching:late_age_limit=3``; values as JSON."""
+    """``LABEL:POLICY[+ADMISSION][:key=value,...]``, e.g. ``fb-age3:fairbatching:late_age_limit=3`` or
+    ``fb-reject:fairbatching+reject``; values as JSON."""
     parts = text.split(":", 2)
     if len(parts) < 2 or not parts[0] or not parts[1]:
-        raise ConfigError(f"--variant {text!r}: give LABEL:POLICY[:key=value,...]")
-    label, policy = parts[0], parts[1]
+        raise ConfigError(f"--variant {text!r}: give LABEL:POLICY[+ADMISSION][:key=value,...]")
+    label, (policy, _, admission) = parts[0], parts[1].partition("+")
+    if admission not in ("", "none", "reject", "defer"):
+        raise ConfigError(f"--variant {text!r}: admission {admission!r} is not one of none, reject, defer")
     options: dict[str, Any] = {}
     for item in parts[2].split(",") if len(parts) == 3 and parts[2] else []:
         key, eq, raw = item.partition("=")
@@ -140,7 +144,7 @@ def parse_variant(text: str) -> Variant:
         except json.JSONDecodeError:
             options[key] = raw
     check_policy_options(policy, options, f"--variant {label}:")
-    return Variant(label, policy, tuple(sorted(options.items())))
+    return Variant(label, policy, tuple(sorted(options.items())), admission or "none")
 
 
 def log(msg: str) -> None:
@@ -169,6 +173,7 @@ def simulate(sc: Scenario, variant: Variant, qps: float, tiny: bool = False) -> 
         sc.slo,
         max_model_len=MAX_CONTEXT,
         policy_options={variant.policy: dict(variant.options)},
+        admission=variant.admission,
     )
     res = exp.run(variant.policy)
     return {**point_fields(res.summary), "span_s": res.summary.duration_s}
@@ -350,7 +355,7 @@ def replay_job(engine: Engine, job: Job, tiny: bool) -> tuple[dict, list[tuple]]
     runner = engine.get()
     policy = make_policy(v.policy, prof.cost_model(), tpot_slo=sc.slo.tpot, **dict(v.options))
     start = time.time()
-    res = replay(runner, policy, prof.cost_model(), w, sc.slo)
+    res = replay(runner, policy, prof.cost_model(), w, sc.slo, admission=v.admission)
     wall = time.time() - start
     s = summarize(v.label, w.name, res.requests, res.end_time, res.busy_time, res.preemptions)
     steps = [(d[0], *r[:5], *d[1:]) for r, d in zip(res.step_rows or [], res.step_detail or [], strict=True)]
@@ -363,6 +368,7 @@ def replay_job(engine: Engine, job: Job, tiny: bool) -> tuple[dict, list[tuple]]
         "label": v.label,
         "policy": v.policy,
         "options": dict(v.options),
+        "admission": v.admission,
         "window": {"workload": sc.workload, "start": sc.start, "seed": sc.seed, "requests": len(w)},
         "slo": [sc.slo.ttft, sc.slo.tpot],
         "gpu": point_fields(s),

@@ -151,6 +151,7 @@ def serving_node(
     default_slo: SLO,
     clock: Callable[[], float],
     queue_timeout: float | None = None,
+    admission: str = "none",
 ) -> tuple[Node, EngineExecutor]:
     """A node whose steps run on ``runner`` and are stamped by ``clock`` (serving: no fast-forward)."""
     executor = EngineExecutor(runner, clock)
@@ -160,6 +161,7 @@ def serving_node(
         max_model_len=runner.max_context,
         queue_timeout=queue_timeout,
         fast_forward=False,
+        admission=admission,
     )
     return Node(policy, cost_model, config, executor=executor), executor
 
@@ -173,6 +175,7 @@ def replay(
     seed: int = 0,
     queue_timeout: float | None = None,
     progress: ProgressFn | None = None,
+    admission: str = "none",
 ) -> NodeResult:
     """Replay ``workload`` on the wall clock: requests arrive at their trace times (random prompt tokens of
     the trace's lengths) and run to the trace's output length, as benchmark clients with ignore_eos do."""
@@ -186,7 +189,7 @@ def replay(
     def clock() -> float:
         return time.perf_counter() - t0
 
-    node, executor = serving_node(runner, policy, cost_model, default_slo, clock, queue_timeout)
+    node, executor = serving_node(runner, policy, cost_model, default_slo, clock, queue_timeout, admission)
     total = len(specs)
     if progress is not None:
         node.on_finish = lambda _r: progress(len(node.done), total)
