@@ -33,6 +33,7 @@ class Scenario:
     slo: SLO
     requests: int
     guess: float  # a starting rate for the capacity search (req/s)
+    target: float = 0.9  # the attainment that defines capacity
 
 
 SCENARIOS = (
@@ -41,8 +42,9 @@ SCENARIOS = (
     Scenario("code 2s/100ms", "azure-code", SLO(2.0, 0.1), 600, 5.0),
     # Every request carries its class's SLO; the default (the tight class) sizes Sarathi's token budget.
     Scenario("mixed 0.5s/50ms+8s/200ms", "mixed-slo", SLO(0.5, 0.05), 600, 15.0),
-    # Long prompts (mean 13.8k tokens), short outputs (mean 357): the long-prompt shape.
-    Scenario("mooncake 10s/100ms", "mooncake-conv", SLO(10.0, 0.1), 600, 1.0),
+    # Long prompts (mean 13.8k tokens), short outputs (mean 357): the long-prompt shape. Some prompts cannot
+    # prefill within 10 s even alone, so the baselines top out near 88% at any load: capacity here is 85%.
+    Scenario("mooncake 10s/100ms", "mooncake-conv", SLO(10.0, 0.1), 600, 1.0, 0.85),
 )
 BASELINES = ("sarathi", "vllm")
 # name -> FairBatching options
@@ -56,10 +58,17 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     "a15s20": {"late_age_limit": 1.5, "late_share": 0.2},
     "a2s20": {"late_age_limit": 2.0, "late_share": 0.2},
     "a2s35": {"late_age_limit": 2.0, "late_share": 0.35},
+    "a2s50": {"late_age_limit": 2.0, "late_share": 0.5},
+    "a15s50": {"late_age_limit": 1.5, "late_share": 0.5},
+    "a3s20": {"late_age_limit": 3.0, "late_share": 0.2},
+    "a3s35": {"late_age_limit": 3.0, "late_share": 0.35},
+    "a3s50": {"late_age_limit": 3.0, "late_share": 0.5},
 }
 
 
-def run(sc: Scenario, policy: str, options: dict[str, Any], qps: float, seeds: list[int], err: StepError) -> list[Summary]:
+def run(
+    sc: Scenario, policy: str, options: dict[str, Any], qps: float, seeds: list[int], err: StepError
+) -> list[Summary]:
     prof = load_profile("llama-3-8b-h200-engine")
     out = []
     for seed in seeds:
@@ -73,8 +82,9 @@ def attainment(sums: list[Summary]) -> float:
     return statistics.mean(s.slo_attainment for s in sums)
 
 
-def capacity(sc: Scenario, policy: str, seeds: list[int], err: StepError, target: float = 0.9) -> float:
-    """Highest rate with mean attainment >= target: bracket by x1.15 steps, then bisect to 2%."""
+def capacity(sc: Scenario, policy: str, seeds: list[int], err: StepError) -> float:
+    """Highest rate with mean attainment >= the scenario's target: bracket by x1.15 steps, then bisect to 2%."""
+    target = sc.target
     lo = hi = sc.guess
     if attainment(run(sc, policy, {}, hi, seeds, err)) >= target:
         while attainment(run(sc, policy, {}, hi * 1.15, seeds, err)) >= target:
@@ -83,6 +93,8 @@ def capacity(sc: Scenario, policy: str, seeds: list[int], err: StepError, target
     else:
         while attainment(run(sc, policy, {}, lo / 1.15, seeds, err)) < target:
             lo /= 1.15
+            if lo < sc.guess / 50:
+                raise SystemExit(f"{sc.name}: {policy} never reaches {target:.0%}")
         lo, hi = lo / 1.15, lo
     while hi / lo > 1.02:
         mid = (lo * hi) ** 0.5

@@ -202,11 +202,10 @@ class FairBatchingPolicy(Policy):
         pool.sort(key=_deadline)
         if self.late_last:
             aged, feasible, late = self._feasible_first(pool, b.state.now)
-            if aged and self.late_share < 1.0:
-                served = self._add_aged(b, aged, budget, reserve)
-                pool = feasible + aged[served:] + late
-            else:
-                pool = aged + feasible + late
+            if aged:  # first, within their share of the prefill time
+                start = b.time()
+                aged = aged[self._add_aged(b, aged, start + self.late_share * max(budget - start, 0.0), reserve) :]
+            pool = feasible + aged + late
         first_chunk = self._first_chunk_floor()
         for r in pool:
             remaining = r.num_tokens - r.num_computed
@@ -222,11 +221,9 @@ class FairBatchingPolicy(Policy):
                 return True
         return len(waiting) > self.edf_window
 
-    def _add_aged(self, b: BatchBuilder, aged: list[Request], budget: float, reserve: int) -> int:
-        """Aged late prefills, earliest deadline first, within ``late_share`` of the prefill time this step has
-        left; returns how many were scheduled (the last one perhaps in part)."""
-        start = b.time()
-        cap = start + self.late_share * max(budget - start, 0.0)
+    def _add_aged(self, b: BatchBuilder, aged: list[Request], cap: float, reserve: int) -> int:
+        """Aged prefills, in order, while the step's predicted time stays within ``cap``; returns how many were
+        scheduled (the last one perhaps in part)."""
         served = 0
         for r in aged:
             remaining = r.num_tokens - r.num_computed
