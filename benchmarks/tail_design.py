@@ -60,6 +60,7 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     "a2s35": {"late_age_limit": 2.0, "late_share": 0.35},
     "a2s50": {"late_age_limit": 2.0, "late_share": 0.5},
     "a15s50": {"late_age_limit": 1.5, "late_share": 0.5},
+    "a3s10": {"late_age_limit": 3.0, "late_share": 0.1},
     "a3s20": {"late_age_limit": 3.0, "late_share": 0.2},
     "a3s35": {"late_age_limit": 3.0, "late_share": 0.35},
     "a3s50": {"late_age_limit": 3.0, "late_share": 0.5},
@@ -82,23 +83,25 @@ def attainment(sums: list[Summary]) -> float:
     return statistics.mean(s.slo_attainment for s in sums)
 
 
-def capacity(sc: Scenario, policy: str, seeds: list[int], err: StepError) -> float:
+def capacity(
+    sc: Scenario, policy: str, seeds: list[int], err: StepError, options: dict[str, Any] | None = None
+) -> float:
     """Highest rate with mean attainment >= the scenario's target: bracket by x1.15 steps, then bisect to 2%."""
     target = sc.target
     lo = hi = sc.guess
-    if attainment(run(sc, policy, {}, hi, seeds, err)) >= target:
-        while attainment(run(sc, policy, {}, hi * 1.15, seeds, err)) >= target:
+    if attainment(run(sc, policy, options or {}, hi, seeds, err)) >= target:
+        while attainment(run(sc, policy, options or {}, hi * 1.15, seeds, err)) >= target:
             hi *= 1.15
         lo, hi = hi, hi * 1.15
     else:
-        while attainment(run(sc, policy, {}, lo / 1.15, seeds, err)) < target:
+        while attainment(run(sc, policy, options or {}, lo / 1.15, seeds, err)) < target:
             lo /= 1.15
             if lo < sc.guess / 50:
                 raise SystemExit(f"{sc.name}: {policy} never reaches {target:.0%}")
         lo, hi = lo / 1.15, lo
     while hi / lo > 1.02:
         mid = (lo * hi) ** 0.5
-        lo, hi = (mid, hi) if attainment(run(sc, policy, {}, mid, seeds, err)) >= target else (lo, mid)
+        lo, hi = (mid, hi) if attainment(run(sc, policy, options or {}, mid, seeds, err)) >= target else (lo, mid)
     return lo
 
 
@@ -108,6 +111,7 @@ def main() -> None:
     ap.add_argument("--loads", default="1.0,1.15,1.3", help="multiples of the best baseline's capacity")
     ap.add_argument("--only", default=None, help="comma-separated candidate names (default: all)")
     ap.add_argument("--scenarios", default=None, help="comma-separated scenario name prefixes")
+    ap.add_argument("--capacity", action="store_true", help="also each candidate's capacity (x best baseline)")
     ap.add_argument("--mixed-scale", type=float, default=1.18)
     ap.add_argument("--noise", type=float, default=0.08)
     args = ap.parse_args()
@@ -124,6 +128,10 @@ def main() -> None:
         caps = {p: capacity(sc, p, seeds, err) for p in BASELINES}
         best = max(caps.values())
         print(f"| {sc.name} | capacity | " + ", ".join(f"{p} {c:.2f}" for p, c in caps.items()) + " | | |", flush=True)
+        if args.capacity:
+            for n in names:
+                c = capacity(sc, "fairbatching", seeds, err, CANDIDATES[n])
+                print(f"| {sc.name} | capacity | {n} {c:.2f} = {c / best:.2f}x | | |", flush=True)
         for factor in map(float, args.loads.split(",")):
             qps = best * factor
             rows = [(p, run(sc, p, {}, qps, seeds, err)) for p in BASELINES]
