@@ -2,6 +2,7 @@ import pytest
 from conftest import decode, state, waiting
 
 from fairbatching.core import SLO, Request
+from fairbatching.costmodel.model import attn_work
 from fairbatching.errors import ConfigError
 from fairbatching.policies import (
     FairBatchingPolicy,
@@ -291,3 +292,21 @@ def test_a_lost_prefill_waits_behind_feasible_ones_only_up_to_the_age_limit(cost
     assert first(late_age_limit=4.0) == "new"
     with pytest.raises(ValueError, match="late_age_limit"):
         FairBatchingPolicy(cost, late_age_limit=0)
+
+
+def test_aged_prefills_take_only_their_share_of_the_step_and_the_feasible_one_the_rest(cost):
+    old = waiting("old", NOW, age=7.0, prompt=6000)  # 3.5 TTFTs waited: aged at late_age_limit=3
+    new = waiting("new", NOW, age=0.1, prompt=6000)
+    step = cost.predict(4000, 4000, 1, attn_work(4000, 0))  # room for 4,000 of the 12,000 tokens
+
+    def chunks(**options) -> dict[str, int]:
+        pol = FairBatchingPolicy(cost, max_num_batched_tokens=12000, max_batch_time=step, **options)
+        return {r.request_id: n for r, n in pol.schedule(state(NOW, [], [old, new])).items}
+
+    assert list(chunks(late_age_limit=3.0)) == ["old"]  # the whole step: old goes first and fills it
+    shared = chunks(late_age_limit=3.0, late_share=0.25)
+    assert list(shared) == ["old", "new"]
+    assert 0 < shared["old"] < 2000 < shared["new"]  # a quarter of the prefill time, the feasible one the rest
+    assert list(chunks(late_share=0.25)) == ["new"]  # no age limit: nothing is aged, late_last as before
+    with pytest.raises(ValueError, match="late_share"):
+        FairBatchingPolicy(cost, late_share=0)

@@ -83,6 +83,8 @@ OPTION_VALUES = {
     "kv_high_watermark": st.floats(0.0, 1.0),
     "yield_reserve": st.floats(0.0, 4.0),
     "late_last": st.booleans(),
+    "late_age_limit": st.none() | st.floats(0.5, 4.0),
+    "late_share": st.floats(0.05, 1.0),
 }
 
 

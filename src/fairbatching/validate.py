@@ -116,6 +116,7 @@ _RULES: dict[str, _Rule] = {
     "kv_high_watermark": _FRACTION,
     "yield_reserve": _NON_NEGATIVE,
     "late_age_limit": _Rule(float, 0.0, lo_open=True, nullable=True),
+    "late_share": _Rule(float, 0.0, 1.0, lo_open=True),
 }
 
 

@@ -47,6 +47,10 @@ class FairBatchingPolicy(Policy):
     (``late_last``): plain EDF serves the late ones first and, under a burst, makes every request late.
     Passed over without limit, though, a lost request's TTFT grows with the backlog (the P99 TTFT tail):
     ``late_age_limit`` (in TTFT SLOs waited) puts one that has waited that long back in deadline order.
+    Promoted ahead of every feasible prefill, though, aged requests take whole steps under overload and make
+    the feasible ones late in turn: ``late_share`` caps the aged ones (earliest deadline first) to that
+    fraction of each step's prefill time, a reserved share; feasible prefills take the rest, then the aged
+    ones left over, then the other late ones. With ``late_age_limit=1`` every lost request is aged.
     """
 
     name = "fairbatching"
@@ -69,12 +73,16 @@ class FairBatchingPolicy(Policy):
         mixed_amortization: float = 6.0,
         late_last: bool = True,
         late_age_limit: float | None = None,
+        late_share: float = 1.0,
     ) -> None:
         super().__init__(cost_model, max_num_batched_tokens, max_num_seqs)
         self.late_last = late_last
         if late_age_limit is not None and not late_age_limit > 0:
             raise ValueError("late_age_limit must be positive (TTFT SLOs waited)")
         self.late_age_limit = late_age_limit
+        if not 0.0 < late_share <= 1.0:
+            raise ValueError("late_share must be in (0, 1] (a fraction of each step's prefill time)")
+        self.late_share = late_share
         if yield_reserve < 0:
             raise ValueError("yield_reserve must be >= 0")
         self.yield_reserve = yield_reserve
@@ -193,7 +201,11 @@ class FairBatchingPolicy(Policy):
         reserve = self._decode_block_reserve(b, decodes, n_urgent, admitting) if waiting else 0
         pool.sort(key=_deadline)
         if self.late_last:
-            pool = self._feasible_first(pool, b.state.now)
+            aged, feasible, late = self._feasible_first(pool, b.state.now)
+            if aged:  # first, within their share of the prefill time
+                start = b.time()
+                aged = aged[self._add_aged(b, aged, start + self.late_share * max(budget - start, 0.0), reserve) :]
+            pool = feasible + aged + late
         first_chunk = self._first_chunk_floor()
         for r in pool:
             remaining = r.num_tokens - r.num_computed
@@ -209,11 +221,31 @@ class FairBatchingPolicy(Policy):
                 return True
         return len(waiting) > self.edf_window
 
-    def _feasible_first(self, pool: list[Request], now: float) -> list[Request]:
-        """Prefills that can still make their first-token deadline, then those that cannot (each in deadline
-        order). A request whose TTFT is lost can no longer meet its SLO; serving it first, as plain EDF does,
-        makes the next ones late too and under a burst every request misses (the domino effect of EDF in
-        overload). Late ones still run, in the time the feasible ones leave."""
+    def _add_aged(self, b: BatchBuilder, aged: list[Request], cap: float, reserve: int) -> int:
+        """Aged prefills, in order, while the step's predicted time stays within ``cap``; returns how many were
+        scheduled (the last one perhaps in part)."""
+        served = 0
+        for r in aged:
+            remaining = r.num_tokens - r.num_computed
+            if b.full:
+                break
+            n = b.largest_chunk(r, min(remaining, b.tokens_left), cap)
+            if n < remaining and n < self.min_chunk:
+                break
+            held = r.num_blocks > 0
+            if not b.add(r, n, preempt=held, reserve=0 if held else reserve):
+                break
+            served += 1
+            if n < remaining:
+                break
+        return served
+
+    def _feasible_first(self, pool: list[Request], now: float) -> tuple[list[Request], list[Request], list[Request]]:
+        """Prefills whose first-token deadline is lost and that waited ``late_age_limit`` TTFT SLOs (aged),
+        those that can still make it (feasible), and the other late ones, each in deadline order. A request
+        whose TTFT is lost can no longer meet its SLO; serving it first, as plain EDF does, makes the next
+        ones late too and under a burst every request misses (the domino effect of EDF in overload). Late
+        ones still run, in the time the feasible ones leave."""
         predict = self.cost_model.predict
         # The least time the rest of a prompt can take is alone in a step. The model grows with new tokens,
         # context and attention work alike (for chunks of 2+ tokens: one step kind), so pricing the longest
@@ -221,20 +253,21 @@ class FairBatchingPolicy(Policy):
         most_new = max([r.num_tokens - r.num_computed for r in pool])
         most_done = max([r.num_computed for r in pool])
         clear = now + predict(most_new, most_done + most_new, 1, most_new * (most_done + (most_new + 1) * 0.5))
+        aged: list[Request] = []
         feasible: list[Request] = []
         late: list[Request] = []
+        limit = self.late_age_limit
         for r in pool:
             d = r.first_deadline
             if d <= now:  # already lost, however fast it could run (``clear`` is never before ``now``)
-                limit = self.late_age_limit
-                (feasible if limit is not None and now - r.arrival >= limit * r.slo.ttft else late).append(r)
+                (aged if limit is not None and now - r.arrival >= limit * r.slo.ttft else late).append(r)
             elif d > clear and r.num_tokens - r.num_computed > 1:
                 feasible.append(r)
             else:  # ``attn_work(n, c)`` inlined
                 c = r.num_computed
                 n = r.num_tokens - c
                 (late if d <= now + predict(n, c + n, 1, n * (c + (n + 1) * 0.5)) else feasible).append(r)
-        return feasible + late if feasible and late else pool
+        return aged, feasible, late
 
     def _first_chunk_floor(self) -> int:
         """Smallest partial chunk worth opening a mixed step for: ``mixed_amortization`` x the model's
