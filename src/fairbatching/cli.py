@@ -19,6 +19,7 @@ from rich.markup import escape
 from fairbatching import cli_engine
 from fairbatching.cli_options import (
     POLICY_NAMES,
+    BackendArgs,
     NodeArgs,
     PoliciesOpt,
     PolicyOpt,
@@ -71,12 +72,9 @@ ALL_POLICIES = ",".join(POLICY_NAMES)
 
 
 def _run_with_progress(exp: Experiment, policies: list[str]) -> list[RunResult]:
-    results = []
     with progress_bar(console, label_width=14) as bar:
-        for name in policies:
-            task = bar.add_task(name, total=len(exp.workload))
-            results.append(exp.run(name, lambda done, total, t=task: bar.update(t, completed=done)))
-    return results
+        tasks = {name: bar.add_task(name, total=len(exp.workload)) for name in policies}
+        return exp.run_all(policies, lambda name, done, _total: bar.update(tasks[name], completed=done))
 
 
 def _banner(exp: Experiment) -> None:
@@ -127,23 +125,38 @@ def compare(
     w: WorkloadArgs,
     slo: SloArgs,
     node: NodeArgs,
+    b: BackendArgs,
     out: Annotated[Path, typer.Option("--out", help="Report folder")] = Path("out/compare"),
     wide: WideOpt = False,
 ) -> None:
-    """Run several policies on the same workload; write tables, CSV/JSON and a plot + HTML report."""
+    """Run several policies on the same workload; write tables, CSV/JSON and a plot + HTML report
+    (--backend gpu: real-time replays on the GPU engines, the simulator's prediction beside each number)."""
+    from dataclasses import replace
+
     from fairbatching.metrics.table import show, summary_table
-    from fairbatching.report.compare import write_comparison
+    from fairbatching.report.compare import sim_table, write_comparison
 
     names = policy_names(policies)
     check_output_dir(out)
+    gpu = cli_engine.gpu_backend("compare", b)
+    if gpu is not None and node.profile is None:
+        node.profile = cli_engine.planning_profile(b.model, gpu.device)
     exp = build_experiment(w, slo, node)
     _banner(exp)
-    results = _run_with_progress(exp, names)
+    with cli_engine.started_engines(gpu) as engines:
+        if engines is not None:
+            exp = replace(exp, engines=engines, max_model_len=min(exp.max_model_len, b.max_context))
+        results = _run_with_progress(exp, names)
     summaries = [r.summary for r in results]
+    sims = None if gpu is None else [r.sim for r in results if r.sim is not None]
+    settings = exp.describe() if gpu is None else {**exp.describe(), "backend": cli_engine.backend_settings(gpu)}
     with staged_dir(out) as tmp:
-        png, report = write_comparison(tmp, exp.title, exp.describe(), summaries, [r.log for r in results])
+        png, report = write_comparison(tmp, exp.title, settings, summaries, [r.log for r in results], sims)
     show(out_console, summary_table(summaries, title=exp.title, wide=wide))
-    console.print(f"wrote {out}/summary.json, summary.csv, summary.md, requests_*.csv, {png.name}, {report.name}")
+    if sims is not None:
+        show(out_console, sim_table(summaries, sims))
+    files = "summary.json, summary.csv, summary.md" + (", sim_vs_gpu.csv" if sims is not None else "")
+    console.print(f"wrote {out}/{files}, requests_*.csv, {png.name}, {report.name}")
 
 
 @app.command()
@@ -160,9 +173,11 @@ def capacity(
     slo: SloArgs,
     profile: ProfileOpt = None,
     sw: SweepArgs,
+    b: BackendArgs,
     out: Annotated[Path | None, typer.Option("--out", help="Write capacity.json here")] = None,
 ) -> None:
-    """Highest request rate each policy sustains at the SLO-attainment target (bracketing + bisection)."""
+    """Highest request rate each policy sustains at the SLO-attainment target (bracketing + bisection;
+    --backend gpu: real-time replays from the simulated capacity on, the simulator beside each point)."""
     from fairbatching.costmodel.profile import load_profile
     from fairbatching.evaluation.bounds import spec_bound
     from fairbatching.evaluation.capacity import capacity_lines, policy_capacities
@@ -176,16 +191,23 @@ def capacity(
     if not fam.available():
         raise FairBatchingError(f"workload {workload!r} needs {fam.path()}, which is missing")
     sweeper = sw.sweeper()
+    gpu = cli_engine.gpu_backend("capacity", b)
+    if gpu is not None and profile is None:
+        profile = cli_engine.planning_profile(b.model, gpu.device)
     check_slo_feasible(slo.slo, load_profile(profile))
-    base = RunSpec(names[0], workload, 1.0, 0, num, slo.ttft, slo.tpot, profile)
+    engine = None if gpu is None else gpu.engine
+    base = RunSpec(names[0], workload, 1.0, 0, num, slo.ttft, slo.tpot, profile, backend=b.backend, engine=engine)
     bound = spec_bound(base, seeds)
-    with Activity(console) as status:
+    with cli_engine.started_engines(gpu) as engines, Activity(console) as status:
+        sweeper.engines = engines
         results = policy_capacities(base, names, sweeper, target, seeds, start, tolerance, console.print, status)
     for line in capacity_lines(results, bound, num):
         out_console.print(line)
     if out:
         with staged_dir(out) as tmp:
             data = {"workload": workload, "clairvoyant_qps": bound, "results": [asdict(r) for r in results]}
+            if gpu is not None:
+                data["backend"] = cli_engine.backend_settings(gpu)
             (tmp / "capacity.json").write_text(json.dumps(data, indent=2) + "\n")
 
 

@@ -1,18 +1,23 @@
 """The GPU engine's commands: `profile` (measure and fit a profile), `replay` (a workload in real time) and
-`fit-profile` (fit measured rows). torch, and the library itself, load only when one of them runs."""
+`fit-profile` (fit measured rows), and the GPU backend of the run layer's commands (`compare`, `capacity`:
+``gpu_backend`` checks it, ``started_engines`` runs it). torch, and the library itself, load only when one of
+them runs."""
 
 from __future__ import annotations
 
 import functools
 import json
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from fairbatching.cli_options import (
+    BackendArgs,
     EngineArgs,
     PolicyOpt,
     PolicyOptionOpt,
@@ -27,6 +32,9 @@ from fairbatching.cli_options import (
 from fairbatching.errors import FairBatchingError
 from fairbatching.progress import Activity, progress_bar
 from fairbatching.validate import atomic_write_text, check_output_dir, open_fraction, parse_policy_options
+
+if TYPE_CHECKING:
+    from fairbatching.core.backend import EngineSpec
 
 MaxContext = Annotated[int, typer.Option("--max-context", help="Longest sequence the engine serves (tokens)")]
 # A CPU engine runs fp32 weights eagerly: past this size one step takes seconds and the weights tens of GB.
@@ -63,7 +71,64 @@ def check_engine_device(command: str, e: EngineArgs) -> str:
     return device
 
 
-def _planning_profile(model: str, device: str) -> str:
+@dataclass(frozen=True)
+class GpuBackend:
+    """A command's GPU backend, checked: the engine each replica builds, on which devices."""
+
+    engine: EngineSpec
+    devices: list[str | None]
+    device: str
+
+
+def gpu_backend(command: str, b: BackendArgs) -> GpuBackend | None:
+    """None for the simulator; for ``--backend gpu`` the engines to start, checked before any work is done
+    (no CUDA GPU, more GPUs asked for than present, a CPU run without ``--device cpu``: one line, exit 2)."""
+    from fairbatching.core.backend import Backend, EngineSpec
+    from fairbatching.core.modes import parse_mode
+
+    if parse_mode(Backend, b.backend, "--backend") is Backend.SIM:
+        return None
+    device = check_engine_device(command, b)
+    import torch
+
+    from fairbatching.engine.cluster import replica_devices
+
+    cuda = device.startswith("cuda")
+    devices = replica_devices(b.gpus or (torch.cuda.device_count() if cuda else 1), device)
+    hardware = torch.cuda.get_device_name(device) if cuda else "cpu"
+    engine = EngineSpec(
+        b.model, b.max_context, b.num_blocks, device=None if cuda else "cpu", block_size=b.block_size, hardware=hardware
+    )
+    return GpuBackend(engine, devices, device)
+
+
+def backend_settings(gpu: GpuBackend) -> dict[str, Any]:
+    """What a report records about the GPU backend it ran on."""
+    from dataclasses import asdict
+
+    return {"name": "gpu", "engines": len(gpu.devices), "engine": asdict(gpu.engine)}
+
+
+@contextmanager
+def started_engines(gpu: GpuBackend | None) -> Iterator[Any]:
+    """The GPU backend's engines (one replica process per GPU, each built and warmed before any clock starts),
+    stopped on the way out (at once on an error or Ctrl-C); None for the simulator."""
+    if gpu is None:
+        yield None
+        return
+    from fairbatching.engine.cluster import EngineCluster
+
+    engines = f"{len(gpu.devices)} engine{'s' if len(gpu.devices) > 1 else ''}"
+    start = time.time()
+    with Activity(console) as status:
+        status(f"starting {engines} ({gpu.engine.model} on {gpu.engine.hardware}), each warmed before use", 0, None)
+        cluster = EngineCluster(gpu.engine, gpu.devices)
+    console.print(f"{engines} ready in {time.time() - start:.0f} s: KV blocks {cluster.kv_blocks}")
+    with cluster:
+        yield cluster
+
+
+def planning_profile(model: str, device: str) -> str:
     """With no --profile: one measured on this GPU model when bundled, else the default; the user is told which
     and why (a policy planning with another GPU's step times misjudges what fits in an SLO)."""
     from fairbatching.costmodel.profile import DEFAULT_PROFILE, profile_for_device
@@ -240,7 +305,7 @@ def replay(
         check_output_dir(out)
     workload = w.spec().build()
     if profile is None:
-        profile = _planning_profile(e.model, device)
+        profile = planning_profile(e.model, device)
     prof = load_profile(profile)
     check_slo_feasible(slo.slo, prof)
     options = parse_policy_options(policy_option or []).get(policy, {})
