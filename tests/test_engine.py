@@ -431,6 +431,9 @@ def test_fused_kernels_match_torch_and_hf_in_interpreter(llama, prompts, referen
         (["replay", "--device", "cpu"], "--model llama-3-8b: 8.0B parameters is too large for a CPU run"),
         (["profile", "--out", "{tmp}/p", "--device", "cpu", "--model", "tiny"], "--device cpu needs --num-blocks"),
         (["replay", "--device", "tpu"], "--device 'tpu': use cuda, cuda:N or cpu"),
+        (["compare", "--backend", "gpu", "--out", "{tmp}/p"], "`compare` needs a CUDA GPU; found none"),
+        (["capacity", "--backend", "gpu", "--out", "{tmp}/p"], "`capacity` needs a CUDA GPU; found none"),
+        (["compare", "--backend", "tpu", "--out", "{tmp}/p"], "--backend must be sim or gpu, got 'tpu'"),
     ],
 )
 def test_gpu_commands_without_a_gpu_exit_2_before_building_anything(tmp_path, args, message):
