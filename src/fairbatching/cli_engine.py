@@ -202,37 +202,87 @@ def profile(
     repeats: Annotated[int, typer.Option("--repeats", help="Timed runs per composition (median)")] = 5,
     grid: Annotated[str, typer.Option("--grid", help="full, or quick (a few compositions, for a smoke test)")] = "full",
     name: Annotated[str | None, typer.Option("--name", help="Profile name (default: MODEL-DEVICE-measured)")] = None,
+    calibration_requests: Annotated[
+        int,
+        typer.Option(
+            "--calibration-requests",
+            min=0,
+            help="After the grid, replay this many Azure conversation requests per policy and refit on the served "
+            "steps (the serving-calibrated profile); 0: the grid profile only",
+        ),
+    ] = 300,
+    slo: SloArgs,
 ) -> None:
-    """Measure batch latencies on the GPU engine, fit the cost model, and write a profile."""
+    """Measure batch latencies on the GPU engine, fit the cost model, then calibrate it on served steps (replays
+    of a trace window, planned for the SLO), and write the profile: one command from a fresh GPU to a profile."""
     check_engine_device("profile", e)
     from fairbatching.core.modes import Grid, parse_mode
     from fairbatching.engine.profiler import default_grid, measured_profile, run_profile, write_rows_csv
+    from fairbatching.validate import staged_dir
 
     mode = parse_mode(Grid, grid, "--grid")
     check_output_dir(out)
+    start = time.time()
     runner = _engine(e, max_context)
     compositions = default_grid(runner.pool.usable * e.block_size, max_context)
     if mode is Grid.QUICK:
         compositions = compositions[:: max(1, len(compositions) // 14)]
-    out.mkdir(parents=True, exist_ok=True)
-    start = time.time()
+    grid_start = time.time()
     with progress_bar(console, label_width=14) as bar:
         task = bar.add_task("profiling", total=len(compositions))
         rows = run_profile(runner, compositions, repeats, progress=lambda i, _n, _row: bar.update(task, completed=i))
-    write_rows_csv(out / "rows.csv", rows)
     hardware = _hardware(runner)
+    command = f"fairbatching profile --model {e.model} --grid {grid} --calibration-requests {calibration_requests}"
     prof, report = measured_profile(
         runner,
         rows,
         name or f"{runner.model.config.name}-{hardware.split()[-1].lower()}-measured",
-        f"fairbatching profile --model {e.model} --grid {grid}: {len(rows)} compositions on the GPU engine",
-        {"device": hardware, "profiled_s": round(time.time() - start, 1)},
+        f"{command}: {len(rows)} compositions on the GPU engine",
+        {"device": hardware, "profiled_s": round(time.time() - grid_start, 1)},
     )
-    prof.save(out / "profile.json")
-    out_console.print(
-        f"{len(rows)} compositions in {time.time() - start:.0f} s; held-out MAPE {report.holdout_mape * 100:.2f}%, "
-        f"max {report.holdout_max_error * 100:.2f}% -> {out / 'profile.json'}"
+    grid_line = (
+        f"grid: {len(rows)} compositions in {time.time() - grid_start:.0f} s; held-out MAPE "
+        f"{report.holdout_mape * 100:.2f}%, max {report.holdout_max_error * 100:.2f}%"
     )
+    console.print(grid_line)
+    cal = None
+    if calibration_requests:
+        cal = _calibrate(runner, prof, calibration_requests, slo.slo, command)
+    with staged_dir(out) as tmp:
+        write_rows_csv(tmp / "rows.csv", rows)
+        if cal is None:
+            prof.save(tmp / "profile.json")
+        else:
+            prof.save(tmp / "grid_profile.json")
+            cols = ("new_tokens", "context_tokens", "num_seqs", "attn_work", "period")
+            steps = [dict(zip(cols, map(float, r), strict=True)) for r in cal.steps]
+            write_rows_csv(tmp / "calibration_steps.csv", steps)
+            hw = {**cal.profile.hardware, "profiled_s": round(time.time() - start, 1)}
+            replace(cal.profile, hardware=hw).save(tmp / "profile.json")
+    if cal is None:
+        out_console.print(f"{grid_line} -> {out / 'profile.json'}")
+    else:
+        out_console.print(
+            f"{grid_line}; serving-calibrated on {len(cal.steps)} served steps: held-out MAPE "
+            f"{cal.report.holdout_mape * 100:.2f}% -> {out / 'profile.json'} (grid: grid_profile.json)"
+        )
+
+
+def _calibrate(runner: Any, grid: Any, requests: int, slo: Any, command: str) -> Any:
+    """The serving calibration (``evaluation.calibrate``), with a progress bar per replay."""
+    from fairbatching.evaluation.calibrate import POLICIES, calibrate, calibration_window
+
+    with Activity(console) as status:
+        status(f"simulating the grid profile's capacity on the first {requests} calibration requests", 0, None)
+        window = calibration_window(grid, requests, runner.max_context, slo)
+    console.print(
+        f"calibration: the first {requests} {window.workload.name} requests replayed per policy at {window.qps} req/s"
+    )
+    with progress_bar(console, label_width=14) as bar:
+        tasks = {p: bar.add_task(p, total=len(window.workload)) for p in POLICIES}
+        return calibrate(
+            runner, grid, window, slo, grid.name, command, lambda p, d, _t: bar.update(tasks[p], completed=d)
+        )
 
 
 @dataclass
