@@ -10,7 +10,7 @@ import pytest
 
 from fairbatching.core.backend import Backend, EngineSpec
 from fairbatching.costmodel.model import CostModel
-from fairbatching.errors import ConfigError
+from fairbatching.errors import ConfigError, FairBatchingError
 from fairbatching.evaluation.sweep import Sweeper
 from fairbatching.policies import make_policy
 from fairbatching.runs import RunSpec
@@ -119,3 +119,20 @@ def test_capacity_on_the_gpu_backend_with_cpu_engines(tmp_path):
     cached = [json.loads(p.read_text()) for p in (tmp_path / "cache").glob("*.json")]
     on_gpu = [c for c in cached if c["spec"].get("backend") == "gpu"]
     assert on_gpu and all("sim" in c and c["spec"]["seed"] >= 1 for c in on_gpu)  # seed 0: the calibration window
+
+
+def test_cluster_on_the_gpu_backend_runs_one_cpu_engine_per_node(tmp_path):
+    from typer.testing import CliRunner
+
+    from fairbatching.cli import app
+
+    args = ["cluster", "--backend", "gpu", *CPU_ENGINE_ARGS, "--nodes", "2", "-w", short_trace(tmp_path / "t.csv")]
+    args += ["-n", "12", "--qps", "20", "--pairs", "vllm:round-robin,fairbatching:pab:reject"]
+    args += ["--cache", str(tmp_path / "cache"), "--workers", "1", "--out", str(tmp_path / "cl")]
+    res = CliRunner().invoke(app, [*args, "--gpus", "3"])
+    assert isinstance(res.exception, FairBatchingError) and "one engine per node" in str(res.exception)  # exit 2
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    rows = json.loads((tmp_path / "cl" / "cluster.json").read_text())["rows"]
+    assert [r["stack"] for r in rows] == ["vllm+round-robin", "fairbatching+pab+reject"]
+    assert all(0 <= r["sim_slo_attainment"] <= 1 for r in rows)

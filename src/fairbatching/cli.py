@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -131,8 +131,6 @@ def compare(
 ) -> None:
     """Run several policies on the same workload; write tables, CSV/JSON and a plot + HTML report
     (--backend gpu: real-time replays on the GPU engines, the simulator's prediction beside each number)."""
-    from dataclasses import replace
-
     from fairbatching.metrics.table import show, summary_table
     from fairbatching.report.compare import sim_table, write_comparison
 
@@ -300,27 +298,56 @@ def cluster(
     slo: SloArgs,
     profile: ProfileOpt = None,
     sw: SweepArgs,
+    b: BackendArgs,
     out: Annotated[Path | None, typer.Option("--out", help="Write cluster.json here")] = None,
 ) -> None:
-    """Compare node-policy + router stacks on a simulated cluster (one load, or capacity with --capacity)."""
+    """Compare node-policy + router stacks on a simulated cluster (one load, or capacity with --capacity;
+    --backend gpu: one engine per node on the wall clock, the simulator beside each run)."""
     from fairbatching.costmodel.profile import load_profile
     from fairbatching.runs import ClusterShape, RunSpec, check_slo_feasible
 
-    shape = ClusterShape(nodes, "pab", report_interval, report_delay)
-    base = RunSpec("fairbatching", workload, qps, 0, num, slo.ttft, slo.tpot, profile, cluster=shape)
     if out:
         check_output_dir(out)
+    if b.gpus is not None and b.gpus != nodes:
+        raise FairBatchingError(f"--gpus {b.gpus} with --nodes {nodes}: a cluster on the GPU runs one engine per node")
+    gpu = cli_engine.gpu_backend("cluster", replace(b, gpus=nodes))
+    if gpu is not None and profile is None:
+        profile = cli_engine.planning_profile(b.model, gpu.device)
+    shape = ClusterShape(nodes, "pab", report_interval, report_delay)
+    engine = None if gpu is None else gpu.engine
+    base = RunSpec(
+        "fairbatching",
+        workload,
+        qps,
+        0,
+        num,
+        slo.ttft,
+        slo.tpot,
+        profile,
+        cluster=shape,
+        backend=b.backend,
+        engine=engine,
+    )
     check_slo_feasible(slo.slo, load_profile(profile))
-    _cluster(base, pairs, sw, find_capacity_, seeds, tolerance, out)
+    with cli_engine.started_engines(gpu) as engines:
+        _cluster(base, pairs, sw, find_capacity_, seeds, tolerance, out, engines)
 
 
 def _cluster(
-    base: RunSpec, pairs: str, sw: SweepArgs, capacity: bool, seeds: int, tolerance: float, out: Path | None
+    base: RunSpec,
+    pairs: str,
+    sw: SweepArgs,
+    capacity: bool,
+    seeds: int,
+    tolerance: float,
+    out: Path | None,
+    engines: object = None,
 ) -> None:
     from fairbatching.evaluation import cluster as cl
 
     stacks = cl.cluster_stacks(pairs, base)
     sweeper = sw.sweeper()
+    sweeper.engines = engines
     if capacity:
         rows = cl.stack_capacities(stacks, sweeper, seeds, tolerance, console.print, lambda: Activity(console))
         lines = cl.capacity_lines(rows)

@@ -13,6 +13,7 @@ carries the simulator's prediction for the same run beside it (``RunResult.sim``
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -115,8 +116,6 @@ class RunSpec:
                 raise ConfigError("a GPU run needs its engine (RunSpec.engine)")
             if self.pricing is not None:
                 raise ConfigError("a GPU run's steps cost what the GPU takes: drop pricing")
-            if self.cluster is not None:
-                raise ConfigError("a cluster on GPU engines runs through `fairbatching replay --replicas N`")
 
     def simulated(self) -> RunSpec:
         """The same run on the simulator: what a GPU result is shown beside."""
@@ -214,10 +213,21 @@ def run_on_engines(
     progress: Callable[[int, int, int], None] | None = None,
     on_result: Callable[[RunResult], None] | None = None,
 ) -> list[RunResult]:
-    """GPU specs replayed on ``engines``, as many at once as there are engines, each with the simulator's
-    prediction beside it; ``progress(spec index, ended, total)``, ``on_result`` as each one ends."""
+    """GPU specs replayed on ``engines``, each with the simulator's prediction beside it: single-node specs as
+    many at once as there are engines, then cluster specs one at a time on all of them (one engine per node);
+    ``progress(spec index, ended, total)``, ``on_result`` as each one ends."""
     if engines is None:
         raise ConfigError("a GPU run needs engines: start them (engine.cluster.EngineCluster) and pass them in")
+    on_cluster = [i for i, s in enumerate(specs) if s.cluster is not None]
+    if on_cluster:
+        single = [i for i, s in enumerate(specs) if s.cluster is None]
+        out = dict(zip(single, run_on_engines([specs[i] for i in single], engines, None, on_result), strict=True))
+        for i in on_cluster:
+            step = None if progress is None else functools.partial(progress, i)
+            out[i] = _cluster_on_engines(specs[i], engines, step)
+            if on_result is not None:
+                on_result(out[i])
+        return [out[i] for i in range(len(specs))]
     exps = [_experiment(s, family(s.workload).build(s.qps, s.seed, s.num_requests), engines) for s in specs]
     jobs = [exp.replay_job(s.policy, s.seed) for exp, s in zip(exps, specs, strict=True)]
     done: dict[int, RunResult] = {}
@@ -237,13 +247,13 @@ def run_for_cache(spec: RunSpec) -> dict[str, Any]:
     return run(spec).to_json()
 
 
-def _run_cluster(spec: RunSpec, w: Workload) -> RunResult:
-    from fairbatching.cluster import ClusterConfig, simulate_cluster
+def _cluster_config(spec: RunSpec) -> Any:
+    from fairbatching.cluster import ClusterConfig
     from fairbatching.cluster.simulator import homogeneous
 
     shape = spec.cluster
     assert shape is not None
-    cfg = ClusterConfig(
+    return ClusterConfig(
         homogeneous(shape.nodes, spec.policy, spec.profile),
         spec.slo,
         router=shape.router,
@@ -252,10 +262,29 @@ def _run_cluster(spec: RunSpec, w: Workload) -> RunResult:
         report_delay=shape.report_delay,
         seed=spec.seed,
     )
-    res = simulate_cluster(w, cfg)
+
+
+def _run_cluster(spec: RunSpec, w: Workload) -> RunResult:
+    from fairbatching.cluster import simulate_cluster
+
+    res = simulate_cluster(w, _cluster_config(spec))
+    return _cluster_result(spec, w, res)
+
+
+def _cluster_result(spec: RunSpec, w: Workload, res: Any) -> RunResult:
+    assert spec.cluster is not None
     _check_accounted(len(res.requests), len(w), "cluster")
-    summary = summarize(spec.label, w.name, res.requests, res.end_time, res.busy_time / shape.nodes, res.preemptions)
+    busy = res.busy_time / spec.cluster.nodes
+    summary = summarize(spec.label, w.name, res.requests, res.end_time, busy, res.preemptions)
     return RunResult(spec, summary, None, res.requests)
+
+
+def _cluster_on_engines(spec: RunSpec, engines: Engines, progress: Progress | None) -> RunResult:
+    """A cluster spec on the engines (one per node, behind the cluster simulator's router), with its simulation."""
+    w = family(spec.workload).build(spec.qps, spec.seed, spec.num_requests)
+    result = _cluster_result(spec, w, engines.replay(w, _cluster_config(spec), spec.seed, progress))
+    result.sim = _run_cluster(spec.simulated(), w).summary
+    return result
 
 
 def _check_accounted(got: int, submitted: int, where: str) -> None:

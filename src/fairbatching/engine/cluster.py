@@ -169,7 +169,6 @@ class EngineCluster:
             per_node,
         )
 
-
     def replay_each(
         self,
         jobs: list[ReplayJob],
