@@ -176,6 +176,7 @@ def capacity(
 ) -> None:
     """Highest request rate each policy sustains at the SLO-attainment target (bracketing + bisection;
     --backend gpu: real-time replays from the simulated capacity on, the simulator beside each point)."""
+    from fairbatching.core.backend import Backend
     from fairbatching.costmodel.profile import load_profile
     from fairbatching.evaluation.bounds import spec_bound
     from fairbatching.evaluation.capacity import capacity_lines, policy_capacities
@@ -194,7 +195,8 @@ def capacity(
         profile = cli_engine.planning_profile(b.model, gpu.device)
     check_slo_feasible(slo.slo, load_profile(profile))
     engine = None if gpu is None else gpu.engine
-    base = RunSpec(names[0], workload, 1.0, 0, num, slo.ttft, slo.tpot, profile, backend=b.backend, engine=engine)
+    backend = Backend.SIM if gpu is None else Backend.GPU
+    base = RunSpec(names[0], workload, 1.0, 0, num, slo.ttft, slo.tpot, profile, backend=backend, engine=engine)
     bound = spec_bound(base, seeds)
     with cli_engine.started_engines(gpu) as engines, Activity(console) as status:
         sweeper.engines = engines
@@ -203,7 +205,8 @@ def capacity(
         out_console.print(line)
     if out:
         with staged_dir(out) as tmp:
-            data = {"workload": workload, "clairvoyant_qps": bound, "results": [asdict(r) for r in results]}
+            data: dict[str, object] = {"workload": workload, "clairvoyant_qps": bound}
+            data["results"] = [asdict(r) for r in results]
             if gpu is not None:
                 data["backend"] = cli_engine.backend_settings(gpu)
             (tmp / "capacity.json").write_text(json.dumps(data, indent=2) + "\n")
@@ -303,6 +306,7 @@ def cluster(
 ) -> None:
     """Compare node-policy + router stacks on a simulated cluster (one load, or capacity with --capacity;
     --backend gpu: one engine per node on the wall clock, the simulator beside each run)."""
+    from fairbatching.core.backend import Backend
     from fairbatching.costmodel.profile import load_profile
     from fairbatching.runs import ClusterShape, RunSpec, check_slo_feasible
 
@@ -325,7 +329,7 @@ def cluster(
         slo.tpot,
         profile,
         cluster=shape,
-        backend=b.backend,
+        backend=Backend.SIM if gpu is None else Backend.GPU,
         engine=engine,
     )
     check_slo_feasible(slo.slo, load_profile(profile))

@@ -79,7 +79,8 @@ def calibrate(
 
     requests, qps = len(window.workload), window.qps
     cost = grid.cost_model()
-    rows, replays = [], []
+    rows: list[np.ndarray] = []
+    replays: list[dict[str, Any]] = []
     for p in policies:
         try:
             policy = make_policy(p, cost, tpot_slo=slo.tpot)
@@ -88,7 +89,7 @@ def calibrate(
             continue
         step = None if progress is None else lambda d, t, p=p: progress(p, d, t)
         res = replay(runner, policy, cost, window.workload, slo, progress=step)
-        rows.append(serving_rows(res.step_rows, res.log.start, res.log.duration, res.log.running))
+        rows.append(serving_rows(res.step_rows or [], res.log.start, res.log.duration, res.log.running))
         s = summarize(p, window.workload.name, res.requests, res.end_time, res.busy_time, res.preemptions)
         replays.append({"policy": p, "steps": res.iterations, "slo_attainment": round(s.slo_attainment, 4)})
     if not rows:
@@ -109,5 +110,5 @@ def calibrate(
         "replays": replays,
         "steps": len(steps),
     }
-    prof = replace(prof, fit={**prof.fit, "calibration": record})
+    prof = replace(prof, fit={**(prof.fit or {}), "calibration": record})
     return Calibration(prof, report, steps, record)
