@@ -431,6 +431,9 @@ def test_fused_kernels_match_torch_and_hf_in_interpreter(llama, prompts, referen
         (["replay", "--device", "cpu"], "--model llama-3-8b: 8.0B parameters is too large for a CPU run"),
         (["profile", "--out", "{tmp}/p", "--device", "cpu", "--model", "tiny"], "--device cpu needs --num-blocks"),
         (["replay", "--device", "tpu"], "--device 'tpu': use cuda, cuda:N or cpu"),
+        (["compare", "--backend", "gpu", "--out", "{tmp}/p"], "`compare` needs a CUDA GPU; found none"),
+        (["capacity", "--backend", "gpu", "--out", "{tmp}/p"], "`capacity` needs a CUDA GPU; found none"),
+        (["compare", "--backend", "tpu", "--out", "{tmp}/p"], "--backend must be sim or gpu, got 'tpu'"),
     ],
 )
 def test_gpu_commands_without_a_gpu_exit_2_before_building_anything(tmp_path, args, message):
@@ -449,11 +452,21 @@ def test_profile_and_replay_commands_on_the_cpu(tmp_path):
     from fairbatching.costmodel.profile import load_profile as load
 
     common = ["--model", "tiny", "--device", "cpu", "--num-blocks", "400", "--max-context", "8192"]
-    res = CliRunner().invoke(app, ["profile", "--out", str(tmp_path), "--grid", "quick", "--repeats", "1", *common])
+    # The grid, then the serving calibration: 2 requests per policy, planned for an SLO a CPU engine can meet.
+    calibration = ["--calibration-requests", "2", "--ttft-slo", "30", "--tpot-slo", "5"]
+    res = CliRunner().invoke(
+        app, ["profile", "--out", str(tmp_path), "--grid", "quick", "--repeats", "1", *common, *calibration]
+    )
     assert res.exit_code == 0, res.output
     prof = load(str(tmp_path / "profile.json"))
     assert prof.source == "measured" and prof.kv.num_blocks == 399 and prof.fit["holdout_rows"] >= 1
     assert (tmp_path / "rows.csv").read_text().startswith("kind,new_tokens")
+    record = prof.fit["calibration"]
+    assert record["requests"] == 2 and record["workload"] == "azure-conv" and record["slo"] == {"ttft": 30, "tpot": 5}
+    assert sum(r.get("steps", 0) for r in record["replays"]) == record["steps"] > 0
+    grid = load(str(tmp_path / "grid_profile.json"))
+    assert prof.note.startswith("serving-calibrated") and prof.fit["grid_fit"] == grid.fit
+    assert (tmp_path / "calibration_steps.csv").read_text().count("\n") == record["steps"] + 1
     res = CliRunner().invoke(
         app,
         [

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -19,6 +19,7 @@ from rich.markup import escape
 from fairbatching import cli_engine
 from fairbatching.cli_options import (
     POLICY_NAMES,
+    BackendArgs,
     NodeArgs,
     PoliciesOpt,
     PolicyOpt,
@@ -71,12 +72,9 @@ ALL_POLICIES = ",".join(POLICY_NAMES)
 
 
 def _run_with_progress(exp: Experiment, policies: list[str]) -> list[RunResult]:
-    results = []
     with progress_bar(console, label_width=14) as bar:
-        for name in policies:
-            task = bar.add_task(name, total=len(exp.workload))
-            results.append(exp.run(name, lambda done, total, t=task: bar.update(t, completed=done)))
-    return results
+        tasks = {name: bar.add_task(name, total=len(exp.workload)) for name in policies}
+        return exp.run_all(policies, lambda name, done, _total: bar.update(tasks[name], completed=done))
 
 
 def _banner(exp: Experiment) -> None:
@@ -127,23 +125,36 @@ def compare(
     w: WorkloadArgs,
     slo: SloArgs,
     node: NodeArgs,
+    b: BackendArgs,
     out: Annotated[Path, typer.Option("--out", help="Report folder")] = Path("out/compare"),
     wide: WideOpt = False,
 ) -> None:
-    """Run several policies on the same workload; write tables, CSV/JSON and a plot + HTML report."""
+    """Run several policies on the same workload; write tables, CSV/JSON and a plot + HTML report
+    (--backend gpu: real-time replays on the GPU engines, the simulator's prediction beside each number)."""
     from fairbatching.metrics.table import show, summary_table
-    from fairbatching.report.compare import write_comparison
+    from fairbatching.report.compare import sim_table, write_comparison
 
     names = policy_names(policies)
     check_output_dir(out)
+    gpu = cli_engine.gpu_backend("compare", b)
+    if gpu is not None and node.profile is None:
+        node.profile = cli_engine.planning_profile(b.model, gpu.device)
     exp = build_experiment(w, slo, node)
     _banner(exp)
-    results = _run_with_progress(exp, names)
+    with cli_engine.started_engines(gpu) as engines:
+        if engines is not None:
+            exp = replace(exp, engines=engines, max_model_len=min(exp.max_model_len, b.max_context))
+        results = _run_with_progress(exp, names)
     summaries = [r.summary for r in results]
+    sims = None if gpu is None else [r.sim for r in results if r.sim is not None]
+    settings = exp.describe() if gpu is None else {**exp.describe(), "backend": cli_engine.backend_settings(gpu)}
     with staged_dir(out) as tmp:
-        png, report = write_comparison(tmp, exp.title, exp.describe(), summaries, [r.log for r in results])
+        png, report = write_comparison(tmp, exp.title, settings, summaries, [r.log for r in results], sims)
     show(out_console, summary_table(summaries, title=exp.title, wide=wide))
-    console.print(f"wrote {out}/summary.json, summary.csv, summary.md, requests_*.csv, {png.name}, {report.name}")
+    if sims is not None:
+        show(out_console, sim_table(summaries, sims))
+    files = "summary.json, summary.csv, summary.md" + (", sim_vs_gpu.csv" if sims is not None else "")
+    console.print(f"wrote {out}/{files}, requests_*.csv, {png.name}, {report.name}")
 
 
 @app.command()
@@ -160,9 +171,12 @@ def capacity(
     slo: SloArgs,
     profile: ProfileOpt = None,
     sw: SweepArgs,
+    b: BackendArgs,
     out: Annotated[Path | None, typer.Option("--out", help="Write capacity.json here")] = None,
 ) -> None:
-    """Highest request rate each policy sustains at the SLO-attainment target (bracketing + bisection)."""
+    """Highest request rate each policy sustains at the SLO-attainment target (bracketing + bisection;
+    --backend gpu: real-time replays from the simulated capacity on, the simulator beside each point)."""
+    from fairbatching.core.backend import Backend
     from fairbatching.costmodel.profile import load_profile
     from fairbatching.evaluation.bounds import spec_bound
     from fairbatching.evaluation.capacity import capacity_lines, policy_capacities
@@ -176,16 +190,25 @@ def capacity(
     if not fam.available():
         raise FairBatchingError(f"workload {workload!r} needs {fam.path()}, which is missing")
     sweeper = sw.sweeper()
+    gpu = cli_engine.gpu_backend("capacity", b)
+    if gpu is not None and profile is None:
+        profile = cli_engine.planning_profile(b.model, gpu.device)
     check_slo_feasible(slo.slo, load_profile(profile))
-    base = RunSpec(names[0], workload, 1.0, 0, num, slo.ttft, slo.tpot, profile)
+    engine = None if gpu is None else gpu.engine
+    backend = Backend.SIM if gpu is None else Backend.GPU
+    base = RunSpec(names[0], workload, 1.0, 0, num, slo.ttft, slo.tpot, profile, backend=backend, engine=engine)
     bound = spec_bound(base, seeds)
-    with Activity(console) as status:
+    with cli_engine.started_engines(gpu) as engines, Activity(console) as status:
+        sweeper.engines = engines
         results = policy_capacities(base, names, sweeper, target, seeds, start, tolerance, console.print, status)
     for line in capacity_lines(results, bound, num):
         out_console.print(line)
     if out:
         with staged_dir(out) as tmp:
-            data = {"workload": workload, "clairvoyant_qps": bound, "results": [asdict(r) for r in results]}
+            data: dict[str, object] = {"workload": workload, "clairvoyant_qps": bound}
+            data["results"] = [asdict(r) for r in results]
+            if gpu is not None:
+                data["backend"] = cli_engine.backend_settings(gpu)
             (tmp / "capacity.json").write_text(json.dumps(data, indent=2) + "\n")
 
 
@@ -278,27 +301,57 @@ def cluster(
     slo: SloArgs,
     profile: ProfileOpt = None,
     sw: SweepArgs,
+    b: BackendArgs,
     out: Annotated[Path | None, typer.Option("--out", help="Write cluster.json here")] = None,
 ) -> None:
-    """Compare node-policy + router stacks on a simulated cluster (one load, or capacity with --capacity)."""
+    """Compare node-policy + router stacks on a simulated cluster (one load, or capacity with --capacity;
+    --backend gpu: one engine per node on the wall clock, the simulator beside each run)."""
+    from fairbatching.core.backend import Backend
     from fairbatching.costmodel.profile import load_profile
     from fairbatching.runs import ClusterShape, RunSpec, check_slo_feasible
 
-    shape = ClusterShape(nodes, "pab", report_interval, report_delay)
-    base = RunSpec("fairbatching", workload, qps, 0, num, slo.ttft, slo.tpot, profile, cluster=shape)
     if out:
         check_output_dir(out)
+    if b.gpus is not None and b.gpus != nodes:
+        raise FairBatchingError(f"--gpus {b.gpus} with --nodes {nodes}: a cluster on the GPU runs one engine per node")
+    gpu = cli_engine.gpu_backend("cluster", replace(b, gpus=nodes))
+    if gpu is not None and profile is None:
+        profile = cli_engine.planning_profile(b.model, gpu.device)
+    shape = ClusterShape(nodes, "pab", report_interval, report_delay)
+    engine = None if gpu is None else gpu.engine
+    base = RunSpec(
+        "fairbatching",
+        workload,
+        qps,
+        0,
+        num,
+        slo.ttft,
+        slo.tpot,
+        profile,
+        cluster=shape,
+        backend=Backend.SIM if gpu is None else Backend.GPU,
+        engine=engine,
+    )
     check_slo_feasible(slo.slo, load_profile(profile))
-    _cluster(base, pairs, sw, find_capacity_, seeds, tolerance, out)
+    with cli_engine.started_engines(gpu) as engines:
+        _cluster(base, pairs, sw, find_capacity_, seeds, tolerance, out, engines)
 
 
 def _cluster(
-    base: RunSpec, pairs: str, sw: SweepArgs, capacity: bool, seeds: int, tolerance: float, out: Path | None
+    base: RunSpec,
+    pairs: str,
+    sw: SweepArgs,
+    capacity: bool,
+    seeds: int,
+    tolerance: float,
+    out: Path | None,
+    engines: object = None,
 ) -> None:
     from fairbatching.evaluation import cluster as cl
 
     stacks = cl.cluster_stacks(pairs, base)
     sweeper = sw.sweeper()
+    sweeper.engines = engines
     if capacity:
         rows = cl.stack_capacities(stacks, sweeper, seeds, tolerance, console.print, lambda: Activity(console))
         lines = cl.capacity_lines(rows)

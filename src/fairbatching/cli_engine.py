@@ -1,18 +1,23 @@
 """The GPU engine's commands: `profile` (measure and fit a profile), `replay` (a workload in real time) and
-`fit-profile` (fit measured rows). torch, and the library itself, load only when one of them runs."""
+`fit-profile` (fit measured rows), and the GPU backend of the run layer's commands (`compare`, `capacity`:
+``gpu_backend`` checks it, ``started_engines`` runs it). torch, and the library itself, load only when one of
+them runs."""
 
 from __future__ import annotations
 
 import functools
 import json
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from fairbatching.cli_options import (
+    BackendArgs,
     EngineArgs,
     PolicyOpt,
     PolicyOptionOpt,
@@ -27,6 +32,9 @@ from fairbatching.cli_options import (
 from fairbatching.errors import FairBatchingError
 from fairbatching.progress import Activity, progress_bar
 from fairbatching.validate import atomic_write_text, check_output_dir, open_fraction, parse_policy_options
+
+if TYPE_CHECKING:
+    from fairbatching.core.backend import EngineSpec
 
 MaxContext = Annotated[int, typer.Option("--max-context", help="Longest sequence the engine serves (tokens)")]
 # A CPU engine runs fp32 weights eagerly: past this size one step takes seconds and the weights tens of GB.
@@ -63,7 +71,64 @@ def check_engine_device(command: str, e: EngineArgs) -> str:
     return device
 
 
-def _planning_profile(model: str, device: str) -> str:
+@dataclass(frozen=True)
+class GpuBackend:
+    """A command's GPU backend, checked: the engine each replica builds, on which devices."""
+
+    engine: EngineSpec
+    devices: list[str | None]
+    device: str
+
+
+def gpu_backend(command: str, b: BackendArgs) -> GpuBackend | None:
+    """None for the simulator; for ``--backend gpu`` the engines to start, checked before any work is done
+    (no CUDA GPU, more GPUs asked for than present, a CPU run without ``--device cpu``: one line, exit 2)."""
+    from fairbatching.core.backend import Backend, EngineSpec
+    from fairbatching.core.modes import parse_mode
+
+    if parse_mode(Backend, b.backend, "--backend") is Backend.SIM:
+        return None
+    device = check_engine_device(command, b)
+    import torch
+
+    from fairbatching.engine.cluster import replica_devices
+
+    cuda = device.startswith("cuda")
+    devices = replica_devices(b.gpus or (torch.cuda.device_count() if cuda else 1), device)
+    hardware = torch.cuda.get_device_name(device) if cuda else "cpu"
+    engine = EngineSpec(
+        b.model, b.max_context, b.num_blocks, device=None if cuda else "cpu", block_size=b.block_size, hardware=hardware
+    )
+    return GpuBackend(engine, devices, device)
+
+
+def backend_settings(gpu: GpuBackend) -> dict[str, Any]:
+    """What a report records about the GPU backend it ran on."""
+    from dataclasses import asdict
+
+    return {"name": "gpu", "engines": len(gpu.devices), "engine": asdict(gpu.engine)}
+
+
+@contextmanager
+def started_engines(gpu: GpuBackend | None) -> Iterator[Any]:
+    """The GPU backend's engines (one replica process per GPU, each built and warmed before any clock starts),
+    stopped on the way out (at once on an error or Ctrl-C); None for the simulator."""
+    if gpu is None:
+        yield None
+        return
+    from fairbatching.engine.cluster import EngineCluster
+
+    engines = f"{len(gpu.devices)} engine{'s' if len(gpu.devices) > 1 else ''}"
+    start = time.time()
+    with Activity(console) as status:
+        status(f"starting {engines} ({gpu.engine.model} on {gpu.engine.hardware}), each warmed before use", 0, None)
+        cluster = EngineCluster(gpu.engine, gpu.devices)
+    console.print(f"{engines} ready in {time.time() - start:.0f} s: KV blocks {cluster.kv_blocks}")
+    with cluster:
+        yield cluster
+
+
+def planning_profile(model: str, device: str) -> str:
     """With no --profile: one measured on this GPU model when bundled, else the default; the user is told which
     and why (a policy planning with another GPU's step times misjudges what fits in an SLO)."""
     from fairbatching.costmodel.profile import DEFAULT_PROFILE, profile_for_device
@@ -137,37 +202,87 @@ def profile(
     repeats: Annotated[int, typer.Option("--repeats", help="Timed runs per composition (median)")] = 5,
     grid: Annotated[str, typer.Option("--grid", help="full, or quick (a few compositions, for a smoke test)")] = "full",
     name: Annotated[str | None, typer.Option("--name", help="Profile name (default: MODEL-DEVICE-measured)")] = None,
+    calibration_requests: Annotated[
+        int,
+        typer.Option(
+            "--calibration-requests",
+            min=0,
+            help="After the grid, replay this many Azure conversation requests per policy and refit on the served "
+            "steps (the serving-calibrated profile); 0: the grid profile only",
+        ),
+    ] = 300,
+    slo: SloArgs,
 ) -> None:
-    """Measure batch latencies on the GPU engine, fit the cost model, and write a profile."""
+    """Measure batch latencies on the GPU engine, fit the cost model, then calibrate it on served steps (replays
+    of a trace window, planned for the SLO), and write the profile: one command from a fresh GPU to a profile."""
     check_engine_device("profile", e)
     from fairbatching.core.modes import Grid, parse_mode
     from fairbatching.engine.profiler import default_grid, measured_profile, run_profile, write_rows_csv
+    from fairbatching.validate import staged_dir
 
     mode = parse_mode(Grid, grid, "--grid")
     check_output_dir(out)
+    start = time.time()
     runner = _engine(e, max_context)
     compositions = default_grid(runner.pool.usable * e.block_size, max_context)
     if mode is Grid.QUICK:
         compositions = compositions[:: max(1, len(compositions) // 14)]
-    out.mkdir(parents=True, exist_ok=True)
-    start = time.time()
+    grid_start = time.time()
     with progress_bar(console, label_width=14) as bar:
         task = bar.add_task("profiling", total=len(compositions))
         rows = run_profile(runner, compositions, repeats, progress=lambda i, _n, _row: bar.update(task, completed=i))
-    write_rows_csv(out / "rows.csv", rows)
     hardware = _hardware(runner)
+    command = f"fairbatching profile --model {e.model} --grid {grid} --calibration-requests {calibration_requests}"
     prof, report = measured_profile(
         runner,
         rows,
         name or f"{runner.model.config.name}-{hardware.split()[-1].lower()}-measured",
-        f"fairbatching profile --model {e.model} --grid {grid}: {len(rows)} compositions on the GPU engine",
-        {"device": hardware, "profiled_s": round(time.time() - start, 1)},
+        f"{command}: {len(rows)} compositions on the GPU engine",
+        {"device": hardware, "profiled_s": round(time.time() - grid_start, 1)},
     )
-    prof.save(out / "profile.json")
-    out_console.print(
-        f"{len(rows)} compositions in {time.time() - start:.0f} s; held-out MAPE {report.holdout_mape * 100:.2f}%, "
-        f"max {report.holdout_max_error * 100:.2f}% -> {out / 'profile.json'}"
+    grid_line = (
+        f"grid: {len(rows)} compositions in {time.time() - grid_start:.0f} s; held-out MAPE "
+        f"{report.holdout_mape * 100:.2f}%, max {report.holdout_max_error * 100:.2f}%"
     )
+    console.print(grid_line)
+    cal = None
+    if calibration_requests:
+        cal = _calibrate(runner, prof, calibration_requests, slo.slo, command)
+    with staged_dir(out) as tmp:
+        write_rows_csv(tmp / "rows.csv", rows)
+        if cal is None:
+            prof.save(tmp / "profile.json")
+        else:
+            prof.save(tmp / "grid_profile.json")
+            cols = ("new_tokens", "context_tokens", "num_seqs", "attn_work", "period")
+            steps = [dict(zip(cols, map(float, r), strict=True)) for r in cal.steps]
+            write_rows_csv(tmp / "calibration_steps.csv", steps)
+            hw = {**cal.profile.hardware, "profiled_s": round(time.time() - start, 1)}
+            replace(cal.profile, hardware=hw).save(tmp / "profile.json")
+    if cal is None:
+        out_console.print(f"{grid_line} -> {out / 'profile.json'}")
+    else:
+        out_console.print(
+            f"{grid_line}; serving-calibrated on {len(cal.steps)} served steps: held-out MAPE "
+            f"{cal.report.holdout_mape * 100:.2f}% -> {out / 'profile.json'} (grid: grid_profile.json)"
+        )
+
+
+def _calibrate(runner: Any, grid: Any, requests: int, slo: Any, command: str) -> Any:
+    """The serving calibration (``evaluation.calibrate``), with a progress bar per replay."""
+    from fairbatching.evaluation.calibrate import POLICIES, calibrate, calibration_window
+
+    with Activity(console) as status:
+        status(f"simulating the grid profile's capacity on the first {requests} calibration requests", 0, None)
+        window = calibration_window(grid, requests, runner.max_context, slo)
+    console.print(
+        f"calibration: the first {requests} {window.workload.name} requests replayed per policy at {window.qps} req/s"
+    )
+    with progress_bar(console, label_width=14) as bar:
+        tasks = {p: bar.add_task(p, total=len(window.workload)) for p in POLICIES}
+        return calibrate(
+            runner, grid, window, slo, grid.name, command, lambda p, d, _t: bar.update(tasks[p], completed=d)
+        )
 
 
 @dataclass
@@ -240,7 +355,7 @@ def replay(
         check_output_dir(out)
     workload = w.spec().build()
     if profile is None:
-        profile = _planning_profile(e.model, device)
+        profile = planning_profile(e.model, device)
     prof = load_profile(profile)
     check_slo_feasible(slo.slo, prof)
     options = parse_policy_options(policy_option or []).get(policy, {})

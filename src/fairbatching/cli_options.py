@@ -186,6 +186,28 @@ class EngineArgs:
     block_size: Annotated[int, typer.Option("--block-size", help="Tokens per KV block")] = 16
 
 
+@dataclass
+class BackendArgs(EngineArgs):
+    """What runs the steps: the simulator, or (``--backend gpu``) engines built as the engine options say."""
+
+    backend: Annotated[
+        str,
+        typer.Option(
+            "--backend",
+            help="sim (the simulator) or gpu (real-time replays, one engine per GPU, the simulator beside)",
+        ),
+    ] = "sim"
+    max_context: Annotated[
+        int, typer.Option("--max-context", help="With --backend gpu: longest sequence an engine serves (tokens)")
+    ] = 16384
+    gpus: Annotated[
+        int | None,
+        typer.Option(
+            "--gpus", help="With --backend gpu: engines to start, one per GPU (default: every visible GPU)", min=1
+        ),
+    ] = None
+
+
 def build_experiment(w: WorkloadArgs, slo: SloArgs, node: NodeArgs) -> Experiment:
     from fairbatching.costmodel.profile import load_profile
     from fairbatching.runs import Experiment

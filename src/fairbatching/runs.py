@@ -4,18 +4,25 @@ here, so workload -> policy -> node or cluster -> summary is wired once.
 
 A ``RunSpec`` is pure and hashable: its ``key()`` hashes the spec plus the content of the profiles and the
 trace it names, so a disk cache of results never serves numbers simulated from older inputs.
+
+The backend is part of what to run: ``backend="sim"`` prices steps with the cost model; ``backend="gpu"``
+replays the same workload, policy and profile in real time on GPU engines (``engine.cluster.EngineCluster``:
+one engine per GPU, built and warmed once by the caller and reused for every run), and each GPU result
+carries the simulator's prediction for the same run beside it (``RunResult.sim``).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import cache
 from typing import Any
 
+from fairbatching.core.backend import Backend, EngineSpec
 from fairbatching.core.modes import DEFAULT_SLO, Admission, parse_mode
 from fairbatching.core.request import SLO, Request
 from fairbatching.costmodel.profile import Profile, load_profile
@@ -36,8 +43,11 @@ from fairbatching.workloads.traces import load_trace
 DEFAULT_QPS = 14.8
 # Bump when simulator or metric semantics (or the spec's fields) change, so stale cache entries are never reused.
 RESULT_VERSION = 4
+MAX_MODEL_LEN = 131072  # the simulator's default context limit (a GPU run's is its engine's)
 
 Progress = Callable[[int, int], None]
+# Engines for the GPU backend: an ``engine.cluster.EngineCluster`` (typed loosely: importing it needs torch).
+Engines = Any
 
 
 @dataclass(frozen=True)
@@ -77,7 +87,9 @@ class RunSpec:
     """One run as a pure, hashable configuration, so sweeps can cache and distribute it.
 
     ``workload`` is a family name or a trace path; ``qps`` is the whole cluster's rate for a cluster run.
-    ``profile`` is what the policies plan with; ``pricing`` (default: the same) is what the steps cost."""
+    ``profile`` is what the policies plan with; ``pricing`` (default: the same) is what the steps cost.
+    ``backend`` is what runs the steps; ``engine`` is the GPU backend's engine (the simulator, given one,
+    refuses requests longer than its context, as the engine does)."""
 
     policy: str
     workload: str
@@ -91,11 +103,23 @@ class RunSpec:
     admission: Admission = Admission.NONE
     options: tuple[tuple[str, Any], ...] = ()
     cluster: ClusterShape | None = None
+    backend: Backend = Backend.SIM
+    engine: EngineSpec | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "admission", parse_mode(Admission, self.admission, "admission"))
+        object.__setattr__(self, "backend", parse_mode(Backend, self.backend, "backend"))
         if self.cluster is not None and (self.pricing is not None or self.options):
             raise ConfigError("a cluster run plans and prices with its nodes' profile and default policy options")
+        if self.backend is Backend.GPU:
+            if self.engine is None:
+                raise ConfigError("a GPU run needs its engine (RunSpec.engine)")
+            if self.pricing is not None:
+                raise ConfigError("a GPU run's steps cost what the GPU takes: drop pricing")
+
+    def simulated(self) -> RunSpec:
+        """The same run on the simulator: what a GPU result is shown beside."""
+        return replace(self, backend=Backend.SIM)
 
     @property
     def slo(self) -> SLO:
@@ -111,9 +135,12 @@ class RunSpec:
     def key(self) -> str:
         """The spec plus what its inputs hold: a profile remeasured under the same name (or the default
         changing), or a trace edited in place, must not reuse results simulated with the old numbers."""
+        spec = asdict(self)
+        if self.backend is Backend.SIM and self.engine is None:  # as before the backend existed: caches stay valid
+            del spec["backend"], spec["engine"]
         payload = {
             "v": RESULT_VERSION,
-            **asdict(self),
+            **spec,
             "profile_content": _profile_fingerprint(self.profile),
             "pricing_content": None if self.pricing is None else _profile_fingerprint(self.pricing),
             "workload_content": family(self.workload).fingerprint(),
@@ -130,41 +157,89 @@ def _profile_fingerprint(profile: str | None) -> str:
 
 @dataclass
 class RunResult:
-    """A run's summary, with its step log and requests when it ran in this process (not from a cache)."""
+    """A run's summary, with its step log and requests when it ran in this process (not from a cache); a run on
+    a real backend carries the simulator's summary of the same run (``sim``)."""
 
     spec: RunSpec | None  # None for an Experiment's in-memory workload, which no spec rebuilds
     summary: Summary
     log: IterationLog | None = None
     requests: list[Request] = field(default_factory=list)
+    sim: Summary | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The cacheable part: spec, key and summary (no per-request rows), as plain JSON values."""
         if self.spec is None:
             raise ValueError("only a spec's result is cached")
         entry = {"spec": asdict(self.spec), "key": self.spec.key(), "summary": self.summary.to_dict()}
+        if self.sim is not None:
+            entry["sim"] = self.sim.to_dict()
         return json.loads(json.dumps(entry))  # tuples become lists, modes their names: as read back from disk
 
     @classmethod
     def from_json(cls, spec: RunSpec, entry: dict[str, Any]) -> RunResult:
-        return cls(spec, Summary.from_dict(entry["summary"]))
+        sim = Summary.from_dict(entry["sim"]) if isinstance(entry.get("sim"), dict) else None
+        return cls(spec, Summary.from_dict(entry["summary"]), sim=sim)
 
 
-def run(spec: RunSpec, progress: Progress | None = None) -> RunResult:
-    """Run one spec on the simulator: a single node, or a cluster when ``spec.cluster`` is set."""
+def run(spec: RunSpec, progress: Progress | None = None, engines: Engines = None) -> RunResult:
+    """Run one spec: on the simulator (a single node, or a cluster when ``spec.cluster`` is set), or replayed
+    on ``engines`` for the GPU backend."""
+    if spec.backend is not Backend.SIM:
+        return run_on_engines([spec], engines, None if progress is None else lambda _i, d, t: progress(d, t))[0]
     w = family(spec.workload).build(spec.qps, spec.seed, spec.num_requests)
     if spec.cluster is not None:
         return _run_cluster(spec, w)
-    exp = Experiment(
+    result = _experiment(spec, w).run(spec.policy, progress)
+    result.spec = spec
+    return result
+
+
+def _experiment(spec: RunSpec, w: Workload, engines: Engines = None) -> Experiment:
+    return Experiment(
         w,
         load_profile(spec.profile),
         spec.slo,
+        max_model_len=spec.engine.max_context if spec.engine is not None else MAX_MODEL_LEN,
         admission=spec.admission,
         policy_options={spec.policy: dict(spec.options)},
         pricing=None if spec.pricing is None else load_profile(spec.pricing),
+        engines=engines,
     )
-    result = exp.run(spec.policy, progress)
-    result.spec = spec
-    return result
+
+
+def run_on_engines(
+    specs: list[RunSpec],
+    engines: Engines,
+    progress: Callable[[int, int, int], None] | None = None,
+    on_result: Callable[[RunResult], None] | None = None,
+) -> list[RunResult]:
+    """GPU specs replayed on ``engines``, each with the simulator's prediction beside it: single-node specs as
+    many at once as there are engines, then cluster specs one at a time on all of them (one engine per node);
+    ``progress(spec index, ended, total)``, ``on_result`` as each one ends."""
+    if engines is None:
+        raise ConfigError("a GPU run needs engines: start them (engine.cluster.EngineCluster) and pass them in")
+    on_cluster = [i for i, s in enumerate(specs) if s.cluster is not None]
+    if on_cluster:
+        single = [i for i, s in enumerate(specs) if s.cluster is None]
+        out = dict(zip(single, run_on_engines([specs[i] for i in single], engines, None, on_result), strict=True))
+        for i in on_cluster:
+            step = None if progress is None else functools.partial(progress, i)
+            out[i] = _cluster_on_engines(specs[i], engines, step)
+            if on_result is not None:
+                on_result(out[i])
+        return [out[i] for i in range(len(specs))]
+    exps = [_experiment(s, family(s.workload).build(s.qps, s.seed, s.num_requests), engines) for s in specs]
+    jobs = [exp.replay_job(s.policy, s.seed) for exp, s in zip(exps, specs, strict=True)]
+    done: dict[int, RunResult] = {}
+
+    def landed(i: int, res: Any) -> None:
+        done[i] = exps[i].engine_result(specs[i].policy, res)
+        done[i].spec = specs[i]
+        if on_result is not None:
+            on_result(done[i])
+
+    engines.replay_each(jobs, progress, landed)
+    return [done[i] for i in range(len(specs))]
 
 
 def run_for_cache(spec: RunSpec) -> dict[str, Any]:
@@ -172,13 +247,13 @@ def run_for_cache(spec: RunSpec) -> dict[str, Any]:
     return run(spec).to_json()
 
 
-def _run_cluster(spec: RunSpec, w: Workload) -> RunResult:
-    from fairbatching.cluster import ClusterConfig, simulate_cluster
+def _cluster_config(spec: RunSpec) -> Any:
+    from fairbatching.cluster import ClusterConfig
     from fairbatching.cluster.simulator import homogeneous
 
     shape = spec.cluster
     assert shape is not None
-    cfg = ClusterConfig(
+    return ClusterConfig(
         homogeneous(shape.nodes, spec.policy, spec.profile),
         spec.slo,
         router=shape.router,
@@ -187,10 +262,29 @@ def _run_cluster(spec: RunSpec, w: Workload) -> RunResult:
         report_delay=shape.report_delay,
         seed=spec.seed,
     )
-    res = simulate_cluster(w, cfg)
+
+
+def _run_cluster(spec: RunSpec, w: Workload) -> RunResult:
+    from fairbatching.cluster import simulate_cluster
+
+    res = simulate_cluster(w, _cluster_config(spec))
+    return _cluster_result(spec, w, res)
+
+
+def _cluster_result(spec: RunSpec, w: Workload, res: Any) -> RunResult:
+    assert spec.cluster is not None
     _check_accounted(len(res.requests), len(w), "cluster")
-    summary = summarize(spec.label, w.name, res.requests, res.end_time, res.busy_time / shape.nodes, res.preemptions)
+    busy = res.busy_time / spec.cluster.nodes
+    summary = summarize(spec.label, w.name, res.requests, res.end_time, busy, res.preemptions)
     return RunResult(spec, summary, None, res.requests)
+
+
+def _cluster_on_engines(spec: RunSpec, engines: Engines, progress: Progress | None) -> RunResult:
+    """A cluster spec on the engines (one per node, behind the cluster simulator's router), with its simulation."""
+    w = family(spec.workload).build(spec.qps, spec.seed, spec.num_requests)
+    result = _cluster_result(spec, w, engines.replay(w, _cluster_config(spec), spec.seed, progress))
+    result.sim = _run_cluster(spec.simulated(), w).summary
+    return result
 
 
 def _check_accounted(got: int, submitted: int, where: str) -> None:
@@ -203,20 +297,25 @@ class Experiment:
     """One workload already in memory, one profile, one SLO, run under one or more policies.
 
     ``profile`` is what the policies plan with; ``pricing`` (default: the same) is what steps cost, and
-    ``step_error`` how executed steps depart from it, so planning under model error can be studied offline."""
+    ``step_error`` how executed steps depart from it, so planning under model error can be studied offline.
+    With ``engines`` (the GPU backend) every policy replays on them in real time instead, and each result
+    carries the simulator's summary of the same run (``RunResult.sim``)."""
 
     workload: Workload
     profile: Profile
     slo: SLO = DEFAULT_SLO
-    max_model_len: int = 131072
+    max_model_len: int = MAX_MODEL_LEN
     queue_timeout: float | None = None
     admission: Admission = Admission.NONE
     policy_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     pricing: Profile | None = None
     step_error: StepError | None = None
+    engines: Engines = None
 
     def __post_init__(self) -> None:
         check_slo_feasible(self.slo, self.profile)
+        if self.engines is not None and (self.pricing is not None or self.step_error is not None):
+            raise ConfigError("on GPU engines the steps cost what the GPU takes: drop pricing and step_error")
         self.admission = parse_mode(Admission, self.admission, "admission")
         if self.queue_timeout is not None and not (math.isfinite(self.queue_timeout) and self.queue_timeout > 0):
             raise ConfigError(f"queue timeout must be a positive number of seconds, got {self.queue_timeout!r}")
@@ -243,6 +342,39 @@ class Experiment:
         }
 
     def run(self, policy: str, progress: Progress | None = None) -> RunResult:
+        """``policy`` on this experiment's backend: the simulator, or a replay on the engines."""
+        if self.engines is None:
+            return self.simulate(policy, progress)
+        return self.run_all([policy], None if progress is None else lambda _p, d, t: progress(d, t))[0]
+
+    def run_all(self, policies: list[str], progress: Callable[[str, int, int], None] | None = None) -> list[RunResult]:
+        """Every policy, in order; on engines as many at once as there are engines. ``progress(policy, ended,
+        total)`` follows each one's requests."""
+        if self.engines is None:
+            each = (None if progress is None else lambda d, t, p=p: progress(p, d, t) for p in policies)
+            return [self.simulate(p, step) for p, step in zip(policies, each, strict=True)]
+        jobs = [self.replay_job(p) for p in policies]
+        on_job = None if progress is None else lambda i, d, t: progress(policies[i], d, t)
+        results = self.engines.replay_each(jobs, on_job)
+        return [self.engine_result(p, res) for p, res in zip(policies, results, strict=True)]
+
+    def replay_job(self, policy: str, seed: int = 0) -> Any:
+        """What an engine replica replays for ``policy`` (``engine.cluster.ReplayJob``)."""
+        from fairbatching.engine.cluster import ReplayJob
+
+        options = tuple(sorted(self.policy_options.get(policy, {}).items()))
+        return ReplayJob(
+            self.workload, policy, self.profile, self.slo, options, self.admission, self.queue_timeout, seed
+        )
+
+    def engine_result(self, policy: str, res: Any) -> RunResult:
+        """An engine replay's ``NodeResult`` as a result, with the simulator's prediction of the same run."""
+        _check_accounted(len(res.requests), len(self.workload), "engine")
+        summary = summarize(policy, self.workload.name, res.requests, res.end_time, res.busy_time, res.preemptions)
+        return RunResult(None, summary, res.log, res.requests, sim=self.simulate(policy).summary)
+
+    def simulate(self, policy: str, progress: Progress | None = None) -> RunResult:
+        """``policy`` on the simulator (on any backend: it is what a GPU result is shown beside)."""
         cost = self.profile.cost_model()
         pol = make_policy(policy, cost, tpot_slo=self.slo.tpot, **self.policy_options.get(policy, {}))
         priced = self.pricing or self.profile

@@ -5,6 +5,10 @@ The router is the cluster simulator's (``cluster.dispatch``: same reports, same 
 and admission rules), so a configuration run here and in ``simulate_cluster`` differs only in what executes
 the steps. Replicas are kept across replays (an engine is built once per device). This is the package's own
 multi-process driver, not Ray: it exists so a cluster can be measured where Ray cannot be installed.
+
+The same replicas also serve single-node replays side by side (``replay_each``: one ``ReplayJob`` per
+replica at a time), which is how the run layer's GPU backend spreads a compare or a capacity search over
+the visible GPUs.
 """
 
 from __future__ import annotations
@@ -22,25 +26,19 @@ from typing import Any
 from fairbatching.cluster.dispatch import ended_request, node_report, route
 from fairbatching.cluster.routers import NodeReport
 from fairbatching.cluster.simulator import ClusterConfig, ClusterResult
-from fairbatching.core.request import Request, RequestStatus
+from fairbatching.core.backend import EngineSpec
+from fairbatching.core.modes import Admission
+from fairbatching.core.request import SLO, Request, RequestStatus
 from fairbatching.costmodel.profile import load_profile
 from fairbatching.errors import ConfigError
 from fairbatching.policies import make_policy
+from fairbatching.serving.simulator import NodeResult
 from fairbatching.workloads.spec import RequestSpec, Workload
 
+__all__ = ["EngineCluster", "EngineSpec", "ReplayJob", "ReplicaError", "replica_devices"]
+
 START_DELAY = 0.2  # seconds between "go" and the first arrival, so every replica's first report is in
-
-
-@dataclass(frozen=True)
-class EngineSpec:
-    """What each replica builds (``engine.build_engine`` arguments); ``device`` None picks CUDA if present."""
-
-    model: str
-    max_context: int = 16384
-    num_blocks: int | None = None
-    kv_memory_fraction: float = 0.8
-    device: str | None = None
-    block_size: int = 16
+PROGRESS_EVERY = 0.5  # seconds between a single-node replay's progress messages
 
 
 def replica_devices(replicas: int, device: str | None) -> list[str | None]:
@@ -52,6 +50,21 @@ def replica_devices(replicas: int, device: str | None) -> list[str | None]:
     if replicas > torch.cuda.device_count():
         raise ConfigError(f"{replicas} replicas need {replicas} GPUs; this machine has {torch.cuda.device_count()}")
     return [str(i) for i in range(replicas)]
+
+
+@dataclass(frozen=True)
+class ReplayJob:
+    """One single-node replay on one replica (``engine.loop.replay``'s arguments, picklable): ``policy`` with
+    ``options`` plans with ``profile`` (a name, a path, or a ``Profile``)."""
+
+    workload: Workload
+    policy: str
+    profile: Any
+    slo: SLO
+    options: tuple[tuple[str, Any], ...] = ()
+    admission: Admission = Admission.NONE
+    queue_timeout: float | None = None
+    seed: int = 0
 
 
 class ReplicaError(RuntimeError):
@@ -156,6 +169,39 @@ class EngineCluster:
             per_node,
         )
 
+    def replay_each(
+        self,
+        jobs: list[ReplayJob],
+        progress: Callable[[int, int, int], None] | None = None,
+        on_result: Callable[[int, NodeResult], None] | None = None,
+    ) -> list[NodeResult]:
+        """Each job replayed alone on one replica, as many at once as there are replicas; results in ``jobs``'
+        order. ``progress(job, ended, total)`` follows each job's requests, ``on_result(job, result)`` hears
+        each job as it ends (before the others have)."""
+        results: dict[int, NodeResult] = {}
+        todo = list(range(len(jobs)))
+        idle = list(range(len(self.procs)))
+        busy: dict[int, int] = {}  # replica -> the job it replays
+        while todo or busy:
+            while todo and idle:
+                replica, job = idle.pop(0), todo.pop(0)
+                busy[replica] = job
+                self.inboxes[replica].put(("replay", jobs[job]))
+            try:
+                msg = self.receive(timeout=1.0)
+            except queue.Empty:
+                continue
+            if msg[0] == "progress" and msg[1] in busy:
+                if progress is not None:
+                    progress(busy[msg[1]], msg[2], len(jobs[busy[msg[1]]].workload))
+            elif msg[0] == "replayed":
+                job = busy.pop(msg[1])
+                idle.append(msg[1])
+                results[job] = msg[2]
+                if on_result is not None:
+                    on_result(job, msg[2])
+        return [results[i] for i in range(len(jobs))]
+
 
 class _Router:
     """The router process's loop: wait for each arrival, read the latest reports, route, send."""
@@ -235,10 +281,33 @@ def _replica_main(index: int, device: str | None, engine: EngineSpec, inbox: Any
         )
         runner.warmup()
         outbox.put(("ready", index, runner.pool.usable, runner.graph_counts))
-        while (msg := inbox.get())[0] == "run":
-            outbox.put(("done", index, _serve_replay(index, runner, msg[1:], inbox, outbox)))
+        while (msg := inbox.get())[0] in ("run", "replay"):
+            if msg[0] == "run":
+                outbox.put(("done", index, _serve_replay(index, runner, msg[1:], inbox, outbox)))
+            else:
+                outbox.put(("replayed", index, _replay_alone(index, runner, msg[1], outbox)))
     except BaseException:
         outbox.put(("error", index, traceback.format_exc()))
+
+
+def _replay_alone(index: int, runner: Any, job: ReplayJob, outbox: Any) -> NodeResult:
+    """One single-node replay on this replica (the router is not involved); progress goes out twice a second."""
+    from fairbatching.engine.loop import replay
+
+    prof = job.profile if not isinstance(job.profile, str) else load_profile(job.profile)
+    cost = prof.cost_model()
+    policy = make_policy(job.policy, cost, tpot_slo=job.slo.tpot, **dict(job.options))
+    last = 0.0
+
+    def progress(done: int, total: int) -> None:
+        nonlocal last
+        if done == total or time.monotonic() - last >= PROGRESS_EVERY:
+            last = time.monotonic()
+            outbox.put(("progress", index, done))
+
+    return replay(
+        runner, policy, cost, job.workload, job.slo, job.seed, job.queue_timeout, progress, admission=job.admission
+    )
 
 
 def _serve_replay(index: int, runner: Any, run: tuple, inbox: Any, outbox: Any) -> dict:

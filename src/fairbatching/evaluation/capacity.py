@@ -3,6 +3,10 @@
 Search: start at a guess, double (or halve) until the target is bracketed, then bisect geometrically
 until the bracket is within a relative tolerance. Each load point is the mean attainment over several
 seeds (different trace windows or synthetic draws), all run through the sweeper's cache and workers.
+
+On the GPU backend a policy's search starts at its simulated capacity (same windows, same profile) and
+steps by ``GPU_STEP`` instead of doubling, on windows from seed 1 on (seed 0 is the window `fairbatching
+profile` calibrates on); every GPU point carries the simulator's attainment beside it.
 """
 
 from __future__ import annotations
@@ -11,10 +15,14 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
+from fairbatching.core.backend import Backend
 from fairbatching.errors import ConfigError
 from fairbatching.evaluation.sweep import Sweeper
 from fairbatching.progress import Status
 from fairbatching.runs import RunSpec
+
+GPU_STEP = 1.15  # from the simulated capacity, a GPU search brackets in steps of this factor
+GPU_FIRST_SEED = 1  # seed 0's window is the calibration window (`fairbatching profile`)
 
 
 @dataclass
@@ -24,6 +32,7 @@ class LoadPoint:
     per_seed: list[float]
     p99_ttft: float
     tpot_attainment: float
+    sim_attainment: float | None = None  # the simulator's, for a point measured on a real backend
 
 
 @dataclass
@@ -35,6 +44,8 @@ class CapacityResult:
     tolerance: float
     bracket: tuple[float, float]
     curve: list[LoadPoint] = field(default_factory=list)
+    backend: str = "sim"
+    sim_capacity_qps: float | None = None  # on a real backend: the simulator's capacity, where the search began
 
 
 def find_capacity(
@@ -48,8 +59,11 @@ def find_capacity(
     metric: str = "slo_attainment",
     on_point: Callable[[LoadPoint], None] | None = None,
     progress: Callable[[float, int, int], None] | None = None,
+    step: float = 2.0,
+    first_seed: int = 0,
 ) -> CapacityResult:
-    """Highest QPS (within ``tolerance``, relative) with mean ``metric`` >= ``target`` over ``seeds``.
+    """Highest QPS (within ``tolerance``, relative) with mean ``metric`` >= ``target`` over ``seeds`` windows
+    (seeds ``first_seed`` on), bracketing in steps of ``step``.
 
     ``progress(qps, done, total)`` follows the runs of the load point being tried."""
     if not 0 < target <= 1:
@@ -59,25 +73,27 @@ def find_capacity(
     curve: list[LoadPoint] = []
 
     def evaluate(qps: float) -> bool:
-        specs = [replace(base, qps=qps, seed=s) for s in range(seeds)]
+        specs = [replace(base, qps=qps, seed=s) for s in range(first_seed, first_seed + seeds)]
         runs = sweeper.run(specs, progress=(lambda d, t: progress(qps, d, t)) if progress else None)
         results = [r.summary for r in runs]
         vals = [getattr(r, metric) for r in results]
+        sims = [getattr(r.sim, metric) for r in runs if r.sim is not None]
         point = LoadPoint(
             qps,
             sum(vals) / len(vals),
             vals,
             max(r.ttft.p99 for r in results),
             sum(r.tpot_attainment for r in results) / len(results),
+            sum(sims) / len(sims) if len(sims) == len(runs) else None,
         )
         curve.append(point)
         if on_point:
             on_point(point)
         return point.attainment >= target
 
-    lo, hi = bracket_search(evaluate, start_qps, tolerance, max_points)
+    lo, hi = bracket_search(evaluate, start_qps, tolerance, max_points, step)
     curve.sort(key=lambda p: p.qps)
-    return CapacityResult(base.label, base.workload, lo, target, tolerance, (lo, hi), curve)
+    return CapacityResult(base.label, base.workload, lo, target, tolerance, (lo, hi), curve, str(base.backend))
 
 
 def bracket_search(
@@ -123,23 +139,37 @@ def policy_capacities(
     log: Callable[[str], None],
     status: Status,
 ) -> list[CapacityResult]:
-    """Each policy's capacity on ``base``'s workload and SLO, logging every load point tried."""
+    """Each policy's capacity on ``base``'s workload and SLO, logging every load point tried; on a real backend
+    each search starts from the simulator's capacity (see the module doc)."""
     results = []
+    on_gpu = base.backend is not Backend.SIM
+    first_seed, step = (GPU_FIRST_SEED, GPU_STEP) if on_gpu else (0, 2.0)
     for name in policies:
-        log(f"[bold]{name}[/] on {base.workload}: searching (target {target:.0%}, tolerance {tolerance:.0%})")
+        spec = replace(base, policy=name)
         what = f"{name} {base.workload} @ {{:.2f}} req/s"
-        results.append(
-            find_capacity(
-                replace(base, policy=name),
-                sweeper,
-                target,
-                seeds,
-                start_qps,
-                tolerance,
-                on_point=lambda p: log(point_line(p)),
-                progress=lambda q, d, t, what=what: status(what.format(q), d, t),
-            )
+        start, sim_capacity = start_qps, None
+        if on_gpu:
+            status(f"{name} {base.workload}: simulating the capacity the GPU search starts from", 0, None)
+            sim = find_capacity(spec.simulated(), sweeper, target, seeds, start_qps, tolerance, first_seed=first_seed)
+            sim_capacity = sim.capacity_qps
+            start = sim_capacity if sim_capacity > 0 else start_qps
+            log(f"[bold]{name}[/] on {base.workload}: simulated capacity {sim_capacity:.3f} req/s: GPU from there")
+        else:
+            log(f"[bold]{name}[/] on {base.workload}: searching (target {target:.0%}, tolerance {tolerance:.0%})")
+        result = find_capacity(
+            spec,
+            sweeper,
+            target,
+            seeds,
+            start,
+            tolerance,
+            on_point=lambda p: log(point_line(p)),
+            progress=lambda q, d, t, what=what: status(what.format(q), d, t),
+            step=step,
+            first_seed=first_seed,
         )
+        result.sim_capacity_qps = sim_capacity
+        results.append(result)
     return results
 
 
@@ -161,9 +191,10 @@ def capacity_lines(results: Sequence[CapacityResult], bound: float | None, num_r
                 else "  above the bound"
             )
         censored = "  (a lower bound: no load tried missed the target)" if math.isinf(r.bracket[1]) else ""
+        sim = f"  simulated {r.sim_capacity_qps:.3f}" if r.sim_capacity_qps is not None else ""
         lines.append(
             f"{r.policy:14s} capacity {r.capacity_qps:7.3f} req/s  bracket [{r.bracket[0]:.3f}, {r.bracket[1]:.3f}]"
-            f"{of_bound}{gain}{censored}"
+            f"{sim}{of_bound}{gain}{censored}"
         )
     if not bound:
         return [
@@ -181,7 +212,8 @@ def capacity_lines(results: Sequence[CapacityResult], bound: float | None, num_r
 
 def point_line(p: LoadPoint) -> str:
     seeds = ", ".join(f"{v:.1%}" for v in p.per_seed)
+    sim = f"  simulated {p.sim_attainment:.1%}" if p.sim_attainment is not None else ""
     return (
         f"  {p.qps:8.3f} req/s  attainment {p.attainment:6.1%}  (seeds {seeds})"
-        f"  P99 TTFT {p.p99_ttft:.2f} s  TPOT ok {p.tpot_attainment:.1%}"
+        f"  P99 TTFT {p.p99_ttft:.2f} s  TPOT ok {p.tpot_attainment:.1%}{sim}"
     )

@@ -47,6 +47,11 @@ def stack_runs(results: Sequence[RunResult]) -> list[dict[str, Any]]:
                 **{k: getattr(m, k) for k in RUN_FIELDS},
                 "ttft_p99": m.ttft.p99,
                 "tpot_p99": m.tpot.p99,
+                **(
+                    {}
+                    if r.sim is None
+                    else {"sim_slo_attainment": r.sim.slo_attainment, "sim_ttft_p99": r.sim.ttft.p99}
+                ),
             }
         )
     return rows
@@ -56,6 +61,11 @@ def run_line(row: dict[str, Any]) -> str:
     return (
         f"{row['stack']:34s} SLO ok {row['slo_attainment']:6.1%}  P99 TTFT {row['ttft_p99']:7.2f} s  "
         f"TPOT ok {row['tpot_attainment']:6.1%}  goodput {row['goodput_rps']:7.2f} req/s  rejected {row['rejected']}"
+        + (
+            f"  (simulated: SLO ok {row['sim_slo_attainment']:.1%}, P99 TTFT {row['sim_ttft_p99']:.2f} s)"
+            if "sim_slo_attainment" in row
+            else ""
+        )
     )
 
 

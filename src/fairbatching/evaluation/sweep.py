@@ -1,7 +1,9 @@
 """Running many specs: in parallel on local cores or on a Ray cluster, cached on disk by spec hash.
 
 A rerun of the same sweep reads finished specs from the cache, so an interrupted sweep resumes where it
-stopped, and a capacity search never simulates the same point twice.
+stopped, and a capacity search never simulates the same point twice. GPU-backend specs run on the engines
+the sweeper is given (one replay per engine at a time), each cached as soon as it ends: a GPU search cut
+short resumes without replaying what it measured.
 """
 
 from __future__ import annotations
@@ -14,9 +16,10 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from fairbatching.core.backend import Backend
 from fairbatching.errors import ConfigError
 from fairbatching.metrics.summary import Summary
-from fairbatching.runs import RunResult, RunSpec, run_for_cache
+from fairbatching.runs import Engines, RunResult, RunSpec, run_for_cache, run_on_engines
 from fairbatching.validate import atomic_write_text
 from fairbatching.workloads.families import family
 
@@ -25,10 +28,17 @@ SUMMARY_FIELDS = {f.name for f in fields(Summary)} - {"per_request"}
 
 
 class Sweeper:
-    def __init__(self, cache_dir: str | Path | None = None, workers: int | None = None, ray_address: str | None = None):
+    def __init__(
+        self,
+        cache_dir: str | Path | None = None,
+        workers: int | None = None,
+        ray_address: str | None = None,
+        engines: Engines = None,
+    ):
         self.cache_dir = Path(cache_dir) if cache_dir else None  # created with the first result it holds
         self.workers = workers or os.cpu_count() or 1
         self.ray_address = ray_address
+        self.engines = engines  # the GPU backend's (engine.cluster.EngineCluster), started by the caller
         self._ray = None
 
     def _cached(self, spec: RunSpec) -> dict[str, Any] | None:
@@ -67,12 +77,20 @@ class Sweeper:
         done = len(results)
         if progress:
             progress(done, total)
-        for result in self._execute(list(todo.values())):
+
+        def landed(result: dict[str, Any]) -> None:
+            nonlocal done
             self._store(result)
             results[result["key"]] = result
             done += 1
             if progress:
                 progress(done, total)
+
+        for result in self._execute([s for s in todo.values() if s.backend is Backend.SIM]):
+            landed(result)
+        on_engines = [s for s in todo.values() if s.backend is not Backend.SIM]
+        if on_engines:
+            run_on_engines(on_engines, self.engines, on_result=lambda r: landed(r.to_json()))
         return [RunResult.from_json(s, results[s.key()]) for s in specs]
 
     def _execute(self, specs: list[RunSpec]) -> Iterable[dict[str, Any]]:
