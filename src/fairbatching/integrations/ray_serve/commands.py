@@ -115,10 +115,14 @@ def serve(
         while not stop.wait(0.5):
             pass
         console.print(f"SIGTERM: draining (up to {drain_timeout:g} s)")
-        ingress = ray_serve.get_app_handle("fairbatching")
-        result = ingress.drain.remote(drain_timeout).result(timeout_s=drain_timeout + 30)
-        n, cut = result["in_flight"], result["cut"]
-        console.print(f"drained: {n - cut} of {n} requests in flight finished, {cut} ended with a shutdown error")
+        try:
+            ingress = ray_serve.get_app_handle("fairbatching")
+            result = ingress.drain.remote(drain_timeout).result(timeout_s=drain_timeout + 30)
+        except Exception as exc:  # the ingress is gone or stuck: stopping is still the right answer to SIGTERM
+            console.print(f"drain did not complete ({type(exc).__name__}: {exc}); stopping", markup=False)
+        else:
+            n, cut = result["in_flight"], result["cut"]
+            console.print(f"drained: {n - cut} of {n} requests in flight finished, {cut} ended with a shutdown error")
     finally:
         ray_serve.shutdown()
         ray.shutdown()
