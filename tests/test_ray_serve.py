@@ -116,6 +116,17 @@ def test_request_checker_refuses_slos_below_the_profile_floor_or_above_the_ceili
             Limits(**limits)
 
 
+def test_serve_option_defaults_mirror_the_limits():
+    """`serve`'s options repeat Limits' defaults (the CLI does not import it, so --help stays light)."""
+    import inspect
+
+    from fairbatching.integrations.ray_serve import commands
+
+    options = inspect.signature(commands.serve).parameters
+    defaults = tuple(options[k].default for k in ("max_body_bytes", "body_timeout", "max_slo"))
+    assert defaults == (Limits().max_body_bytes, Limits().body_timeout_s, Limits().max_slo_s)
+
+
 def test_default_router_works_with_its_own_default_admission():
     pytest.importorskip("ray.serve", reason="needs the [serve] extra (ray[serve])")
     from fairbatching.integrations.ray_serve.app import ServeConfig
