@@ -280,8 +280,9 @@ class OpenAIIngress:
         raise AssertionError("unreachable")
 
     async def _sse(self, rid: str, req: CompletionRequest, events: AsyncIterator[tuple]) -> AsyncIterator[str]:
-        model, produced, ended = req.model, 0, False
+        model, produced, counted = req.model, 0, False
         try:
+            end, error = None, None
             try:
                 async for count, finished, status, reason in events:
                     if count:
@@ -289,30 +290,18 @@ class OpenAIIngress:
                         produced += count
                         yield sse(completion_chunk(rid, model, text, None))
                     if finished:
-                        if status != "finished":
-                            ended = True
-                            self.counts[f"failed: node ended it {status}"] += 1
-                            yield sse(error_body(f"request {rid} ended {status}: {reason}", "request_failed", 500))
-                            yield sse("[DONE]")
-                            return
+                        end = (status, reason)
                         break
-            except _REPLICA_GONE as exc:
-                ended = True
-                self.counts["failed: replica died mid-stream"] += 1
-                msg = f"request {rid}: its replica died after {produced} tokens ({type(exc).__name__})"
-                yield sse(error_body(msg, "replica_failed", 502))
+            except (*_REPLICA_GONE, RequestCancelledError) as exc:
+                error = exc
+            failure = self._failure(rid, produced, end, error)
+            counted = True
+            if failure is not None:
+                key, message, kind, code = failure
+                self.counts[key] += 1
+                yield sse(error_body(message, kind, code))
                 yield sse("[DONE]")
                 return
-            except RequestCancelledError:
-                if not self.stopping:
-                    raise
-                ended = True
-                self.counts["failed: shut down before it finished"] += 1
-                msg = f"request {rid}: the server shut down after {produced} tokens (drain timeout)"
-                yield sse(error_body(msg, "unavailable", 503))
-                yield sse("[DONE]")
-                return
-            ended = True
             self.counts["finished"] += 1
             yield sse(completion_chunk(rid, model, "", "length"))
             if req.include_usage:
@@ -324,36 +313,47 @@ class OpenAIIngress:
                 yield sse(chunk)
             yield sse("[DONE]")
         except (asyncio.CancelledError, GeneratorExit):
-            if not ended:
+            if not counted:
                 self.counts["cancelled: client disconnected"] += 1
             raise
         finally:
             self._end(rid)
 
     async def _whole(self, rid: str, req: CompletionRequest, events: AsyncIterator[tuple]) -> JSONResponse:
-        produced, end = 0, None
+        produced, end, error = 0, None, None
         try:
             async for count, finished, status, reason in events:
                 produced += count
                 if finished:
                     end = (status, reason)
-        except _REPLICA_GONE as exc:
-            msg = f"request {rid}: its replica died after {produced} tokens ({type(exc).__name__})"
-            return self._error("failed: replica died mid-stream", msg, "replica_failed", 502)
-        except RequestCancelledError:
-            if not self.stopping:
-                raise
-            msg = f"request {rid}: the server shut down after {produced} tokens (drain timeout)"
-            return self._error("failed: shut down before it finished", msg, "unavailable", 503)
-        if end is None or end[0] != "finished":
-            status, reason = end or ("failed", "stream ended without a status")
-            return self._error(
-                f"failed: node ended it {status}", f"request {rid} failed: {reason}", "request_failed", 500
-            )
+        except (*_REPLICA_GONE, RequestCancelledError) as exc:
+            error = exc
+        failure = self._failure(rid, produced, end, error)
+        if failure is not None:
+            return self._error(*failure)
         self.counts["finished"] += 1
         text = "".join(self.tokenizer.token_text(i) for i in range(produced))
         body = completion_chunk(rid, req.model, text, "length")
         return JSONResponse({**body, "usage": usage(req.prompt_tokens, produced)})
+
+    def _failure(
+        self, rid: str, produced: int, end: tuple[str, str] | None, error: Exception | None
+    ) -> tuple[str, str, str, int] | None:
+        """How a request's events ended: None when it finished, else its count key, message, type and code.
+        A stream that stops without its last event never counts as finished."""
+        if isinstance(error, _REPLICA_GONE):
+            msg = f"request {rid}: its replica died after {produced} tokens ({type(error).__name__})"
+            return "failed: replica died mid-stream", msg, "replica_failed", 502
+        if end is not None:
+            if end[0] == "finished":
+                return None
+            return f"failed: node ended it {end[0]}", f"request {rid} ended {end[0]}: {end[1]}", "request_failed", 500
+        if self.stopping:
+            msg = f"request {rid}: the server shut down after {produced} tokens (drain timeout)"
+            return "failed: shut down before it finished", msg, "unavailable", 503
+        if error is not None:  # cancelled, and not by the drain: its client went away
+            return "cancelled: client disconnected", f"request {rid}: cancelled", "cancelled", 499
+        return "failed: stream ended without a status", f"request {rid}: its stream ended early", "request_failed", 500
 
     def _error(self, key: str, message: str, kind: str, code: int, retry_after: str | None = None) -> JSONResponse:
         self.counts[key] += 1
