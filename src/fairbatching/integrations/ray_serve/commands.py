@@ -4,9 +4,13 @@ command runs, so the core install's CLI never needs them."""
 
 from __future__ import annotations
 
+import errno
 import json
+import signal
+import socket
 import sys
-import time
+import threading
+from collections import Counter
 from pathlib import Path
 from typing import Annotated
 
@@ -16,6 +20,7 @@ from rich.console import Console
 from fairbatching.cli_options import DEFAULT_TPOT_S, DEFAULT_TTFT_S
 from fairbatching.errors import ConfigError
 from fairbatching.progress import progress_bar
+from fairbatching.validate import check_output_dir, non_negative, positive, staged_dir
 
 console = Console(stderr=True, soft_wrap=True)
 out_console = Console(width=None if sys.stdout.isatty() else 200)
@@ -36,7 +41,9 @@ def serve(
     policy: Annotated[str, typer.Option("--policy", "-p", help="Node scheduling policy")] = "fairbatching",
     profile: Annotated[str | None, typer.Option("--profile", help="Cost-model profile (name or JSON)")] = None,
     router: Annotated[str, typer.Option("--router", help="pab, or default (Ray's power of two choices)")] = "pab",
-    admission: Annotated[str, typer.Option("--admission", help="Router admission: none, reject, defer")] = "reject",
+    admission: Annotated[
+        str | None, typer.Option("--admission", help="Router admission: none, reject, defer (default: reject with pab)")
+    ] = None,
     node_admission: Annotated[
         str, typer.Option("--node-admission", help="Node-side PAB admission: none, reject, defer")
     ] = "none",
@@ -51,12 +58,32 @@ def serve(
         str, typer.Option("--model-name", help="Model name the endpoint serves")
     ] = "fairbatching-sim",
     host: Annotated[str, typer.Option("--host", help="HTTP bind address")] = "127.0.0.1",
-    port: Annotated[int, typer.Option("--port", help="HTTP port")] = 8000,
+    port: Annotated[int, typer.Option("--port", help="HTTP port", min=1, max=65535)] = 8000,
     address: Annotated[
         str | None, typer.Option("--address", help="Ray cluster to join (e.g. auto); default: start one here")
     ] = None,
+    drain_timeout: Annotated[
+        float,
+        typer.Option(
+            "--drain-timeout", help="On SIGTERM, seconds in-flight requests may finish", callback=non_negative
+        ),
+    ] = 5.0,
+    max_body_bytes: Annotated[
+        int, typer.Option("--max-body-bytes", help="Largest request body accepted (413 above)", min=1024)
+    ] = 4 << 20,  # mirrors protocol.Limits (not imported: --help stays light)
+    body_timeout: Annotated[
+        float,
+        typer.Option("--body-timeout", help="Seconds a request body may take to arrive (408 after)", callback=positive),
+    ] = 10.0,
+    max_slo: Annotated[
+        float,
+        typer.Option("--max-slo", help="Largest ttft_slo / tpot_slo a request may ask for (s)", callback=positive),
+    ] = 600.0,
 ) -> None:
-    """Serve simulated FairBatching nodes behind an OpenAI-compatible /v1/completions on Ray Serve."""
+    """Serve simulated FairBatching nodes behind an OpenAI-compatible /v1/completions on Ray Serve.
+
+    SIGTERM drains (new requests get 503, those in flight get --drain-timeout to finish) and exits 0;
+    Ctrl-C stops at once (130)."""
     from fairbatching.core.request import SLO
     from fairbatching.integrations.ray_serve.node_server import NodeOptions
 
@@ -65,24 +92,61 @@ def serve(
     _check_node(node)
     _need("ray.serve", "serve")
     from fairbatching.integrations.ray_serve.app import ServeConfig, build_app
+    from fairbatching.integrations.ray_serve.protocol import Limits
 
-    config = ServeConfig(replicas, node, router, admission, report_interval, report_delay, model_name)
+    limits = Limits(max_body_bytes, body_timeout, max_slo)
+    config = ServeConfig(replicas, node, router, admission, report_interval, report_delay, model_name, limits=limits)
+    config.checker()  # the profile's floors, before Ray starts
+    _check_listen(host, port, probe=address is None)
     import ray
     from ray import serve as ray_serve
 
+    stop = threading.Event()
+    # Only what serving needs: no dashboard (its agent still runs: Ray's metrics and runtime envs need it).
     ray.init(address=address, include_dashboard=False, log_to_driver=False)
+    signal.signal(signal.SIGTERM, lambda _signum, _frame: stop.set())  # after ray.init, which sets its own
     try:
         ray_serve.start(http_options={"host": host, "port": port})
         ray_serve.run(build_app(config), name="fairbatching", route_prefix="/")
         console.print(
-            f"serving {model_name}: {replicas} x {policy} replicas, {router} router (admission {admission}) "
-            f"at http://{host}:{port}/v1/completions; Ctrl-C stops"
+            f"serving {model_name}: {replicas} x {policy} replicas, {router} router (admission {config.admission}) "
+            f"at http://{host}:{port}/v1/completions; SIGTERM drains and stops, Ctrl-C stops at once"
         )
-        while True:
-            time.sleep(3600)
+        while not stop.wait(0.5):
+            pass
+        console.print(f"SIGTERM: draining (up to {drain_timeout:g} s)")
+        try:
+            ingress = ray_serve.get_app_handle("fairbatching")
+            result = ingress.drain.remote(drain_timeout).result(timeout_s=drain_timeout + 30)
+        except Exception as exc:  # the ingress is gone or stuck: stopping is still the right answer to SIGTERM
+            console.print(f"drain did not complete ({type(exc).__name__}: {exc}); stopping", markup=False)
+        else:
+            n, cut = result["in_flight"], result["cut"]
+            console.print(f"drained: {n - cut} of {n} requests in flight finished, {cut} ended with a shutdown error")
     finally:
         ray_serve.shutdown()
         ray.shutdown()
+
+
+def _check_listen(host: str, port: int, probe: bool) -> None:
+    """``host`` must resolve; with ``probe``, ``host:port`` must be free to listen on here (Ray's proxy sets
+    SO_REUSEPORT, so a second server on a taken port would otherwise share it silently)."""
+    try:
+        family, kind, proto, _name, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError) as exc:
+        raise ConfigError(f"--host {host}: not a host name or address ({exc})") from None
+    if not probe:
+        return
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a closed connection's TIME_WAIT is no owner
+        try:
+            s.bind(addr)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise ConfigError(f"--port {port}: already in use on {host} (another server is listening)") from None
+            if exc.errno == errno.EADDRNOTAVAIL:
+                raise ConfigError(f"--host {host}: not an address of this machine") from None
+            raise ConfigError(f"--host {host} --port {port}: cannot listen there ({exc.strerror})") from None
 
 
 def _check_node(node) -> None:
@@ -103,7 +167,9 @@ def bench(
     ttft: Ttft = DEFAULT_TTFT_S,
     tpot: Tpot = DEFAULT_TPOT_S,
     model: Annotated[str | None, typer.Option("--model", help="Model name (default: the server's first)")] = None,
-    timeout: Annotated[float, typer.Option("--timeout", help="Seconds one request may take")] = 600.0,
+    timeout: Annotated[
+        float, typer.Option("--timeout", help="Seconds one request may take", callback=positive)
+    ] = 600.0,
     label: Annotated[str, typer.Option("--label", help="Name of this run in the table")] = "bench",
     out: Annotated[Path | None, typer.Option("--out", help="Write summary.json and requests.csv here")] = None,
 ) -> None:
@@ -113,8 +179,8 @@ def bench(
 
     if not url.startswith(("http://", "https://")):
         raise ConfigError(f"--url must start with http:// or https://, got {url!r}")
-    if timeout <= 0:
-        raise ConfigError(f"--timeout must be positive, got {timeout}")
+    if out is not None:
+        _check_bench_out(out)
     slo = SLO(ttft, tpot)
     workload = WorkloadSpec(str(trace) if trace else None, fmt, num, start, qps, seed).build()
     _need("aiohttp", "serve")
@@ -135,7 +201,31 @@ def bench(
     for outcome, n in sorted(outcomes.items(), key=lambda kv: -kv[1]):
         out_console.print(f"{n:7d}  {outcome}", markup=False)
     if out:
-        out.mkdir(parents=True, exist_ok=True)
-        data = {**summary.to_dict(), "url": url, "model": result.model, "outcomes": dict(outcomes)}
-        (out / "summary.json").write_text(json.dumps(data, indent=2, allow_nan=True) + "\n")
-        summary.write_requests_csv(out / "requests.csv")
+        with staged_dir(out) as tmp:  # both files or neither
+            data = {**summary.to_dict(), "url": url, "model": result.model, "outcomes": dict(outcomes)}
+            (tmp / "summary.json").write_text(json.dumps(data, indent=2, allow_nan=True) + "\n")
+            summary.write_requests_csv(tmp / "requests.csv")
+    if workload.requests and not outcomes.get("finished"):
+        console.print(f"[red]error:[/] no request finished: {_why_none_finished(outcomes)}")
+        raise typer.Exit(1)
+
+
+BENCH_OUTPUTS = ("summary.json", "requests.csv")
+
+
+def _check_bench_out(out: Path) -> None:
+    """Before anything is sent: ``out`` must be a folder we can write, whose outputs are files if they exist."""
+    check_output_dir(out)
+    for name in BENCH_OUTPUTS:
+        if (out / name).exists() and not (out / name).is_file():
+            raise ConfigError(f"--out {out}: {out / name} exists and is not a file")
+
+
+def _why_none_finished(outcomes: Counter[str]) -> str:
+    """``outcomes`` (none finished) summed by kind, and the most common reasons."""
+    kinds = Counter()
+    for outcome, n in outcomes.items():
+        kinds[outcome.split(":", 1)[0]] += n
+    total = ", ".join(f"{n} {kind}" for kind, n in kinds.most_common())
+    reasons = "; ".join(f"{n} x {outcome}" for outcome, n in outcomes.most_common(3))
+    return f"{total} of {sum(outcomes.values())} (most common: {reasons})"

@@ -135,14 +135,18 @@ class NodeServer:
             node.targets.pop(request_id, None)
 
     def report(self) -> dict:
-        """Load and Prefill Admission Budget (horizon: the default TTFT), stamped with the wall clock."""
+        """Load and Prefill Admission Budget (horizon: the default TTFT), stamped with the wall clock; also how
+        many requests have had no token yet (``unstarted``) and how many are streaming theirs."""
         node = self.node
         node.state.now = max(node.clock, self.now())
         budget = node.policy.admission_budget(node.state, self.options.slo.ttft)
         queued = sum(r.num_tokens - r.num_computed for r in node.running + node.waiting if not r.is_decode)
+        unstarted = sum(1 for s in self._streams.values() if s.sent == 0)
         return {
             "time": time.time(),
             "outstanding": len(node.running) + len(node.waiting) + len(node.deferred),
+            "unstarted": unstarted,
+            "streaming": len(self._streams) - unstarted,
             "queued_tokens": queued,
             "kv_used_tokens": node.kv.used_blocks * node.kv.block_size,
             "budget": asdict(budget),

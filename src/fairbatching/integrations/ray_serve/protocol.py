@@ -1,13 +1,15 @@
 """The OpenAI ``/v1/completions`` wire format, as far as a serving replica needs it: request bodies parsed and
 checked (a bad one is a 400 naming the field), the trivial local tokenizer, and the response/SSE bodies.
 
+``RequestChecker`` is the one place a body is checked before it reaches a replica: JSON, every field, and the
+SLO against what the node can do (floor) and the server's ceiling. The SLO is a trust boundary: a client that
+asks for an impossible TPOT would make admission refuse everyone else's requests to protect its own.
+
 Per-request SLOs ride in ``vllm_xargs`` (``{"ttft_slo": s, "tpot_slo": s}``), the same field vLLM passes
 to our vLLM scheduler, so one client drives both servers. The simulated replica produces no real text:
 every output token is one letter, and the output length is ``max_tokens`` (as benchmark clients ask with
 ``ignore_eos``).
 """
-
-from __future__ import annotations
 
 import json
 import math
@@ -17,6 +19,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from fairbatching.core.request import SLO
+from fairbatching.costmodel.model import CostModel, attn_work
+from fairbatching.errors import ConfigError
 
 MAX_TOKEN_ID = 1 << 31
 
@@ -49,10 +53,8 @@ class CompletionRequest:
     model: str
 
 
-def _number(body: dict, key: str, default: float | None, kind: type, minimum: float) -> Any:
+def _number(body: dict, key: str, default: float, kind: type, minimum: float) -> Any:
     value = body.get(key, default)
-    if value is None:
-        return None
     if isinstance(value, bool) or not isinstance(value, int | float) or (kind is int and not isinstance(value, int)):
         raise BadRequest(f"'{key}' must be {'an integer' if kind is int else 'a number'}, got {value!r}")
     if not math.isfinite(value) or value < minimum:
@@ -60,19 +62,22 @@ def _number(body: dict, key: str, default: float | None, kind: type, minimum: fl
     return value
 
 
-def _prompt_tokens(prompt: Any, tokenizer: ByteTokenizer) -> int:
+def _prompt_tokens(prompt: Any, tokenizer: ByteTokenizer, nested: bool = False) -> int:
     if isinstance(prompt, str):
-        n = len(tokenizer.encode(prompt))
+        try:
+            n = len(tokenizer.encode(prompt))
+        except UnicodeEncodeError:
+            raise BadRequest("'prompt' is not valid Unicode text (it holds a lone surrogate)") from None
     elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         if not all(0 <= t < MAX_TOKEN_ID for t in prompt):
             raise BadRequest("'prompt' token ids must be non-negative 32-bit integers")
         n = len(prompt)
-    elif isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
-        return _prompt_tokens(prompt[0], tokenizer)
-    elif isinstance(prompt, list) and len(prompt) > 1 and all(isinstance(p, str | list) for p in prompt):
+    elif not nested and isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
+        return _prompt_tokens(prompt[0], tokenizer, nested=True)  # a batch of one prompt
+    elif not nested and isinstance(prompt, list) and len(prompt) > 1 and all(isinstance(p, str | list) for p in prompt):
         raise BadRequest("'prompt' holds several prompts; send one prompt per request")
     else:
-        raise BadRequest("'prompt' must be a string or a non-empty list of token ids")
+        raise BadRequest("'prompt' must be a string, a non-empty list of token ids, or a list of one of these")
     if n == 0:
         raise BadRequest("'prompt' is empty")
     return n
@@ -106,6 +111,9 @@ def parse_completion(
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise BadRequest(f"'stream_options' must be an object, got {options!r}")
+    include_usage = options.get("include_usage", False)
+    if not isinstance(include_usage, bool):
+        raise BadRequest(f"'stream_options.include_usage' must be true or false, got {include_usage!r}")
     xargs = body.get("vllm_xargs") or {}
     if not isinstance(xargs, dict):
         raise BadRequest(f"'vllm_xargs' must be an object, got {xargs!r}")
@@ -113,9 +121,76 @@ def parse_completion(
     tpot = _number(xargs, "tpot_slo", default_slo.tpot, float, 0)
     if ttft <= 0 or tpot <= 0:
         raise BadRequest(f"vllm_xargs ttft_slo and tpot_slo must be positive seconds, got {ttft!r} and {tpot!r}")
-    return CompletionRequest(
-        prompt_tokens, max_tokens, stream, bool(options.get("include_usage")), SLO(ttft, tpot), model
-    )
+    return CompletionRequest(prompt_tokens, max_tokens, stream, include_usage, SLO(ttft, tpot), model)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What the endpoint accepts beyond the fields' own rules. 4 MiB holds the default 128k-token context as
+    JSON token ids (up to ~11 bytes each: ``2147483647, ``) with room; ten seconds is generous for a
+    client on any working link to send that much."""
+
+    max_body_bytes: int = 4 << 20
+    body_timeout_s: float = 10.0
+    max_slo_s: float = 600.0  # the ceiling on a client's ttft_slo and tpot_slo
+
+    def __post_init__(self) -> None:
+        if self.max_body_bytes < 1024:
+            raise ConfigError(f"--max-body-bytes must be >= 1024, got {self.max_body_bytes}")
+        for name, value in (("--body-timeout", self.body_timeout_s), ("--max-slo", self.max_slo_s)):
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"{name} must be a positive finite number of seconds, got {value!r}")
+
+
+class RequestChecker:
+    """Checks request bodies for one server: JSON, fields (``parse_completion``), and the SLO between the
+    floor of what the node can do (``cost``: one prefill of the prompt for TTFT, one decode step after it for
+    TPOT) and ``limits.max_slo_s``."""
+
+    def __init__(
+        self,
+        served_model: str,
+        max_model_len: int,
+        default_slo: SLO,
+        cost: CostModel,
+        limits: Limits,
+        tokenizer: ByteTokenizer | None = None,
+    ) -> None:
+        self.served_model = served_model
+        self.max_model_len = max_model_len
+        self.default_slo = default_slo
+        self.cost = cost
+        self.limits = limits
+        self.tokenizer = tokenizer or ByteTokenizer()
+
+    def parse_bytes(self, raw: bytes) -> CompletionRequest:
+        """A raw body, decoded and checked; raises ``BadRequest``."""
+        try:
+            body = json.loads(raw)
+        except RecursionError:
+            raise BadRequest("the request body is not acceptable JSON: it nests too deeply") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise BadRequest(f"the request body is not valid JSON: {exc}") from None
+        return self.parse(body)
+
+    def parse(self, body: Any) -> CompletionRequest:
+        req = parse_completion(body, self.default_slo, self.served_model, self.max_model_len, self.tokenizer)
+        n = req.prompt_tokens
+        floors = {
+            "ttft_slo": (req.slo.ttft, self.cost.predict(n, n, 1, attn_work(n, 0)), f"one prefill of its {n} tokens"),
+            "tpot_slo": (req.slo.tpot, self.cost.predict(1, n + 1, 1, attn_work(1, n)), "one decode step"),
+        }
+        for name, (value, floor, what) in floors.items():
+            if value < floor:
+                raise BadRequest(
+                    f"vllm_xargs '{name}' {value:g} s is below {what} on this server ({floor:.3g} s): "
+                    "no schedule can meet it"
+                )
+            if value > self.limits.max_slo_s:
+                raise BadRequest(
+                    f"vllm_xargs '{name}' {value:g} s is above this server's ceiling ({self.limits.max_slo_s:g} s)"
+                )
+        return req
 
 
 def error_body(message: str, kind: str, code: int) -> dict:

@@ -101,6 +101,8 @@ class PABRanking:
         else:
             if now + interval < deadline:
                 return Decision([])  # wait for a replica to report, as the cluster simulator does
+            if self.admission == "none":
+                return Decision(list(stats))  # no admission control: route blind rather than refuse
             reason = "no replica reachable: none has reported within the staleness limit"
         self.refusals[reason] += 1
         return Decision([], reason)
