@@ -120,7 +120,7 @@ def test_clairvoyant_bound_is_above_what_any_policy_achieves():
         assert bound < 3 * achieved  # and not uselessly loose
 
 
-def test_trace_family_seeds_pick_different_windows(shared_traces):
+def test_trace_family_seeds_pick_different_windows():
     fam = family("azure-conv")
     a, b = fam.build(5.0, 0, 300), fam.build(5.0, 1, 300)
     assert a.meta["start"] == 0 and b.meta["start"] > 0
