@@ -99,7 +99,7 @@ def test_parallel_sweep_matches_serial(tmp_path):
 
 
 def test_sweep_on_a_local_ray_instance(tmp_path):
-    ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install 'fairbatching[ray]'")
+    ray = pytest.importorskip("ray", reason="needs the [ray] extra (ray)")
     specs = [RunSpec(p, "default", 12.0, num_requests=60) for p in ("fairbatching", "sarathi")]
     try:
         got = Sweeper(tmp_path, workers=1, ray_address="local").run(specs)
