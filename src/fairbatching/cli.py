@@ -185,7 +185,11 @@ def compare(
     with staged_dir(out) as tmp:
         png, report = write_comparison(tmp, exp.title, exp.describe(), summaries, [r.log for r in results])
     show(out_console, summary_table(summaries, exp.title, wide, refused=node.admission != "none"))
-    console.print(f"wrote {out}/summary.json, summary.csv, summary.md, requests_*.csv, {png.name}, {report.name}")
+    console.print(
+        f"wrote {out}/summary.json, summary.csv, summary.md, requests_*.csv, {png.name}, {report.name}",
+        markup=False,
+        soft_wrap=False,
+    )
 
 
 @app.command()

@@ -128,8 +128,9 @@ class FittedTable:
         if not self.wide:
             while sum(c.least for c in cols) + _frame(len(cols)) > width and any(c.drop for c in cols):
                 cols.remove(max((c for c in cols if c.drop), key=lambda c: c.drop))
-        # Headers on as few lines as fit, the same for every column; descriptions get the room left.
-        widths = [c.least for c in cols]
+        # Headers on as few lines as fit, the same for every column; descriptions get the room left. A wide
+        # table that cannot fit runs on with nothing wrapped.
+        widths = [c.natural if self.wide else c.least for c in cols]
         for lines in range(1, max(len(c.header.split()) for c in cols) + 1):
             tried = [c.least if c.kind == "text" else max(c.least, _header_width(c.header, lines)) for c in cols]
             if sum(tried) + _frame(len(cols)) <= width:
