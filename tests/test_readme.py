@@ -44,6 +44,8 @@ def readme_commands() -> list[str]:
 def shortened(args: list[str]) -> list[str]:
     """The same command with few requests (and, for capacity searches, one seed and a coarse tolerance)."""
     out = list(args)
+    if out[0].startswith("-"):  # the top level's own options (--version)
+        return out
     if "-n" in out:
         out[out.index("-n") + 1] = NUM
     elif out[0] not in ("traces", "profiles", "fit-profile"):
