@@ -8,7 +8,9 @@ import pytest
 
 
 def cli(*args, cwd=None, columns=None):
-    env = {**os.environ, "COLUMNS": str(columns)} if columns else None
+    """The command in a fresh interpreter; tables fit ``columns``, else run wide as into a file. (The environment
+    is passed explicitly: GNU readline, which pytest loads, exports COLUMNS=80 to children behind os.environ.)"""
+    env = {**os.environ, **({"COLUMNS": str(columns)} if columns else {})}
     return subprocess.run(
         [sys.executable, "-m", "fairbatching", *args], capture_output=True, text=True, cwd=cwd, timeout=300, env=env
     )
