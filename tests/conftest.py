@@ -1,18 +1,28 @@
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pytest
 
 from fairbatching.core import SLO, BlockAllocator, KVCacheConfig, Request
 from fairbatching.costmodel import CostModel, CostParams
 from fairbatching.policies import SchedulerState
 
-# The public traces as published (the package ships compressed copies); a git worktree elsewhere can point here.
-SHARED_TRACES = Path(
-    os.environ.get("FAIRBATCHING_SHARED_TRACES", Path(__file__).resolve().parents[1].parent / "shared" / "traces")
-)
+# Modules that start vLLM, Ray Serve, PyTorch models or a mypyc build: most of the suite's time, so
+# `pytest -m "not slow"` leaves them out for a quick check (README, "Two commands").
+SLOW_MODULES = {
+    "test_compiled",
+    "test_engine",
+    "test_engine_cluster",
+    "test_ray_serve",
+    "test_vllm_scheduler",
+    "test_vllm_serve",
+}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.stem in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
+
 
 # A simple additive cost model: 5 ms per iteration + 20 us per new token + 20 ns per context token.
 SIMPLE = CostParams(t_fixed=0.0, c_seq=0.0, t_weights=0.005, c_kv=2e-8, c_tok=2e-5, c_attn=0.0, p=1.0)
@@ -21,13 +31,6 @@ SIMPLE = CostParams(t_fixed=0.0, c_seq=0.0, t_weights=0.005, c_kv=2e-8, c_tok=2e
 @pytest.fixture
 def cost() -> CostModel:
     return CostModel(SIMPLE)
-
-
-@pytest.fixture
-def shared_traces() -> Path:
-    if not SHARED_TRACES.is_dir():
-        pytest.skip(f"shared traces not found at {SHARED_TRACES} (run from a checkout with ../shared beside it)")
-    return SHARED_TRACES
 
 
 def decode(rid: str, now: float, slack: float, prompt: int = 512, generated: int = 5, tpot: float = 0.1) -> Request:

@@ -1,13 +1,18 @@
 import json
+import os
+import re
 import subprocess
 import sys
 
 import pytest
 
 
-def cli(*args, cwd=None):
+def cli(*args, cwd=None, columns=None):
+    """The command in a fresh interpreter; tables fit ``columns``, else run wide as into a file. (The environment
+    is passed explicitly: GNU readline, which pytest loads, exports COLUMNS=80 to children behind os.environ.)"""
+    env = {**os.environ, **({"COLUMNS": str(columns)} if columns else {})}
     return subprocess.run(
-        [sys.executable, "-m", "fairbatching", *args], capture_output=True, text=True, cwd=cwd, timeout=300
+        [sys.executable, "-m", "fairbatching", *args], capture_output=True, text=True, cwd=cwd, timeout=300, env=env
     )
 
 
@@ -85,6 +90,12 @@ def test_fit_profile_roundtrip(tmp_path):
     res = cli("simulate", "-n", "50", "--profile", str(tmp_path / "p.json"), "--json")
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["profile"]["name"] == "mine"
+    # Unnamed, a fitted profile takes its file's name, and a run names it by the path it was given.
+    assert cli("fit-profile", str(path), "--out", "out/my-gpu.json", cwd=tmp_path).returncode == 0
+    res = cli("simulate", "-n", "50", "--profile", "out/my-gpu.json", cwd=tmp_path, columns=200)
+    assert res.returncode == 0, res.stderr
+    assert "profile out/my-gpu.json (measured)" in res.stderr
+    assert json.loads((tmp_path / "out" / "my-gpu.json").read_text())["name"] == "my-gpu"
 
 
 def test_policy_options_reach_the_policy_and_bad_ones_fail_early():
@@ -97,38 +108,101 @@ def test_policy_options_reach_the_policy_and_bad_ones_fail_early():
     assert malformed.returncode == 2 and "policy.key=value" in malformed.stderr
 
 
+def cell(name: str) -> str:
+    """A table cell holding exactly ``name``: a name cut or wrapped in a table does not match."""
+    return rf"[│┃] {re.escape(name)} +[│┃]"
+
+
 def test_profiles_lists_sources_and_the_default():
-    from typer.testing import CliRunner
-
-    from fairbatching.cli import app
-
-    res = CliRunner().invoke(app, ["profiles"])
-    assert res.exit_code == 0
-    assert "llama-3-8b-h100-engine (default)  [measured]" in res.output
-    assert "llama-3-8b-h100-analytic  [analytic]" in res.output
+    res = cli("profiles", columns=120)
+    assert res.returncode == 0, res.stderr
+    assert "default: llama-3-8b-h100-engine" in res.stdout
+    assert re.search(cell("llama-3-8b-h100-engine") + r" measured +[│┃]", res.stdout)
+    assert re.search(cell("llama-3-8b-h100-analytic") + r" analytic +[│┃]", res.stdout)
 
 
-def test_traces_lists_bundled_traces_within_100_columns():
-    from typer.testing import CliRunner
-
-    from fairbatching.cli import app
-
-    res = CliRunner().invoke(app, ["traces"])
-    assert res.exit_code == 0
-    for name in ("azure-code", "azure-conv", "mooncake-conv", "mooncake-synthetic"):
-        assert name in res.stdout
-    assert max(len(line) for line in res.stdout.splitlines()) <= 100
+TRACES = ("azure-code", "azure-conv", "mooncake-conv", "mooncake-synthetic")
+PROFILES = ("llama-3-8b-h100-analytic", "llama-3-8b-h100-engine", "llama-3-8b-h200-engine")
+POLICIES = ("fairbatching", "sarathi", "vllm", "prefill-first")
+STACKS = ("vllm+round-robin", "sarathi+least-outstanding", "fairbatching+pab", "fairbatching+pab+reject")
 
 
-def test_default_table_fits_100_columns_and_wide_keeps_every_column(tmp_path):
+@pytest.mark.parametrize(
+    "args,names,title",
+    [
+        (["traces"], TRACES, ""),
+        (["profiles"], PROFILES, "cost-model profiles (default: llama-3-8b-h100-engine)"),
+        (["simulate", "-n", "60", "--admission", "reject", "--queue-timeout", "0.5"], ("fairbatching",), ""),
+        (["compare", "-n", "60", "--out", "o"], POLICIES, "default-conversation-bursty @ 14.80 req/s, SLO 2 s"),
+        (["cluster", "-n", "80", "--cache", "c"], STACKS, "4 nodes, default @ 70 req/s, SLO 2 s / 100 ms, 80 requests"),
+        (
+            ["sweep", "-n", "40", "--qps", "6,12", "--policies", "fairbatching,prefill-first", "--out", "o"],
+            ("fairbatching", "prefill-first"),
+            "sweep: default, SLO 2 s / 100 ms, 40 requests",
+        ),
+    ],
+    ids=lambda v: v[0] if isinstance(v, list) else None,
+)
+def test_output_fits_80_columns_with_every_name_whole(args, names, title, tmp_path):
+    """At COLUMNS=80 no line of output or progress is longer than 80, and every name a user types back is
+    printed whole in its own cell."""
+    res = cli(*args, cwd=tmp_path, columns=80)
+    assert res.returncode == 0, res.stderr
+    long = [line for line in (res.stdout + res.stderr).splitlines() if len(line) > 80]
+    assert not long, long
+    for name in names:
+        assert re.search(cell(name), res.stdout), name
+    assert title in " ".join(res.stdout.split())  # the title, however it wrapped
+    assert "…" not in res.stdout or args == ["profiles"]  # only descriptions are cut
+
+
+def test_wide_keeps_every_column_and_files_every_field(tmp_path):
     narrow = cli("compare", "-n", "60", "--policies", "fairbatching,prefill-first", "--out", str(tmp_path / "a"))
-    wide = cli("simulate", "-n", "60", "--wide")
+    wide = cli("simulate", "-n", "60", "--wide", columns=80)
     assert narrow.returncode == 0 and wide.returncode == 0, narrow.stderr + wide.stderr
-    assert max(len(line) for line in narrow.stdout.splitlines()) <= 100
-    assert "prefill-first" in narrow.stdout and "…" not in narrow.stdout
-    assert "TBT p99" not in narrow.stdout and "TBT p99" in wide.stdout and "rejected + timeout" in wide.stdout
+    assert "TBT p99" not in narrow.stdout and "refused" not in narrow.stdout  # nothing refused, no admission
+    assert "TBT p99" in wide.stdout and "refused" in wide.stdout and "timed out" in wide.stdout
+    assert max(len(line) for line in wide.stdout.splitlines()) > 80  # run on past the terminal rather than cut
     summary = (tmp_path / "a" / "summary.csv").read_text().splitlines()[0]
     assert "tbt.p99" in summary and "gpu_busy" in summary  # files keep every field
+    traces = cli("traces", "--wide", columns=80)
+    assert "license" in traces.stdout and "Mooncake FAST25" in traces.stdout
+
+
+def test_admission_shows_the_refused_count_by_default():
+    args = ["simulate", "-n", "600", "--qps", "30", "--admission", "reject"]
+    table, data = cli(*args, columns=80), cli(*args, "--json")
+    assert table.returncode == 0 and data.returncode == 0, table.stderr + data.stderr
+    refused = json.loads(data.stdout)["summary"]["rejected"]
+    assert refused > 0
+    header = [line for line in table.stdout.splitlines() if "┃" in line][-1]
+    row = next(line for line in table.stdout.splitlines() if "fairbatching" in line)
+    assert header.split("┃")[-2].strip() == "refused" and row.split("│")[-2].strip() == str(refused)
+
+
+def test_version_names_the_build():
+    res = cli("--version")
+    assert res.returncode == 0, res.stderr
+    from fairbatching import __version__
+
+    assert res.stdout.splitlines() == [
+        f"fairbatching {__version__}",
+        "build: pure Python (`pip install .` in the checkout compiles the hot path)",
+    ]
+
+
+def test_on_off_flags_show_as_flags_in_help():
+    from typer.testing import CliRunner
+
+    from fairbatching.cli import app
+
+    commands = [c.name or c.callback.__name__ for c in app.registered_commands]
+    assert {"simulate", "traces", "cluster", "replay"} <= set(commands)
+    for args in [[], *([c] for c in commands)]:
+        res = CliRunner().invoke(app, [*args, "--help"], env={"COLUMNS": "200"})
+        assert res.exit_code == 0, res.output
+        assert "--help" in res.output and "<bool>" not in res.output, args
+    assert cli("simulate", "--json", "true").returncode == 2  # a flag takes no value
 
 
 @pytest.mark.parametrize(

@@ -57,6 +57,15 @@ def test_every_listed_module_is_imported_compiled(compiled_src: Path):
     assert all(f.startswith(str(compiled_src)) and f.endswith(".so") for f in files), files
 
 
+def test_version_says_the_compiled_build_is_loaded(compiled_src: Path):
+    from fairbatching.cli import HOT_PATH
+
+    assert set(HOT_PATH) <= set(COMPILED)  # what --version looks at is what the build compiles
+    proc = run_with(compiled_src, "-m", "fairbatching", "--version")
+    assert proc.returncode == 0, proc.stderr
+    assert "build: compiled (mypyc)" in proc.stdout
+
+
 def test_simulations_are_bit_identical_to_pure_python(compiled_src: Path):
     pure = run_with(ROOT / "src", "tests/compiled_digest.py", "600")
     compiled = run_with(compiled_src, "tests/compiled_digest.py", "600")

@@ -99,7 +99,7 @@ def test_parallel_sweep_matches_serial(tmp_path):
 
 
 def test_sweep_on_a_local_ray_instance(tmp_path):
-    ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install 'fairbatching[ray]'")
+    ray = pytest.importorskip("ray", reason="needs the [ray] extra (ray)")
     specs = [RunSpec(p, "default", 12.0, num_requests=60) for p in ("fairbatching", "sarathi")]
     try:
         got = Sweeper(tmp_path, workers=1, ray_address="local").run(specs)
@@ -120,7 +120,7 @@ def test_clairvoyant_bound_is_above_what_any_policy_achieves():
         assert bound < 3 * achieved  # and not uselessly loose
 
 
-def test_trace_family_seeds_pick_different_windows(shared_traces):
+def test_trace_family_seeds_pick_different_windows():
     fam = family("azure-conv")
     a, b = fam.build(5.0, 0, 300), fam.build(5.0, 1, 300)
     assert a.meta["start"] == 0 and b.meta["start"] > 0

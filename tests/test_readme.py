@@ -44,6 +44,8 @@ def readme_commands() -> list[str]:
 def shortened(args: list[str]) -> list[str]:
     """The same command with few requests (and, for capacity searches, one seed and a coarse tolerance)."""
     out = list(args)
+    if out[0].startswith("-"):  # the top level's own options (--version)
+        return out
     if "-n" in out:
         out[out.index("-n") + 1] = NUM
     elif out[0] not in ("traces", "profiles", "fit-profile"):
@@ -99,3 +101,62 @@ def test_readme_example_runs_in_a_fresh_directory(command, workdir, monkeypatch)
     monkeypatch.chdir(workdir)
     res = CliRunner().invoke(app, shortened(args))
     assert res.exit_code == 0, f"{command}\n{res.output}\n{res.exception!r}"
+
+
+def _pyproject() -> dict:
+    import tomllib
+
+    return tomllib.loads((README.parent / "pyproject.toml").read_text())["project"]
+
+
+def unusable_install_targets(text: str) -> list[str]:
+    """What the ``pip install`` commands in ``text`` ask for that pip cannot install from this checkout or from
+    PyPI: anything but the checkout itself (``.``, ``-e '.[extra]'`` with a declared extra) or a package this
+    project already depends on (those come from PyPI in every install)."""
+    import re
+
+    project = _pyproject()
+    extras = set(project["optional-dependencies"])
+    requirements = [*project["dependencies"], *(r for reqs in project["optional-dependencies"].values() for r in reqs)]
+    known = {re.match(r"[A-Za-z0-9_.-]+", r)[0].lower() for r in requirements}
+    bad = []
+    for args in re.findall(r"pip3? install ([^`\n#)]*?)(?:`|\n|#|\)| in |&&|$)", text):
+        try:
+            targets = shlex.split(args)
+        except ValueError:  # an unclosed quote: the command is cut off inside code, take its words
+            targets = args.replace("'", " ").replace('"', " ").split()
+        for target in targets:
+            if target.startswith("-"):
+                continue
+            checkout = re.fullmatch(r"\.(?:\[([\w,-]+)\])?", target)
+            if checkout:
+                ok = not checkout[1] or set(checkout[1].split(",")) <= extras
+            else:
+                ok = re.match(r"[A-Za-z0-9_.-]+", target)[0].lower() in known
+            if not ok:
+                bad.append(target)
+    return bad
+
+
+def test_install_hints_name_only_this_checkout_or_registered_packages():
+    from fairbatching.errors import install_hint
+
+    root = README.parent
+    assert unusable_install_targets("pip install 'fairbatching[gpu]'") == ["fairbatching[gpu]"]  # the check bites
+    assert unusable_install_targets("pip install -e '.[cuda]'") == [".[cuda]"]
+    for extra in _pyproject()["optional-dependencies"]:
+        assert not unusable_install_targets(install_hint(extra)), extra
+    docs = [root / "README.md", root / ".ci" / "run", *(root / "docs").rglob("*.md"), *(root / "results").rglob("*.md")]
+    code = [*(root / "src").rglob("*.py"), *(root / "benchmarks").rglob("*.py"), *(root / "tests").glob("*.py")]
+    code = [p for p in code if p.name != "errors.py" and p != Path(__file__)]  # the hint itself; this file's cases
+    bad = {str(p.relative_to(root)): unusable_install_targets(p.read_text()) for p in docs + code}
+    assert not {p: b for p, b in bad.items() if b}
+    # Messages build an extra's hint with install_hint, so there is one wording to keep right.
+    messages = [p for p in (root / "src").rglob("*.py") if re.search(r"pip install[^\n]*\[", p.read_text())]
+    assert [p.name for p in messages] == ["errors.py"]
+
+
+def test_tests_read_no_data_outside_the_repository():
+    outside = ("../" + "shared", "parents[1]" + ".parent")
+    tests = Path(__file__).parent
+    assert not [p.name for p in tests.glob("*.py") if p != Path(__file__) and any(o in p.read_text() for o in outside)]

@@ -115,10 +115,8 @@ def test_default_workload_is_deterministic_and_bad_lengths_rejected():
         LengthDist(median=-1, sigma=1).sample(np.random.default_rng(0), 3)
 
 
-def test_shared_traces_load(shared_traces):
-    code = load_trace(shared_traces / "AzureLLMInferenceTrace_code.csv")
-    conv = load_trace(shared_traces / "AzureLLMInferenceTrace_conv.csv")
-    moon = load_trace(shared_traces / "mooncake_conversation_trace.jsonl")
+def test_bundled_traces_load_whole():
+    code, conv, moon = (load_trace(name) for name in ("azure-code", "azure-conv", "mooncake-conv"))
     assert (len(code), len(conv), len(moon)) == (8819, 19366, 12031)  # the CSVs end without a newline
     assert 2000 < code.stats()["prompt_mean"] < 2100 and 11000 < moon.stats()["prompt_mean"] < 13000
     assert moon.duration == pytest.approx(3536.999, rel=1e-6)
@@ -135,18 +133,32 @@ def test_bundled_traces_load_by_name_from_any_directory(tmp_path, monkeypatch):
     assert len(load_trace("azure-code")) == 1  # a file under that name is explicit, so it wins
 
 
-def test_bundled_traces_match_the_published_files(shared_traces):
+# SHA-256 of each published file (Azure: the CSV as downloaded; Mooncake: its "timestamp,input_length,
+# output_length" lines, as the bundled copy drops hash_ids), taken from the public releases NOTICE names.
+PUBLISHED_SHA256 = {
+    "azure-code": "54e9a6d2a4bd06ba1e060304b900abbc74cbea53de96506e60fe5bb4f2277fb6",
+    "azure-conv": "2f1e5b666d4e3055fdbba98598ce2ec307767b9064e03e2fa46676dbcc7d0bf8",
+    "mooncake-conv": "9f05e6bd75468bd1c23c9b68f3d645e9f57afeffff47c8fef3dad81055010604",
+    "mooncake-synthetic": "d853cda5981ebf12ddd1d58096565cb71c37df6813623909a2b11bd77ff50c66",
+}
+
+
+def test_bundled_traces_match_the_published_files():
+    """The package's copies hold what was published, checked against the releases' digests, not a copy."""
+    import gzip
+    import hashlib
+    import json
+
     from fairbatching.workloads.bundled import BUNDLED
 
-    published = {
-        "azure-code": "AzureLLMInferenceTrace_code.csv",
-        "azure-conv": "AzureLLMInferenceTrace_conv.csv",
-        "mooncake-conv": "mooncake_conversation_trace.jsonl",
-        "mooncake-synthetic": "mooncake_synthetic_trace.jsonl",
-    }
-    assert set(published) == set(BUNDLED)
-    for name, file in published.items():
-        assert load_trace(name).requests == load_trace(shared_traces / file).requests, name
+    assert set(PUBLISHED_SHA256) == set(BUNDLED)
+    for name, digest in PUBLISHED_SHA256.items():
+        with gzip.open(BUNDLED[name].path, "rb") as f:
+            raw = f.read()
+        if name.startswith("mooncake"):
+            rows = [json.loads(line) for line in raw.splitlines() if line.strip()]
+            raw = "".join(f"{r['timestamp']},{r['input_length']},{r['output_length']}\n" for r in rows).encode()
+        assert hashlib.sha256(raw).hexdigest() == digest, name
 
 
 def test_gzipped_user_traces_load(tmp_path):

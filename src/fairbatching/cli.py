@@ -65,6 +65,42 @@ app = typer.Typer(
     context_settings=HELP_UNSET,
 )
 
+# Modules a compiled build (pyproject.toml, [tool.fairbatching] compiled) runs as C extensions: the scheduling
+# hot path. `--version` says whether they were loaded compiled.
+HOT_PATH = ("fairbatching.core.request", "fairbatching.policies.fairbatching", "fairbatching.serving.node")
+
+
+def _print_version(asked: bool) -> None:
+    if not asked:
+        return
+    import importlib
+    from importlib.machinery import EXTENSION_SUFFIXES
+
+    from fairbatching import __version__
+
+    compiled = [m for m in HOT_PATH if str(importlib.import_module(m).__file__).endswith(tuple(EXTENSION_SUFFIXES))]
+    if len(compiled) == len(HOT_PATH):
+        build = "compiled (mypyc): the scheduling hot path runs as C extensions"
+    elif compiled:
+        build = f"partly compiled: only {', '.join(compiled)}"
+    else:
+        build = "pure Python (`pip install .` in the checkout compiles the hot path)"
+    out_console.print(f"fairbatching {__version__}\nbuild: {build}", markup=False, highlight=False)
+    raise typer.Exit()
+
+
+@app.callback()
+def _top(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", help="Print the version and whether the compiled build is loaded", callback=_print_version
+        ),
+    ] = False,
+) -> None:
+    """The top level's own options: typer reads them from this callback's signature."""
+
+
 TargetOpt = Annotated[float, typer.Option("--target", help="SLO attainment target", callback=fraction)]
 ToleranceOpt = Annotated[float, typer.Option("--tolerance", help="Relative QPS tolerance", callback=open_fraction)]
 BASELINES = "fairbatching,sarathi,vllm"
@@ -77,13 +113,19 @@ def _run_with_progress(exp: Experiment, policies: list[str]) -> list[RunResult]:
         return exp.run_all(policies, lambda name, done, _total: bar.update(tasks[name], completed=done))
 
 
-def _banner(exp: Experiment) -> None:
+def _banner(exp: Experiment, profile: str | None) -> None:
+    """What is about to run, folded to the terminal; a profile read from a file is named by its path (a fitted
+    profile's own name is often just "measured")."""
+    from fairbatching.costmodel.profile import available_profiles
+
     st = exp.workload.stats()
+    label = profile if profile and profile not in available_profiles() else exp.profile.name
     console.print(
-        f"[bold]{exp.workload.name}[/]: {st['requests']} requests over {st['duration_s']:.0f} s "
+        f"[bold]{escape(exp.workload.name)}[/]: {st['requests']} requests over {st['duration_s']:.0f} s "
         f"({st['qps']:.2f} req/s), prompt mean {st['prompt_mean']:.0f}, output mean {st['output_mean']:.0f} tokens; "
-        f"SLO TTFT {exp.slo.ttft:g} s / TPOT {exp.slo.tpot * 1e3:g} ms; profile [bold]{exp.profile.name}[/] "
-        f"({exp.profile.source})"
+        f"SLO TTFT {exp.slo.ttft:g} s / TPOT {exp.slo.tpot * 1e3:g} ms; profile [bold]{escape(label)}[/] "
+        f"({exp.profile.source})",
+        soft_wrap=False,
     )
 
 
@@ -106,7 +148,7 @@ def simulate(
     if out:
         check_output_dir(out)
     exp = build_experiment(w, slo, node)
-    _banner(exp)
+    _banner(exp, node.profile)
     (result,) = _run_with_progress(exp, [policy])
     s = result.summary
     if out:
@@ -114,7 +156,7 @@ def simulate(
     if as_json:
         print(json.dumps({**exp.describe(), "summary": s.to_dict()}, indent=2))
     else:
-        show(out_console, summary_table([s], wide=wide))
+        show(out_console, summary_table([s], wide=wide, refused=node.admission != "none"))
 
 
 @app.command()
@@ -140,7 +182,7 @@ def compare(
     if gpu is not None and node.profile is None:
         node.profile = cli_engine.planning_profile(b.model, gpu.device)
     exp = build_experiment(w, slo, node)
-    _banner(exp)
+    _banner(exp, node.profile)
     with cli_engine.started_engines(gpu) as engines:
         if engines is not None:
             exp = replace(exp, engines=engines, max_model_len=min(exp.max_model_len, b.max_context))
@@ -150,11 +192,11 @@ def compare(
     settings = exp.describe() if gpu is None else {**exp.describe(), "backend": cli_engine.backend_settings(gpu)}
     with staged_dir(out) as tmp:
         png, report = write_comparison(tmp, exp.title, settings, summaries, [r.log for r in results], sims)
-    show(out_console, summary_table(summaries, title=exp.title, wide=wide))
+    show(out_console, summary_table(summaries, exp.title, wide, refused=node.admission != "none"))
     if sims is not None:
         show(out_console, sim_table(summaries, sims))
     files = "summary.json, summary.csv, summary.md" + (", sim_vs_gpu.csv" if sims is not None else "")
-    console.print(f"wrote {out}/{files}, requests_*.csv, {png.name}, {report.name}")
+    console.print(f"wrote {out}/{files}, requests_*.csv, {png.name}, {report.name}", markup=False, soft_wrap=False)
 
 
 @app.command()
@@ -227,7 +269,8 @@ def sweep(
     out: Annotated[Path, typer.Option("--out", help="Report folder")] = Path("out/sweep"),
 ) -> None:
     """Run policies x workloads x SLOs x loads in parallel (resumable), and plot latency against load."""
-    from fairbatching.evaluation.grid import sweep_specs, write_sweep
+    from fairbatching.evaluation.grid import sweep_specs, sweep_tables, write_sweep
+    from fairbatching.metrics.table import show
 
     names = policy_names(policies)
     check_output_dir(out)
@@ -240,6 +283,8 @@ def sweep(
         results = sweeper.run(specs, progress=lambda done, total: bar.update(task, completed=done, total=total))
     with staged_dir(out) as tmp:
         plots = write_sweep(tmp, results)
+    for table in sweep_tables(results):
+        show(out_console, table)
     for png in plots:
         console.print(f"wrote {out / png.name}")
     console.print(f"{len(results)} runs -> {out}/sweep.json, sweep.csv")
@@ -348,21 +393,22 @@ def _cluster(
     engines: object = None,
 ) -> None:
     from fairbatching.evaluation import cluster as cl
+    from fairbatching.metrics.table import show
 
     stacks = cl.cluster_stacks(pairs, base)
     sweeper = sw.sweeper()
     sweeper.engines = engines
+    title = cl.cluster_title(base, seeds if capacity else None)
     if capacity:
         rows = cl.stack_capacities(stacks, sweeper, seeds, tolerance, console.print, lambda: Activity(console))
-        lines = cl.capacity_lines(rows)
+        table = cl.capacity_table(rows, title)
     else:
         with progress_bar(console, label_width=14) as bar:
             task = bar.add_task("cluster", total=len(stacks))
             results = sweeper.run(stacks, progress=lambda d, t: bar.update(task, completed=d, total=t))
         rows = cl.stack_runs(results)
-        lines = [cl.run_line(r) for r in rows]
-    for line in lines:
-        out_console.print(line)
+        table = cl.run_table(rows, title)
+    show(out_console, table)
     if out:
         with staged_dir(out) as tmp:
             plots = cl.write_cluster(tmp, rows, base, capacity)
@@ -373,6 +419,7 @@ def _cluster(
 @app.command(context_settings=HELP_UNSET)
 def traces(
     as_json: Annotated[bool, typer.Option("--json", help="Print the shapes as JSON on stdout")] = False,
+    wide: WideOpt = False,
 ) -> None:
     """List the bundled traces (usable as `--trace NAME` and `-w NAME`) with their shape."""
     from fairbatching.metrics.table import shapes_table, show
@@ -382,20 +429,29 @@ def traces(
     if as_json:
         print(json.dumps(shapes, indent=2))
     else:
-        show(out_console, shapes_table(shapes))
-        console.print(f"sources, licenses and what was changed: {NOTICE}", markup=False)
+        show(out_console, shapes_table(shapes, wide))
+        console.print(f"sources, licenses and what was changed:\n  {NOTICE}", markup=False)
 
 
 @app.command(context_settings=HELP_UNSET)
-def profiles() -> None:
-    """List the bundled cost-model profiles."""
+def profiles(wide: WideOpt = False) -> None:
+    """List the bundled cost-model profiles (usable as `--profile NAME`)."""
     from fairbatching.costmodel.profile import DEFAULT_PROFILE, available_profiles, load_profile
+    from fairbatching.metrics.table import Column, FittedTable, show
 
-    for name in available_profiles():
-        p = load_profile(name)
-        default = " (default)" if name == DEFAULT_PROFILE else ""
-        line = f"{name}{default}  [{p.source}]  KV {p.kv.capacity_tokens:,} tokens  {p.note[:80]}"
-        out_console.print(line, markup=False)
+    names = available_profiles()
+    loaded = [load_profile(name) for name in names]
+    table = FittedTable(
+        [
+            Column("profile", names, "name", "left"),
+            Column("source", [p.source for p in loaded], justify="left"),
+            Column("KV tokens", [f"{p.kv.capacity_tokens:,}" for p in loaded]),
+            Column("note", [p.note for p in loaded], "text", "left"),
+        ],
+        f"cost-model profiles (default: {DEFAULT_PROFILE})",
+        wide,
+    )
+    show(out_console, table)
 
 
 def _serve_commands() -> None:

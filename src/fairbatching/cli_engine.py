@@ -169,7 +169,7 @@ def fit_profile(
         Path, typer.Argument(help="Profile rows (CSV/JSON): new_tokens,context_tokens,num_seqs,attn_work,latency_s")
     ],
     out: Annotated[Path, typer.Option("--out", help="Profile JSON to write")],
-    name: Annotated[str, typer.Option("--name", help="Profile name")] = "measured",
+    name: Annotated[str | None, typer.Option("--name", help="Profile name (default: the --out file's stem)")] = None,
     base: Annotated[str | None, typer.Option("--base", help="Profile whose model, hardware and KV to keep")] = None,
     holdout: Annotated[
         float, typer.Option("--holdout", help="Fraction of rows held out", callback=open_fraction)
@@ -185,7 +185,7 @@ def fit_profile(
     base_profile = load_profile(base)
     report = fit_cost_model(load_profile_rows(rows), holdout_fraction=holdout)
     fit = {"params": report.model.params, "fit": report.as_dict(), "note": f"fitted from {rows.name}"}
-    prof = replace(base_profile, name=name, source="measured", **fit)
+    prof = replace(base_profile, name=name or out.stem, source="measured", **fit)
     atomic_write_text(out, json.dumps(prof.to_json(), indent=2) + "\n")
     out_console.print(
         f"fitted {report.train_rows} rows; held-out MAPE {report.holdout_mape * 100:.2f}%, "

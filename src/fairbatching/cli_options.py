@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, fields, is_dataclass
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar, get_type_hints
 
 import typer
 from rich.console import Console
+from typer.core import TyperOption
 
 from fairbatching.validate import (
     at_least_one,
@@ -43,7 +45,20 @@ DEFAULT_TPOT_S = 0.1
 DEFAULT_QPS = 14.8
 
 console = Console(stderr=True, soft_wrap=True)
-out_console = Console(width=None if sys.stdout.isatty() else 200)
+# Tables fit the terminal, or $COLUMNS when set; output piped without either is read in a file, where a table
+# need not fold (rich would assume 80 columns).
+out_console = Console(width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 200)
+
+_option_type = TyperOption.display_type_rich
+
+
+def _flag_type(self: TyperOption, ctx: Any) -> str | None:
+    """An on/off flag takes no value, so its help shows none: typer 0.29 shows ``--json <bool>``, which reads as
+    ``--json true`` (a usage error)."""
+    return None if self.is_flag else _option_type(self, ctx)
+
+
+TyperOption.display_type_rich = _flag_type  # type: ignore[method-assign]
 
 F = TypeVar("F", bound=Callable[..., Any])
 

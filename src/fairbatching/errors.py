@@ -15,3 +15,9 @@ class WorkloadError(FairBatchingError, ValueError):
 
 class ProfileError(FairBatchingError, ValueError):
     """A malformed or unusable cost-model profile or profile-row file."""
+
+
+def install_hint(extra: str) -> str:
+    """How to add an optional extra: fairbatching installs from its checkout (no registry has it), so every
+    message says it the one way that works."""
+    return f"pip install -e '.[{extra}]' in the fairbatching checkout"

@@ -225,7 +225,9 @@ def staged_dir(out: Path, option: str = "--out") -> Iterator[Path]:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``path`` whole or not at all: a temporary file in the same folder, renamed over it."""
+    """Write ``path`` whole or not at all: a temporary file in the same folder, renamed over it. The folder is
+    made if missing (``check_output_dir`` has vetted it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:

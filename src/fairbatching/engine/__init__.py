@@ -15,12 +15,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fairbatching.errors import ConfigError
+from fairbatching.errors import ConfigError, install_hint
 
 try:
     import torch
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
-    raise ConfigError("the GPU engine needs PyTorch: pip install 'fairbatching[gpu]'") from exc
+    raise ConfigError(f"the GPU engine needs PyTorch: {install_hint('gpu')}") from exc
 
 from fairbatching.engine.config import PRESETS, ModelConfig, model_config
 from fairbatching.engine.model import LlamaModel

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from fairbatching.engine.attention import AttentionMetadata, attention
 from fairbatching.engine.config import ModelConfig
-from fairbatching.errors import ConfigError
+from fairbatching.errors import ConfigError, install_hint
 
 
 @dataclass
@@ -244,7 +244,7 @@ def _load_checkpoint(path: Path, config: ModelConfig) -> dict[str, torch.Tensor]
         from safetensors.torch import load_file
     except ImportError as exc:
         raise ConfigError(
-            "loading a checkpoint needs the 'safetensors' package (pip install 'fairbatching[gpu]')"
+            f"loading a checkpoint needs the 'safetensors' package ({install_hint('gpu')})"
         ) from exc
     files = sorted(path.glob("*.safetensors"))
     if not files:

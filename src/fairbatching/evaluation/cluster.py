@@ -11,6 +11,7 @@ from typing import Any
 from fairbatching.errors import ConfigError
 from fairbatching.evaluation.capacity import find_capacity, point_line
 from fairbatching.evaluation.sweep import Sweeper
+from fairbatching.metrics.table import Column, FittedTable
 from fairbatching.runs import RunResult, RunSpec
 from fairbatching.validate import policy_names
 
@@ -57,15 +58,39 @@ def stack_runs(results: Sequence[RunResult]) -> list[dict[str, Any]]:
     return rows
 
 
-def run_line(row: dict[str, Any]) -> str:
-    return (
-        f"{row['stack']:34s} SLO ok {row['slo_attainment']:6.1%}  P99 TTFT {row['ttft_p99']:7.2f} s  "
-        f"TPOT ok {row['tpot_attainment']:6.1%}  goodput {row['goodput_rps']:7.2f} req/s  rejected {row['rejected']}"
-        + (
-            f"  (simulated: SLO ok {row['sim_slo_attainment']:.1%}, P99 TTFT {row['sim_ttft_p99']:.2f} s)"
-            if "sim_slo_attainment" in row
-            else ""
-        )
+def cluster_title(base: RunSpec, seeds: int | None = None) -> str:
+    """What the table compares: nodes, workload, load (or, given ``seeds``, the capacity search), SLO and the
+    requests per run."""
+    assert base.cluster is not None
+    slo = f"SLO {base.ttft_slo:g} s / {base.tpot_slo * 1e3:g} ms"
+    where = f"{base.cluster.nodes} nodes, {base.workload}"
+    if seeds is None:
+        return f"{where} @ {base.qps:g} req/s, {slo}, {base.num_requests} requests"
+    windows = f"{base.num_requests} requests x {seeds} seed{'s' if seeds > 1 else ''}"
+    return f"{where}: capacity at 90% SLO met ({slo}, {windows})"
+
+
+def run_table(rows: Sequence[dict[str, Any]], title: str) -> FittedTable:
+    """The stacks side by side at one load (the simulator beside GPU replays); refused requests count as misses
+    in SLO ok."""
+    return FittedTable(
+        [
+            Column("stack", [r["stack"] for r in rows], "name", "left", style="bold"),
+            Column("SLO ok", [f"{r['slo_attainment']:.1%}" for r in rows]),
+            Column("TTFT p99 (s)", [f"{r['ttft_p99']:.2f}" for r in rows]),
+            Column("TPOT ok", [f"{r['tpot_attainment']:.1%}" for r in rows]),
+            Column("goodput (req/s)", [f"{r['goodput_rps']:.2f}" for r in rows]),
+            Column("refused", [str(r["rejected"]) for r in rows]),
+            *(
+                [
+                    Column("SLO ok, simulated", [f"{r['sim_slo_attainment']:.1%}" for r in rows]),
+                    Column("TTFT p99, simulated (s)", [f"{r['sim_ttft_p99']:.2f}" for r in rows]),
+                ]
+                if rows and all("sim_slo_attainment" in r for r in rows)
+                else []
+            ),
+        ],
+        title,
     )
 
 
@@ -105,13 +130,17 @@ def stack_capacities(
     return rows
 
 
-def capacity_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
+def capacity_table(rows: Sequence[dict[str, Any]], title: str) -> FittedTable:
+    """Each stack's capacity, and against the best stack whose node policy is not fairbatching."""
     base = max((r["capacity_qps"] for r in rows if not r["stack"].startswith("fairbatching")), default=0.0)
-    lines = []
-    for r in rows:
-        gain = f"  ({r['capacity_qps'] / base - 1:+.1%} vs best baseline stack)" if base else ""
-        lines.append(f"{r['stack']:34s} capacity {r['capacity_qps']:8.2f} req/s{gain}")
-    return lines
+    return FittedTable(
+        [
+            Column("stack", [r["stack"] for r in rows], "name", "left", style="bold"),
+            Column("capacity (req/s)", [f"{r['capacity_qps']:.2f}" for r in rows]),
+            Column("vs best baseline stack", [f"{r['capacity_qps'] / base - 1:+.1%}" if base else "-" for r in rows]),
+        ],
+        title,
+    )
 
 
 def write_cluster(folder: Path, rows: list[dict[str, Any]], base: RunSpec, capacity: bool) -> list[Path]:

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+
+import numpy as np
 
 from fairbatching.core.request import SLO
 from fairbatching.costmodel.profile import load_profile
 from fairbatching.errors import ConfigError
+from fairbatching.metrics.summary import Summary
+from fairbatching.metrics.table import Column, FittedTable
 from fairbatching.report.curves import plot_load_curves
 from fairbatching.runs import RunResult, RunSpec, check_slo_feasible
 from fairbatching.validate import positive_list
@@ -64,3 +68,36 @@ def write_sweep(folder: Path, results: Sequence[RunResult]) -> list[Path]:
         name = f"curves_{Path(w).name}_{ttft:g}_{tpot:g}.png"
         plots.append(plot_load_curves(part, folder / name, f"{w}, SLO {ttft:g} s / {tpot * 1e3:g} ms"))
     return plots
+
+
+def sweep_tables(results: Sequence[RunResult]) -> list[FittedTable]:
+    """One table per (workload, SLO): each load and policy, averaged over the seeds (trace windows) run."""
+    groups: dict[tuple[str, float, float, int], dict[tuple[float, str], list[Summary]]] = {}
+    for r in results:
+        s = r.spec
+        assert s is not None
+        group = groups.setdefault((s.workload, s.ttft_slo, s.tpot_slo, s.num_requests), {})
+        group.setdefault((s.qps, s.policy), []).append(r.summary)
+    tables = []
+    for (w, ttft, tpot, num), points in groups.items():
+        runs = list(points.values())
+        seeds = max(map(len, runs))
+        windows = f"{num} requests" + (f", mean of {seeds} seeds" if seeds > 1 else "")
+        tables.append(
+            FittedTable(
+                [
+                    Column("req/s", [f"{qps:g}" for qps, _ in points]),
+                    Column("policy", [policy for _, policy in points], "name", "left", style="bold"),
+                    Column("SLO ok", _means(runs, lambda m: m.slo_attainment * 100, "{:.1f}%")),
+                    Column("TTFT p99 (s)", _means(runs, lambda m: m.ttft.p99, "{:.2f}")),
+                    Column("TPOT ok", _means(runs, lambda m: m.tpot_attainment * 100, "{:.1f}%")),
+                    Column("goodput (req/s)", _means(runs, lambda m: m.goodput_rps, "{:.2f}")),
+                ],
+                f"sweep: {w}, SLO {ttft:g} s / {tpot * 1e3:g} ms, {windows}",
+            )
+        )
+    return tables
+
+
+def _means(runs: list[list[Summary]], get: Callable[[Summary], float], fmt: str) -> list[str]:
+    return [fmt.format(float(np.mean([get(m) for m in point]))) for point in runs]

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from fairbatching.core.backend import Backend
-from fairbatching.errors import ConfigError
+from fairbatching.errors import ConfigError, install_hint
 from fairbatching.metrics.summary import Summary
 from fairbatching.runs import Engines, RunResult, RunSpec, run_for_cache, run_on_engines
 from fairbatching.validate import atomic_write_text
@@ -121,7 +121,7 @@ class Sweeper:
         try:
             import ray
         except ImportError:
-            raise ConfigError("--ray needs Ray: pip install 'fairbatching[ray]'") from None
+            raise ConfigError(f"--ray needs Ray: {install_hint('ray')}") from None
         if not ray.is_initialized():
             if self.ray_address == "local":
                 ray.init(num_cpus=self.workers, include_dashboard=False, log_to_driver=False)

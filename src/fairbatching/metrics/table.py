@@ -1,16 +1,22 @@
-"""Side-by-side summary tables for the terminal (rich) and for CSV.
+"""Tables for the terminal (rich) and for CSV/markdown.
 
-The terminal shows the columns a person compares policies by (``DEFAULT_COLUMNS``, under 100 characters
-wide); ``wide=True`` shows all of them. Files (CSV, markdown, JSON) always carry every field.
+A terminal table fits the width it is printed at, down to 80 columns: what a user types back (a policy, trace
+or profile name) and every number are printed whole, headers wrap between words, descriptions are cut with an
+ellipsis, and optional columns are dropped, least useful first, before anything else would be cut.
+``wide=True`` keeps every column (descriptions in full, wrapped) and lets lines run past the terminal rather
+than cut. The summary shows the columns a person compares policies by (``DEFAULT_COLUMNS``) and, when any
+request was refused or timed out, how many. Files (CSV, markdown, JSON) always carry every field.
 """
 
 from __future__ import annotations
 
 import csv
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
-from rich.console import Console
+from rich.console import Console, ConsoleOptions, RenderResult
 from rich.measure import Measurement
 from rich.table import Table
 
@@ -30,7 +36,8 @@ COLUMNS: list[tuple[str, str, str]] = [
     ("tok/s", "throughput_tok_s", "{:.0f}"),
     ("GPU busy", "gpu_busy", "pct"),
     ("preempt", "preemptions", "{:d}"),
-    ("rejected + timeout", "failed", "{:d}"),
+    ("refused", "rejected", "{:d}"),
+    ("timed out", "timed_out", "{:d}"),
 ]
 
 
@@ -41,8 +48,6 @@ DEFAULT_COLUMNS: list[tuple[str, str, str]] = [
 
 
 def value(s: Summary, key: str) -> float:
-    if key == "failed":
-        return s.rejected + s.timed_out
     head, _, tail = key.partition(".")
     v = getattr(s, head)
     return getattr(v, tail) if tail else v
@@ -58,26 +63,134 @@ def _fmt(v: float, fmt: str) -> str:
     return fmt.format(v)
 
 
-def summary_table(summaries: Sequence[Summary], title: str = "", wide: bool = False) -> Table:
-    """Values are never cut: each column is at least as wide as its widest value, and headers wrap instead."""
+# A description narrower than this says too little to keep: its column is dropped instead.
+TEXT_MIN = 16
+
+
+@dataclass
+class Column:
+    """One column of a ``FittedTable``. ``kind``: "name" (what a user types back) and "value" are never cut;
+    "text" is cut with an ellipsis (wrapped in full when wide). ``drop``: 0 always shown; on a narrow terminal
+    the highest ``drop`` goes first."""
+
+    header: str
+    cells: list[str]
+    kind: Literal["name", "value", "text"] = "value"
+    justify: Literal["left", "right"] = "right"
+    drop: int = 0
+    style: str | None = None
+
+    @property
+    def natural(self) -> int:
+        return max([len(self.header), *map(len, self.cells)])
+
+    @property
+    def least(self) -> int:
+        """The narrowest this column can be without cutting a name, a number or a header word."""
+        word = max(len(w) for w in self.header.split() or [""])
+        if self.kind == "text":
+            return max(word, min(self.natural, TEXT_MIN))
+        return max([word, *map(len, self.cells)])
+
+
+def _header_width(header: str, lines: int) -> int:
+    """The narrowest width at which ``header``, wrapped between words, takes at most ``lines`` lines."""
+    words = header.split()
+    for width in range(max(map(len, words)), len(header) + 1):
+        used, line = 1, len(words[0])
+        for word in words[1:]:
+            if line + 1 + len(word) <= width:
+                line += 1 + len(word)
+            else:
+                used, line = used + 1, len(word)
+        if used <= lines:
+            return width
+    return len(header)
+
+
+def _frame(n: int) -> int:
+    """Characters a rich table spends beside its cells: one space of padding each side and a rule per column."""
+    return 3 * n + 1
+
+
+@dataclass
+class FittedTable:
+    """A table that fits the width it is rendered at (see the module doc); ``print`` it, or ``show`` it."""
+
+    columns: list[Column]
+    title: str = ""
+    wide: bool = False
+
+    def fit(self, width: int) -> tuple[list[Column], list[int]]:
+        """The columns kept at ``width`` and their widths (their sum may pass ``width`` only when even the
+        columns that cannot be dropped need more, or when wide)."""
+        cols = list(self.columns)
+        if not self.wide:
+            while sum(c.least for c in cols) + _frame(len(cols)) > width and any(c.drop for c in cols):
+                cols.remove(max((c for c in cols if c.drop), key=lambda c: c.drop))
+        # Headers on as few lines as fit, the same for every column; descriptions get the room left. A wide
+        # table that cannot fit runs on with nothing wrapped.
+        widths = [c.natural if self.wide else c.least for c in cols]
+        for lines in range(1, max(len(c.header.split()) for c in cols) + 1):
+            tried = [c.least if c.kind == "text" else max(c.least, _header_width(c.header, lines)) for c in cols]
+            if sum(tried) + _frame(len(cols)) <= width:
+                widths = tried
+                break
+        spare = width - _frame(len(cols)) - sum(widths)
+        for i, c in enumerate(cols):
+            if c.kind == "text":
+                grow = max(0, min(spare, c.natural - widths[i]))
+                widths[i] += grow
+                spare -= grow
+        return cols, widths
+
+    def table(self, width: int) -> Table:
+        cols, widths = self.fit(width)
+        table = Table(title=self.title or None, width=sum(widths) + _frame(len(cols)))
+        for c, w in zip(cols, widths, strict=True):
+            cut = c.kind == "text" and not self.wide
+            table.add_column(
+                c.header, justify=c.justify, style=c.style, width=w, no_wrap=cut, overflow="ellipsis" if cut else "fold"
+            )
+        for row in zip(*(c.cells for c in cols), strict=True):
+            table.add_row(*row)
+        return table
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        yield self.table(options.max_width)
+
+    def __rich_measure__(self, console: Console, options: ConsoleOptions) -> Measurement:
+        cols, widths = self.fit(options.max_width)
+        return Measurement(sum(widths) + _frame(len(cols)), sum(widths) + _frame(len(cols)))
+
+
+def summary_table(
+    summaries: Sequence[Summary], title: str = "", wide: bool = False, refused: bool = False
+) -> FittedTable:
+    """Policies side by side. The refused count is a default column whenever ``refused`` (the run had admission
+    control) or any request was refused, and so is the timed-out count when any timed out: a tail that looks
+    good because its worst requests were turned away must say so."""
     columns = COLUMNS if wide else DEFAULT_COLUMNS
-    rows = [[s.policy, *(_fmt(value(s, k), f) for _, k, f in columns)] for s in summaries]
-    table = Table(title=title or None)
-    for i, header in enumerate(["policy", *(h for h, _, _ in columns)]):
-        widest = max([len(r[i]) for r in rows] + [len(word) for word in header.split()])
-        table.add_column(
-            header, justify="left" if i == 0 else "right", style="bold" if i == 0 else None, min_width=widest
-        )
-    for row in rows:
-        table.add_row(*row)
-    return table
+    if not wide:
+        shown = {
+            "rejected": refused or any(s.rejected for s in summaries),
+            "timed_out": any(s.timed_out for s in summaries),
+        }
+        columns = [*columns, *(c for c in COLUMNS if shown.get(c[1]))]
+    return FittedTable(
+        [
+            Column("policy", [s.policy for s in summaries], "name", "left", style="bold"),
+            *(Column(h, [_fmt(value(s, k), f) for s in summaries]) for h, k, f in columns),
+        ],
+        title,
+        wide,
+    )
 
 
-def show(console: Console, table: Table) -> None:
-    """Print ``table`` whole: on a terminal too narrow for it (``--wide``), lines run on rather than cutting
-    columns off."""
-    needed = Measurement.get(console, console.options, table).minimum
-    console.print(table, width=max(console.width, needed))
+def show(console: Console, table: FittedTable) -> None:
+    """Print ``table`` whole: where even its kept columns need more than the terminal (``--wide``), lines run
+    on rather than being cut at the terminal's edge."""
+    console.print(table, crop=False)
 
 
 def write_summary_csv(summaries: Sequence[Summary], path: str | Path) -> None:
@@ -95,19 +208,26 @@ def markdown_table(summaries: Sequence[Summary]) -> str:
     return "\n".join([head, sep, *rows])
 
 
-def shapes_table(shapes: Sequence[dict]) -> Table:
-    """Traces side by side: size, span, rate and length percentiles (``bundled_shapes`` rows)."""
-    table = Table()
-    for header in ("trace", "requests", "min", "req/s", "prompt p50/90/99", "output p50/90/99", "license"):
-        table.add_column(header, justify="left" if header in ("trace", "license") else "right")
-    for s in shapes:
-        table.add_row(
-            s["name"],
-            str(s["requests"]),
-            f"{s['duration_s'] / 60:.0f}",
-            f"{s['qps']:.2f}",
-            "/".join(f"{s[f'prompt_p{q}']:.0f}" for q in (50, 90, 99)),
-            "/".join(f"{s[f'output_p{q}']:.0f}" for q in (50, 90, 99)),
-            s["license"],
-        )
-    return table
+def shapes_table(shapes: Sequence[dict], wide: bool = False) -> FittedTable:
+    """Traces side by side: size, span, rate and length percentiles (``bundled_shapes`` rows); on a narrow
+    terminal the source, the license, then the span (requests / rate) give way."""
+
+    def cells(key: str) -> list[str]:
+        return [str(s[key]) for s in shapes]
+
+    def spread(kind: str) -> list[str]:
+        return ["/".join(f"{s[f'{kind}_p{q}']:.0f}" for q in (50, 90, 99)) for s in shapes]
+
+    return FittedTable(
+        [
+            Column("trace", cells("name"), "name", "left"),
+            Column("requests", cells("requests")),
+            Column("min", [f"{s['duration_s'] / 60:.0f}" for s in shapes], drop=1),
+            Column("req/s", [f"{s['qps']:.2f}" for s in shapes]),
+            Column("prompt p50/90/99", spread("prompt")),
+            Column("output p50/90/99", spread("output")),
+            Column("license", cells("license"), justify="left", drop=2),
+            Column("source", cells("source"), "text", "left", drop=3),
+        ],
+        wide=wide,
+    )

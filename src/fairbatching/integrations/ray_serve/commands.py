@@ -18,7 +18,7 @@ import typer
 from rich.console import Console
 
 from fairbatching.cli_options import DEFAULT_TPOT_S, DEFAULT_TTFT_S
-from fairbatching.errors import ConfigError
+from fairbatching.errors import ConfigError, install_hint
 from fairbatching.progress import progress_bar
 from fairbatching.validate import check_output_dir, non_negative, positive, staged_dir
 
@@ -33,7 +33,7 @@ def _need(module: str, extra: str) -> None:
     try:
         __import__(module)
     except ImportError:
-        raise ConfigError(f"this command needs {module}: pip install 'fairbatching[{extra}]'") from None
+        raise ConfigError(f"this command needs {module}: {install_hint(extra)}") from None
 
 
 def serve(
