@@ -30,7 +30,7 @@ def fresh_venv(where: Path, spec: str) -> Path:
         timeout=1200,
         env=clean_env(),
     )
-    assert res.returncode == 0, f"pip install -e {spec} failed:\n{res.stderr[-3000:]}"
+    assert res.returncode == 0, f"installing {spec} (pip, editable) failed:\n{res.stderr[-3000:]}"
     return bin_dir
 
 

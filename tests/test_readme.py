@@ -132,7 +132,8 @@ def unusable_install_targets(text: str) -> list[str]:
             if checkout:
                 ok = not checkout[1] or set(checkout[1].split(",")) <= extras
             else:
-                ok = re.match(r"[A-Za-z0-9_.-]+", target)[0].lower() in known
+                name = re.match(r"[A-Za-z0-9_.-]+", target)
+                ok = name is not None and name[0].lower() in known
             if not ok:
                 bad.append(target)
     return bad
