@@ -91,6 +91,7 @@ class RunSpec:
     admission: Admission = Admission.NONE
     options: tuple[tuple[str, Any], ...] = ()
     cluster: ClusterShape | None = None
+    prefix_caching: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "admission", parse_mode(Admission, self.admission, "admission"))
@@ -104,16 +105,25 @@ class RunSpec:
     @property
     def label(self) -> str:
         """The policy, and for a cluster the router and any admission control: ``fairbatching+pab+reject``."""
+        cache = "+prefix-cache" if self.prefix_caching else ""
         if self.cluster is None:
-            return self.policy
-        return f"{self.policy}+{self.cluster.router}" + (f"+{self.admission}" if self.admission != "none" else "")
+            return self.policy + cache
+        admission = f"+{self.admission}" if self.admission != "none" else ""
+        return f"{self.policy}+{self.cluster.router}{admission}{cache}"
+
+    def as_dict(self) -> dict[str, Any]:
+        """The spec's fields; ``prefix_caching`` only when on, so specs from before it keep their keys."""
+        d = asdict(self)
+        if not self.prefix_caching:
+            del d["prefix_caching"]
+        return d
 
     def key(self) -> str:
         """The spec plus what its inputs hold: a profile remeasured under the same name (or the default
         changing), or a trace edited in place, must not reuse results simulated with the old numbers."""
         payload = {
             "v": RESULT_VERSION,
-            **asdict(self),
+            **self.as_dict(),
             "profile_content": _profile_fingerprint(self.profile),
             "pricing_content": None if self.pricing is None else _profile_fingerprint(self.pricing),
             "workload_content": family(self.workload).fingerprint(),
@@ -141,7 +151,7 @@ class RunResult:
         """The cacheable part: spec, key and summary (no per-request rows), as plain JSON values."""
         if self.spec is None:
             raise ValueError("only a spec's result is cached")
-        entry = {"spec": asdict(self.spec), "key": self.spec.key(), "summary": self.summary.to_dict()}
+        entry = {"spec": self.spec.as_dict(), "key": self.spec.key(), "summary": self.summary.to_dict()}
         return json.loads(json.dumps(entry))  # tuples become lists, modes their names: as read back from disk
 
     @classmethod
@@ -161,6 +171,7 @@ def run(spec: RunSpec, progress: Progress | None = None) -> RunResult:
         admission=spec.admission,
         policy_options={spec.policy: dict(spec.options)},
         pricing=None if spec.pricing is None else load_profile(spec.pricing),
+        prefix_caching=spec.prefix_caching,
     )
     result = exp.run(spec.policy, progress)
     result.spec = spec
@@ -186,10 +197,19 @@ def _run_cluster(spec: RunSpec, w: Workload) -> RunResult:
         report_interval=shape.report_interval,
         report_delay=shape.report_delay,
         seed=spec.seed,
+        prefix_caching=spec.prefix_caching,
     )
     res = simulate_cluster(w, cfg)
     _check_accounted(len(res.requests), len(w), "cluster")
-    summary = summarize(spec.label, w.name, res.requests, res.end_time, res.busy_time / shape.nodes, res.preemptions)
+    summary = summarize(
+        spec.label,
+        w.name,
+        res.requests,
+        res.end_time,
+        res.busy_time / shape.nodes,
+        res.preemptions,
+        spec.prefix_caching,
+    )
     return RunResult(spec, summary, None, res.requests)
 
 
@@ -214,6 +234,7 @@ class Experiment:
     policy_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     pricing: Profile | None = None
     step_error: StepError | None = None
+    prefix_caching: bool = False
 
     def __post_init__(self) -> None:
         check_slo_feasible(self.slo, self.profile)
@@ -252,10 +273,19 @@ class Experiment:
             max_model_len=self.max_model_len,
             queue_timeout=self.queue_timeout,
             admission=self.admission,
+            prefix_caching=self.prefix_caching,
         )
         res = simulate(pol, pricing_model(priced.cost_model(), self.step_error), self.workload, cfg, progress)
         _check_accounted(len(res.requests), len(self.workload), "simulator")
-        summary = summarize(policy, self.workload.name, res.requests, res.end_time, res.busy_time, res.preemptions)
+        summary = summarize(
+            policy,
+            self.workload.name,
+            res.requests,
+            res.end_time,
+            res.busy_time,
+            res.preemptions,
+            self.prefix_caching,
+        )
         return RunResult(None, summary, res.log, res.requests)
 
 

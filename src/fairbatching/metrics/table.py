@@ -40,11 +40,23 @@ DEFAULT_COLUMNS: list[tuple[str, str, str]] = [
 ]
 
 
+HIT_COLUMN = ("prefix hit", "prefix_hit_rate", "pct")
+
+
+def _with_hits(columns: list[tuple[str, str, str]], summaries: Sequence[Summary]) -> list[tuple[str, str, str]]:
+    """The columns, plus the prefix-cache hit rate when any run cached prefixes (tables without stay as they were)."""
+    if any(s.prefix_hit_rate is not None for s in summaries):
+        return [*columns, HIT_COLUMN]
+    return columns
+
+
 def value(s: Summary, key: str) -> float:
     if key == "failed":
         return s.rejected + s.timed_out
     head, _, tail = key.partition(".")
     v = getattr(s, head)
+    if v is None:  # a prefix hit rate beside runs without caching
+        return float("nan")
     return getattr(v, tail) if tail else v
 
 
@@ -60,7 +72,7 @@ def _fmt(v: float, fmt: str) -> str:
 
 def summary_table(summaries: Sequence[Summary], title: str = "", wide: bool = False) -> Table:
     """Values are never cut: each column is at least as wide as its widest value, and headers wrap instead."""
-    columns = COLUMNS if wide else DEFAULT_COLUMNS
+    columns = _with_hits(COLUMNS if wide else DEFAULT_COLUMNS, summaries)
     rows = [[s.policy, *(_fmt(value(s, k), f) for _, k, f in columns)] for s in summaries]
     table = Table(title=title or None)
     for i, header in enumerate(["policy", *(h for h, _, _ in columns)]):
@@ -81,17 +93,19 @@ def show(console: Console, table: Table) -> None:
 
 
 def write_summary_csv(summaries: Sequence[Summary], path: str | Path) -> None:
+    columns = _with_hits(COLUMNS, summaries)
     with Path(path).open("w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["policy", "workload", "requests", *(k for _, k, _ in COLUMNS)])
+        w.writerow(["policy", "workload", "requests", *(k for _, k, _ in columns)])
         for s in summaries:
-            w.writerow([s.policy, s.workload, s.requests, *(value(s, k) for _, k, _ in COLUMNS)])
+            w.writerow([s.policy, s.workload, s.requests, *(value(s, k) for _, k, _ in columns)])
 
 
 def markdown_table(summaries: Sequence[Summary]) -> str:
-    head = "| policy | " + " | ".join(h for h, _, _ in COLUMNS) + " |"
-    sep = "|---|" + "---:|" * len(COLUMNS)
-    rows = [f"| {s.policy} | " + " | ".join(_fmt(value(s, k), f) for _, k, f in COLUMNS) + " |" for s in summaries]
+    columns = _with_hits(COLUMNS, summaries)
+    head = "| policy | " + " | ".join(h for h, _, _ in columns) + " |"
+    sep = "|---|" + "---:|" * len(columns)
+    rows = [f"| {s.policy} | " + " | ".join(_fmt(value(s, k), f) for _, k, f in columns) + " |" for s in summaries]
     return "\n".join([head, sep, *rows])
 
 
