@@ -22,6 +22,7 @@ from fairbatching.cli_options import (
     NodeArgs,
     PoliciesOpt,
     PolicyOpt,
+    PrefixCachingOpt,
     ProfileOpt,
     RequestsOpt,
     SeedsOpt,
@@ -161,6 +162,7 @@ def capacity(
     profile: ProfileOpt = None,
     sw: SweepArgs,
     out: Annotated[Path | None, typer.Option("--out", help="Write capacity.json here")] = None,
+    prefix_caching: PrefixCachingOpt = False,
 ) -> None:
     """Highest request rate each policy sustains at the SLO-attainment target (bracketing + bisection)."""
     from fairbatching.costmodel.profile import load_profile
@@ -177,7 +179,7 @@ def capacity(
         raise FairBatchingError(f"workload {workload!r} needs {fam.path()}, which is missing")
     sweeper = sw.sweeper()
     check_slo_feasible(slo.slo, load_profile(profile))
-    base = RunSpec(names[0], workload, 1.0, 0, num, slo.ttft, slo.tpot, profile)
+    base = RunSpec(names[0], workload, 1.0, 0, num, slo.ttft, slo.tpot, profile, prefix_caching=prefix_caching)
     bound = spec_bound(base, seeds)
     with Activity(console) as status:
         results = policy_capacities(base, names, sweeper, target, seeds, start, tolerance, console.print, status)
@@ -186,6 +188,8 @@ def capacity(
     if out:
         with staged_dir(out) as tmp:
             data = {"workload": workload, "clairvoyant_qps": bound, "results": [asdict(r) for r in results]}
+            if prefix_caching:
+                data["prefix_caching"] = True
             (tmp / "capacity.json").write_text(json.dumps(data, indent=2) + "\n")
 
 
@@ -279,13 +283,16 @@ def cluster(
     profile: ProfileOpt = None,
     sw: SweepArgs,
     out: Annotated[Path | None, typer.Option("--out", help="Write cluster.json here")] = None,
+    prefix_caching: PrefixCachingOpt = False,
 ) -> None:
     """Compare node-policy + router stacks on a simulated cluster (one load, or capacity with --capacity)."""
     from fairbatching.costmodel.profile import load_profile
     from fairbatching.runs import ClusterShape, RunSpec, check_slo_feasible
 
     shape = ClusterShape(nodes, "pab", report_interval, report_delay)
-    base = RunSpec("fairbatching", workload, qps, 0, num, slo.ttft, slo.tpot, profile, cluster=shape)
+    base = RunSpec(
+        "fairbatching", workload, qps, 0, num, slo.ttft, slo.tpot, profile, cluster=shape, prefix_caching=prefix_caching
+    )
     if out:
         check_output_dir(out)
     check_slo_feasible(slo.slo, load_profile(profile))
