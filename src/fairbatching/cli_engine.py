@@ -16,6 +16,7 @@ from fairbatching.cli_options import (
     EngineArgs,
     PolicyOpt,
     PolicyOptionOpt,
+    PrefixCachingOpt,
     SloArgs,
     WideOpt,
     WorkloadArgs,
@@ -24,7 +25,7 @@ from fairbatching.cli_options import (
     out_console,
     save_summary,
 )
-from fairbatching.errors import FairBatchingError
+from fairbatching.errors import ConfigError, FairBatchingError
 from fairbatching.progress import progress_bar
 from fairbatching.validate import atomic_write_text, check_output_dir, open_fraction, parse_policy_options
 
@@ -167,6 +168,7 @@ def replay(
     out: Annotated[Path | None, typer.Option("--out", help="Write summary.json and requests.csv here")] = None,
     wide: WideOpt = False,
     r: ReplicaArgs,
+    prefix_caching: PrefixCachingOpt = False,
 ) -> None:
     """Replay a workload in real time on the GPU engine (--replicas N: GPUs 0..N-1 behind one router)."""
     from fairbatching.costmodel.profile import load_profile
@@ -178,6 +180,8 @@ def replay(
 
     if out:
         check_output_dir(out)
+    if prefix_caching and r.replicas > 1:
+        raise ConfigError("--prefix-caching runs on one engine for now, not with --replicas")
     workload = w.spec().build()
     prof = load_profile(profile)
     check_slo_feasible(slo.slo, prof)
@@ -191,11 +195,12 @@ def replay(
         task = bar.add_task(policy, total=len(workload))
         step = functools.partial(_advance, bar, task)
         if config is None:
-            res = replay_engine(_engine(e, max_context), pol, cost, workload, slo.slo, progress=step)
+            engine = _engine(e, max_context)
+            res = replay_engine(engine, pol, cost, workload, slo.slo, progress=step, prefix_caching=prefix_caching)
         else:
             with _engine_cluster(e, max_context, r.replicas) as cluster:
                 res = cluster.replay(workload, config, progress=step)
-    s = summarize(policy, workload.name, res.requests, res.end_time, res.busy_time, res.preemptions)
+    s = summarize(policy, workload.name, res.requests, res.end_time, res.busy_time, res.preemptions, prefix_caching)
     if out:
         save_summary(s, out)
     show(out_console, summary_table([s], wide=wide))
