@@ -205,3 +205,23 @@ def test_cluster_with_caching_accounts_for_every_request():
         res = simulate_cluster(w, cfg)
         assert sorted(r.request_id for r in res.requests) == sorted(s.request_id for s in w.requests)
         assert sum(r.prefix_hit for r in res.requests) > 0
+
+
+@pytest.mark.parametrize("caching", [False, True])
+def test_admission_prices_only_the_uncached_prompt(caching):
+    prof = load_profile()
+    cost = prof.cost_model()
+    config = NodeConfig(SLO(0.2, 0.1), prof.kv, admission="reject", prefix_caching=caching)
+    node = Node(make_policy("fairbatching", cost, tpot_slo=0.1), cost, config)
+    budget = node.policy.admission_budget(node.state, 0.2).tokens_within(0.2)
+    shared = budget // 2 // 16 * 16
+    first = RequestSpec("a", 0.0, shared + 16, 2, prefix=((1, shared), (2, 16)))
+    node.submit(node.new_request("a", 0.0, first.prompt_len, None, first.block_hashes(16)), 2)
+    node.drain()
+    # Longer than the whole budget, but all of it past the shared part fits.
+    long = RequestSpec("b", node.clock, shared + budget - 64, 2, prefix=((1, shared), (3, 10**6)))
+    node.submit(node.new_request("b", node.clock, long.prompt_len, None, long.block_hashes(16)), 2)
+    node.drain()
+    b = next(r for r in node.done if r.request_id == "b")
+    assert (b.status is RequestStatus.FINISHED) == caching, b.finish_reason
+    assert caching or "budget" in b.finish_reason
