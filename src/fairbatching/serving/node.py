@@ -435,7 +435,8 @@ class Node:
 def _refusal(budget: AdmissionBudget, r: Request) -> str:
     uncached = r.num_tokens - r.num_computed  # a cached prefix is not prefill work
     cached = f" ({r.num_computed} cached)" if r.num_computed else ""
-    return f"admission control: prefill budget {budget.tokens_within(budget.horizon)} tokens < prompt {uncached}{cached}"
+    tokens = budget.tokens_within(budget.horizon)
+    return f"admission control: prefill budget {tokens} tokens < prompt {uncached}{cached}"
 
 
 def _log_iteration(
