@@ -485,3 +485,30 @@ def test_profile_and_replay_commands_on_the_cpu(tmp_path):
     assert res.exit_code == 0, res.output
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["requests"] == 6
+
+
+@pytest.mark.parametrize("policy", ["fairbatching", "vllm"])
+def test_a_cached_prefix_gives_the_tokens_computed_from_scratch(llama, policy):
+    """Prefix caching on the engine: later prompts that share an earlier one's prefix (whole blocks of it, and
+    all of it) start after the cached blocks, and still produce exactly Hugging Face's greedy tokens."""
+    rng = random.Random(3)
+    base = [rng.randrange(256) for _ in range(41)]
+    prompts = [base + [5, 6, 7], base + [9], base[:40], base + [5, 6, 7]]
+    reference = _hf_greedy(llama[0], prompts)
+    model = LlamaModel(ModelConfig.from_dir(llama[1]), checkpoint=llama[1])
+    runner = ModelRunner(model, num_blocks=64, block_size=4, max_context=512)
+    gen = generate(
+        runner, make_policy(policy, COST), COST, prompts, NEW_TOKENS, prefix_caching=True, submit_after=[0, 3, 6, 9]
+    )
+    assert gen.prefix_hit_tokens >= 3 * 36  # each later prompt reused at least 9 blocks of 4 tokens
+    assert gen.tokens == reference
+
+
+def test_preempted_requests_resume_from_their_cached_blocks_exactly(llama, prompts, reference):
+    """Under memory pressure a preempted request finds its own released blocks still cached (until evicted):
+    resuming from them, or recomputing what was evicted, gives the same tokens."""
+    model = LlamaModel(ModelConfig.from_dir(llama[1]), checkpoint=llama[1])
+    runner = ModelRunner(model, num_blocks=31, block_size=4, max_context=512)
+    gen = generate(runner, make_policy("vllm", COST), COST, prompts, NEW_TOKENS, prefix_caching=True)
+    assert gen.preemptions > 0 and gen.prefix_hit_tokens == 0  # first admissions find nothing cached
+    assert gen.tokens == reference

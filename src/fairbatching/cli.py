@@ -23,6 +23,7 @@ from fairbatching.cli_options import (
     NodeArgs,
     PoliciesOpt,
     PolicyOpt,
+    PrefixCachingOpt,
     ProfileOpt,
     RequestsOpt,
     SeedsOpt,
@@ -179,6 +180,8 @@ def compare(
     names = policy_names(policies)
     check_output_dir(out)
     gpu = cli_engine.gpu_backend("compare", b)
+    if gpu is not None and node.prefix_caching:
+        raise FairBatchingError("--prefix-caching with --backend gpu: the engine replicas do not pass block hashes yet")
     if gpu is not None and node.profile is None:
         node.profile = cli_engine.planning_profile(b.model, gpu.device)
     exp = build_experiment(w, slo, node)
@@ -215,6 +218,7 @@ def capacity(
     sw: SweepArgs,
     b: BackendArgs,
     out: Annotated[Path | None, typer.Option("--out", help="Write capacity.json here")] = None,
+    prefix_caching: PrefixCachingOpt = False,
 ) -> None:
     """Highest request rate each policy sustains at the SLO-attainment target (bracketing + bisection;
     --backend gpu: real-time replays from the simulated capacity on, the simulator beside each point)."""
@@ -238,7 +242,19 @@ def capacity(
     check_slo_feasible(slo.slo, load_profile(profile))
     engine = None if gpu is None else gpu.engine
     backend = Backend.SIM if gpu is None else Backend.GPU
-    base = RunSpec(names[0], workload, 1.0, 0, num, slo.ttft, slo.tpot, profile, backend=backend, engine=engine)
+    base = RunSpec(
+        names[0],
+        workload,
+        1.0,
+        0,
+        num,
+        slo.ttft,
+        slo.tpot,
+        profile,
+        backend=backend,
+        engine=engine,
+        prefix_caching=prefix_caching,
+    )
     bound = spec_bound(base, seeds)
     with cli_engine.started_engines(gpu) as engines, Activity(console) as status:
         sweeper.engines = engines
@@ -251,6 +267,8 @@ def capacity(
             data["results"] = [asdict(r) for r in results]
             if gpu is not None:
                 data["backend"] = cli_engine.backend_settings(gpu)
+            if prefix_caching:
+                data["prefix_caching"] = True
             (tmp / "capacity.json").write_text(json.dumps(data, indent=2) + "\n")
 
 
@@ -348,6 +366,7 @@ def cluster(
     sw: SweepArgs,
     b: BackendArgs,
     out: Annotated[Path | None, typer.Option("--out", help="Write cluster.json here")] = None,
+    prefix_caching: PrefixCachingOpt = False,
 ) -> None:
     """Compare node-policy + router stacks on a simulated cluster (one load, or capacity with --capacity;
     --backend gpu: one engine per node on the wall clock, the simulator beside each run)."""
@@ -376,6 +395,7 @@ def cluster(
         cluster=shape,
         backend=Backend.SIM if gpu is None else Backend.GPU,
         engine=engine,
+        prefix_caching=prefix_caching,
     )
     check_slo_feasible(slo.slo, load_profile(profile))
     with cli_engine.started_engines(gpu) as engines:

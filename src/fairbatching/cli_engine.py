@@ -21,6 +21,7 @@ from fairbatching.cli_options import (
     EngineArgs,
     PolicyOpt,
     PolicyOptionOpt,
+    PrefixCachingOpt,
     SloArgs,
     WideOpt,
     WorkloadArgs,
@@ -29,7 +30,7 @@ from fairbatching.cli_options import (
     out_console,
     save_summary,
 )
-from fairbatching.errors import FairBatchingError
+from fairbatching.errors import ConfigError, FairBatchingError
 from fairbatching.progress import Activity, progress_bar
 from fairbatching.validate import atomic_write_text, check_output_dir, open_fraction, parse_policy_options
 
@@ -341,6 +342,7 @@ def replay(
     out: Annotated[Path | None, typer.Option("--out", help="Write summary.json and requests.csv here")] = None,
     wide: WideOpt = False,
     r: ReplicaArgs,
+    prefix_caching: PrefixCachingOpt = False,
 ) -> None:
     """Replay a workload in real time on the GPU engine (--replicas N: GPUs 0..N-1 behind one router)."""
     device = check_engine_device("replay", e)
@@ -353,6 +355,8 @@ def replay(
 
     if out:
         check_output_dir(out)
+    if prefix_caching and r.replicas > 1:
+        raise ConfigError("--prefix-caching runs on one engine for now, not with --replicas")
     workload = w.spec().build()
     if profile is None:
         profile = planning_profile(e.model, device)
@@ -368,7 +372,7 @@ def replay(
         console.print(f"replaying {len(workload)} requests ({workload.qps:.2f} req/s) with {label}")
         with progress_bar(console, label_width=14) as bar:
             step = functools.partial(_advance, bar, bar.add_task(policy, total=len(workload)))
-            res = replay_engine(runner, pol, cost, workload, slo.slo, progress=step)
+            res = replay_engine(runner, pol, cost, workload, slo.slo, progress=step, prefix_caching=prefix_caching)
     else:
         console.print(f"starting {r.replicas} engine replicas (each builds and warms its engine)")
         with _engine_cluster(e, max_context, r.replicas) as cluster:
@@ -376,7 +380,7 @@ def replay(
             with progress_bar(console, label_width=14) as bar:
                 step = functools.partial(_advance, bar, bar.add_task(policy, total=len(workload)))
                 res = cluster.replay(workload, config, progress=step)
-    s = summarize(policy, workload.name, res.requests, res.end_time, res.busy_time, res.preemptions)
+    s = summarize(policy, workload.name, res.requests, res.end_time, res.busy_time, res.preemptions, prefix_caching)
     if out:
         save_summary(s, out)
     show(out_console, summary_table([s], wide=wide))

@@ -142,6 +142,15 @@ class WorkloadArgs:
         )
 
 
+PrefixCachingOpt = Annotated[
+    bool,
+    typer.Option(
+        "--prefix-caching",
+        help="Cache KV blocks by prefix hash (as vLLM's automatic prefix caching); prefill skips cached prefixes",
+    ),
+]
+
+
 @dataclass
 class SloArgs:
     ttft: Annotated[float, typer.Option("--ttft-slo", help="TTFT SLO in seconds")] = DEFAULT_TTFT_S
@@ -167,6 +176,7 @@ class NodeArgs:
         str, typer.Option("--admission", help="Node admission control on the PAB: none, reject or defer")
     ] = "none"
     policy_option: PolicyOptionOpt = None
+    prefix_caching: PrefixCachingOpt = False
 
 
 @dataclass
@@ -232,7 +242,14 @@ def build_experiment(w: WorkloadArgs, slo: SloArgs, node: NodeArgs) -> Experimen
     if workload.meta.get("skipped_rows"):
         console.print(f"note: skipped {workload.meta['skipped_rows']} trace rows of failed requests (zero tokens)")
     return Experiment(
-        workload, load_profile(node.profile), slo.slo, node.max_len, node.timeout, node.admission, options
+        workload,
+        load_profile(node.profile),
+        slo.slo,
+        node.max_len,
+        node.timeout,
+        node.admission,
+        options,
+        prefix_caching=node.prefix_caching,
     )
 
 

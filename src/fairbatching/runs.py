@@ -105,6 +105,7 @@ class RunSpec:
     cluster: ClusterShape | None = None
     backend: Backend = Backend.SIM
     engine: EngineSpec | None = None
+    prefix_caching: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "admission", parse_mode(Admission, self.admission, "admission"))
@@ -116,6 +117,11 @@ class RunSpec:
                 raise ConfigError("a GPU run needs its engine (RunSpec.engine)")
             if self.pricing is not None:
                 raise ConfigError("a GPU run's steps cost what the GPU takes: drop pricing")
+            if self.prefix_caching:
+                raise ConfigError(
+                    "--prefix-caching with --backend gpu: the engine replicas do not pass block hashes yet "
+                    "(`fairbatching replay --prefix-caching` runs one engine with it)"
+                )
 
     def simulated(self) -> RunSpec:
         """The same run on the simulator: what a GPU result is shown beside."""
@@ -128,19 +134,28 @@ class RunSpec:
     @property
     def label(self) -> str:
         """The policy, and for a cluster the router and any admission control: ``fairbatching+pab+reject``."""
+        cache = "+prefix-cache" if self.prefix_caching else ""
         if self.cluster is None:
-            return self.policy
-        return f"{self.policy}+{self.cluster.router}" + (f"+{self.admission}" if self.admission != "none" else "")
+            return self.policy + cache
+        admission = f"+{self.admission}" if self.admission != "none" else ""
+        return f"{self.policy}+{self.cluster.router}{admission}{cache}"
+
+    def as_dict(self) -> dict[str, Any]:
+        """The spec's fields; ``prefix_caching`` only when on, so specs from before it keep their keys."""
+        d = asdict(self)
+        if not self.prefix_caching:
+            del d["prefix_caching"]
+        return d
 
     def key(self) -> str:
         """The spec plus what its inputs hold: a profile remeasured under the same name (or the default
         changing), or a trace edited in place, must not reuse results simulated with the old numbers."""
-        spec = asdict(self)
+        spec = self.as_dict()
         if self.backend is Backend.SIM and self.engine is None:  # as before the backend existed: caches stay valid
             del spec["backend"], spec["engine"]
         payload = {
             "v": RESULT_VERSION,
-            **spec,
+            **self.as_dict(),
             "profile_content": _profile_fingerprint(self.profile),
             "pricing_content": None if self.pricing is None else _profile_fingerprint(self.pricing),
             "workload_content": family(self.workload).fingerprint(),
@@ -170,7 +185,7 @@ class RunResult:
         """The cacheable part: spec, key and summary (no per-request rows), as plain JSON values."""
         if self.spec is None:
             raise ValueError("only a spec's result is cached")
-        entry = {"spec": asdict(self.spec), "key": self.spec.key(), "summary": self.summary.to_dict()}
+        entry = {"spec": self.spec.as_dict(), "key": self.spec.key(), "summary": self.summary.to_dict()}
         if self.sim is not None:
             entry["sim"] = self.sim.to_dict()
         return json.loads(json.dumps(entry))  # tuples become lists, modes their names: as read back from disk
@@ -204,6 +219,7 @@ def _experiment(spec: RunSpec, w: Workload, engines: Engines = None) -> Experime
         policy_options={spec.policy: dict(spec.options)},
         pricing=None if spec.pricing is None else load_profile(spec.pricing),
         engines=engines,
+        prefix_caching=spec.prefix_caching,
     )
 
 
@@ -261,6 +277,7 @@ def _cluster_config(spec: RunSpec) -> Any:
         report_interval=shape.report_interval,
         report_delay=shape.report_delay,
         seed=spec.seed,
+        prefix_caching=spec.prefix_caching,
     )
 
 
@@ -275,7 +292,7 @@ def _cluster_result(spec: RunSpec, w: Workload, res: Any) -> RunResult:
     assert spec.cluster is not None
     _check_accounted(len(res.requests), len(w), "cluster")
     busy = res.busy_time / spec.cluster.nodes
-    summary = summarize(spec.label, w.name, res.requests, res.end_time, busy, res.preemptions)
+    summary = summarize(spec.label, w.name, res.requests, res.end_time, busy, res.preemptions, spec.prefix_caching)
     return RunResult(spec, summary, None, res.requests)
 
 
@@ -311,6 +328,7 @@ class Experiment:
     pricing: Profile | None = None
     step_error: StepError | None = None
     engines: Engines = None
+    prefix_caching: bool = False
 
     def __post_init__(self) -> None:
         check_slo_feasible(self.slo, self.profile)
@@ -384,10 +402,19 @@ class Experiment:
             max_model_len=self.max_model_len,
             queue_timeout=self.queue_timeout,
             admission=self.admission,
+            prefix_caching=self.prefix_caching,
         )
         res = simulate(pol, pricing_model(priced.cost_model(), self.step_error), self.workload, cfg, progress)
         _check_accounted(len(res.requests), len(self.workload), "simulator")
-        summary = summarize(policy, self.workload.name, res.requests, res.end_time, res.busy_time, res.preemptions)
+        summary = summarize(
+            policy,
+            self.workload.name,
+            res.requests,
+            res.end_time,
+            res.busy_time,
+            res.preemptions,
+            self.prefix_caching,
+        )
         return RunResult(None, summary, res.log, res.requests)
 
 

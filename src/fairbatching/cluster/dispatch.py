@@ -5,7 +5,7 @@ where one request goes from the reports it has received. The cluster simulator a
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
 from fairbatching.cluster.routers import NodeReport, Router
@@ -51,15 +51,17 @@ def route(
     now: float,
     admission: str,
     interval: float,
+    blocks: Sequence[int] = (),
 ) -> Routed:
     """Where a request (``ttft``: its first-token SLO) goes, given the reports as read at ``now``. With no
     node reachable it waits for a report while its first token is not yet due; with ``admission="defer"``
     and no budget that fits it is held while one more report interval still leaves its first-token
-    deadline ahead; otherwise a request the router refuses is rejected with the reason."""
+    deadline ahead; otherwise a request the router refuses is rejected with the reason. ``blocks``: the
+    prompt's block hashes, for the routers that weigh where a prefix is cached."""
     first_token_due = arrival + ttft
-    idx = router.choose(prompt_tokens, views, ttft)
+    idx = router.choose(prompt_tokens, views, ttft, blocks)
     if idx is not None:
-        router.note_dispatch(idx, prompt_tokens)
+        router.note_dispatch(idx, prompt_tokens, blocks)
         return Routed(node=views[idx].node)
     if not views:
         if now < first_token_due:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 from abc import ABC, abstractmethod
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, replace
 
 from fairbatching.errors import ConfigError
@@ -62,12 +62,15 @@ class Router(ABC):
     needs_budget = False
 
     @abstractmethod
-    def choose(self, prompt_tokens: int, reports: list[NodeReport], ttft: float | None = None) -> int | None:
+    def choose(
+        self, prompt_tokens: int, reports: list[NodeReport], ttft: float | None = None, blocks: Sequence[int] = ()
+    ) -> int | None:
         """Index into ``reports`` of the chosen node, or None to refuse the request (``ttft``: its own
-        first-token SLO, for routers that weigh budgets over it)."""
+        first-token SLO, for routers that weigh budgets over it; ``blocks``: its prompt's block hashes, for
+        routers that weigh where its prefix is cached)."""
 
     @abstractmethod
-    def note_dispatch(self, report_index: int, prompt_tokens: int) -> None:
+    def note_dispatch(self, report_index: int, prompt_tokens: int, blocks: Sequence[int] = ()) -> None:
         """Told after each dispatch, so a router can count what it sent since the last report."""
 
 
@@ -84,7 +87,7 @@ class _SentSinceReport(Router):
         sent = self._sent.get(r.node)
         return (sent[1], sent[2]) if sent is not None and sent[0] == r.time else (0, 0)
 
-    def note_dispatch(self, report_index: int, prompt_tokens: int) -> None:
+    def note_dispatch(self, report_index: int, prompt_tokens: int, blocks: Sequence[int] = ()) -> None:
         self.note_sent(self._last[report_index], prompt_tokens)
 
     def note_sent(self, r: NodeReport, prompt_tokens: int) -> None:
@@ -105,7 +108,9 @@ class RoundRobin(_SentSinceReport):
         super().__init__()
         self._next = 0
 
-    def choose(self, prompt_tokens: int, reports: list[NodeReport], ttft: float | None = None) -> int | None:
+    def choose(
+        self, prompt_tokens: int, reports: list[NodeReport], ttft: float | None = None, blocks: Sequence[int] = ()
+    ) -> int | None:
         self._last = reports
         if not reports:
             return None
@@ -122,7 +127,9 @@ class LeastOutstanding(_SentSinceReport):
     def load(self, r: NodeReport) -> float:
         return r.outstanding + self.pending(r)[0]
 
-    def choose(self, prompt_tokens: int, reports: list[NodeReport], ttft: float | None = None) -> int | None:
+    def choose(
+        self, prompt_tokens: int, reports: list[NodeReport], ttft: float | None = None, blocks: Sequence[int] = ()
+    ) -> int | None:
         self._last = reports
         if not reports:
             return None
@@ -147,7 +154,9 @@ class PowerOfTwo(LeastOutstanding):
         super().__init__()
         self._rng = random.Random(seed)
 
-    def choose(self, prompt_tokens: int, reports: list[NodeReport], ttft: float | None = None) -> int | None:
+    def choose(
+        self, prompt_tokens: int, reports: list[NodeReport], ttft: float | None = None, blocks: Sequence[int] = ()
+    ) -> int | None:
         self._last = reports
         if not reports:
             return None
@@ -185,12 +194,127 @@ class PABRouter(_SentSinceReport):
         is the node ``choose`` picks)."""
         return sorted(range(len(reports)), key=lambda i: -self.left(reports[i]))
 
-    def choose(self, prompt_tokens: int, reports: list[NodeReport], ttft: float | None = None) -> int | None:
+    def choose(
+        self, prompt_tokens: int, reports: list[NodeReport], ttft: float | None = None, blocks: Sequence[int] = ()
+    ) -> int | None:
         self._last = reports
         if not reports:
             return None
         best = max(range(len(reports)), key=lambda i: self.left(reports[i]))
         return best if self.admits(prompt_tokens, reports[best], ttft) else None
+
+
+class PrefixIndex:
+    """What a router remembers of the prompt blocks it sent each node, as Ray Serve's PrefixCacheAffinityRouter
+    keeps a prefix tree per replica: the router's own record, not the nodes' caches (no engine exports those).
+    Each node's record holds at most ``capacity`` blocks (its KV cache), the least recently sent dropped first,
+    as the node's LRU would."""
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise ConfigError(f"a prefix index needs a positive capacity in blocks, got {capacity}")
+        self.capacity = capacity
+        self._blocks: dict[Hashable, dict[int, None]] = {}
+
+    def match(self, node: Hashable, blocks: Sequence[int]) -> int:
+        """How many leading ``blocks`` were sent to ``node`` and are still remembered."""
+        seen = self._blocks.get(node)
+        if not seen:
+            return 0
+        m = 0
+        for h in blocks:
+            if h not in seen:
+                break
+            m += 1
+        return m
+
+    def record(self, node: Hashable, blocks: Sequence[int]) -> None:
+        seen = self._blocks.setdefault(node, {})
+        for h in blocks:
+            seen.pop(h, None)
+            seen[h] = None
+        while len(seen) > self.capacity:
+            del seen[next(iter(seen))]
+
+    def forget(self, node: Hashable) -> None:
+        self._blocks.pop(node, None)
+
+
+class PrefixAffinity(LeastOutstanding):
+    """Ray Serve's PrefixCacheAffinityRouter, on our reports: while the nodes' loads (outstanding requests)
+    differ by at most ``imbalance``, the node whose remembered prefix matches the most of this prompt, if
+    that is at least ``match_threshold`` of its blocks; otherwise (or with no match) the least-loaded node.
+    Ray's defaults: imbalance 10 requests, match threshold 10%. Ray falls back to power of two choices;
+    least-outstanding here, which sees every node's report."""
+
+    name = "prefix-affinity"
+
+    def __init__(self, capacity: int = 1 << 20, imbalance: float = 10, match_threshold: float = 0.1) -> None:
+        super().__init__()
+        self.index = PrefixIndex(capacity)
+        self.imbalance = imbalance
+        self.match_threshold = match_threshold
+
+    def choose(
+        self, prompt_tokens: int, reports: list[NodeReport], ttft: float | None = None, blocks: Sequence[int] = ()
+    ) -> int | None:
+        self._last = reports
+        if not reports:
+            return None
+        loads = [self.load(r) for r in reports]
+        least = min(range(len(reports)), key=loads.__getitem__)
+        if not blocks or max(loads) - loads[least] > self.imbalance:
+            return least
+        matches = [self.index.match(r.node, blocks) for r in reports]
+        best = max(range(len(reports)), key=lambda i: (matches[i], -loads[i]))
+        return best if matches[best] and matches[best] >= self.match_threshold * len(blocks) else least
+
+    def note_dispatch(self, report_index: int, prompt_tokens: int, blocks: Sequence[int] = ()) -> None:
+        r = self._last[report_index]
+        self.note_sent(r, prompt_tokens)
+        self.index.record(r.node, blocks)
+
+    def forget(self, node: Hashable) -> None:
+        super().forget(node)
+        self.index.forget(node)
+
+
+class PABAffinity(PABRouter):
+    """PAB that knows what each node has cached: a node is judged by its budget left after the uncached part of
+    this prompt (the prefix it was sent before, per its ``PrefixIndex``, costs no prefill there). The node
+    with the most budget left after serving the request wins; with admission control it must fit there."""
+
+    name = "pab-affinity"
+
+    def __init__(self, admission: bool = False, capacity: int = 1 << 20, block_size: int = 16) -> None:
+        super().__init__(admission)
+        self.index = PrefixIndex(capacity)
+        self.block_size = block_size
+
+    def uncached(self, r: NodeReport, prompt_tokens: int, blocks: Sequence[int]) -> int:
+        """Prompt tokens ``r``'s node must prefill: all but the remembered prefix, and at least one."""
+        if not blocks:
+            return prompt_tokens
+        return max(1, prompt_tokens - self.index.match(r.node, blocks) * self.block_size)
+
+    def choose(
+        self, prompt_tokens: int, reports: list[NodeReport], ttft: float | None = None, blocks: Sequence[int] = ()
+    ) -> int | None:
+        self._last = reports
+        if not reports:
+            return None
+        need = [self.uncached(r, prompt_tokens, blocks) for r in reports]
+        best = max(range(len(reports)), key=lambda i: self.left(reports[i]) - need[i])
+        return best if self.admits(need[best], reports[best], ttft) else None
+
+    def note_dispatch(self, report_index: int, prompt_tokens: int, blocks: Sequence[int] = ()) -> None:
+        r = self._last[report_index]
+        self.note_sent(r, self.uncached(r, prompt_tokens, blocks))
+        self.index.record(r.node, blocks)
+
+    def forget(self, node: Hashable) -> None:
+        super().forget(node)
+        self.index.forget(node)
 
 
 ROUTERS = {
@@ -199,16 +323,26 @@ ROUTERS = {
     "least-tokens": LeastTokens,
     "power-of-two": PowerOfTwo,
     "pab": PABRouter,
+    "prefix-affinity": PrefixAffinity,
+    "pab-affinity": PABAffinity,
 }
 
 
-def make_router(name: str, admission: bool = False, seed: int = 0) -> Router:
+def make_router(
+    name: str, admission: bool = False, seed: int = 0, kv_blocks: int = 1 << 20, block_size: int = 16
+) -> Router:
+    """A router by name. ``kv_blocks`` and ``block_size``: a node's KV cache, for the routers that remember
+    which prefixes they sent where."""
     if name == "pab":
         return PABRouter(admission=admission)
+    if name == "pab-affinity":
+        return PABAffinity(admission=admission, capacity=kv_blocks, block_size=block_size)
     if admission:
-        raise ConfigError("admission control needs the pab router (it is the one that sees node budgets)")
+        raise ConfigError("admission control needs the pab router or pab-affinity (they see node budgets)")
     if name == "power-of-two":
         return PowerOfTwo(seed)
+    if name == "prefix-affinity":
+        return PrefixAffinity(capacity=kv_blocks)
     try:
         return ROUTERS[name]()
     except KeyError:

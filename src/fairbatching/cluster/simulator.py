@@ -43,6 +43,8 @@ class ClusterConfig:
     failures: tuple[tuple[int, float], ...] = ()  # (node index, time it stops answering)
     on_failure: OnFailure = OnFailure.FAIL
     seed: int = 0
+    # Nodes cache prefixes (``NodeConfig.prefix_caching``), and routers are shown each prompt's block hashes.
+    prefix_caching: bool = False
 
     def __post_init__(self) -> None:
         if not self.nodes:
@@ -57,8 +59,15 @@ class ClusterConfig:
                 raise ConfigError(f"failure names node {node}, the cluster has nodes 0..{len(self.nodes) - 1}")
 
     def make_router(self) -> Router:
-        """A fresh router for one run of this cluster."""
-        return make_router(self.router, admission=self.admission != "none", seed=self.seed)
+        """A fresh router for one run of this cluster (a prefix index holds as many blocks as a node's cache)."""
+        kv = load_profile(self.nodes[0].profile).kv
+        return make_router(
+            self.router,
+            admission=self.admission != "none",
+            seed=self.seed,
+            kv_blocks=kv.num_blocks,
+            block_size=kv.block_size,
+        )
 
     @property
     def aging(self) -> ReportAging:
@@ -96,13 +105,15 @@ class _Cluster:
             prof = load_profile(spec.profile)
             cost = prof.cost_model()
             policy = make_policy(spec.policy, cost, tpot_slo=config.slo.tpot)
-            self.nodes.append(Node(policy, cost, NodeConfig(config.slo, prof.kv, record_iterations=False), f"n{i}"))
+            node_config = NodeConfig(config.slo, prof.kv, record_iterations=False, prefix_caching=config.prefix_caching)
+            self.nodes.append(Node(policy, cost, node_config, f"n{i}"))
         self.alive = [True] * len(self.nodes)
         self.router = config.make_router()
         self.reports: list[list[NodeReport]] = [[] for _ in self.nodes]
         self.ended: list[Request] = []
         self.events: list[tuple[float, int, int, object]] = []
         self._seq = 0
+        self.sent: dict[str, RequestSpec] = {}  # what each node was sent, for a retry after a failure
 
     def push(self, t: float, kind: int, payload: object) -> None:
         self._seq += 1
@@ -198,7 +209,12 @@ class _Cluster:
         slo = spec.slo or self.cfg.slo
         views = self.visible(t)
         cfg, n = self.cfg, spec.prompt_len
-        routed = route(self.router, views, n, spec.arrival, slo.ttft, t, cfg.admission, cfg.report_interval)
+        hashes: tuple[int, ...] = ()
+        if cfg.prefix_caching and spec.prefix:
+            bs = self.nodes[0].kv.block_size
+            hashes = spec.block_hashes(bs)
+        blocks = hashes[: n // self.nodes[0].kv.block_size]
+        routed = route(self.router, views, n, spec.arrival, slo.ttft, t, cfg.admission, cfg.report_interval, blocks)
         if routed.retry_at is not None:
             self.push(routed.retry_at, _RETRY, (spec, attempt))
             return
@@ -211,7 +227,9 @@ class _Cluster:
             return
         node = self.nodes[node_index]
         node.advance_to(t)
-        node.submit(node.new_request(spec.request_id, spec.arrival, spec.prompt_len, spec.slo), spec.output_len)
+        if cfg.failures:
+            self.sent[spec.request_id] = spec
+        node.submit(node.new_request(spec.request_id, spec.arrival, n, spec.slo, hashes), spec.output_len)
 
     def fail(self, index: int, t: float) -> None:
         if not self.alive[index]:
@@ -220,7 +238,7 @@ class _Cluster:
         node = self.nodes[index]
         for r in node.running + node.waiting:
             node.kv.free(r)
-            spec = RequestSpec(r.request_id, r.arrival, r.prompt_len, node.targets[r.request_id], r.slo)
+            spec = self.sent.pop(r.request_id)
             if r.token_times or self.cfg.on_failure == "fail":
                 r.status, r.finish_reason = RequestStatus.FAILED, f"node {index} failed at {t:.3f} s"
                 self.ended.append(r)

@@ -76,6 +76,8 @@ class Request:
         "num_preemptions",
         "status",
         "finish_reason",
+        "block_hashes",
+        "prefix_hit",
     )
 
     def __init__(
@@ -87,7 +89,10 @@ class Request:
         num_cached: int = 0,
         slack_carry: float = 1.0,
         decode_grace: float = 0.0,
+        block_hashes: tuple[int, ...] = (),
     ) -> None:
+        """``block_hashes``: chained hashes of the request's full KV blocks, known in advance (its prompt, and
+        for a simulated conversation its output too); a prefix-caching node shares blocks by them."""
         if prompt_len <= 0:
             raise ConfigError(f"request {request_id}: prompt length must be positive, got {prompt_len}")
         if not 0 <= num_cached < prompt_len:
@@ -109,6 +114,8 @@ class Request:
         self.num_preemptions = 0
         self.status = RequestStatus.WAITING
         self.finish_reason: str | None = None
+        self.block_hashes = block_hashes
+        self.prefix_hit = 0  # prompt tokens served from a prefix cache when first scheduled
 
     @property
     def num_generated(self) -> int:
@@ -147,7 +154,16 @@ class Request:
 
     def __reduce__(self) -> tuple[Any, ...]:
         """Pickle as constructor arguments plus the changing state: compiled (mypyc) classes have no default."""
-        args = (self.request_id, self.arrival, self.prompt_len, self.slo, 0, self.slack_carry, self.decode_grace)
+        args = (
+            self.request_id,
+            self.arrival,
+            self.prompt_len,
+            self.slo,
+            0,
+            self.slack_carry,
+            self.decode_grace,
+            self.block_hashes,
+        )
         return _unpickle_request, (args, {name: getattr(self, name) for name in _STATE})
 
     def __repr__(self) -> str:
@@ -168,6 +184,7 @@ _STATE = (
     "num_preemptions",
     "status",
     "finish_reason",
+    "prefix_hit",
 )
 
 

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from fairbatching.core.kv import KVCacheConfig
+from fairbatching.core.kv import BlockAllocator, KVCacheConfig, token_block_hashes
 from fairbatching.core.plan import BatchPlan
 from fairbatching.core.request import SLO, Request, RequestStatus
 from fairbatching.costmodel.model import CostModel
@@ -31,7 +31,9 @@ class EngineExecutor:
 
     The node's ``BlockAllocator`` decides how many blocks each request holds (as in the simulator); this
     keeps the physical ids in step with those counts, taking blocks when a count grows and giving them back
-    when it drops (finish, preemption, rejection).
+    when it drops (finish, preemption, rejection). With prefix caching the node's ``PrefixCachingAllocator``
+    names the blocks itself (``kv``): a request's table is its ids, shared prefix blocks included, shifted
+    past the scratch block, so the engine runs on exactly the blocks the simulator's cache model shares.
     """
 
     def __init__(self, runner: ModelRunner, clock: Callable[[], float]) -> None:
@@ -40,6 +42,7 @@ class EngineExecutor:
         self.token_ids: dict[str, list[int]] = {}
         self._blocks: dict[str, list[int]] = {}
         self._live: dict[str, Request] = {}
+        self.kv: BlockAllocator | None = None  # the node's allocator when it names blocks (prefix caching)
         # Every executed step as a profile row (new, context, seqs, attn work, seconds from plan to tokens):
         # the cost model can be checked, or refitted, on what serving actually ran.
         self.steps: list[tuple[int, int, int, float, float]] = []
@@ -54,6 +57,15 @@ class EngineExecutor:
             raise ConfigError(f"request {request_id!r} has an empty prompt")
         self.token_ids[request_id] = list(token_ids)
 
+    def attach(self, node: Node) -> None:
+        """Run on ``node``'s blocks when it caches prefixes (the pool then stays whole: the node names ids)."""
+        if node.kv.caching:
+            self.kv = node.kv
+
+    def block_hashes(self, request_id: str) -> tuple[int, ...]:
+        """Chained hashes of the prompt's full blocks, from its token ids (what vLLM hashes)."""
+        return token_block_hashes(self.token_ids[request_id], self.runner.block_size)
+
     def kv_config(self) -> KVCacheConfig:
         """The node's KV accounting must see exactly the blocks this engine can hand out."""
         return KVCacheConfig(self.runner.pool.usable, self.runner.block_size)
@@ -61,13 +73,17 @@ class EngineExecutor:
     def __call__(self, plan: BatchPlan, start: float) -> float:
         self.sync_blocks()
         pool = self.runner.pool
+        kv = self.kv
         chunks = []
         for r, n in plan.items:
             rid = r.request_id
-            self._live[rid] = r
-            blocks = self._blocks.setdefault(rid, [])
-            if len(blocks) < r.num_blocks:
-                blocks.extend(pool.take(r.num_blocks - len(blocks)))
+            if kv is not None and kv.caching:
+                blocks = [b + 1 for b in kv.table(rid)]  # manager ids 0.. are physical ids 1.. (0 is scratch)
+            else:
+                self._live[rid] = r
+                blocks = self._blocks.setdefault(rid, [])
+                if len(blocks) < r.num_blocks:
+                    blocks.extend(pool.take(r.num_blocks - len(blocks)))
             ids = self.token_ids[rid]
             c = r.num_computed
             chunks.append(SeqChunk(ids[c : c + n], c, blocks, sample=c + n == r.num_tokens))
@@ -106,6 +122,7 @@ class Generation:
     iterations: int
     preemptions: int
     max_batch_tokens: int
+    prefix_hit_tokens: int = 0  # prompt tokens served from the prefix cache
 
 
 def generate(
@@ -115,16 +132,27 @@ def generate(
     prompts: list[list[int]],
     max_new_tokens: int,
     slo: SLO = OFFLINE_SLO,
+    prefix_caching: bool = False,
+    submit_after: list[int] | None = None,
 ) -> Generation:
-    """Greedy continuations of ``prompts`` (exactly ``max_new_tokens`` each), batched as ``policy`` plans."""
+    """Greedy continuations of ``prompts`` (exactly ``max_new_tokens`` each), batched as ``policy`` plans.
+    ``submit_after``: prompt i joins once the node has run that many iterations (or has nothing left to run),
+    so a later prompt can find an earlier one's prefix cached; default: all at once."""
     start = time.perf_counter()
     executor = EngineExecutor(runner, lambda: time.perf_counter() - start)
-    config = NodeConfig(slo, executor.kv_config(), max_model_len=runner.max_context, fast_forward=False)
+    config = NodeConfig(
+        slo, executor.kv_config(), max_model_len=runner.max_context, fast_forward=False, prefix_caching=prefix_caching
+    )
     node = Node(policy, cost_model, config, executor=executor)
-    for i, prompt in enumerate(prompts):
+    executor.attach(node)
+    order = sorted(range(len(prompts)), key=lambda i: 0 if submit_after is None else submit_after[i])
+    for i in order:
+        while submit_after is not None and node.iterations < submit_after[i] and node.has_work:
+            if not node.step(horizon=float("inf")):
+                break
         rid = f"prompt-{i}"
-        executor.add_prompt(rid, prompt)
-        node.submit(node.new_request(rid, 0.0, len(prompt), None), max_new_tokens)
+        executor.add_prompt(rid, prompts[i])
+        node.submit(node.new_request(rid, 0.0, len(prompts[i]), None, executor.block_hashes(rid)), max_new_tokens)
     node.drain()
     executor.sync_blocks()
     failed = [r for r in node.done if r.status is not RequestStatus.FINISHED]
@@ -135,13 +163,34 @@ def generate(
         node.iterations,
         node.preemptions,
         max(node.log.prefill_tokens[i] + node.log.decode_seqs[i] for i in range(len(node.log.start))),
+        sum(r.prefix_hit for r in node.done),
     )
 
 
 def draw_prompts(specs: list[RequestSpec], vocab: int, seed: int) -> list[list[int]]:
-    """Random prompt token ids of each spec's length, in order: the same ids for the same specs and seed."""
+    """Random prompt token ids of each spec's length, in order: the same ids for the same specs and seed. A spec
+    with ``prefix`` segments gets the same ids wherever it names the same content (segment id and offset), so
+    requests that share a prefix in the trace share it token for token."""
     rng = random.Random(seed)
-    return [[rng.randrange(vocab) for _ in range(s.prompt_len)] for s in specs]
+    return [
+        segment_tokens(s, vocab, seed) if s.prefix else [rng.randrange(vocab) for _ in range(s.prompt_len)]
+        for s in specs
+    ]
+
+
+def segment_tokens(spec: RequestSpec, vocab: int, seed: int, run: int = 64) -> list[int]:
+    """Token ids of a prompt given as content segments: each ``run`` tokens of a segment drawn from a generator
+    seeded by (seed, segment id, offset), past the segments from one seeded by the request id."""
+    out: list[int] = []
+    for sid, length in spec.prefix:
+        for off in range(0, length, run):
+            rng = random.Random(f"{seed}/{sid}/{off}")
+            out.extend(rng.randrange(vocab) for _ in range(min(run, length - off)))
+            if len(out) >= spec.prompt_len:
+                return out[: spec.prompt_len]
+    rng = random.Random(f"{seed}/{spec.request_id}")
+    out.extend(rng.randrange(vocab) for _ in range(spec.prompt_len - len(out)))
+    return out
 
 
 def serving_node(
@@ -152,6 +201,7 @@ def serving_node(
     clock: Callable[[], float],
     queue_timeout: float | None = None,
     admission: str = "none",
+    prefix_caching: bool = False,
 ) -> tuple[Node, EngineExecutor]:
     """A node whose steps run on ``runner`` and are stamped by ``clock`` (serving: no fast-forward)."""
     executor = EngineExecutor(runner, clock)
@@ -162,8 +212,11 @@ def serving_node(
         queue_timeout=queue_timeout,
         fast_forward=False,
         admission=admission,
+        prefix_caching=prefix_caching,
     )
-    return Node(policy, cost_model, config, executor=executor), executor
+    node = Node(policy, cost_model, config, executor=executor)
+    executor.attach(node)
+    return node, executor
 
 
 def replay(
@@ -176,6 +229,7 @@ def replay(
     queue_timeout: float | None = None,
     progress: ProgressFn | None = None,
     admission: str = "none",
+    prefix_caching: bool = False,
 ) -> NodeResult:
     """Replay ``workload`` on the wall clock: requests arrive at their trace times (random prompt tokens of
     the trace's lengths) and run to the trace's output length, as benchmark clients with ignore_eos do."""
@@ -189,7 +243,9 @@ def replay(
     def clock() -> float:
         return time.perf_counter() - t0
 
-    node, executor = serving_node(runner, policy, cost_model, default_slo, clock, queue_timeout, admission)
+    node, executor = serving_node(
+        runner, policy, cost_model, default_slo, clock, queue_timeout, admission, prefix_caching
+    )
     total = len(specs)
     if progress is not None:
         node.on_finish = lambda _r: progress(len(node.done), total)
@@ -200,7 +256,8 @@ def replay(
         while i < total and specs[i].arrival - base <= now:
             s = specs[i]
             executor.add_prompt(s.request_id, prompts[i])
-            node.submit(node.new_request(s.request_id, s.arrival - base, s.prompt_len, s.slo), s.output_len)
+            hashes = executor.block_hashes(s.request_id) if prefix_caching else ()
+            node.submit(node.new_request(s.request_id, s.arrival - base, s.prompt_len, s.slo, hashes), s.output_len)
             i += 1
         node.clock = clock()
         if not (node.has_work and node.step(horizon=float("inf"))) and i < total:

@@ -120,9 +120,16 @@ class Summary:
     gpu_busy: float
     preemptions: int
     per_request: list[RequestMetrics] = field(default_factory=list)
+    # With prefix caching: the share of scheduled requests' prompt tokens served from the cache (None: off,
+    # and then absent from the JSON, so results without caching read as before).
+    prefix_hit_rate: float | None = None
 
     def to_dict(self, with_requests: bool = False) -> dict:
-        d = {f.name: _plain(getattr(self, f.name)) for f in fields(self) if f.name != "per_request"}
+        d = {
+            f.name: _plain(getattr(self, f.name))
+            for f in fields(self)
+            if f.name != "per_request" and not (f.name == "prefix_hit_rate" and self.prefix_hit_rate is None)
+        }
         if with_requests:
             d["per_request"] = [asdict(m) for m in self.per_request]
         return d
@@ -158,6 +165,7 @@ def summarize(
     end_time: float,
     busy_time: float,
     preemptions: int,
+    prefix_caching: bool = False,
 ) -> Summary:
     per = [request_metrics(r) for r in requests]
     n = len(per)
@@ -190,4 +198,12 @@ def summarize(
         gpu_busy=min(1.0, busy_time / duration),
         preemptions=preemptions,
         per_request=per,
+        prefix_hit_rate=prefix_hit_rate(requests) if prefix_caching else None,
     )
+
+
+def prefix_hit_rate(requests: list[Request]) -> float:
+    """Prompt tokens served from a prefix cache over the prompt tokens of the requests that were scheduled."""
+    scheduled = [r for r in requests if r.first_scheduled is not None]
+    total = sum(r.prompt_len for r in scheduled)
+    return sum(r.prefix_hit for r in scheduled) / total if total else 0.0

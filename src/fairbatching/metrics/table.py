@@ -47,9 +47,21 @@ DEFAULT_COLUMNS: list[tuple[str, str, str]] = [
 ]
 
 
+HIT_COLUMN = ("prefix hit", "prefix_hit_rate", "pct")
+
+
+def _with_hits(columns: list[tuple[str, str, str]], summaries: Sequence[Summary]) -> list[tuple[str, str, str]]:
+    """The columns, plus the prefix-cache hit rate when any run cached prefixes (tables without stay as they were)."""
+    if any(s.prefix_hit_rate is not None for s in summaries):
+        return [*columns, HIT_COLUMN]
+    return columns
+
+
 def value(s: Summary, key: str) -> float:
     head, _, tail = key.partition(".")
     v = getattr(s, head)
+    if v is None:  # a prefix hit rate beside runs without caching
+        return float("nan")
     return getattr(v, tail) if tail else v
 
 
@@ -170,7 +182,7 @@ def summary_table(
     """Policies side by side. The refused count is a default column whenever ``refused`` (the run had admission
     control) or any request was refused, and so is the timed-out count when any timed out: a tail that looks
     good because its worst requests were turned away must say so."""
-    columns = COLUMNS if wide else DEFAULT_COLUMNS
+    columns = _with_hits(COLUMNS if wide else DEFAULT_COLUMNS, summaries)
     if not wide:
         shown = {
             "rejected": refused or any(s.rejected for s in summaries),
@@ -194,17 +206,19 @@ def show(console: Console, table: FittedTable) -> None:
 
 
 def write_summary_csv(summaries: Sequence[Summary], path: str | Path) -> None:
+    columns = _with_hits(COLUMNS, summaries)
     with Path(path).open("w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["policy", "workload", "requests", *(k for _, k, _ in COLUMNS)])
+        w.writerow(["policy", "workload", "requests", *(k for _, k, _ in columns)])
         for s in summaries:
-            w.writerow([s.policy, s.workload, s.requests, *(value(s, k) for _, k, _ in COLUMNS)])
+            w.writerow([s.policy, s.workload, s.requests, *(value(s, k) for _, k, _ in columns)])
 
 
 def markdown_table(summaries: Sequence[Summary]) -> str:
-    head = "| policy | " + " | ".join(h for h, _, _ in COLUMNS) + " |"
-    sep = "|---|" + "---:|" * len(COLUMNS)
-    rows = [f"| {s.policy} | " + " | ".join(_fmt(value(s, k), f) for _, k, f in COLUMNS) + " |" for s in summaries]
+    columns = _with_hits(COLUMNS, summaries)
+    head = "| policy | " + " | ".join(h for h, _, _ in columns) + " |"
+    sep = "|---|" + "---:|" * len(columns)
+    rows = [f"| {s.policy} | " + " | ".join(_fmt(value(s, k), f) for _, k, f in columns) + " |" for s in summaries]
     return "\n".join([head, sep, *rows])
 
 

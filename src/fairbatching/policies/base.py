@@ -258,7 +258,7 @@ class BatchBuilder:
             if victim is exclude or id(victim) in self.scheduled_ids() or victim in self.plan.preempted:
                 continue
             self.plan.preempted.append(victim)
-            self.free_blocks += victim.num_blocks
+            self.free_blocks += self.state.kv.blocks_freed_by(victim)
             self.resident -= 1
             return True
         return False
@@ -267,7 +267,7 @@ class BatchBuilder:
         """No one else left to evict: a running request that cannot grow gives its own KV back (as vLLM)."""
         if request.num_blocks and request not in self.plan.preempted:
             self.plan.preempted.append(request)
-            self.free_blocks += request.num_blocks
+            self.free_blocks += self.state.kv.blocks_freed_by(request)
             self.resident -= 1
 
     def largest_chunk(self, request: Request, limit: int, time_budget: float) -> int:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from mypy_extensions import mypyc_attr
 
-from fairbatching.core.kv import BlockAllocator, KVCacheConfig
+from fairbatching.core.kv import BlockAllocator, KVCacheConfig, PrefixCachingAllocator
 from fairbatching.core.modes import Admission, parse_mode
 from fairbatching.core.plan import BatchPlan
 from fairbatching.core.request import SLO, Request, RequestStatus
@@ -44,6 +44,9 @@ class NodeConfig:
     # FairBatching-PAB on the node: a request whose prompt does not fit the node's Prefill Admission Budget
     # (horizon: its own TTFT) is rejected, or deferred until it fits or can no longer make its TTFT.
     admission: Admission = Admission.NONE
+    # Automatic prefix caching (``core.kv.PrefixCachingAllocator``): a request's prefill starts after the
+    # longest prefix of its blocks this node still has cached.
+    prefix_caching: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "admission", parse_mode(Admission, self.admission, "admission"))
@@ -93,7 +96,7 @@ class Node:
         self.cost = cost_model
         self.config = config
         self.name = name
-        self.kv = BlockAllocator(config.kv)
+        self.kv = PrefixCachingAllocator(config.kv) if config.prefix_caching else BlockAllocator(config.kv)
         self.running: list[Request] = []
         self.waiting: list[Request] = []
         self.done: list[Request] = []
@@ -111,8 +114,16 @@ class Node:
         self._stretch: _Stretch | None = None
         self.on_finish: Callable[[Request], None] | None = None
 
-    def new_request(self, request_id: str, arrival: float, prompt_len: int, slo: SLO | None) -> Request:
-        """A request view carrying this node's policy's deadline settings."""
+    def new_request(
+        self,
+        request_id: str,
+        arrival: float,
+        prompt_len: int,
+        slo: SLO | None,
+        block_hashes: tuple[int, ...] = (),
+    ) -> Request:
+        """A request view carrying this node's policy's deadline settings (and its block hashes when this node
+        caches prefixes)."""
         p = self.policy
         return Request(
             request_id,
@@ -121,6 +132,7 @@ class Node:
             slo or self.config.default_slo,
             slack_carry=p.slack_carry,
             decode_grace=p.decode_grace,
+            block_hashes=block_hashes if self.config.prefix_caching else (),
         )
 
     def submit(self, r: Request, output_len: int) -> None:
@@ -131,6 +143,7 @@ class Node:
         if reason:
             self._end(r, RequestStatus.REJECTED, reason)
             return
+        self.kv.lookup(r)  # a cached prefix is not prefill work: every check below prices the rest
         if self.config.admission == "none":
             self.waiting.append(r)
             return
@@ -222,8 +235,11 @@ class Node:
         self.iterations += 1
         finished = []
         targets = self.targets
+        caching = kv.caching
         for r, n in zip(plan.requests, plan.chunks, strict=True):
             c = r.num_computed = r.num_computed + n
+            if caching:
+                kv.commit(r)
             if c == r.num_tokens:
                 times = r.token_times
                 if times:  # ``Request.record_token`` for a later token, inlined: once per decode per step
@@ -287,12 +303,18 @@ class Node:
         # ``BlockAllocator.allocate`` inlined: ``_fast_forward`` sized the stretch so the free blocks cover it.
         bs = kv.block_size
         used = 0
+        caching = kv.caching
         for r in running:
             c = r.num_computed = r.num_computed + k
             need = -(-c // bs) - r.num_blocks
             if need > 0:
-                r.num_blocks += need
-                used += need
+                if caching:
+                    kv.grow(r, need)
+                else:
+                    r.num_blocks += need
+                    used += need
+            if caching:
+                kv.commit(r)
             r.num_tokens += k
             r.token_times.extend(times)
             r.next_deadline += k * r.tpot
@@ -358,6 +380,7 @@ class Node:
         for r in plan.preempted:
             kv.free(r)
             r.reset_for_recompute()
+            kv.lookup(r)  # with prefix caching its own blocks, just released, are likely still cached
         waiting[:0] = plan.preempted[::-1]
         return len(plan.preempted)
 
@@ -366,9 +389,12 @@ class Node:
         """Reserve the plan's KV and move newly scheduled requests from waiting to running."""
         bs = kv.block_size
         admitted = []
+        caching = kv.caching
         for r, n in zip(plan.requests, plan.chunks, strict=True):
             held = r.num_blocks
-            if r.num_computed + n > held * bs:
+            if caching and not held and r.status is WAITING:
+                kv.admit(r)
+            if r.num_computed + n > r.num_blocks * bs:
                 kv.allocate(r, n)
             if not held and r.status is WAITING:
                 r.status = RequestStatus.RUNNING
@@ -407,7 +433,10 @@ class Node:
 
 
 def _refusal(budget: AdmissionBudget, r: Request) -> str:
-    return f"admission control: prefill budget {budget.tokens_within(budget.horizon)} tokens < prompt {r.prompt_len}"
+    uncached = r.num_tokens - r.num_computed  # a cached prefix is not prefill work
+    cached = f" ({r.num_computed} cached)" if r.num_computed else ""
+    tokens = budget.tokens_within(budget.horizon)
+    return f"admission control: prefill budget {tokens} tokens < prompt {uncached}{cached}"
 
 
 def _log_iteration(

@@ -85,7 +85,8 @@ class Simulator:
         with paused_gc():
             for s in specs:
                 node.advance_to(s.arrival)
-                node.submit(node.new_request(s.request_id, s.arrival, s.prompt_len, s.slo), s.output_len)
+                hashes = s.block_hashes(node.kv.block_size) if node.config.prefix_caching else ()
+                node.submit(node.new_request(s.request_id, s.arrival, s.prompt_len, s.slo, hashes), s.output_len)
             node.drain()
         if progress is not None:
             progress(len(node.done), total)

@@ -31,7 +31,7 @@ class BundledTrace:
 
 
 _AZURE = "Azure LLM inference trace 2023 (Splitwise, ISCA 2024)"
-_MOONCAKE = "Mooncake FAST25 release, hash_ids dropped"
+_MOONCAKE = "Mooncake FAST25 release, hash_ids kept (compact)"
 
 BUNDLED: dict[str, BundledTrace] = {
     t.name: t

@@ -15,7 +15,12 @@ from fairbatching.core.request import SLO
 from fairbatching.errors import ConfigError
 from fairbatching.workloads.bundled import BUNDLED, resolve_trace
 from fairbatching.workloads.spec import Workload
-from fairbatching.workloads.synthetic import CONVERSATION_OUTPUTS, CONVERSATION_PROMPTS, synthetic_workload
+from fairbatching.workloads.synthetic import (
+    CONVERSATION_OUTPUTS,
+    CONVERSATION_PROMPTS,
+    conversation_workload,
+    synthetic_workload,
+)
 from fairbatching.workloads.traces import load_trace
 
 
@@ -25,8 +30,11 @@ class WorkloadFamily:
     trace: str | None = None  # a bundled trace name (see `fairbatching traces`) or a path
     burstiness: float = 4.0  # synthetic families only
     slo_classes: tuple[tuple[float, SLO], ...] = ()  # synthetic families only: (weight, SLO) per tenant class
+    multi_turn: bool = False  # the multi-turn conversation generator (turns share their history)
 
     def build(self, qps: float, seed: int, num_requests: int) -> Workload:
+        if self.multi_turn:
+            return conversation_workload(num_requests, qps, seed, self.name)
         if self.trace is None:
             return synthetic_workload(
                 num_requests,
@@ -98,6 +106,8 @@ FAMILIES: dict[str, WorkloadFamily] = {
         WorkloadFamily("default"),
         # Two tenants on one node: interactive (0.5 s / 50 ms) and relaxed (8 s / 200 ms), half each.
         WorkloadFamily("mixed-slo", slo_classes=((1.0, SLO(0.5, 0.05)), (1.0, SLO(8.0, 0.2)))),
+        # Multi-turn chat whose turns share their history: what prefix caching is for.
+        WorkloadFamily("multi-turn", multi_turn=True),
         *(WorkloadFamily(name, name) for name in BUNDLED),
     )
 }

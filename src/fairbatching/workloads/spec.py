@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from fairbatching.core.kv import segment_block_hashes
 from fairbatching.core.request import SLO
 from fairbatching.errors import ConfigError
 
@@ -18,6 +19,15 @@ class RequestSpec:
     prompt_len: int
     output_len: int
     slo: SLO | None = None
+    # What the request's tokens are, as content segments (id, tokens): equal ids at equal offsets are equal
+    # tokens, so requests that share a prefix share KV blocks under prefix caching (empty: nothing shared).
+    prefix: tuple[tuple[int, int], ...] = ()
+
+    def block_hashes(self, block_size: int) -> tuple[int, ...]:
+        """Chained hashes of the full blocks its segments cover, prompt and output (see ``core.kv``)."""
+        if not self.prefix:
+            return ()
+        return segment_block_hashes(self.prefix, self.prompt_len + self.output_len, block_size)
 
 
 @dataclass(frozen=True)

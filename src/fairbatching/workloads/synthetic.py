@@ -83,3 +83,75 @@ def synthetic_workload(
 def default_workload(num_requests: int = 2000, qps: float = 6.0, seed: int = 0) -> Workload:
     """The embedded default: conversation-like lengths with bursty arrivals (burstiness 4)."""
     return synthetic_workload(num_requests, qps, burstiness=4.0, seed=seed, name="default-conversation-bursty")
+
+
+# Multi-turn chat: a few shared system prompts, user messages, model replies, and a user's pause per turn.
+SYSTEM_PROMPTS = (400, 800, 1200, 2000)  # tokens; conversations pick one uniformly
+USER_MESSAGES = LengthDist(median=150, sigma=0.8, lo=8, hi=2048)
+MAX_CONVERSATION_PROMPT = 16384
+
+
+def _covered(rows: list, n: int, start: float, conversations: int) -> bool:
+    """Whether ``rows`` hold ``n`` arrivals before ``start`` (checked every 64 conversations: it sorts)."""
+    if len(rows) < n or conversations % 64:
+        return False
+    return sorted(r[0] for r in rows)[n - 1] < start
+
+
+def conversation_workload(
+    num_requests: int,
+    qps: float,
+    seed: int = 0,
+    name: str = "conversation",
+    mean_turns: float = 4.0,
+    think_s: tuple[float, float] = (5.0, 25.0),
+) -> Workload:
+    """Multi-turn conversations whose turns share their history, for prefix caching.
+
+    Conversations start as Poisson arrivals at ``qps / mean_turns``, from well before time 0 so the window
+    opens in steady state (its first turns may continue conversations begun before it, as a trace window
+    does), and the arrivals are then stretched so the mean rate is exactly ``qps``.
+    Each has a geometric number of turns (mean ``mean_turns``); turn k's prompt is the conversation's system
+    prompt, every earlier user message and reply, and its own message; it arrives a pause after turn k-1
+    (``think_s[0]`` plus an exponential of mean ``think_s[1]`` seconds: time to read the reply and type),
+    independent of load. The request's ``prefix`` names that history (one segment per system prompt, one per
+    conversation, offsets as positions), so turn k+1 can reuse turn k's prompt and reply blocks. A
+    conversation ends early once a prompt would pass ``MAX_CONVERSATION_PROMPT`` tokens. The first
+    ``num_requests`` requests by arrival are kept.
+    """
+    if num_requests < 1:
+        raise ConfigError(f"num_requests must be >= 1, got {num_requests}")
+    if not qps > 0:
+        raise ConfigError(f"qps must be positive, got {qps}")
+    if not mean_turns >= 1:
+        raise ConfigError(f"mean_turns must be >= 1, got {mean_turns}")
+    rng = np.random.default_rng(seed)
+    rows: list[tuple[float, int, int, tuple[tuple[int, int], ...]]] = []
+    start = -2.0 * mean_turns * (think_s[0] + think_s[1])  # a conversation's span, twice over: steady state by 0
+    conv = 0
+    # Until the first ``num_requests`` arrivals after 0 are all drawn: a conversation's turns come after its start.
+    while not _covered(rows, num_requests, start, conv):
+        conv += 1
+        start += rng.exponential(mean_turns / qps)
+        system = int(rng.integers(len(SYSTEM_PROMPTS)))
+        sys_len = SYSTEM_PROMPTS[system]
+        turns = int(rng.geometric(1.0 / mean_turns))
+        t, history = start, 0
+        for _ in range(turns):
+            user = int(USER_MESSAGES.sample(rng, 1)[0])
+            output = int(CONVERSATION_OUTPUTS.sample(rng, 1)[0])
+            prompt = sys_len + history + user
+            if prompt + output > MAX_CONVERSATION_PROMPT:
+                break
+            if t >= 0:
+                rows.append((t, prompt, output, ((-1 - system, sys_len), (conv, history + user + output))))
+            history += user + output
+            t += think_s[0] + rng.exponential(think_s[1])
+    rows.sort(key=lambda r: r[0])
+    kept = rows[:num_requests]
+    t0 = kept[0][0]
+    reqs = tuple(
+        RequestSpec(f"c{i}", t - t0, p, o, prefix=segments) for i, (t, p, o, segments) in enumerate(kept)
+    )
+    meta = {"qps": qps, "seed": seed, "kind": "multi-turn", "mean_turns": mean_turns}
+    return Workload(name, reqs, meta).rescaled(qps)

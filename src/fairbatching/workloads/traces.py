@@ -2,7 +2,10 @@
 
 - Azure LLM inference trace 2023 (CSV: TIMESTAMP, ContextTokens, GeneratedTokens; absolute wall clock)
 - BurstGPT (CSV: Timestamp [s from start], Model, Request tokens, Response tokens, Total tokens, Log Type)
-- Mooncake (JSONL: timestamp [ms from start], input_length, output_length, hash_ids)
+- Mooncake (JSONL: timestamp [ms from start], input_length, output_length, hash_ids). ``hash_ids`` name the
+  prompt's 512-token blocks (equal ids: equal content and prefix); they become the request's ``prefix``
+  segments, so prefix caching shares what the trace says is shared. The bundled copies carry them compactly
+  as ``shared_hash_ids`` (see ``_mooncake``).
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ from fairbatching.errors import WorkloadError
 from fairbatching.workloads.bundled import BUNDLED, bundled_name, resolve_trace
 from fairbatching.workloads.spec import RequestSpec, Workload
 
-Row = tuple[float, int, int]
+Segments = tuple[tuple[int, int], ...]
+Row = tuple[float, int, int, Segments]
+MOONCAKE_BLOCK = 512  # tokens per Mooncake hash id
 
 
 def _open(path: Path, **kwargs):
@@ -93,6 +98,7 @@ def _azure(path: Path, skipped: list[int]) -> Iterator[Row]:
             ts - t0,
             _int_field(path, line, row, "ContextTokens", 1),
             _int_field(path, line, row, "GeneratedTokens", 1),
+            (),
         )
 
 
@@ -104,10 +110,54 @@ def _burstgpt(path: Path, skipped: list[int]) -> Iterator[Row]:
         if prompt == 0 or output == 0:
             skipped.append(line)  # BurstGPT logs failed requests with zero tokens; they carry no work to replay.
             continue
-        yield ts, prompt, output
+        yield ts, prompt, output, ()
+
+
+def _id_ranges(path: Path, line: int, raw: object) -> list[int]:
+    """``"0 46-58"`` -> [0, 46, 47, ..., 58]: the bundled traces' compact hash id lists."""
+    if not isinstance(raw, str):
+        raise WorkloadError(f"{path}: line {line}: shared_hash_ids must be a string of ids and ranges: {_short(raw)}")
+    ids: list[int] = []
+    try:
+        for part in raw.split():
+            lo, _, hi = part.partition("-")
+            ids.extend(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise WorkloadError(f"{path}: line {line}: shared_hash_ids is not ids and ranges: {_short(raw)}") from None
+    return ids
+
+
+def _hash_ids(path: Path, line: int, rec: dict, prompt: int, next_id: int) -> list[int]:
+    """A row's hash ids: the published ``hash_ids`` list, or the bundled form, where ``shared_hash_ids`` lists
+    the ids the request shares with earlier rows (ranges, ``"0 46-58"``) and the rest of its
+    ceil(input_length / 512) ids are new, numbered on from the largest id of the rows before it (as the
+    release numbers them: every new id is the next one, after the shared ones)."""
+    raw = rec.get("hash_ids")
+    if raw is not None:
+        if not isinstance(raw, list) or not all(isinstance(h, int) and not isinstance(h, bool) for h in raw):
+            raise WorkloadError(f"{path}: line {line}: hash_ids must be a list of integers: {_short(raw)}")
+        return raw
+    if "shared_hash_ids" not in rec:
+        return []
+    shared = _id_ranges(path, line, rec["shared_hash_ids"])
+    fresh = max(0, -(-prompt // MOONCAKE_BLOCK) - len(shared))
+    return shared + list(range(next_id, next_id + fresh))
+
+
+def _segments(ids: list[int], prompt: int) -> Segments:
+    """Mooncake hash ids as content segments of the prompt (the last one as long as what is left of it)."""
+    segs = []
+    left = prompt
+    for h in ids:
+        if left <= 0:
+            break
+        segs.append((h, min(MOONCAKE_BLOCK, left)))
+        left -= MOONCAKE_BLOCK
+    return tuple(segs)
 
 
 def _mooncake(path: Path, skipped: list[int]) -> Iterator[Row]:
+    next_id = 0
     with _open(path, encoding=ENCODING) as f:
         for line, text in enumerate(f, start=1):
             if not text.strip():
@@ -122,10 +172,16 @@ def _mooncake(path: Path, skipped: list[int]) -> Iterator[Row]:
             if missing:
                 raise WorkloadError(f"{path}: line {line}: missing field(s) {', '.join(missing)}")
             ts = _timestamp(path, line, "timestamp", rec["timestamp"], 1e-3)
-            yield ts, _int_field(path, line, rec, "input_length", 1), _int_field(path, line, rec, "output_length", 1)
+            prompt = _int_field(path, line, rec, "input_length", 1)
+            output = _int_field(path, line, rec, "output_length", 1)
+            ids = _hash_ids(path, line, rec, prompt, next_id)
+            if ids:
+                next_id = max(next_id, max(ids) + 1)
+            yield ts, prompt, output, _segments(ids, prompt)
 
 
-# Each loader yields (arrival s, prompt tokens, output tokens) and appends the line of every row it skips.
+# Each loader yields (arrival s, prompt tokens, output tokens, content segments) and appends the line of every
+# row it skips.
 TRACE_FORMATS: dict[str, Callable[[Path, list[int]], Iterator[Row]]] = {
     "azure": _azure,
     "burstgpt": _burstgpt,
@@ -177,6 +233,8 @@ def load_trace(path: str | Path, fmt: str = "auto", limit: int | None = None) ->
         raise WorkloadError(f"{path}: the trace has no requests")
     rows.sort(key=lambda r: r[0])
     t0 = rows[0][0]
-    reqs = tuple(RequestSpec(f"{_plain(path).stem}-{i}", t - t0, p, o) for i, (t, p, o) in enumerate(rows))
+    reqs = tuple(
+        RequestSpec(f"{_plain(path).stem}-{i}", t - t0, p, o, prefix=seg) for i, (t, p, o, seg) in enumerate(rows)
+    )
     meta = {"kind": "trace", "format": fmt, "path": str(path), "skipped_rows": len(skipped)}
     return Workload(bundled_name(path) or _plain(path).stem, reqs, meta)
