@@ -27,6 +27,7 @@ from fairbatching.cli_options import (
     SeedsOpt,
     SloArgs,
     SweepArgs,
+    UnderTestOpt,
     WideOpt,
     WorkloadArgs,
     WorkloadOpt,
@@ -161,6 +162,7 @@ def capacity(
     profile: ProfileOpt = None,
     sw: SweepArgs,
     out: Annotated[Path | None, typer.Option("--out", help="Write capacity.json here")] = None,
+    under_test: UnderTestOpt = "fairbatching",
 ) -> None:
     """Highest request rate each policy sustains at the SLO-attainment target (bracketing + bisection)."""
     from fairbatching.costmodel.profile import load_profile
@@ -170,6 +172,7 @@ def capacity(
     from fairbatching.workloads.families import family
 
     names = policy_names(policies)
+    policy_names(under_test)
     if out:
         check_output_dir(out)
     fam = family(workload)
@@ -181,7 +184,7 @@ def capacity(
     bound = spec_bound(base, seeds)
     with Activity(console) as status:
         results = policy_capacities(base, names, sweeper, target, seeds, start, tolerance, console.print, status)
-    for line in capacity_lines(results, bound, num):
+    for line in capacity_lines(results, bound, num, under_test):
         out_console.print(line)
     if out:
         with staged_dir(out) as tmp:
@@ -237,17 +240,21 @@ def evaluate(
     tolerance: ToleranceOpt = 0.02,
     profile: ProfileOpt = None,
     sw: SweepArgs,
+    under_test: UnderTestOpt = "fairbatching",
 ) -> None:
     """The single-node evaluation: capacities, clairvoyant bounds, equal-load P99 TTFT, curves, slack."""
     from fairbatching.evaluation import evaluate as ev
 
     names = policy_names(policies)
+    policy_names(under_test)
     parsed = ev.parse_scenarios(scenarios)
     check_output_dir(out)
     ev.check_scenarios(parsed, profile)
     sweeper = sw.sweeper()
     with Activity(console) as status:
-        rows = ev.evaluate(parsed, names, sweeper, out, num, seeds, target, tolerance, profile, console.print, status)
+        rows = ev.evaluate(
+            parsed, names, sweeper, out, num, seeds, target, tolerance, profile, console.print, status, under_test
+        )
         table, page, plots = ev.write_report(rows, parsed, names, out, num, target, profile, status)
     out_console.print(table)
     console.print(f"wrote {out}/evaluation.json, evaluation.md, {page.name} and {plots} plots")
@@ -279,13 +286,15 @@ def cluster(
     profile: ProfileOpt = None,
     sw: SweepArgs,
     out: Annotated[Path | None, typer.Option("--out", help="Write cluster.json here")] = None,
+    under_test: UnderTestOpt = "fairbatching",
 ) -> None:
     """Compare node-policy + router stacks on a simulated cluster (one load, or capacity with --capacity)."""
     from fairbatching.costmodel.profile import load_profile
     from fairbatching.runs import ClusterShape, RunSpec, check_slo_feasible
 
+    policy_names(under_test)
     shape = ClusterShape(nodes, "pab", report_interval, report_delay)
-    base = RunSpec("fairbatching", workload, qps, 0, num, slo.ttft, slo.tpot, profile, cluster=shape)
+    base = RunSpec(under_test, workload, qps, 0, num, slo.ttft, slo.tpot, profile, cluster=shape)
     if out:
         check_output_dir(out)
     check_slo_feasible(slo.slo, load_profile(profile))
@@ -295,13 +304,14 @@ def cluster(
 def _cluster(
     base: RunSpec, pairs: str, sw: SweepArgs, capacity: bool, seeds: int, tolerance: float, out: Path | None
 ) -> None:
+    """``base.policy`` is the policy under test: the stacks of other policies are the baselines."""
     from fairbatching.evaluation import cluster as cl
 
     stacks = cl.cluster_stacks(pairs, base)
     sweeper = sw.sweeper()
     if capacity:
         rows = cl.stack_capacities(stacks, sweeper, seeds, tolerance, console.print, lambda: Activity(console))
-        lines = cl.capacity_lines(rows)
+        lines = cl.capacity_lines(rows, base.policy)
     else:
         with progress_bar(console, label_width=14) as bar:
             task = bar.add_task("cluster", total=len(stacks))
@@ -343,6 +353,18 @@ def profiles() -> None:
         default = " (default)" if name == DEFAULT_PROFILE else ""
         line = f"{name}{default}  [{p.source}]  KV {p.kv.capacity_tokens:,} tokens  {p.note[:80]}"
         out_console.print(line, markup=False)
+
+
+@app.command(context_settings=HELP_UNSET)
+def options() -> None:
+    """List every policy's options (`-o policy.key=value`): default, type and range, and what each does."""
+    from fairbatching.config import POLICY_CONFIGS, options_of
+
+    for name, config in POLICY_CONFIGS.items():
+        out_console.print(name, style="bold", markup=False)
+        for opt in options_of(config).values():
+            line = f"  {opt.name:22s} {json.dumps(opt.default):>6s}  {opt.describe()}: {opt.help}"
+            out_console.print(line, markup=False, highlight=False)
 
 
 def _serve_commands() -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from fairbatching.core.kv import KVCacheConfig
+from fairbatching.core.request import SLO
 from fairbatching.costmodel.model import CostModel, CostParams
 from fairbatching.errors import ConfigError, ProfileError
 
@@ -106,6 +107,19 @@ def _check_usable(profile: Profile, origin: str) -> None:
             f"{origin}: the cost model prices a 2048-token prefill ({prefill!r} s) no higher than a one-token "
             f"decode ({step!r} s): its token and attention coefficients are zero"
         )
+
+
+def check_slo_feasible(slo: SLO, profile: Profile, names: tuple[str, str] = ("TTFT SLO", "TPOT SLO")) -> None:
+    """Reject SLOs no schedule can meet on this hardware: a TTFT or TPOT below one lone decode step.
+
+    ``names``: what the caller's message calls the TTFT and the TPOT (an option, a setting and its source)."""
+    step = profile.cost_model().predict(1, 1, 1, 1.0)
+    for name, value in zip(names, (slo.ttft, slo.tpot), strict=True):
+        if value < step:
+            raise ConfigError(
+                f"{name} {value * 1e3:.3g} ms is below the fastest possible decode step "
+                f"({step * 1e3:.3g} ms on profile {profile.name}): no schedule can meet it"
+            )
 
 
 def _bundled() -> dict[str, Path]:

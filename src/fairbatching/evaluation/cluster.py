@@ -87,6 +87,7 @@ def stack_capacities(
         rows.append(
             {
                 "stack": s.label,
+                "policy": s.policy,
                 "capacity_qps": res.capacity_qps,
                 "bracket": res.bracket,
                 "curve": [asdict(p) for p in res.curve],
@@ -95,8 +96,9 @@ def stack_capacities(
     return rows
 
 
-def capacity_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
-    base = max((r["capacity_qps"] for r in rows if not r["stack"].startswith("fairbatching")), default=0.0)
+def capacity_lines(rows: Sequence[dict[str, Any]], under_test: str | None = None) -> list[str]:
+    """Each stack's capacity, against the best stack whose node policy is not ``under_test`` (the baselines)."""
+    base = max((r["capacity_qps"] for r in rows if r["policy"] != under_test), default=0.0)
     lines = []
     for r in rows:
         gain = f"  ({r['capacity_qps'] / base - 1:+.1%} vs best baseline stack)" if base else ""

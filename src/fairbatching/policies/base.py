@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 from mypy_extensions import mypyc_attr
 
+from fairbatching.config import PolicyConfig
 from fairbatching.core.kv import BlockAllocator
 from fairbatching.core.plan import BatchPlan
 from fairbatching.core.request import Request
@@ -34,6 +36,8 @@ class Policy(ABC):
     """A batch-formation policy. One ``schedule`` call plans one iteration."""
 
     name: str = "policy"
+    #: The policy's options, declared once (``fairbatching.config``): what its constructor reads.
+    config_type: ClassVar[type[PolicyConfig]] = PolicyConfig
     #: How much of a first token's lead over its TTFT deadline a backend carries into decode deadlines
     #: (``Request.slack_carry``); only deadline-aware policies care.
     slack_carry: float = 1.0
@@ -44,9 +48,13 @@ class Policy(ABC):
     #: each iteration; a test holds every policy that sets it to the promise.
     schedules_all_decodes_when_idle: bool = True
 
-    def __init__(self, cost_model: BatchPricer, max_num_batched_tokens: int = 8192, max_num_seqs: int = 256) -> None:
+    def __init__(
+        self, cost_model: BatchPricer, config: PolicyConfig, max_num_batched_tokens: int, max_num_seqs: int
+    ) -> None:
+        """``config``: the checked options the policy was built from; the limits: what it derived from them."""
         if max_num_batched_tokens < 1 or max_num_seqs < 1:
             raise ValueError("max_num_batched_tokens and max_num_seqs must be >= 1")
+        self.config = config
         self.cost_model = cost_model
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs

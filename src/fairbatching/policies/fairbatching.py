@@ -5,7 +5,9 @@ from __future__ import annotations
 import math
 from itertools import accumulate
 from operator import attrgetter
+from typing import Any
 
+from fairbatching.config import FairBatchingConfig
 from fairbatching.core.envelope import count_urgent
 from fairbatching.core.plan import BatchPlan
 from fairbatching.core.request import Request
@@ -49,55 +51,26 @@ class FairBatchingPolicy(Policy):
     ``late_age_limit`` (in TTFT SLOs waited) puts one that has waited that long back in deadline order.
     """
 
-    name = "fairbatching"
+    name = FairBatchingConfig.policy
+    config_type = FairBatchingConfig
 
-    def __init__(
-        self,
-        cost_model: BatchPricer,
-        max_num_batched_tokens: int = 8192,
-        max_num_seqs: int = 256,
-        max_batch_time: float | None = None,
-        min_chunk: int = 32,
-        urgency_margin: float = 1.0,
-        edf_window: int = 128,
-        slack_carry: float = 0.0,
-        min_budget_fraction: float = 0.5,
-        kv_reserve_fraction: float = 0.01,
-        kv_high_watermark: float = 0.5,
-        yield_reserve: float = 1.0,
-        decode_grace: float = 0.0,
-        mixed_amortization: float = 6.0,
-        late_last: bool = True,
-        late_age_limit: float | None = None,
-    ) -> None:
-        super().__init__(cost_model, max_num_batched_tokens, max_num_seqs)
-        self.late_last = late_last
-        if late_age_limit is not None and not late_age_limit > 0:
-            raise ValueError("late_age_limit must be positive (TTFT SLOs waited)")
-        self.late_age_limit = late_age_limit
-        if yield_reserve < 0:
-            raise ValueError("yield_reserve must be >= 0")
-        self.yield_reserve = yield_reserve
-        if mixed_amortization < 0:
-            raise ValueError("mixed_amortization must be >= 0")
-        self.mixed_amortization = mixed_amortization
-        if max_batch_time is not None and max_batch_time <= 0:
-            raise ValueError("max_batch_time must be positive")
-        self.max_batch_time = math.inf if max_batch_time is None else max_batch_time
-        self.min_chunk = min_chunk
-        self.urgency_margin = urgency_margin
-        self.edf_window = edf_window
-        if not 0.0 <= slack_carry <= 1.0:
-            raise ValueError("slack_carry must be in [0, 1]")
-        self.slack_carry = slack_carry
-        if not 0.0 <= min_budget_fraction <= 1.0:
-            raise ValueError("min_budget_fraction must be in [0, 1]")
-        self.min_budget_fraction = min_budget_fraction
-        self.kv_reserve_fraction = kv_reserve_fraction
-        self.kv_high_watermark = kv_high_watermark
-        if decode_grace < 0:
-            raise ValueError("decode_grace must be >= 0")
-        self.decode_grace = decode_grace
+    def __init__(self, cost_model: BatchPricer, config: FairBatchingConfig | None = None, **options: Any) -> None:
+        """``config`` (default: the declared defaults) with ``options`` by name on top (see ``config.py``)."""
+        cfg = FairBatchingConfig.resolve(config, options)
+        super().__init__(cost_model, cfg, cfg.max_num_batched_tokens, cfg.max_num_seqs)
+        self.late_last = cfg.late_last
+        self.late_age_limit = cfg.late_age_limit
+        self.yield_reserve = cfg.yield_reserve
+        self.mixed_amortization = cfg.mixed_amortization
+        self.max_batch_time = math.inf if cfg.max_batch_time is None else cfg.max_batch_time
+        self.min_chunk = cfg.min_chunk
+        self.urgency_margin = cfg.urgency_margin
+        self.edf_window = cfg.edf_window
+        self.slack_carry = cfg.slack_carry
+        self.min_budget_fraction = cfg.min_budget_fraction
+        self.kv_reserve_fraction = cfg.kv_reserve_fraction
+        self.kv_high_watermark = cfg.kv_high_watermark
+        self.decode_grace = cfg.decode_grace
 
     def schedule(self, state: SchedulerState) -> BatchPlan:
         now = state.now
