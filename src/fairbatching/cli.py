@@ -333,7 +333,8 @@ def traces(
 ) -> None:
     """List the bundled traces (usable as `--trace NAME` and `-w NAME`) with their shape."""
     from fairbatching.metrics.table import shapes_table, show
-    from fairbatching.workloads.bundled import NOTICE, bundled_shapes
+    from fairbatching.workloads.bundled import NOTICE
+    from fairbatching.workloads.traces import bundled_shapes
 
     shapes = bundled_shapes()
     if as_json:

@@ -12,6 +12,7 @@ from typing import Any
 from fairbatching.core.kv import KVCacheConfig
 from fairbatching.core.request import SLO
 from fairbatching.costmodel.model import CostModel, CostParams
+from fairbatching.costmodel.roofline import H100_SXM, LLAMA3_8B, HardwareSpec, ModelShape, roofline_params
 from fairbatching.errors import ConfigError, ProfileError
 
 ANALYTIC_PROFILE = "llama-3-8b-h100-analytic"  # roofline estimate, computed in code
@@ -133,10 +134,24 @@ def available_profiles() -> list[str]:
     return sorted({ANALYTIC_PROFILE, *_bundled()})
 
 
+def analytic_profile(model: ModelShape = LLAMA3_8B, hw: HardwareSpec = H100_SXM) -> Profile:
+    """A profile from the hardware roofline (``costmodel.roofline``), for use until a measured one exists."""
+    return Profile(
+        name=f"{model.name}-{hw.name.split('-')[0].lower()}-analytic",
+        source="analytic",
+        model=asdict(model),
+        hardware=asdict(hw),
+        params=roofline_params(model, hw),
+        kv=KVCacheConfig.from_memory(hw.mem_bytes, model.weight_bytes, model.kv_bytes_per_token),
+        note=(
+            "ANALYTIC: derived from the hardware roofline (peak FLOPs and bandwidth times efficiency factors), "
+            "not measured. Replace with a profile fitted on GPU measurements for real decisions."
+        ),
+    )
+
+
 def load_profile(name_or_path: str | None = None) -> Profile:
     """A bundled profile by name (default: the measured engine profile), the analytic one, or a JSON path."""
-    from fairbatching.costmodel.roofline import analytic_profile
-
     name = name_or_path or DEFAULT_PROFILE
     bundled = _bundled()
     if name in bundled:

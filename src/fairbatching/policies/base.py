@@ -1,34 +1,22 @@
-"""What every policy shares: the state it sees, and a builder that enforces budgets, KV and preemption."""
+"""What every policy shares: the base class, and a builder that enforces budgets, KV and preemption.
+
+The state a policy sees is ``core.state.SchedulerState`` (kept importable from here)."""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
 from mypy_extensions import mypyc_attr
 
 from fairbatching.config import PolicyConfig
-from fairbatching.core.kv import BlockAllocator
 from fairbatching.core.plan import BatchPlan
 from fairbatching.core.request import Request
+from fairbatching.core.state import SchedulerState
 from fairbatching.costmodel.adaptive import AdaptiveCostModel
 from fairbatching.costmodel.model import BatchPricer
-
-
-@dataclass(slots=True)
-class SchedulerState:
-    """What a backend shows a policy: the clock, requests holding KV (admission order) and those waiting.
-
-    ``running`` holds requests with KV allocated (decoding, or mid-prefill); ``waiting`` holds requests
-    without KV, new or preempted, in queue order. Policies read this and return a plan; they never mutate it.
-    """
-
-    now: float
-    running: list[Request]
-    waiting: list[Request]
-    kv: BlockAllocator
+from fairbatching.policies.admission import AdmissionBudget, prefill_admission_budget
 
 
 @mypyc_attr(allow_interpreted_subclasses=True)  # users' own policies subclass it
@@ -84,10 +72,8 @@ class Policy(ABC):
         elif isinstance(cost, AdaptiveCostModel):
             cost.observe_decodes(num_seqs, context, seconds)
 
-    def admission_budget(self, state: SchedulerState, horizon: float):
+    def admission_budget(self, state: SchedulerState, horizon: float) -> AdmissionBudget:
         """This node's Prefill Admission Budget (see ``policies.admission``), priced by this policy's model."""
-        from fairbatching.policies.admission import prefill_admission_budget
-
         return prefill_admission_budget(state, self.cost_model, horizon, self.max_num_seqs)
 
     def builder(self, state: SchedulerState, token_budget: int | None = None) -> BatchBuilder:
