@@ -73,64 +73,75 @@ class FairBatchingPolicy(Policy):
         self.decode_grace = cfg.decode_grace
 
     def schedule(self, state: SchedulerState) -> BatchPlan:
-        now = state.now
-        running = state.running
-        decodes: list[Request] = []
-        prefills: list[Request] = []
-        computed = 0  # the decodes' num_computed, summed
-        tpot = math.inf  # the tightest TPOT among them
-        for r in running:  # one pass classifies and sums: it runs over every running request every step
-            if r.num_tokens - r.num_computed == 1 and r.token_times:  # ``Request.is_decode``, inlined
-                decodes.append(r)
-                computed += r.num_computed
-                if r.tpot < tpot:
-                    tpot = r.tpot
-            else:
-                prefills.append(r)
+        """The step's capacity, then its three phases (see the class doc): urgent decodes, prefills in deadline
+        order, and the decodes with slack in the time left."""
+        decodes, prefills, computed, tpot = _split_running(state.running)
         b = self.builder(state)
         budget = prefill_budget = self.max_batch_time
         n_urgent = 0
         may_yield = True
         if decodes:
-            n = len(decodes)
             decodes.sort(key=_deadline)  # our own list: urgent decodes are a prefix, slack ones the rest
-            ctx = computed + n
-            # No batch can outlast one at the token cap, so deadlines beyond that are not urgent.
-            cap = self.max_num_batched_tokens
-            full_batch = self.cost_model.predict(cap, ctx + cap, n + 1, ctx + attn_work(max(cap - n, 0), 0))
-            budget = min(budget, full_batch, max(decodes[0].next_deadline - now, self.min_budget_fraction * tpot))
-            kv = state.kv
-            pressure = max(1.0 - kv.free_blocks / kv.num_blocks, len(running) / self.max_num_seqs)
-            may_yield = pressure < self.kv_high_watermark
-            all_decodes = self.cost_model.predict(n, ctx, n, ctx)
+            budget, full_batch, all_decodes, may_yield = self._capacity(state, decodes, computed, tpot)
             margin = self.urgency_margin * all_decodes + (self.yield_reserve * tpot if may_yield else 0.0)
-            # Urgent: skipped now, their next token would come after the budget and the margin (the next step).
-            n_urgent = count_urgent(decodes, now, budget, margin, key=_deadline)
-            if n_urgent:
-                urgent = decodes[:n_urgent]
-                # Context sums of the urgent prefix and the rest, summing only the shorter side.
-                if n_urgent <= n - n_urgent:
-                    computed_rest = computed - total_computed(urgent)
-                else:
-                    computed_rest = total_computed(decodes[n_urgent:])
-                b.add_decodes(urgent, fresh=True, computed=computed - computed_rest)
-                computed = computed_rest
+            n_urgent, computed = self._add_urgent_decodes(b, decodes, computed, budget, margin)
             budget = prefill_budget = max(budget, b.time())
-            if not may_yield and n_urgent < n and budget < full_batch:
-                # Every decode runs in this step: the prefills get the budget less what the others add to it.
-                first = decodes[0].num_computed + 1
-                base = b.time() if n_urgent else self.cost_model.predict(1, first, 1, first)
-                prefill_budget -= max(0.0, all_decodes - base)
+            if not may_yield and n_urgent < len(decodes) and budget < full_batch:
+                prefill_budget -= self._other_decodes_time(b, decodes, n_urgent, all_decodes)
         backlog = self._add_prefills(b, prefills, state.waiting, prefill_budget, decodes, n_urgent)
         if n_urgent < len(decodes):
-            rest = decodes[n_urgent:]
-            if b.plan.preempted:
-                gone = set(map(id, b.plan.preempted))
-                kept = [r for r in rest if id(r) not in gone]
-                if len(kept) < len(rest):
-                    rest, computed = kept, total_computed(kept)
+            rest, computed = _not_preempted(b.plan, decodes[n_urgent:], computed)
             self._add_slack_decodes(b, rest, budget if backlog and may_yield else math.inf, computed)
         return b.finish()
+
+    def _capacity(
+        self, state: SchedulerState, decodes: list[Request], computed: int, tpot: float
+    ) -> tuple[float, float, float, bool]:
+        """How long this step may last, and what decides it: ``(budget, full_batch, all_decodes, may_yield)``.
+
+        The budget is the tightest decode deadline's lead (``decodes`` in deadline order, their
+        ``num_computed`` summing to ``computed``), never below ``min_budget_fraction`` of the tightest TPOT
+        (``tpot``), capped by ``max_batch_time`` and by the time of a batch at the token cap (``full_batch``).
+        ``all_decodes``: the time of a step of every decode alone. ``may_yield``: KV and slot use are below
+        ``kv_high_watermark``, so decodes with slack may yield to prefills.
+        """
+        n = len(decodes)
+        ctx = computed + n
+        # No batch can outlast one at the token cap, so deadlines beyond that are not urgent.
+        cap = self.max_num_batched_tokens
+        full_batch = self.cost_model.predict(cap, ctx + cap, n + 1, ctx + attn_work(max(cap - n, 0), 0))
+        lead = max(decodes[0].next_deadline - state.now, self.min_budget_fraction * tpot)
+        budget = min(self.max_batch_time, full_batch, lead)
+        kv = state.kv
+        pressure = max(1.0 - kv.free_blocks / kv.num_blocks, len(state.running) / self.max_num_seqs)
+        may_yield = pressure < self.kv_high_watermark
+        all_decodes = self.cost_model.predict(n, ctx, n, ctx)
+        return budget, full_batch, all_decodes, may_yield
+
+    def _add_urgent_decodes(
+        self, b: BatchBuilder, decodes: list[Request], computed: int, budget: float, margin: float
+    ) -> tuple[int, int]:
+        """Phase 1: the decodes whose next token, were they skipped now, would come after the budget and the
+        margin (the next step): a prefix of ``decodes`` in deadline order. Returns how many, and the
+        ``num_computed`` sum of the rest (``computed``: that of all)."""
+        n_urgent = count_urgent(decodes, b.state.now, budget, margin, key=_deadline)
+        if not n_urgent:
+            return 0, computed
+        urgent = decodes[:n_urgent]
+        # Context sums of the urgent prefix and the rest, summing only the shorter side.
+        if n_urgent <= len(decodes) - n_urgent:
+            computed_rest = computed - total_computed(urgent)
+        else:
+            computed_rest = total_computed(decodes[n_urgent:])
+        b.add_decodes(urgent, fresh=True, computed=computed - computed_rest)
+        return n_urgent, computed_rest
+
+    def _other_decodes_time(self, b: BatchBuilder, decodes: list[Request], n_urgent: int, all_decodes: float) -> float:
+        """What the decodes not yet in the batch add to its time. When decodes may not yield, every decode runs
+        in this step, so the prefills get the budget less this."""
+        first = decodes[0].num_computed + 1
+        base = b.time() if n_urgent else self.cost_model.predict(1, first, 1, first)
+        return max(0.0, all_decodes - base)
 
     def _decode_block_reserve(self, b: BatchBuilder, decodes: list[Request], n_urgent: int, admitting: int) -> int:
         """Blocks the not-yet-scheduled decodes need this iteration, plus ``kv_reserve_fraction`` of the cache.
@@ -236,6 +247,34 @@ class FairBatchingPolicy(Policy):
                 k = _max_prefix_within(b, prefix, budget)
                 rest, computed = rest[:k], prefix[k]
         b.add_decodes(rest, fresh=True, computed=computed)
+
+
+def _split_running(running: list[Request]) -> tuple[list[Request], list[Request], int, float]:
+    """The running decodes and prefills, the decodes' ``num_computed`` summed and their tightest TPOT: one pass,
+    since it runs over every running request every step."""
+    decodes: list[Request] = []
+    prefills: list[Request] = []
+    computed = 0
+    tpot = math.inf
+    for r in running:
+        if r.num_tokens - r.num_computed == 1 and r.token_times:  # ``Request.is_decode``, inlined
+            decodes.append(r)
+            computed += r.num_computed
+            if r.tpot < tpot:
+                tpot = r.tpot
+        else:
+            prefills.append(r)
+    return decodes, prefills, computed, tpot
+
+
+def _not_preempted(plan: BatchPlan, rest: list[Request], computed: int) -> tuple[list[Request], int]:
+    """``rest`` (their ``num_computed`` summing to ``computed``) less any request the plan preempted for KV."""
+    if plan.preempted:
+        gone = set(map(id, plan.preempted))
+        kept = [r for r in rest if id(r) not in gone]
+        if len(kept) < len(rest):
+            return kept, total_computed(kept)
+    return rest, computed
 
 
 def _max_prefix_within(b: BatchBuilder, prefix: list[int], budget: float) -> int:
