@@ -17,7 +17,7 @@ class VLLMPolicy(Policy):
     prefills, chunked to fit ``max_num_batched_tokens``. No new request is admitted in a step that preempts."""
 
     name = VLLMConfig.policy
-    config_type: ClassVar[type[PolicyConfig]] = VLLMConfig
+    config_type: ClassVar[type[PolicyConfig]] = VLLMConfig  # typed as the base's: Sarathi's differs
 
     def __init__(self, cost_model: BatchPricer, config: VLLMConfig | None = None, **options: Any) -> None:
         """``config`` (default: the declared defaults) with ``options`` by name on top (see ``config.py``)."""
@@ -74,7 +74,7 @@ class SarathiPolicy(VLLMPolicy):
             if tpot_slo is None:
                 raise ConfigError("sarathi needs a token budget or a TPOT SLO to derive one from")
             token_budget = budget_for_tpot(cost_model, tpot_slo)
-        Policy.__init__(self, cost_model, cfg, token_budget, cfg.max_num_seqs)
+        Policy.__init__(self, cost_model, cfg, token_budget, cfg.max_num_seqs)  # not VLLMPolicy's: no token cap option
 
     def observe_step(
         self, new_tokens: int, context_tokens: int, num_seqs: int, attn_work: float, seconds: float
