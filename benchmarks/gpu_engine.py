@@ -121,7 +121,7 @@ def check_tokens() -> dict:
 
     cost = load_profile().cost_model()
     for backend in ("cuda", "reference"):
-        runner = build_engine("llama-3.2-1b@4", dtype="bfloat16", num_blocks=2000, max_context=4096)
+        runner = build_engine("llama-3.2-1b@4", dtype="bfloat16", num_blocks=2000, max_context=4096, warmup=False)
         if backend == "reference":
             runner.backend, runner.graph_batch_sizes = "reference", ()
         pol = make_policy("sarathi", cost, token_budget=256)

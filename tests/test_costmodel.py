@@ -116,3 +116,15 @@ def test_profile_rows_errors_name_file_and_line(tmp_path):
 def test_cost_model_params_must_be_non_negative():
     with pytest.raises(ProfileError):
         CostModel(CostParams(0, 0, -1, 0, 0, 0, 1))
+
+
+def test_a_gpu_plans_with_the_profile_measured_on_its_model_else_says_why_not():
+    from fairbatching.costmodel.profile import DEFAULT_PROFILE, profile_for_device
+
+    assert profile_for_device("llama-3-8b", "NVIDIA H200") == (
+        "llama-3-8b-h200-engine",
+        "measured on this GPU model (NVIDIA H200)",
+    )
+    name, why = profile_for_device("llama-3-8b", "NVIDIA A100-SXM4-80GB")
+    assert name == DEFAULT_PROFILE and "on NVIDIA A100-SXM4-80GB" in why and "measured on NVIDIA H100" in why
+    assert profile_for_device("llama-3.2-1b", "NVIDIA H200")[0] == DEFAULT_PROFILE

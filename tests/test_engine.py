@@ -181,6 +181,65 @@ def test_replay_accounts_for_every_request_on_the_wall_clock():
     assert runner.pool.usable == 127
 
 
+def test_replay_warms_the_engine_before_its_clock_starts(monkeypatch):
+    """Warm-up (compilation, graph capture) costs minutes on a GPU: here it moves the clock 100 s, which every
+    TTFT would carry if the replay's clock started first."""
+    import time
+
+    runner = ModelRunner(LlamaModel(model_config("tiny"), seed=0), num_blocks=64, block_size=8, max_context=256)
+    offset = [0.0]
+    real_clock = time.perf_counter
+    monkeypatch.setattr(time, "perf_counter", lambda: real_clock() + offset[0])
+    calls = []
+
+    def warmup():
+        calls.append("warmup")
+        offset[0] += 100.0
+
+    monkeypatch.setattr(runner, "warmup", warmup)
+    real_run = runner.run
+    monkeypatch.setattr(runner, "run", lambda chunks: calls.append("run") or real_run(chunks))
+    specs = tuple(RequestSpec(f"r{i}", 0.01 * i, 8, 2) for i in range(3))
+    result = replay(runner, make_policy("vllm", COST), COST, Workload("w", specs), SLO(5.0, 1.0))
+    assert calls[0] == "warmup" and calls.count("warmup") == 1 and "run" in calls
+    assert all(r.token_times[0] - r.arrival < 50.0 for r in result.requests)
+
+
+def test_kv_cache_is_sized_after_what_warm_up_was_measured_to_need():
+    from fairbatching.engine import HEADROOM_BYTES, WARMUP_SLACK, kv_cache_blocks
+
+    gib, block = 2**30, 2 * 2**20  # Llama-3-8B: 2 MiB per 16-token block
+    # An H200 after the weights: ~124 GiB free. 0.9 of it left 12.4 GiB, less than warm-up took there.
+    free, warm = 124 * gib, 17 * gib
+    blocks = kv_cache_blocks(free, warm, block, 0.9)
+    left = free - blocks * block
+    assert (
+        left >= warm * (1 + WARMUP_SLACK) + HEADROOM_BYTES and left < warm * (1 + WARMUP_SLACK) + HEADROOM_BYTES + block
+    )
+    assert blocks * block < 0.9 * free
+    # Little warm-up need: the fraction caps the cache.
+    assert kv_cache_blocks(free, 1 * gib, block, 0.8) == int(0.8 * free // block)
+    with pytest.raises(ConfigError, match="no GPU memory left for the KV cache"):
+        kv_cache_blocks(8 * gib, 8 * gib, block, 0.9)
+    with pytest.raises(ConfigError, match="kv_memory_fraction"):
+        kv_cache_blocks(free, warm, block, 1.5)
+
+
+def test_resizing_the_kv_cache_leaves_the_runner_cold_and_refuses_blocks_in_use():
+    from fairbatching.engine import build_engine
+
+    runner = build_engine("tiny", device="cpu", num_blocks=32, block_size=8, max_context=256)
+    assert runner.warmed and runner.pool.usable == 31
+    runner.resize_kv(80)
+    assert not runner.warmed and runner.pool.usable == 79 and runner.kv_cache.shape[2] == 80
+    held = runner.pool.take(3)
+    with pytest.raises(RuntimeError, match="3 blocks in use"):
+        runner.resize_kv(40)
+    runner.pool.give_back(held)
+    runner.resize_kv(40)
+    assert runner.pool.usable == 39
+
+
 def test_bad_models_are_named():
     with pytest.raises(ConfigError, match="unknown model 'llama-9'"):
         model_config("llama-9")
@@ -360,6 +419,27 @@ def test_fused_kernels_match_torch_and_hf_in_interpreter(llama, prompts, referen
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks what a machine without a CUDA GPU is told")
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["replay", "--trace", "azure-conv", "-n", "300", "--qps", "20"], "`replay` needs a CUDA GPU; found none"),
+        (["profile", "--out", "{tmp}/p"], "`profile` needs a CUDA GPU; found none"),
+        (["replay", "--replicas", "2", "--device", "cuda"], "`replay` needs a CUDA GPU; found none"),
+        (["replay", "--device", "cpu"], "--model llama-3-8b: 8.0B parameters is too large for a CPU run"),
+        (["profile", "--out", "{tmp}/p", "--device", "cpu", "--model", "tiny"], "--device cpu needs --num-blocks"),
+        (["replay", "--device", "tpu"], "--device 'tpu': use cuda, cuda:N or cpu"),
+    ],
+)
+def test_gpu_commands_without_a_gpu_exit_2_before_building_anything(tmp_path, args, message):
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    res = subprocess.run([sys.executable, "-m", "fairbatching", *args], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2, res.stderr
+    assert message in res.stderr and "Traceback" not in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert not (tmp_path / "p").exists()
 
 
 def test_profile_and_replay_commands_on_the_cpu(tmp_path):

@@ -25,20 +25,78 @@ from fairbatching.cli_options import (
     save_summary,
 )
 from fairbatching.errors import FairBatchingError
-from fairbatching.progress import progress_bar
+from fairbatching.progress import Activity, progress_bar
 from fairbatching.validate import atomic_write_text, check_output_dir, open_fraction, parse_policy_options
 
 MaxContext = Annotated[int, typer.Option("--max-context", help="Longest sequence the engine serves (tokens)")]
+# A CPU engine runs fp32 weights eagerly: past this size one step takes seconds and the weights tens of GB.
+CPU_MAX_PARAMS = 1_500_000_000
+
+
+def check_engine_device(command: str, e: EngineArgs) -> str:
+    """The device ``command`` runs its engine on, checked before anything is built: without a CUDA GPU a GPU
+    command says so at once (not after minutes building an 8B model on the CPU), and a CPU run happens only
+    when asked for (``--device cpu``) with a model small enough for a CPU."""
+    try:
+        import torch
+    except ImportError as exc:
+        raise FairBatchingError(f"`{command}` runs the GPU engine, which needs the [gpu] extra: {exc}") from None
+    device = e.device or "cuda"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise FairBatchingError(
+                f"`{command}` needs a CUDA GPU; found none (a CPU run of a small model: --device cpu --model tiny)"
+            )
+        return device
+    if device != "cpu":
+        raise FairBatchingError(f"--device {device!r}: use cuda, cuda:N or cpu")
+    from fairbatching.engine.config import model_config
+
+    params = model_config(e.model).num_params
+    if params > CPU_MAX_PARAMS:
+        raise FairBatchingError(
+            f"--model {e.model}: {params / 1e9:.1f}B parameters is too large for a CPU run "
+            f"(at most {CPU_MAX_PARAMS / 1e9:.1f}B); use --model tiny, or a layer slice such as {e.model}@2"
+        )
+    if e.num_blocks is None:
+        raise FairBatchingError("--device cpu needs --num-blocks (the KV blocks to allocate, e.g. 400)")
+    return device
+
+
+def _planning_profile(model: str, device: str) -> str:
+    """With no --profile: one measured on this GPU model when bundled, else the default; the user is told which
+    and why (a policy planning with another GPU's step times misjudges what fits in an SLO)."""
+    from fairbatching.costmodel.profile import DEFAULT_PROFILE, profile_for_device
+    from fairbatching.engine.config import model_config
+
+    if device == "cpu":
+        console.print(f"planning with profile {DEFAULT_PROFILE} (the default: no profile is measured on a CPU)")
+        return DEFAULT_PROFILE
+    import torch
+
+    name, why = profile_for_device(model_config(model).name, torch.cuda.get_device_name(device))
+    console.print(f"planning with profile {name}: {why}")
+    return name
 
 
 def _engine(e: EngineArgs, max_context: int) -> Any:
-    try:
-        from fairbatching.engine import build_engine
-    except ImportError as exc:
-        raise FairBatchingError(f"the GPU engine needs the [gpu] extra: {exc}") from None
-    return build_engine(
-        e.model, device=e.device, num_blocks=e.num_blocks, block_size=e.block_size, max_context=max_context
+    """The engine, warmed (kernels compiled, graphs captured, KV sized after both) before any clock starts."""
+    from fairbatching.engine import build_engine
+
+    start = time.time()
+    with Activity(console) as status:
+        status(f"building and warming the engine ({e.model})", 0, None)
+        runner = build_engine(
+            e.model, device=e.device, num_blocks=e.num_blocks, block_size=e.block_size, max_context=max_context
+        )
+    kv_gib = runner.kv_cache.numel() * runner.kv_cache.element_size() / 2**30
+    measured = f", warm-up took {runner.warmup_bytes / 2**30:.1f} GiB" if runner.warmup_bytes is not None else ""
+    graphs = ", ".join(f"{n} {kind}" for kind, n in runner.graph_counts.items()) or "none"
+    console.print(
+        f"engine ready in {time.time() - start:.0f} s: {runner.pool.usable} KV blocks ({kv_gib:.1f} GiB){measured}; "
+        f"graphs: {graphs}"
     )
+    return runner
 
 
 def fit_profile(
@@ -81,6 +139,7 @@ def profile(
     name: Annotated[str | None, typer.Option("--name", help="Profile name (default: MODEL-DEVICE-measured)")] = None,
 ) -> None:
     """Measure batch latencies on the GPU engine, fit the cost model, and write a profile."""
+    check_engine_device("profile", e)
     from fairbatching.core.modes import Grid, parse_mode
     from fairbatching.engine.profiler import default_grid, measured_profile, run_profile, write_rows_csv
 
@@ -169,6 +228,7 @@ def replay(
     r: ReplicaArgs,
 ) -> None:
     """Replay a workload in real time on the GPU engine (--replicas N: GPUs 0..N-1 behind one router)."""
+    device = check_engine_device("replay", e)
     from fairbatching.costmodel.profile import load_profile
     from fairbatching.engine.loop import replay as replay_engine
     from fairbatching.metrics.summary import summarize
@@ -179,6 +239,8 @@ def replay(
     if out:
         check_output_dir(out)
     workload = w.spec().build()
+    if profile is None:
+        profile = _planning_profile(e.model, device)
     prof = load_profile(profile)
     check_slo_feasible(slo.slo, prof)
     options = parse_policy_options(policy_option or []).get(policy, {})
@@ -186,14 +248,18 @@ def replay(
     pol = make_policy(policy, cost, tpot_slo=slo.tpot, **options)
     config = r.cluster_config(policy, profile, slo, options) if r.replicas > 1 else None
     label = f"{policy} x{r.replicas}" if r.replicas > 1 else policy
-    console.print(f"replaying {len(workload)} requests ({workload.qps:.2f} req/s) with {label}")
-    with progress_bar(console, label_width=14) as bar:
-        task = bar.add_task(policy, total=len(workload))
-        step = functools.partial(_advance, bar, task)
-        if config is None:
-            res = replay_engine(_engine(e, max_context), pol, cost, workload, slo.slo, progress=step)
-        else:
-            with _engine_cluster(e, max_context, r.replicas) as cluster:
+    if config is None:
+        runner = _engine(e, max_context)
+        console.print(f"replaying {len(workload)} requests ({workload.qps:.2f} req/s) with {label}")
+        with progress_bar(console, label_width=14) as bar:
+            step = functools.partial(_advance, bar, bar.add_task(policy, total=len(workload)))
+            res = replay_engine(runner, pol, cost, workload, slo.slo, progress=step)
+    else:
+        console.print(f"starting {r.replicas} engine replicas (each builds and warms its engine)")
+        with _engine_cluster(e, max_context, r.replicas) as cluster:
+            console.print(f"replaying {len(workload)} requests ({workload.qps:.2f} req/s) with {label}")
+            with progress_bar(console, label_width=14) as bar:
+                step = functools.partial(_advance, bar, bar.add_task(policy, total=len(workload)))
                 res = cluster.replay(workload, config, progress=step)
     s = summarize(policy, workload.name, res.requests, res.end_time, res.busy_time, res.preemptions)
     if out:

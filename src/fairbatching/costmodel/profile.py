@@ -150,6 +150,21 @@ def analytic_profile(model: ModelShape = LLAMA3_8B, hw: HardwareSpec = H100_SXM)
     )
 
 
+def profile_for_device(model: str, device: str) -> tuple[str, str]:
+    """The bundled profile to plan ``model`` on GPU ``device`` (its CUDA name) with, and why: one measured on
+    this GPU model with this model when there is one, else the default, named with where it was measured."""
+    for name in sorted(_bundled()):
+        p = load_profile(name)
+        if p.model.get("name") == model and p.hardware.get("device") == device:
+            return name, f"measured on this GPU model ({device})"
+    default = load_profile(DEFAULT_PROFILE)
+    where = default.hardware.get("device", "another GPU")
+    return DEFAULT_PROFILE, (
+        f"no bundled profile was measured with {model} on {device}; the default was measured on {where} "
+        "(`fairbatching profile` measures this GPU)"
+    )
+
+
 def load_profile(name_or_path: str | None = None) -> Profile:
     """A bundled profile by name (default: the measured engine profile), the analytic one, or a JSON path."""
     name = name_or_path or DEFAULT_PROFILE

@@ -43,6 +43,9 @@ class EngineExecutor:
         # Every executed step as a profile row (new, context, seqs, attn work, seconds from plan to tokens):
         # the cost model can be checked, or refitted, on what serving actually ran.
         self.steps: list[tuple[int, int, int, float, float]] = []
+        # Beside each row, what the aggregates hide (simulator fidelity): when it started, how it ran, and its
+        # prefill chunks (count, largest chunk, deepest prefix under a chunk).
+        self.step_detail: list[tuple[float, str, int, int, int]] = []
 
     def add_prompt(self, request_id: str, token_ids: list[int]) -> None:
         if request_id in self.token_ids:
@@ -73,6 +76,16 @@ class EngineExecutor:
                 self.token_ids[r.request_id].append(token)
         end = self.clock()
         self.steps.append((plan.new_tokens, plan.context_tokens, plan.num_seqs, plan.attn_work, end - start))
+        prefill = [(n, r.num_computed) for r, n in plan.items if n > 1 or not r.token_times]
+        self.step_detail.append(
+            (
+                start,
+                self.runner.last_path,
+                len(prefill),
+                max((n for n, _ in prefill), default=0),
+                max((c for _, c in prefill), default=0),
+            )
+        )
         return end
 
     def sync_blocks(self) -> None:
@@ -166,6 +179,8 @@ def replay(
     specs = sorted(workload.requests, key=lambda s: s.arrival)
     # Drawn before the clock starts: clients send token ids, the server's loop does not make them.
     prompts = draw_prompts(specs, runner.model.config.vocab_size, seed)
+    # Kernels compiled and graphs captured before the clock too: a server warms up before it takes traffic.
+    runner.warmup()
     t0 = time.perf_counter()
 
     def clock() -> float:
@@ -189,4 +204,4 @@ def replay(
             time.sleep(max(0.0, specs[i].arrival - base - clock()))
     node.drain()
     executor.sync_blocks()
-    return node_result(node, step_rows=executor.steps)
+    return node_result(node, step_rows=executor.steps, step_detail=executor.step_detail)

@@ -9,6 +9,7 @@ attention run eagerly between them; larger ones run eagerly.
 
 from __future__ import annotations
 
+import gc
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -328,6 +329,10 @@ class ModelRunner:
             raise ConfigError("the cuda attention backend needs a CUDA device")
         self.kv_cache = model.new_kv_cache(num_blocks, block_size)
         self.pool = BlockPool(num_blocks)
+        self.num_blocks = num_blocks
+        self.warmed = False
+        self.warmup_bytes: int | None = None  # GPU memory warm-up and the largest step took, where measured
+        self.last_path = ""  # how the last step ran: decode-graph, mixed-graph, piecewise or eager (step logs)
         self.graph_pool = None
         self.graph_batch_sizes = tuple(sorted(graph_batch_sizes)) if cuda_graphs and self.backend == "cuda" else ()
         self.piecewise_token_sizes = tuple(sorted(piecewise_token_sizes)) if self.graph_batch_sizes else ()
@@ -338,9 +343,14 @@ class ModelRunner:
     def warmup(self) -> None:
         """Compile every decode-kernel variant, build cuDNN's prefill plans, choose the mixed-step sizes and
         capture the graphs before serving, so the first requests of a replay do not pay for JIT compilation,
-        plans and capture."""
-        if self.backend != "cuda":
+        plans and capture. Runs once; a no-op on the reference backend, which has nothing to compile."""
+        if self.warmed:
             return
+        if self.backend == "cuda":
+            self._warm_cuda()
+        self.warmed = True
+
+    def _warm_cuda(self) -> None:
         from fairbatching.engine.kernels import paged_attention
 
         c = self.model.config
@@ -355,12 +365,35 @@ class ModelRunner:
             paged_attention(q, k, v, table, None, tiles, splits, block_q)
         if self.prefill_attention == "cudnn" or (self.prefill_attention == "auto" and self.cudnn_wins):
             warm_cudnn(c.num_heads, c.num_kv_heads, c.head_dim, self.max_context, self.model.dtype)
-        if self.piecewise_token_sizes and all(kind is _DecodeGraph for kind, _size in self._graphs):
+        if (
+            self.piecewise_token_sizes
+            and not self.linear_times
+            and all(kind is _DecodeGraph for kind, _size in self._graphs)
+        ):
             self.linear_times = linear_layer_times(self.model.layers[0], self.piecewise_token_sizes)
             self.piecewise_token_sizes = efficient_sizes(self.linear_times)
             torch.cuda.empty_cache()  # the timing inputs' blocks, before graphs and steps need the memory
         self.capture_graphs()
         torch.cuda.synchronize()
+
+    def resize_kv(self, num_blocks: int) -> None:
+        """A KV cache of ``num_blocks`` in place of this one, with no block in use. The graphs captured over
+        the old cache write into it, so they go too and the runner is cold again (compiled kernels and the
+        chosen graph sizes stay)."""
+        if self.pool.usable != self.num_blocks - 1:
+            raise RuntimeError(f"KV cache resized with {self.num_blocks - 1 - self.pool.usable} blocks in use")
+        self._graphs.clear()
+        self._inputs = None
+        self.graph_pool = None
+        self.kv_cache = torch.empty(0)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            gc.collect()  # a graph still referenced from a cycle would hold its memory pool
+            torch.cuda.empty_cache()
+        self.kv_cache = self.model.new_kv_cache(num_blocks, self.block_size)
+        self.pool = BlockPool(num_blocks)
+        self.num_blocks = num_blocks
+        self.warmed = False
 
     @property
     def routing(self) -> PrefillRouting:
@@ -414,8 +447,10 @@ class ModelRunner:
             size = next(b for b in self.graph_batch_sizes if b >= len(packed))
             rows = self._graph(_DecodeGraph, size).run(packed, self.block_size)
             tokens = [t for t, c in zip(rows, packed, strict=True) if c.sample]
+            self.last_path = "decode-graph"
         elif (graph := self._full_graph(packed, num_decodes, routing)) is not None:
             tokens = graph.run(packed, num_decodes, self)
+            self.last_path = "mixed-graph"
         else:
             tokens = self._mixed(packed, num_decodes, routing)
         out: list[int | None] = [None] * len(chunks)
@@ -454,7 +489,9 @@ class ModelRunner:
         )
         if self.piecewise_token_sizes and len(ids) <= self.piecewise_token_sizes[-1]:
             size = next(t for t in self.piecewise_token_sizes if t >= len(ids))
+            self.last_path = "piecewise"
             return self._graph(_PiecewiseGraph, size).run(ids, pos, meta, sample_index, self.model)
+        self.last_path = "eager"
         out = self.model.forward(
             torch.tensor(ids, dtype=torch.int64).to(dev, non_blocking=True),
             torch.tensor(pos, dtype=torch.int64).to(dev, non_blocking=True),

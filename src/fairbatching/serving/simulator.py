@@ -47,9 +47,11 @@ class NodeResult:
     kv_blocks: int
     # Real backends only: one profile row per executed step (new, context, seqs, attn work, seconds).
     step_rows: list[tuple[int, int, int, float, float]] | None = None
+    # Beside each row: start, how it ran (graph kind or eager), prefill chunks, largest chunk, deepest prefix.
+    step_detail: list[tuple[float, str, int, int, int]] | None = None
 
 
-def node_result(node: Node, step_rows: list | None = None) -> NodeResult:
+def node_result(node: Node, step_rows: list | None = None, step_detail: list | None = None) -> NodeResult:
     """Everything a finished node has to report, for the metrics module (simulated or real backend)."""
     return NodeResult(
         node.policy.name,
@@ -62,6 +64,7 @@ def node_result(node: Node, step_rows: list | None = None) -> NodeResult:
         node.log,
         node.config.kv.num_blocks,
         step_rows=step_rows,
+        step_detail=step_detail,
     )
 
 

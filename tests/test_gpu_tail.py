@@ -1,0 +1,143 @@
+"""benchmarks/gpu_tail.py: the variant and job syntax, the report's comparisons against the best baseline and
+its targets, and (with torch) the whole driver end to end on a CPU engine: run, resume, report."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fairbatching.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("gpu_tail", ROOT / "benchmarks" / "gpu_tail.py")
+assert _spec is not None and _spec.loader is not None
+gpu_tail = importlib.util.module_from_spec(_spec)
+sys.modules["gpu_tail"] = gpu_tail
+_spec.loader.exec_module(gpu_tail)
+
+
+def _row(label, load, slo, p99, policy=None, scenario="conv-2s"):
+    return {
+        "scenario": scenario,
+        "load": load,
+        "qps": 20.0 * load,
+        "label": label,
+        "policy": policy or label,
+        "options": {},
+        "window": {"requests": 600, "start": 9000, "seed": 0},
+        "gpu": {"slo": slo, "ttft_p50": 0.5, "ttft_p99": p99, "tbt_p99": 0.1, "refused": 0},
+        "wall_s": 30.0,
+    }
+
+
+def test_variants_and_jobs_parse_or_name_the_bad_part():
+    v = gpu_tail.parse_variant("fb-age3:fairbatching:late_age_limit=3,late_last=true")
+    assert (v.label, v.policy, dict(v.options)) == ("fb-age3", "fairbatching", {"late_age_limit": 3, "late_last": True})
+    assert gpu_tail.parse_variant("plain:sarathi").options == ()
+    with pytest.raises(ConfigError, match="LABEL:POLICY"):
+        gpu_tail.parse_variant("fairbatching")
+    with pytest.raises(ConfigError, match="unknown option"):
+        gpu_tail.parse_variant("x:fairbatching:no_such_option=1")
+    with pytest.raises(ConfigError, match="late_age_limit"):
+        gpu_tail.parse_variant("x:fairbatching:late_age_limit=-1")
+    job = gpu_tail.parse_job("code@1.0,1.3=fairbatching,sarathi", ["fairbatching", "sarathi", "vllm"])
+    assert (job.scenario, job.loads, job.labels) == ("code", (1.0, 1.3), ("fairbatching", "sarathi"))
+    assert gpu_tail.parse_job("conv-1s", ["fairbatching"]).loads == gpu_tail.LOADS
+    for bad, message in (("nope", "unknown scenario"), ("code@1.2", "load 1.2"), ("code=edf", "policy 'edf'")):
+        with pytest.raises(ConfigError, match=message):
+            gpu_tail.parse_job(bad, ["fairbatching"])
+
+
+def test_jobs_follow_the_selections_order_and_price_each_replay_from_the_plan():
+    plan = {"rows": [{"scenario": "code", "base_rps": 10.0, "span_s": {"fairbatching@1.0": 20.0, "vllm@1.15": 30.0}}]}
+    variants = [gpu_tail.Variant("fairbatching", "fairbatching"), gpu_tail.Variant("fb-x", "fairbatching")]
+    variants.append(gpu_tail.Variant("vllm", "vllm"))
+    sel = gpu_tail.Selection("code", (1.15, 1.0), ("fairbatching", "vllm"))
+    got = [(j.load, j.qps, j.variant.label, j.est_s) for j in gpu_tail.jobs(plan, [sel], variants)]
+    overhead = gpu_tail.REPLAY_OVERHEAD_S
+    assert got == [
+        (1.15, 11.5, "fairbatching", 30.0 + overhead),  # no span for this load: the plan's longest
+        (1.15, 11.5, "vllm", 30.0 + overhead),
+        (1.0, 10.0, "fairbatching", 20.0 + overhead),
+        (1.0, 10.0, "vllm", 30.0 + overhead),
+    ]
+
+
+def test_the_best_baseline_is_the_one_meeting_most_slos_and_targets_follow_the_load():
+    rows = [
+        _row("sarathi", 1.0, 0.80, 3.0),
+        _row("vllm", 1.0, 0.78, 2.0),
+        _row("fairbatching", 1.0, 0.86, 2.3),  # +6 pts, P99 0.77x sarathi's
+        _row("fb-age3", 1.0, 0.84, 2.0, "fairbatching"),  # +4 pts: misses the attainment target
+    ]
+    by = {c["label"]: c for c in gpu_tail.compare_point(rows)}
+    assert by["fairbatching"]["best_baseline"] == "sarathi"
+    assert by["fairbatching"]["slo_delta_pts"] == 6.0 and by["fairbatching"]["ttft_p99_ratio"] == 0.77
+    assert by["fairbatching"]["met"] is True
+    assert by["fb-age3"]["targets"] == {"slo_plus_5pts": False, "ttft_p99_le_0.8x": True}
+    assert by["fb-age3"]["met"] is False
+    at_115 = gpu_tail.compare_point([_row("vllm", 1.15, 0.6, 4.0), _row("fairbatching", 1.15, 0.7, 4.4)])
+    assert at_115[0]["targets"] == {"ttft_p99_le_1.0x": False}
+    tie = gpu_tail.compare_point(
+        [_row("sarathi", 1.3, 0.5, 5.0), _row("vllm", 1.3, 0.5, 4.0), _row("fairbatching", 1.3, 0.6, 4.0)]
+    )
+    assert tie[0]["best_baseline"] == "vllm" and tie[0]["met"] is None  # no target at 1.3x
+    assert gpu_tail.compare_point([_row("fairbatching", 1.0, 0.9, 1.0)]) == []
+
+
+def test_report_takes_the_last_replay_of_a_point_and_marks_targets_in_the_table():
+    first = _row("fairbatching", 1.0, 0.50, 9.0)
+    again = _row("fairbatching", 1.0, 0.95, 1.0)
+    base = _row("sarathi", 1.0, 0.85, 2.0)
+    sims = {gpu_tail.row_key(base): {"slo": 0.9, "ttft_p99": 1.5}}
+    doc = gpu_tail.build_report([first, base, again], sims)
+    (point,) = doc["points"]
+    assert [r["gpu"]["slo"] for r in point["policies"]] == [0.95, 0.85]
+    assert point["policies"][1]["sim"]["slo"] == 0.9 and point["policies"][0]["sim"] is None
+    table = gpu_tail.markdown(doc)
+    assert "| conv-2s | 1.0x | 20.0 | fairbatching | 95.0% | - | 0.50 | 1.00 |" in table
+    assert (
+        "| conv-2s | 1.0x | fairbatching | sarathi | +10.0 | 0.50x | slo_plus_5pts, ttft_p99_le_0.8x | met |" in table
+    )
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="the engine needs the [gpu] extra (torch)")
+def test_driver_end_to_end_on_a_cpu_engine_runs_resumes_and_reports(tmp_path):
+    def tail(*args):
+        cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu_tail.py"), *args, "--out", str(tmp_path)]
+        cmd += ["--plan", str(ROOT / "results" / "gpu-tail" / "plan.json")]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+
+    common = ["--device", "cpu", "--tiny", "--variant", "fb-age3:fairbatching:late_age_limit=3"]
+    res = tail("run", *common, "--job", "code@1.0=fairbatching,fb-age3")
+    assert res.returncode == 0, res.stderr + res.stdout
+    assert "plan: 2 replays to run (0 done before)" in res.stdout
+    res = tail("run", *common, "--job", "code@1.0=fairbatching,fb-age3,sarathi")
+    assert res.returncode == 0, res.stderr + res.stdout
+    assert "plan: 1 replays to run (2 done before)" in res.stdout
+    rows = [json.loads(line) for line in (tmp_path / "replays.jsonl").read_text().splitlines()]
+    assert [r["label"] for r in rows] == ["fairbatching", "fb-age3", "sarathi"]
+    assert rows[1]["options"] == {"late_age_limit": 3} and all(r["gpu"]["requests"] == 6 for r in rows)
+    with gzip.open(tmp_path / "steps.csv.gz", "rt") as f:
+        steps = list(csv.DictReader(f))
+    for r in rows:  # one line per executed step, in start order, each saying how it ran
+        mine = [s for s in steps if s["label"] == r["label"]]
+        assert len(mine) == r["steps"]
+        assert [float(s["start"]) for s in mine] == sorted(float(s["start"]) for s in mine)
+        assert {s["path"] for s in mine} <= {"eager", "piecewise", "decode-graph", "mixed-graph"}
+        assert any(int(s["prefill_chunks"]) for s in mine) and any(not int(s["prefill_chunks"]) for s in mine)
+    res = tail("report", "--cpus", "1")
+    assert res.returncode == 0, res.stderr + res.stdout
+    doc = json.loads((tmp_path / "tail.json").read_text())
+    assert {c["label"] for c in doc["points"][0]["vs_best_baseline"]} == {"fairbatching", "fb-age3"}
+    assert all(r["sim"]["requests"] == 6 for r in doc["points"][0]["policies"])
+    assert "| code | 1.0x |" in (tmp_path / "README.md").read_text()
+    res = tail("run", "--budget-s", "0", "--job", "nope")
+    assert res.returncode == 2 and "unknown scenario 'nope'" in res.stderr
