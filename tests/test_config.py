@@ -54,11 +54,11 @@ def test_cli_vllm_settings_and_constructor_refuse_what_the_declaration_refuses(p
 def test_constructors_read_the_declared_defaults_and_declare_none_of_their_own(policy):
     cls = POLICIES[policy]
     assert cls.config_type is POLICY_CONFIGS[policy]
-    params = list(inspect.signature(cls.__init__).parameters.values())
-    assert [p.name for p in params] == ["self", "cost_model", "config", "options"]  # no option of its own
+    declared = {o.name: o.default for o in options_of(cls.config_type).values()}
+    # (A compiled class shows ``*args, **kwargs`` here: this holds the source, which test_compiled mirrors.)
+    assert not set(inspect.signature(cls.__init__).parameters) & set(declared)  # no option of its own
     built = make_policy(policy, load_profile().cost_model(), tpot_slo=0.1)
     assert built.name == policy
-    declared = {o.name: o.default for o in options_of(cls.config_type).values()}
     assert {k: getattr(built.config, k) for k in declared} == {**declared, **built_tpot(policy)}
 
 
