@@ -32,14 +32,3 @@ def test_help_imports_no_numpy_pydantic_or_simulator(args):
     loaded = modules_after(*args)
     assert "typer" in loaded  # the probe ran the CLI
     assert not loaded & set(HEAVY), sorted(loaded & set(HEAVY))
-
-
-def test_mirrored_defaults_match_the_library():
-    from fairbatching import cli_options
-    from fairbatching.core.modes import DEFAULT_SLO
-    from fairbatching.policies import POLICIES
-    from fairbatching.runs import DEFAULT_QPS
-
-    assert tuple(POLICIES) == cli_options.POLICY_NAMES
-    assert (DEFAULT_SLO.ttft, DEFAULT_SLO.tpot) == (cli_options.DEFAULT_TTFT_S, cli_options.DEFAULT_TPOT_S)
-    assert cli_options.DEFAULT_QPS == DEFAULT_QPS

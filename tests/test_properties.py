@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from fairbatching.cluster import ClusterConfig, simulate_cluster
 from fairbatching.cluster.routers import ROUTERS
 from fairbatching.cluster.simulator import NodeSpec
+from fairbatching.config import POLICY_CONFIGS, options_of
 from fairbatching.core import SLO, KVCacheConfig
 from fairbatching.core.request import RequestStatus
 from fairbatching.costmodel import CostModel, CostParams, Profile, analytic_profile
@@ -28,7 +29,7 @@ from fairbatching.errors import ConfigError
 from fairbatching.metrics.summary import summarize
 from fairbatching.policies import POLICIES, make_policy
 from fairbatching.serving.simulator import NodeConfig, simulate
-from fairbatching.validate import check_policy_options, policy_parameters
+from fairbatching.validate import check_policy_options
 from fairbatching.workloads.spec import RequestSpec, Workload
 
 EXAMPLES = int(os.environ.get("FAIRBATCHING_PROPERTY_EXAMPLES", "12"))
@@ -66,7 +67,7 @@ def workloads(draw: st.DrawFn, max_requests: int = 30) -> Workload:
     return Workload("prop", tuple(reqs))
 
 
-# Values each option may take in a test: valid by ``validate``'s rules, sized so a run stays fast.
+# Values each option may take in a test: in its declared range (``fairbatching.config``), sized so a run stays fast.
 OPTION_VALUES = {
     "max_num_batched_tokens": st.integers(16, 8192),
     "token_budget": st.integers(16, 8192),
@@ -90,7 +91,7 @@ OPTION_VALUES = {
 
 @st.composite
 def policy_options(draw: st.DrawFn, policy: str) -> dict:
-    names = sorted(set(policy_parameters(policy)) & set(OPTION_VALUES))
+    names = sorted(set(options_of(POLICY_CONFIGS[policy])) & set(OPTION_VALUES))
     chosen = draw(st.lists(st.sampled_from(names), unique=True, max_size=len(names))) if names else []
     options = {k: draw(OPTION_VALUES[k]) for k in chosen}
     check_policy_options(policy, options)  # the generator only makes what the CLI accepts

@@ -173,7 +173,7 @@ def test_gzipped_user_traces_load(tmp_path):
 
 
 def test_bundled_trace_shapes():
-    from fairbatching.workloads.bundled import bundled_shapes
+    from fairbatching.workloads.traces import bundled_shapes
 
     shapes = {s["name"]: s for s in bundled_shapes()}
     assert shapes["azure-conv"]["requests"] == 19366 and shapes["mooncake-conv"]["requests"] == 12031

@@ -29,6 +29,7 @@ from fairbatching.cli_options import (
     SeedsOpt,
     SloArgs,
     SweepArgs,
+    UnderTestOpt,
     WideOpt,
     WorkloadArgs,
     WorkloadOpt,
@@ -219,6 +220,7 @@ def capacity(
     b: BackendArgs,
     out: Annotated[Path | None, typer.Option("--out", help="Write capacity.json here")] = None,
     prefix_caching: PrefixCachingOpt = False,
+    under_test: UnderTestOpt = "fairbatching",
 ) -> None:
     """Highest request rate each policy sustains at the SLO-attainment target (bracketing + bisection;
     --backend gpu: real-time replays from the simulated capacity on, the simulator beside each point)."""
@@ -230,6 +232,7 @@ def capacity(
     from fairbatching.workloads.families import family
 
     names = policy_names(policies)
+    policy_names(under_test)
     if out:
         check_output_dir(out)
     fam = family(workload)
@@ -259,7 +262,7 @@ def capacity(
     with cli_engine.started_engines(gpu) as engines, Activity(console) as status:
         sweeper.engines = engines
         results = policy_capacities(base, names, sweeper, target, seeds, start, tolerance, console.print, status)
-    for line in capacity_lines(results, bound, num):
+    for line in capacity_lines(results, bound, num, under_test):
         out_console.print(line)
     if out:
         with staged_dir(out) as tmp:
@@ -323,17 +326,21 @@ def evaluate(
     tolerance: ToleranceOpt = 0.02,
     profile: ProfileOpt = None,
     sw: SweepArgs,
+    under_test: UnderTestOpt = "fairbatching",
 ) -> None:
     """The single-node evaluation: capacities, clairvoyant bounds, equal-load P99 TTFT, curves, slack."""
     from fairbatching.evaluation import evaluate as ev
 
     names = policy_names(policies)
+    policy_names(under_test)
     parsed = ev.parse_scenarios(scenarios)
     check_output_dir(out)
     ev.check_scenarios(parsed, profile)
     sweeper = sw.sweeper()
     with Activity(console) as status:
-        rows = ev.evaluate(parsed, names, sweeper, out, num, seeds, target, tolerance, profile, console.print, status)
+        rows = ev.evaluate(
+            parsed, names, sweeper, out, num, seeds, target, tolerance, profile, console.print, status, under_test
+        )
         table, page, plots = ev.write_report(rows, parsed, names, out, num, target, profile, status)
     out_console.print(table)
     console.print(f"wrote {out}/evaluation.json, evaluation.md, {page.name} and {plots} plots")
@@ -367,6 +374,7 @@ def cluster(
     b: BackendArgs,
     out: Annotated[Path | None, typer.Option("--out", help="Write cluster.json here")] = None,
     prefix_caching: PrefixCachingOpt = False,
+    under_test: UnderTestOpt = "fairbatching",
 ) -> None:
     """Compare node-policy + router stacks on a simulated cluster (one load, or capacity with --capacity;
     --backend gpu: one engine per node on the wall clock, the simulator beside each run)."""
@@ -374,6 +382,7 @@ def cluster(
     from fairbatching.costmodel.profile import load_profile
     from fairbatching.runs import ClusterShape, RunSpec, check_slo_feasible
 
+    policy_names(under_test)
     if out:
         check_output_dir(out)
     if b.gpus is not None and b.gpus != nodes:
@@ -384,7 +393,7 @@ def cluster(
     shape = ClusterShape(nodes, "pab", report_interval, report_delay)
     engine = None if gpu is None else gpu.engine
     base = RunSpec(
-        "fairbatching",
+        under_test,
         workload,
         qps,
         0,
@@ -412,6 +421,7 @@ def _cluster(
     out: Path | None,
     engines: object = None,
 ) -> None:
+    """``base.policy`` is the policy under test: the stacks of other policies are the baselines."""
     from fairbatching.evaluation import cluster as cl
     from fairbatching.metrics.table import show
 
@@ -421,7 +431,7 @@ def _cluster(
     title = cl.cluster_title(base, seeds if capacity else None)
     if capacity:
         rows = cl.stack_capacities(stacks, sweeper, seeds, tolerance, console.print, lambda: Activity(console))
-        table = cl.capacity_table(rows, title)
+        table = cl.capacity_table(rows, title, base.policy)
     else:
         with progress_bar(console, label_width=14) as bar:
             task = bar.add_task("cluster", total=len(stacks))
@@ -443,7 +453,8 @@ def traces(
 ) -> None:
     """List the bundled traces (usable as `--trace NAME` and `-w NAME`) with their shape."""
     from fairbatching.metrics.table import shapes_table, show
-    from fairbatching.workloads.bundled import NOTICE, bundled_shapes
+    from fairbatching.workloads.bundled import NOTICE
+    from fairbatching.workloads.traces import bundled_shapes
 
     shapes = bundled_shapes()
     if as_json:
@@ -472,6 +483,18 @@ def profiles(wide: WideOpt = False) -> None:
         wide,
     )
     show(out_console, table)
+
+
+@app.command(context_settings=HELP_UNSET)
+def options() -> None:
+    """List every policy's options (`-o policy.key=value`): default, type and range, and what each does."""
+    from fairbatching.config import POLICY_CONFIGS, options_of
+
+    for name, config in POLICY_CONFIGS.items():
+        out_console.print(name, style="bold", markup=False)
+        for opt in options_of(config).values():
+            line = f"  {opt.name:22s} {json.dumps(opt.default):>6s}  {opt.describe()}: {opt.help}"
+            out_console.print(line, markup=False, highlight=False)
 
 
 def _serve_commands() -> None:

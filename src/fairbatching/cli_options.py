@@ -4,9 +4,8 @@ A command takes a group as one parameter (``w: WorkloadArgs``); ``grouped`` spre
 the command's options for typer and gathers them back into the dataclass for the command, so an option is
 declared once however many commands take it.
 
-Declaring the options imports only typer and rich: ``--help`` runs without numpy or the simulator (a test
-holds this), so the few library defaults the declarations show are mirrored here, and a test checks each
-mirror against its source.
+Declaring the options imports only typer, rich and ``fairbatching.config`` (where the policies, their options
+and the library's defaults are declared): ``--help`` runs without numpy or the simulator (a test holds this).
 """
 
 from __future__ import annotations
@@ -24,6 +23,7 @@ import typer
 from rich.console import Console
 from typer.core import TyperOption
 
+from fairbatching.config import DEFAULT_QPS, DEFAULT_TPOT_S, DEFAULT_TTFT_S, POLICY_CONFIGS
 from fairbatching.validate import (
     at_least_one,
     check_output_dir,
@@ -38,11 +38,7 @@ if TYPE_CHECKING:
     from fairbatching.metrics.summary import Summary
     from fairbatching.runs import Experiment, WorkloadSpec
 
-# Mirrors (see the module doc): fairbatching.policies.POLICIES, core.modes.DEFAULT_SLO, runs.DEFAULT_QPS.
-POLICY_NAMES = ("fairbatching", "sarathi", "vllm", "prefill-first")
-DEFAULT_TTFT_S = 2.0
-DEFAULT_TPOT_S = 0.1
-DEFAULT_QPS = 14.8
+POLICY_NAMES = tuple(POLICY_CONFIGS)
 
 console = Console(stderr=True, soft_wrap=True)
 # Tables fit the terminal, or $COLUMNS when set; output piped without either is read in a file, where a table
@@ -96,7 +92,15 @@ PoliciesOpt = Annotated[str, typer.Option("--policies", help="Comma-separated po
 ProfileOpt = Annotated[str | None, typer.Option("--profile", help="Profile name or JSON path (see `profiles`)")]
 PolicyOptionOpt = Annotated[
     list[str] | None,
-    typer.Option("--policy-option", "-o", help="policy.key=value, e.g. sarathi.token_budget=2048 (repeatable)"),
+    typer.Option(
+        "--policy-option",
+        "-o",
+        help="policy.key=value, e.g. sarathi.token_budget=2048 (repeatable); `fairbatching options` lists them",
+    ),
+]
+UnderTestOpt = Annotated[
+    str,
+    typer.Option("--under-test", help="The policy the others are baselines for: its gain is against the best of them"),
 ]
 WideOpt = Annotated[bool, typer.Option("--wide", help="Show every column (files always carry them all)")]
 RequestsOpt = Annotated[int, typer.Option("--num-requests", "-n", help="Requests per run", callback=at_least_one)]

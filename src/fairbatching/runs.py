@@ -22,10 +22,11 @@ from dataclasses import asdict, dataclass, field, replace
 from functools import cache
 from typing import Any
 
+from fairbatching.config import DEFAULT_QPS
 from fairbatching.core.backend import Backend, EngineSpec
 from fairbatching.core.modes import DEFAULT_SLO, Admission, parse_mode
 from fairbatching.core.request import SLO, Request
-from fairbatching.costmodel.profile import Profile, load_profile
+from fairbatching.costmodel.profile import Profile, check_slo_feasible, load_profile
 from fairbatching.errors import ConfigError
 from fairbatching.metrics.summary import Summary, summarize
 from fairbatching.policies import make_policy
@@ -38,9 +39,6 @@ from fairbatching.workloads.spec import Workload
 from fairbatching.workloads.synthetic import default_workload
 from fairbatching.workloads.traces import load_trace
 
-# Load of the embedded default workload: the knee of the default (measured H100 engine) profile, where the
-# policies' SLO attainment is ~90%, so scheduling decisions matter.
-DEFAULT_QPS = 14.8
 # Bump when simulator or metric semantics (or the spec's fields) change, so stale cache entries are never reused.
 RESULT_VERSION = 4
 MAX_MODEL_LEN = 131072  # the simulator's default context limit (a GPU run's is its engine's)
@@ -416,19 +414,3 @@ class Experiment:
             self.prefix_caching,
         )
         return RunResult(None, summary, res.log, res.requests)
-
-
-def check_slo_feasible(slo: SLO, profile: Profile) -> None:
-    """Reject SLOs no schedule can meet on this hardware: a TPOT below one lone decode step."""
-    cost = profile.cost_model()
-    step = cost.predict(1, 1, 1, 1.0)
-    if slo.tpot < step:
-        raise ConfigError(
-            f"TPOT SLO {slo.tpot * 1e3:.2f} ms is below the fastest possible decode step "
-            f"({step * 1e3:.2f} ms on profile {profile.name}): no policy can meet it"
-        )
-    if slo.ttft < step:
-        raise ConfigError(
-            f"TTFT SLO {slo.ttft * 1e3:.2f} ms is below the fastest possible iteration "
-            f"({step * 1e3:.2f} ms on profile {profile.name}): no policy can meet it"
-        )

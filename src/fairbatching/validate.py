@@ -7,19 +7,18 @@ exit 2; a value that passes here cannot turn into a silent wrong result or a tra
 from __future__ import annotations
 
 import contextlib
-import inspect
 import json
 import math
 import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import typer
 
+from fairbatching.config import POLICY_CONFIGS, policy_config
 from fairbatching.errors import ConfigError
 
 # --- command-line option callbacks (typer turns BadParameter into "Invalid value for '--opt': ...", exit 2)
@@ -59,122 +58,35 @@ def positive_list(option: str, text: str) -> list[float]:
     return values
 
 
-# --- policy options (-o policy.key=value, and any other place options come from)
-
-
-@dataclass(frozen=True)
-class _Rule:
-    kind: type  # int, float or bool
-    lo: float = -math.inf
-    hi: float = math.inf
-    lo_open: bool = False
-    nullable: bool = False
-
-    def describe(self) -> str:
-        if self.kind is bool:
-            return "true or false"
-        what = "an integer" if self.kind is int else "a finite number"
-        if self.lo > -math.inf and self.hi < math.inf:
-            what += f" in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}]"
-        elif self.lo > -math.inf:
-            what += f" {'>' if self.lo_open else '>='} {self.lo:g}"
-        return what + (" (or null)" if self.nullable else "")
-
-    def accepts(self, value: Any) -> bool:
-        if value is None:
-            return self.nullable
-        if self.kind is bool:
-            return isinstance(value, bool)
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            return False
-        if self.kind is int and not isinstance(value, int):
-            return False
-        if not math.isfinite(value):
-            return False
-        above = value > self.lo if self.lo_open else value >= self.lo
-        return above and value <= self.hi
-
-
-_COUNT = _Rule(int, 1)
-_FRACTION = _Rule(float, 0.0, 1.0)
-_NON_NEGATIVE = _Rule(float, 0.0)
-# Known option ranges across the policies; an option not listed is checked by the type of its default.
-_RULES: dict[str, _Rule] = {
-    "max_num_batched_tokens": _COUNT,
-    "max_num_seqs": _COUNT,
-    "token_budget": _Rule(int, 1, nullable=True),
-    "tpot_slo": _Rule(float, 0.0, lo_open=True, nullable=True),
-    "max_batch_time": _Rule(float, 0.0, lo_open=True, nullable=True),
-    "min_chunk": _COUNT,
-    "edf_window": _COUNT,
-    "urgency_margin": _NON_NEGATIVE,
-    "decode_grace": _NON_NEGATIVE,
-    "mixed_amortization": _NON_NEGATIVE,
-    "slack_carry": _FRACTION,
-    "min_budget_fraction": _FRACTION,
-    "kv_reserve_fraction": _FRACTION,
-    "kv_high_watermark": _FRACTION,
-    "yield_reserve": _NON_NEGATIVE,
-    "late_age_limit": _Rule(float, 0.0, lo_open=True, nullable=True),
-    "late_share": _Rule(float, 0.0, 1.0, lo_open=True),
-}
-
-
-def _rule_for(param: inspect.Parameter) -> _Rule:
-    if param.name in _RULES:
-        return _RULES[param.name]
-    default = param.default
-    if isinstance(default, bool):
-        return _Rule(bool)
-    if isinstance(default, int):
-        return _Rule(int, 0)
-    return _Rule(float, nullable=default is None)
-
-
-def policy_parameters(policy: str) -> dict[str, inspect.Parameter]:
-    """The options a policy's constructor takes (everything but the cost model)."""
-    from fairbatching.policies import POLICIES
-
-    if policy not in POLICIES:
-        raise ConfigError(f"unknown policy {policy!r}; choose from {', '.join(POLICIES)}")
-    params = list(inspect.signature(POLICIES[policy]).parameters.values())[1:]
-    # Not VAR_*; a compiled (mypyc) class may report keyword-passable parameters as positional-only.
-    return {p.name: p for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+# --- policy options (-o policy.key=value, and any other place options come from): ranges live in config.py
 
 
 def check_policy_options(policy: str, options: dict[str, Any], origin: str = "--policy-option") -> None:
     """Refuse unknown options and values of the wrong type or out of range, naming ``origin``."""
-    params = policy_parameters(policy)
-    for key, value in options.items():
-        if key not in params:
-            raise ConfigError(f"{origin} {policy}.{key}: unknown option; {policy} takes {', '.join(sorted(params))}")
-        rule = _rule_for(params[key])
-        if not rule.accepts(value):
-            raise ConfigError(f"{origin} {policy}.{key}={value!r}: must be {rule.describe()}")
+    try:
+        policy_config(policy).resolve(None, options)
+    except ConfigError as exc:
+        raise ConfigError(f"{origin} {exc}") from None
 
 
 def policy_names(policies: str) -> list[str]:
     """A comma-separated list of known policy names, e.g. ``--policies fairbatching,vllm``."""
-    from fairbatching.policies import POLICIES
-
     names = [p.strip() for p in policies.split(",") if p.strip()]
-    unknown = [p for p in names if p not in POLICIES]
+    unknown = [p for p in names if p not in POLICY_CONFIGS]
     if unknown or not names:
         names = ", ".join(map(repr, unknown)) or "(none)"
-        raise ConfigError(f"unknown policy {names}; choose from {', '.join(POLICIES)}")
+        raise ConfigError(f"unknown policy {names}; choose from {', '.join(POLICY_CONFIGS)}")
     return names
 
 
 def parse_policy_options(items: list[str]) -> dict[str, dict[str, Any]]:
     """``policy.key=value`` pairs; values are read as JSON where they parse (numbers, true, null), else text."""
-    from fairbatching.policies import POLICIES
-
     out: dict[str, dict[str, Any]] = {}
     for item in items:
         head, eq, raw = item.partition("=")
         policy, dot, key = head.partition(".")
-        if not (eq and dot and key) or policy not in POLICIES:
-            raise ConfigError(f"--policy-option takes policy.key=value with a policy of {', '.join(POLICIES)}")
+        if not (eq and dot and key) or policy not in POLICY_CONFIGS:
+            raise ConfigError(f"--policy-option takes policy.key=value with a policy of {', '.join(POLICY_CONFIGS)}")
         try:
             value = json.loads(raw)
         except json.JSONDecodeError:

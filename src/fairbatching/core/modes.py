@@ -9,10 +9,11 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import TypeVar
 
+from fairbatching.config import DEFAULT_TPOT_S, DEFAULT_TTFT_S
 from fairbatching.core.request import SLO
 from fairbatching.errors import ConfigError
 
-DEFAULT_SLO = SLO(ttft=2.0, tpot=0.1)
+DEFAULT_SLO = SLO(ttft=DEFAULT_TTFT_S, tpot=DEFAULT_TPOT_S)
 
 
 class Admission(StrEnum):

@@ -5,8 +5,8 @@ The fitting (``costmodel.fit``, scipy) loads on first use of its names, so runni
 from typing import Any
 
 from fairbatching.costmodel.model import BatchFeatures, CostModel, CostParams
-from fairbatching.costmodel.profile import Profile, available_profiles, load_profile
-from fairbatching.costmodel.roofline import H100_SXM, LLAMA3_8B, HardwareSpec, ModelShape, analytic_profile
+from fairbatching.costmodel.profile import Profile, analytic_profile, available_profiles, load_profile
+from fairbatching.costmodel.roofline import H100_SXM, LLAMA3_8B, HardwareSpec, ModelShape
 
 _FIT = ("FitReport", "fit_cost_model", "load_profile_rows")
 

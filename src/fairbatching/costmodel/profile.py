@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from fairbatching.core.kv import KVCacheConfig
+from fairbatching.core.request import SLO
 from fairbatching.costmodel.model import CostModel, CostParams
+from fairbatching.costmodel.roofline import H100_SXM, LLAMA3_8B, HardwareSpec, ModelShape, roofline_params
 from fairbatching.errors import ConfigError, ProfileError
 
 ANALYTIC_PROFILE = "llama-3-8b-h100-analytic"  # roofline estimate, computed in code
@@ -108,6 +110,19 @@ def _check_usable(profile: Profile, origin: str) -> None:
         )
 
 
+def check_slo_feasible(slo: SLO, profile: Profile, names: tuple[str, str] = ("TTFT SLO", "TPOT SLO")) -> None:
+    """Reject SLOs no schedule can meet on this hardware: a TTFT or TPOT below one lone decode step.
+
+    ``names``: what the caller's message calls the TTFT and the TPOT (an option, a setting and its source)."""
+    step = profile.cost_model().predict(1, 1, 1, 1.0)
+    for name, value in zip(names, (slo.ttft, slo.tpot), strict=True):
+        if value < step:
+            raise ConfigError(
+                f"{name} {value * 1e3:.3g} ms is below the fastest possible decode step "
+                f"({step * 1e3:.3g} ms on profile {profile.name}): no schedule can meet it"
+            )
+
+
 def _bundled() -> dict[str, Path]:
     folder = resources.files("fairbatching.costmodel") / "profiles"
     if not folder.is_dir():
@@ -117,6 +132,22 @@ def _bundled() -> dict[str, Path]:
 
 def available_profiles() -> list[str]:
     return sorted({ANALYTIC_PROFILE, *_bundled()})
+
+
+def analytic_profile(model: ModelShape = LLAMA3_8B, hw: HardwareSpec = H100_SXM) -> Profile:
+    """A profile from the hardware roofline (``costmodel.roofline``), for use until a measured one exists."""
+    return Profile(
+        name=f"{model.name}-{hw.name.split('-')[0].lower()}-analytic",
+        source="analytic",
+        model=asdict(model),
+        hardware=asdict(hw),
+        params=roofline_params(model, hw),
+        kv=KVCacheConfig.from_memory(hw.mem_bytes, model.weight_bytes, model.kv_bytes_per_token),
+        note=(
+            "ANALYTIC: derived from the hardware roofline (peak FLOPs and bandwidth times efficiency factors), "
+            "not measured. Replace with a profile fitted on GPU measurements for real decisions."
+        ),
+    )
 
 
 def profile_for_device(model: str, device: str) -> tuple[str, str]:
@@ -136,8 +167,6 @@ def profile_for_device(model: str, device: str) -> tuple[str, str]:
 
 def load_profile(name_or_path: str | None = None) -> Profile:
     """A bundled profile by name (default: the measured engine profile), the analytic one, or a JSON path."""
-    from fairbatching.costmodel.roofline import analytic_profile
-
     name = name_or_path or DEFAULT_PROFILE
     bundled = _bundled()
     if name in bundled:

@@ -7,11 +7,9 @@ query-key pair of attention. Each side runs at an efficiency factor below peak.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
-from fairbatching.core.kv import KVCacheConfig
 from fairbatching.costmodel.model import CostParams
-from fairbatching.costmodel.profile import Profile
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,10 +79,11 @@ H100_SXM = HardwareSpec(name="H100-SXM-80GB", peak_flops=989e12, mem_bandwidth=3
 ROOFLINE_P = 3.0
 
 
-def analytic_profile(model: ModelShape = LLAMA3_8B, hw: HardwareSpec = H100_SXM) -> Profile:
+def roofline_params(model: ModelShape, hw: HardwareSpec) -> CostParams:
+    """The cost model's coefficients for ``model`` on ``hw``, from the roofline (see the module doc)."""
     flops = hw.peak_flops
     bw = hw.mem_bandwidth * hw.bandwidth_efficiency
-    params = CostParams(
+    return CostParams(
         t_fixed=hw.step_overhead_s,
         c_seq=hw.per_seq_overhead_s,
         t_weights=model.weight_bytes / bw,
@@ -92,17 +91,4 @@ def analytic_profile(model: ModelShape = LLAMA3_8B, hw: HardwareSpec = H100_SXM)
         c_tok=2 * model.matmul_params / (flops * hw.matmul_efficiency),
         c_attn=model.attn_flops_per_pair / (flops * hw.attn_efficiency),
         p=ROOFLINE_P,
-    )
-    kv = KVCacheConfig.from_memory(hw.mem_bytes, model.weight_bytes, model.kv_bytes_per_token)
-    return Profile(
-        name=f"{model.name}-{hw.name.split('-')[0].lower()}-analytic",
-        source="analytic",
-        model=asdict(model),
-        hardware=asdict(hw),
-        params=params,
-        kv=kv,
-        note=(
-            "ANALYTIC: derived from the hardware roofline (peak FLOPs and bandwidth times efficiency factors), "
-            "not measured. Replace with a profile fitted on GPU measurements for real decisions."
-        ),
     )

@@ -173,14 +173,17 @@ def policy_capacities(
     return results
 
 
-def capacity_lines(results: Sequence[CapacityResult], bound: float | None, num_requests: int) -> list[str]:
-    """The capacity table: each policy against the best baseline and the clairvoyant bound."""
-    best_base = max((r.capacity_qps for r in results if r.policy != "fairbatching"), default=0.0)
+def capacity_lines(
+    results: Sequence[CapacityResult], bound: float | None, num_requests: int, under_test: str | None = None
+) -> list[str]:
+    """The capacity table: each policy against the clairvoyant bound, and ``under_test`` against the best of
+    the others (the baselines)."""
+    best_base = max((r.capacity_qps for r in results if r.policy != under_test), default=0.0)
     lines = []
     for r in results:
         gain = (
             f" ({r.capacity_qps / best_base - 1:+.1%} vs best baseline)"
-            if r.policy == "fairbatching" and best_base
+            if r.policy == under_test and best_base
             else ""
         )
         of_bound = ""

@@ -122,6 +122,7 @@ def stack_capacities(
         rows.append(
             {
                 "stack": s.label,
+                "policy": s.policy,
                 "capacity_qps": res.capacity_qps,
                 "bracket": res.bracket,
                 "curve": [asdict(p) for p in res.curve],
@@ -130,9 +131,9 @@ def stack_capacities(
     return rows
 
 
-def capacity_table(rows: Sequence[dict[str, Any]], title: str) -> FittedTable:
-    """Each stack's capacity, and against the best stack whose node policy is not fairbatching."""
-    base = max((r["capacity_qps"] for r in rows if not r["stack"].startswith("fairbatching")), default=0.0)
+def capacity_table(rows: Sequence[dict[str, Any]], title: str, under_test: str | None = None) -> FittedTable:
+    """Each stack's capacity, and against the best stack whose node policy is not ``under_test`` (the baselines)."""
+    base = max((r["capacity_qps"] for r in rows if r["policy"] != under_test), default=0.0)
     return FittedTable(
         [
             Column("stack", [r["stack"] for r in rows], "name", "left", style="bold"),

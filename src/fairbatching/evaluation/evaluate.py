@@ -106,8 +106,11 @@ def evaluate(
     profile: str | None = None,
     log: Callable[[str], None] = print,
     status: Status | None = None,
+    under_test: str | None = None,
 ) -> list[dict[str, Any]]:
-    """``status`` hears what runs now (scenario, policy, load) and how many of that step's runs are done."""
+    """``under_test``: the policy the others are baselines for (None: all are); each capacity is set against
+    the best baseline's, and equal load is that capacity. ``status`` hears what runs now (scenario, policy,
+    load) and how many of that step's runs are done."""
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
     for i, sc in enumerate(scenarios, start=1):
@@ -116,7 +119,8 @@ def evaluate(
             continue
         head = f"[{i}/{len(scenarios)}] {sc.workload} {sc.ttft:g}s/{sc.tpot * 1e3:g}ms"
         base = RunSpec(policies[0], sc.workload, 1.0, 0, num_requests, sc.ttft, sc.tpot, profile)
-        rows += _scenario_rows(sc, base, policies, sweeper, out, seeds, target, tolerance, log, head, status or _quiet)
+        say = status or _quiet
+        rows += _scenario_rows(sc, base, policies, under_test, sweeper, out, seeds, target, tolerance, log, head, say)
         atomic_write_text(out / "evaluation.json", json.dumps(rows, indent=2) + "\n")
     return rows
 
@@ -125,6 +129,7 @@ def _scenario_rows(
     sc: Scenario,
     base: RunSpec,
     policies: Sequence[str],
+    under_test: str | None,
     sweeper: Sweeper,
     out: Path,
     seeds: int,
@@ -138,7 +143,7 @@ def _scenario_rows(
     caps = {p: _capacity(sc, replace(base, policy=p), sweeper, seeds, target, tolerance, head, say) for p in policies}
     for p in policies:
         log(f"{sc.label}: {p} capacity {caps[p].capacity_qps:.3f} req/s")
-    best_baseline = max((caps[p].capacity_qps for p in policies if p != "fairbatching"), default=0.0)
+    best_baseline = max((caps[p].capacity_qps for p in policies if p != under_test), default=0.0)
     # Equal-load comparisons sit at the best baseline's capacity; if no baseline reaches the target at
     # any load tried, at the best capacity of any policy.
     ref = best_baseline or max(c.capacity_qps for c in caps.values())

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 from mypy_extensions import mypyc_attr
 
+from fairbatching.core.state import SchedulerState
 from fairbatching.costmodel.model import BatchPricer, attn_work
-from fairbatching.policies.base import SchedulerState
 
 
 @mypyc_attr(native_class=False)  # a plain class when compiled: frozen values pickle as usual

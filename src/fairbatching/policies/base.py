@@ -1,32 +1,22 @@
-"""What every policy shares: the state it sees, and a builder that enforces budgets, KV and preemption."""
+"""What every policy shares: the base class, and a builder that enforces budgets, KV and preemption.
+
+The state a policy sees is ``core.state.SchedulerState`` (kept importable from here)."""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 from mypy_extensions import mypyc_attr
 
-from fairbatching.core.kv import BlockAllocator
+from fairbatching.config import PolicyConfig
 from fairbatching.core.plan import BatchPlan
 from fairbatching.core.request import Request
+from fairbatching.core.state import SchedulerState
 from fairbatching.costmodel.adaptive import AdaptiveCostModel
 from fairbatching.costmodel.model import BatchPricer
-
-
-@dataclass(slots=True)
-class SchedulerState:
-    """What a backend shows a policy: the clock, requests holding KV (admission order) and those waiting.
-
-    ``running`` holds requests with KV allocated (decoding, or mid-prefill); ``waiting`` holds requests
-    without KV, new or preempted, in queue order. Policies read this and return a plan; they never mutate it.
-    """
-
-    now: float
-    running: list[Request]
-    waiting: list[Request]
-    kv: BlockAllocator
+from fairbatching.policies.admission import AdmissionBudget, prefill_admission_budget
 
 
 @mypyc_attr(allow_interpreted_subclasses=True)  # users' own policies subclass it
@@ -34,6 +24,8 @@ class Policy(ABC):
     """A batch-formation policy. One ``schedule`` call plans one iteration."""
 
     name: str = "policy"
+    #: The policy's options, declared once (``fairbatching.config``): what its constructor reads.
+    config_type: ClassVar[type[PolicyConfig]] = PolicyConfig
     #: How much of a first token's lead over its TTFT deadline a backend carries into decode deadlines
     #: (``Request.slack_carry``); only deadline-aware policies care.
     slack_carry: float = 1.0
@@ -44,9 +36,13 @@ class Policy(ABC):
     #: each iteration; a test holds every policy that sets it to the promise.
     schedules_all_decodes_when_idle: bool = True
 
-    def __init__(self, cost_model: BatchPricer, max_num_batched_tokens: int = 8192, max_num_seqs: int = 256) -> None:
+    def __init__(
+        self, cost_model: BatchPricer, config: PolicyConfig, max_num_batched_tokens: int, max_num_seqs: int
+    ) -> None:
+        """``config``: the checked options the policy was built from; the limits: what it derived from them."""
         if max_num_batched_tokens < 1 or max_num_seqs < 1:
             raise ValueError("max_num_batched_tokens and max_num_seqs must be >= 1")
+        self.config = config
         self.cost_model = cost_model
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
@@ -76,10 +72,8 @@ class Policy(ABC):
         elif isinstance(cost, AdaptiveCostModel):
             cost.observe_decodes(num_seqs, context, seconds)
 
-    def admission_budget(self, state: SchedulerState, horizon: float):
+    def admission_budget(self, state: SchedulerState, horizon: float) -> AdmissionBudget:
         """This node's Prefill Admission Budget (see ``policies.admission``), priced by this policy's model."""
-        from fairbatching.policies.admission import prefill_admission_budget
-
         return prefill_admission_budget(state, self.cost_model, horizon, self.max_num_seqs)
 
     def builder(self, state: SchedulerState, token_budget: int | None = None) -> BatchBuilder:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
+from fairbatching.config import PolicyConfig, PrefillFirstConfig, SarathiConfig, VLLMConfig
 from fairbatching.core.plan import BatchPlan
 from fairbatching.core.request import Request
 from fairbatching.costmodel.model import BatchPricer, attn_work
@@ -13,7 +16,13 @@ class VLLMPolicy(Policy):
     """vLLM V1: running requests first in queue order (preempting the newest for KV), then FCFS waiting
     prefills, chunked to fit ``max_num_batched_tokens``. No new request is admitted in a step that preempts."""
 
-    name = "vllm"
+    name = VLLMConfig.policy
+    config_type: ClassVar[type[PolicyConfig]] = VLLMConfig  # typed as the base's: Sarathi's differs
+
+    def __init__(self, cost_model: BatchPricer, config: VLLMConfig | None = None, **options: Any) -> None:
+        """``config`` (default: the declared defaults) with ``options`` by name on top (see ``config.py``)."""
+        cfg = VLLMConfig.resolve(config, options)
+        super().__init__(cost_model, cfg, cfg.max_num_batched_tokens, cfg.max_num_seqs)
 
     def token_budget(self) -> int:
         return self.max_num_batched_tokens
@@ -52,22 +61,20 @@ class SarathiPolicy(VLLMPolicy):
     """Sarathi-Serve stall-free batching: every running decode, then ongoing and new prefills (FCFS) in
     chunks up to a fixed token budget chosen so that a typical mixed batch meets the TPOT SLO."""
 
-    name = "sarathi"
+    name = SarathiConfig.policy
+    config_type = SarathiConfig
 
-    def __init__(
-        self,
-        cost_model: BatchPricer,
-        tpot_slo: float | None = None,
-        token_budget: int | None = None,
-        max_num_seqs: int = 256,
-    ) -> None:
+    def __init__(self, cost_model: BatchPricer, config: SarathiConfig | None = None, **options: Any) -> None:
+        """``config`` (default: the declared defaults) with ``options`` by name on top (see ``config.py``)."""
+        cfg = SarathiConfig.resolve(config, options)
+        token_budget, tpot_slo = cfg.token_budget, cfg.tpot_slo
         #: The TPOT the budget was derived from (None when given explicitly): re-derived as the model calibrates.
         self.derived_from_tpot = tpot_slo if token_budget is None else None
         if token_budget is None:
             if tpot_slo is None:
                 raise ConfigError("sarathi needs a token budget or a TPOT SLO to derive one from")
             token_budget = budget_for_tpot(cost_model, tpot_slo)
-        super().__init__(cost_model, max_num_batched_tokens=token_budget, max_num_seqs=max_num_seqs)
+        Policy.__init__(self, cost_model, cfg, token_budget, cfg.max_num_seqs)  # not VLLMPolicy's: no token cap option
 
     def observe_step(
         self, new_tokens: int, context_tokens: int, num_seqs: int, attn_work: float, seconds: float
@@ -133,7 +140,13 @@ class PrefillFirstPolicy(Policy):
     """Orca / vLLM v0: whole prompts first, FCFS, in prefill-only batches; decodes run only when no
     prompt is admitted. The first prompt is admitted even when longer than the token budget."""
 
-    name = "prefill-first"
+    name = PrefillFirstConfig.policy
+    config_type = PrefillFirstConfig
+
+    def __init__(self, cost_model: BatchPricer, config: PrefillFirstConfig | None = None, **options: Any) -> None:
+        """``config`` (default: the declared defaults) with ``options`` by name on top (see ``config.py``)."""
+        cfg = PrefillFirstConfig.resolve(config, options)
+        super().__init__(cost_model, cfg, cfg.max_num_batched_tokens, cfg.max_num_seqs)
 
     def schedule(self, state: SchedulerState) -> BatchPlan:
         if state.waiting:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import math
 from itertools import accumulate
 from operator import attrgetter
+from typing import Any
 
+from fairbatching.config import FairBatchingConfig
 from fairbatching.core.envelope import count_urgent
 from fairbatching.core.plan import BatchPlan
 from fairbatching.core.request import Request
@@ -53,119 +55,98 @@ class FairBatchingPolicy(Policy):
     ones left over, then the other late ones. With ``late_age_limit=1`` every lost request is aged.
     """
 
-    name = "fairbatching"
+    name = FairBatchingConfig.policy
+    config_type = FairBatchingConfig
 
-    def __init__(
-        self,
-        cost_model: BatchPricer,
-        max_num_batched_tokens: int = 8192,
-        max_num_seqs: int = 256,
-        max_batch_time: float | None = None,
-        min_chunk: int = 32,
-        urgency_margin: float = 1.0,
-        edf_window: int = 128,
-        slack_carry: float = 0.0,
-        min_budget_fraction: float = 0.5,
-        kv_reserve_fraction: float = 0.01,
-        kv_high_watermark: float = 0.5,
-        yield_reserve: float = 1.0,
-        decode_grace: float = 0.0,
-        mixed_amortization: float = 6.0,
-        late_last: bool = True,
-        late_age_limit: float | None = None,
-        late_share: float = 1.0,
-    ) -> None:
-        super().__init__(cost_model, max_num_batched_tokens, max_num_seqs)
-        self.late_last = late_last
-        if late_age_limit is not None and not late_age_limit > 0:
-            raise ValueError("late_age_limit must be positive (TTFT SLOs waited)")
-        self.late_age_limit = late_age_limit
-        if not 0.0 < late_share <= 1.0:
-            raise ValueError("late_share must be in (0, 1] (a fraction of each step's prefill time)")
-        self.late_share = late_share
-        if yield_reserve < 0:
-            raise ValueError("yield_reserve must be >= 0")
-        self.yield_reserve = yield_reserve
-        if mixed_amortization < 0:
-            raise ValueError("mixed_amortization must be >= 0")
-        self.mixed_amortization = mixed_amortization
-        if max_batch_time is not None and max_batch_time <= 0:
-            raise ValueError("max_batch_time must be positive")
-        self.max_batch_time = math.inf if max_batch_time is None else max_batch_time
-        self.min_chunk = min_chunk
-        self.urgency_margin = urgency_margin
-        self.edf_window = edf_window
-        if not 0.0 <= slack_carry <= 1.0:
-            raise ValueError("slack_carry must be in [0, 1]")
-        self.slack_carry = slack_carry
-        if not 0.0 <= min_budget_fraction <= 1.0:
-            raise ValueError("min_budget_fraction must be in [0, 1]")
-        self.min_budget_fraction = min_budget_fraction
-        self.kv_reserve_fraction = kv_reserve_fraction
-        self.kv_high_watermark = kv_high_watermark
-        if decode_grace < 0:
-            raise ValueError("decode_grace must be >= 0")
-        self.decode_grace = decode_grace
+    def __init__(self, cost_model: BatchPricer, config: FairBatchingConfig | None = None, **options: Any) -> None:
+        """``config`` (default: the declared defaults) with ``options`` by name on top (see ``config.py``)."""
+        cfg = FairBatchingConfig.resolve(config, options)
+        super().__init__(cost_model, cfg, cfg.max_num_batched_tokens, cfg.max_num_seqs)
+        self.late_last = cfg.late_last
+        self.late_age_limit = cfg.late_age_limit
+        self.late_share = cfg.late_share
+        self.yield_reserve = cfg.yield_reserve
+        self.mixed_amortization = cfg.mixed_amortization
+        self.max_batch_time = math.inf if cfg.max_batch_time is None else cfg.max_batch_time
+        self.min_chunk = cfg.min_chunk
+        self.urgency_margin = cfg.urgency_margin
+        self.edf_window = cfg.edf_window
+        self.slack_carry = cfg.slack_carry
+        self.min_budget_fraction = cfg.min_budget_fraction
+        self.kv_reserve_fraction = cfg.kv_reserve_fraction
+        self.kv_high_watermark = cfg.kv_high_watermark
+        self.decode_grace = cfg.decode_grace
 
     def schedule(self, state: SchedulerState) -> BatchPlan:
-        now = state.now
-        running = state.running
-        decodes: list[Request] = []
-        prefills: list[Request] = []
-        computed = 0  # the decodes' num_computed, summed
-        tpot = math.inf  # the tightest TPOT among them
-        for r in running:  # one pass classifies and sums: it runs over every running request every step
-            if r.num_tokens - r.num_computed == 1 and r.token_times:  # ``Request.is_decode``, inlined
-                decodes.append(r)
-                computed += r.num_computed
-                if r.tpot < tpot:
-                    tpot = r.tpot
-            else:
-                prefills.append(r)
+        """The step's capacity, then its three phases (see the class doc): urgent decodes, prefills in deadline
+        order, and the decodes with slack in the time left."""
+        decodes, prefills, computed, tpot = _split_running(state.running)
         b = self.builder(state)
         budget = prefill_budget = self.max_batch_time
         n_urgent = 0
         may_yield = True
         if decodes:
-            n = len(decodes)
             decodes.sort(key=_deadline)  # our own list: urgent decodes are a prefix, slack ones the rest
-            ctx = computed + n
-            # No batch can outlast one at the token cap, so deadlines beyond that are not urgent.
-            cap = self.max_num_batched_tokens
-            full_batch = self.cost_model.predict(cap, ctx + cap, n + 1, ctx + attn_work(max(cap - n, 0), 0))
-            budget = min(budget, full_batch, max(decodes[0].next_deadline - now, self.min_budget_fraction * tpot))
-            kv = state.kv
-            pressure = max(1.0 - kv.free_blocks / kv.num_blocks, len(running) / self.max_num_seqs)
-            may_yield = pressure < self.kv_high_watermark
-            all_decodes = self.cost_model.predict(n, ctx, n, ctx)
+            budget, full_batch, all_decodes, may_yield = self._capacity(state, decodes, computed, tpot)
             margin = self.urgency_margin * all_decodes + (self.yield_reserve * tpot if may_yield else 0.0)
-            # Urgent: skipped now, their next token would come after the budget and the margin (the next step).
-            n_urgent = count_urgent(decodes, now, budget, margin, key=_deadline)
-            if n_urgent:
-                urgent = decodes[:n_urgent]
-                # Context sums of the urgent prefix and the rest, summing only the shorter side.
-                if n_urgent <= n - n_urgent:
-                    computed_rest = computed - total_computed(urgent)
-                else:
-                    computed_rest = total_computed(decodes[n_urgent:])
-                b.add_decodes(urgent, fresh=True, computed=computed - computed_rest)
-                computed = computed_rest
+            n_urgent, computed = self._add_urgent_decodes(b, decodes, computed, budget, margin)
             budget = prefill_budget = max(budget, b.time())
-            if not may_yield and n_urgent < n and budget < full_batch:
-                # Every decode runs in this step: the prefills get the budget less what the others add to it.
-                first = decodes[0].num_computed + 1
-                base = b.time() if n_urgent else self.cost_model.predict(1, first, 1, first)
-                prefill_budget -= max(0.0, all_decodes - base)
+            if not may_yield and n_urgent < len(decodes) and budget < full_batch:
+                prefill_budget -= self._other_decodes_time(b, decodes, n_urgent, all_decodes)
         backlog = self._add_prefills(b, prefills, state.waiting, prefill_budget, decodes, n_urgent)
         if n_urgent < len(decodes):
-            rest = decodes[n_urgent:]
-            if b.plan.preempted:
-                gone = set(map(id, b.plan.preempted))
-                kept = [r for r in rest if id(r) not in gone]
-                if len(kept) < len(rest):
-                    rest, computed = kept, total_computed(kept)
+            rest, computed = _not_preempted(b.plan, decodes[n_urgent:], computed)
             self._add_slack_decodes(b, rest, budget if backlog and may_yield else math.inf, computed)
         return b.finish()
+
+    def _capacity(
+        self, state: SchedulerState, decodes: list[Request], computed: int, tpot: float
+    ) -> tuple[float, float, float, bool]:
+        """How long this step may last, and what decides it: ``(budget, full_batch, all_decodes, may_yield)``.
+
+        The budget is the tightest decode deadline's lead (``decodes`` in deadline order, their
+        ``num_computed`` summing to ``computed``), never below ``min_budget_fraction`` of the tightest TPOT
+        (``tpot``), capped by ``max_batch_time`` and by the time of a batch at the token cap (``full_batch``).
+        ``all_decodes``: the time of a step of every decode alone. ``may_yield``: KV and slot use are below
+        ``kv_high_watermark``, so decodes with slack may yield to prefills.
+        """
+        n = len(decodes)
+        ctx = computed + n
+        # No batch can outlast one at the token cap, so deadlines beyond that are not urgent.
+        cap = self.max_num_batched_tokens
+        full_batch = self.cost_model.predict(cap, ctx + cap, n + 1, ctx + attn_work(max(cap - n, 0), 0))
+        lead = max(decodes[0].next_deadline - state.now, self.min_budget_fraction * tpot)
+        budget = min(self.max_batch_time, full_batch, lead)
+        kv = state.kv
+        pressure = max(1.0 - kv.free_blocks / kv.num_blocks, len(state.running) / self.max_num_seqs)
+        may_yield = pressure < self.kv_high_watermark
+        all_decodes = self.cost_model.predict(n, ctx, n, ctx)
+        return budget, full_batch, all_decodes, may_yield
+
+    def _add_urgent_decodes(
+        self, b: BatchBuilder, decodes: list[Request], computed: int, budget: float, margin: float
+    ) -> tuple[int, int]:
+        """Phase 1: the decodes whose next token, were they skipped now, would come after the budget and the
+        margin (the next step): a prefix of ``decodes`` in deadline order. Returns how many, and the
+        ``num_computed`` sum of the rest (``computed``: that of all)."""
+        n_urgent = count_urgent(decodes, b.state.now, budget, margin, key=_deadline)
+        if not n_urgent:
+            return 0, computed
+        urgent = decodes[:n_urgent]
+        # Context sums of the urgent prefix and the rest, summing only the shorter side.
+        if n_urgent <= len(decodes) - n_urgent:
+            computed_rest = computed - total_computed(urgent)
+        else:
+            computed_rest = total_computed(decodes[n_urgent:])
+        b.add_decodes(urgent, fresh=True, computed=computed - computed_rest)
+        return n_urgent, computed_rest
+
+    def _other_decodes_time(self, b: BatchBuilder, decodes: list[Request], n_urgent: int, all_decodes: float) -> float:
+        """What the decodes not yet in the batch add to its time. When decodes may not yield, every decode runs
+        in this step, so the prefills get the budget less this."""
+        first = decodes[0].num_computed + 1
+        base = b.time() if n_urgent else self.cost_model.predict(1, first, 1, first)
+        return max(0.0, all_decodes - base)
 
     def _decode_block_reserve(self, b: BatchBuilder, decodes: list[Request], n_urgent: int, admitting: int) -> int:
         """Blocks the not-yet-scheduled decodes need this iteration, plus ``kv_reserve_fraction`` of the cache.
@@ -296,6 +277,34 @@ class FairBatchingPolicy(Policy):
                 k = _max_prefix_within(b, prefix, budget)
                 rest, computed = rest[:k], prefix[k]
         b.add_decodes(rest, fresh=True, computed=computed)
+
+
+def _split_running(running: list[Request]) -> tuple[list[Request], list[Request], int, float]:
+    """The running decodes and prefills, the decodes' ``num_computed`` summed and their tightest TPOT: one pass,
+    since it runs over every running request every step."""
+    decodes: list[Request] = []
+    prefills: list[Request] = []
+    computed = 0
+    tpot = math.inf
+    for r in running:
+        if r.num_tokens - r.num_computed == 1 and r.token_times:  # ``Request.is_decode``, inlined
+            decodes.append(r)
+            computed += r.num_computed
+            if r.tpot < tpot:
+                tpot = r.tpot
+        else:
+            prefills.append(r)
+    return decodes, prefills, computed, tpot
+
+
+def _not_preempted(plan: BatchPlan, rest: list[Request], computed: int) -> tuple[list[Request], int]:
+    """``rest`` (their ``num_computed`` summing to ``computed``) less any request the plan preempted for KV."""
+    if plan.preempted:
+        gone = set(map(id, plan.preempted))
+        kept = [r for r in rest if id(r) not in gone]
+        if len(kept) < len(rest):
+            return kept, total_computed(kept)
+    return rest, computed
 
 
 def _max_prefix_within(b: BatchBuilder, prefix: list[int], budget: float) -> int:

@@ -197,42 +197,79 @@ class Node:
         Returns False when the policy cannot schedule anything and preempted nothing: only an arrival can
         change that.
         """
-        cfg = self.config
-        running, waiting, kv = self.running, self.waiting, self.kv
-        if self.deferred:
-            self._admit_deferred()
-        if cfg.queue_timeout is not None and waiting:
-            self._expire(cfg.queue_timeout)
-        if not (waiting or running):
+        self._admit_and_expire_queued()
+        if not (self.waiting or self.running):
             return False  # nothing runnable: only an arrival can change that
-        if self._stretch is not None:
-            # Still the decode-only batch the policy planned when the stretch began: no arrival (``submit``
-            # ends a stretch), no finish, KV covered. Report ticks land here without a new plan. Deferred
-            # requests are re-checked every step, and one admitted just now makes this a new decision.
-            if not (waiting or self.deferred):
-                self._advance(*self._continue_stretch(horizon))
-                return True
-            self._stretch = None
-        self.state.now = self.clock
-        plan = self.policy.schedule(self.state)
-        self.preemptions += self._apply_preemptions(plan, running, waiting, kv)
+        if self._resume_stretch(horizon):
+            return True
+        plan = self._plan()
         if plan.is_empty:
             return bool(plan.preempted)
-        if self._fast and not waiting and plan.num_decodes == len(running) == plan.num_seqs:
+        if self._start_stretch(plan, horizon):
+            return True
+        clock = self._execute(plan)
+        self._emit_tokens(plan, clock)
+        return True
+
+    def _admit_and_expire_queued(self) -> None:
+        """Deferred requests that fit now join the queue; queued ones waiting past ``queue_timeout`` end."""
+        if self.deferred:
+            self._admit_deferred()
+        timeout = self.config.queue_timeout
+        if timeout is not None and self.waiting:
+            self._expire(timeout)
+
+    def _resume_stretch(self, horizon: float) -> bool:
+        """Continue the decode-only stretch in progress, if any, while it is still the batch the policy planned
+        when it began: no arrival (``submit`` ends a stretch), no finish, KV covered. Report ticks land here
+        without a new plan. Deferred requests are re-checked every step, and one admitted just now makes this
+        a new decision."""
+        if self._stretch is None:
+            return False
+        if not (self.waiting or self.deferred):
+            self._advance(*self._continue_stretch(horizon))
+            return True
+        self._stretch = None
+        return False
+
+    def _plan(self) -> BatchPlan:
+        """The policy's plan at the current clock; the requests it preempts go back to the head of the queue."""
+        self.state.now = self.clock
+        plan = self.policy.schedule(self.state)
+        self.preemptions += self._apply_preemptions(plan, self.running, self.waiting, self.kv)
+        return plan
+
+    def _start_stretch(self, plan: BatchPlan, horizon: float) -> bool:
+        """Replay ``plan`` as a decode-only stretch (``_fast_forward``) when it runs every running decode with
+        nothing queued: the policy would plan the same batch until something arrives or finishes."""
+        running = self.running
+        if self._fast and not self.waiting and plan.num_decodes == len(running) == plan.num_seqs:
             steps, elapsed = self._fast_forward(horizon)
             if steps:
                 self._advance(steps, elapsed)
                 return True
+        return False
+
+    def _execute(self, plan: BatchPlan) -> float:
+        """Admit the plan's new requests, run it on the executor and account for the step (the policy hears
+        what it took); returns the clock when its tokens are out."""
+        running, waiting, kv = self.running, self.waiting, self.kv
         start = self.clock
         n_running, n_waiting = len(running), len(waiting)
         self._admit(plan, running, waiting, kv, start)
         clock = self.clock = self.executor(plan, start)
         dt = clock - start
         self.policy.observe_step(plan.new_tokens, plan.context_tokens, plan.num_seqs, plan.attn_work, dt)
-        if cfg.record_iterations:
+        if self.config.record_iterations:
             _log_iteration(self.log, start, dt, plan, n_running, n_waiting, kv.used_blocks)
         self.busy += dt
         self.iterations += 1
+        return clock
+
+    def _emit_tokens(self, plan: BatchPlan, clock: float) -> None:
+        """Each sequence whose chunk completes its pending tokens emits one at ``clock``; one that reaches its
+        output length finishes and gives its KV back."""
+        running, kv = self.running, self.kv
         finished = []
         targets = self.targets
         caching = kv.caching
@@ -258,7 +295,6 @@ class Node:
                         self.on_finish(r)
         for r in finished:
             running.remove(r)
-        return True
 
     def _advance(self, steps: int, elapsed: float) -> None:
         self.clock += elapsed

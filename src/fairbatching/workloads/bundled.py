@@ -10,10 +10,6 @@ from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
 
-import numpy as np
-
-from fairbatching.workloads.spec import Workload
-
 DATA = Path(str(files("fairbatching.workloads") / "data"))
 NOTICE = DATA / "NOTICE"
 
@@ -55,28 +51,3 @@ def resolve_trace(trace: str | Path) -> Path:
     if not path.is_file() and str(trace) in BUNDLED:
         return BUNDLED[str(trace)].path
     return path
-
-
-def bundled_shapes() -> list[dict]:
-    """Every bundled trace with its provenance and shape (loading all four takes well under a second)."""
-    from fairbatching.workloads.traces import load_trace
-
-    return [
-        {"name": t.name, "source": t.source, "license": t.license, **trace_shape(load_trace(t.path))}
-        for t in BUNDLED.values()
-    ]
-
-
-def trace_shape(workload: Workload) -> dict[str, float]:
-    """What a person checks before replaying a trace: size, span, rate, and the spread of lengths."""
-    prompts = np.array([r.prompt_len for r in workload.requests])
-    outputs = np.array([r.output_len for r in workload.requests])
-    shape: dict[str, float] = {
-        "requests": len(workload),
-        "duration_s": workload.duration,
-        "qps": workload.qps,
-    }
-    for label, values in (("prompt", prompts), ("output", outputs)):
-        for q in (50, 90, 99):
-            shape[f"{label}_p{q}"] = float(np.percentile(values, q))
-    return shape

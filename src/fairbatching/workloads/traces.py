@@ -18,6 +18,8 @@ from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 
+import numpy as np
+
 from fairbatching.errors import WorkloadError
 from fairbatching.workloads.bundled import BUNDLED, bundled_name, resolve_trace
 from fairbatching.workloads.spec import RequestSpec, Workload
@@ -238,3 +240,26 @@ def load_trace(path: str | Path, fmt: str = "auto", limit: int | None = None) ->
     )
     meta = {"kind": "trace", "format": fmt, "path": str(path), "skipped_rows": len(skipped)}
     return Workload(bundled_name(path) or _plain(path).stem, reqs, meta)
+
+
+def bundled_shapes() -> list[dict]:
+    """Every bundled trace with its provenance and shape (loading all four takes well under a second)."""
+    return [
+        {"name": t.name, "source": t.source, "license": t.license, **trace_shape(load_trace(t.path))}
+        for t in BUNDLED.values()
+    ]
+
+
+def trace_shape(workload: Workload) -> dict[str, float]:
+    """What a person checks before replaying a trace: size, span, rate, and the spread of lengths."""
+    prompts = np.array([r.prompt_len for r in workload.requests])
+    outputs = np.array([r.output_len for r in workload.requests])
+    shape: dict[str, float] = {
+        "requests": len(workload),
+        "duration_s": workload.duration,
+        "qps": workload.qps,
+    }
+    for label, values in (("prompt", prompts), ("output", outputs)):
+        for q in (50, 90, 99):
+            shape[f"{label}_p{q}"] = float(np.percentile(values, q))
+    return shape

@@ -17,7 +17,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from fairbatching.cli_options import DEFAULT_TPOT_S, DEFAULT_TTFT_S
+from fairbatching.config import DEFAULT_TPOT_S, DEFAULT_TTFT_S
 from fairbatching.errors import ConfigError, install_hint
 from fairbatching.progress import progress_bar
 from fairbatching.validate import check_output_dir, non_negative, positive, staged_dir

@@ -25,7 +25,7 @@ from typing import Any
 from fairbatching.core.modes import DEFAULT_SLO, Calibration
 from fairbatching.core.request import SLO
 from fairbatching.costmodel.model import CostModel
-from fairbatching.costmodel.profile import DEFAULT_PROFILE, Profile, load_profile
+from fairbatching.costmodel.profile import DEFAULT_PROFILE, Profile, check_slo_feasible, load_profile
 from fairbatching.errors import ConfigError, FairBatchingError
 from fairbatching.policies import POLICIES, make_policy
 from fairbatching.policies.base import Policy
@@ -81,27 +81,20 @@ class SchedulerSettings:
         return load_profile(self.profile)
 
     def _check_feasible(self) -> None:
-        """The CLI's rule: an SLO below one lone decode step on the profile can never be met."""
-        step = self.load_profile().cost_model().predict(1, 1, 1, 1.0)
-        for name in ("ttft_slo", "tpot_slo"):
-            value = getattr(self, name)
-            if value < step:
-                raise ConfigError(
-                    f"fairbatching scheduler: {self.where(name, value)}: {value * 1e3:.3g} ms is below the fastest "
-                    f"possible decode step ({step * 1e3:.3g} ms on profile {self.load_profile().name}): "
-                    "no schedule can meet it"
-                )
+        """An SLO below one lone decode step on the profile can never be met (every entry point's rule)."""
+        ttft, tpot = (f"fairbatching scheduler: {self.where(n, getattr(self, n))}:" for n in ("ttft_slo", "tpot_slo"))
+        check_slo_feasible(self.default_slo, self.load_profile(), (ttft, tpot))
 
     def make_policy(self, cost_model: CostModel, max_num_seqs: int, max_num_batched_tokens: int) -> Policy:
-        """The configured policy, sized by vLLM's limits unless ``policy_options`` says otherwise, planning on
-        ``cost_model`` corrected from the measured step times (``AdaptiveCostModel``) when calibration is online."""
-        options: dict[str, Any] = {"max_num_seqs": max_num_seqs}
-        if self.policy != "sarathi":  # Sarathi sizes its budget from the TPOT SLO
-            options["max_num_batched_tokens"] = max_num_batched_tokens
-        options.update(self.policy_options)
+        """The configured policy, sized by vLLM's limits where it takes them and ``policy_options`` does not say
+        otherwise, planning on ``cost_model`` corrected from the measured step times (``AdaptiveCostModel``)
+        when calibration is online."""
+        limits = {"max_num_seqs": max_num_seqs, "max_num_batched_tokens": max_num_batched_tokens}
         try:
             calibrate = self.calibration is Calibration.ONLINE
-            return make_policy(self.policy, cost_model, tpot_slo=self.tpot_slo, calibrate=calibrate, **options)
+            return make_policy(
+                self.policy, cost_model, self.tpot_slo, calibrate, defaults=limits, **self.policy_options
+            )
         except (ValueError, TypeError, ArithmeticError) as exc:  # ConfigError is a ValueError
             where = self.where("policy_options", self.policy_options)
             raise ConfigError(f"fairbatching scheduler: {where}: {exc}") from None
