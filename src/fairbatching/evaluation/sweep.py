@@ -24,7 +24,8 @@ from fairbatching.validate import atomic_write_text
 from fairbatching.workloads.families import family
 
 Progress = Callable[[int, int], None]
-SUMMARY_FIELDS = {f.name for f in fields(Summary)} - {"per_request"}
+# Fields every cached summary has (the hit rate only where prefixes were cached).
+SUMMARY_FIELDS = {f.name for f in fields(Summary)} - {"per_request", "prefix_hit_rate"}
 
 
 class Sweeper:
