@@ -103,3 +103,28 @@ def test_predict_decodes_is_predict_bit_for_bit(name):
     for n in (1, 7, 256):
         ctx = 3 * n + n * np.arange(2000)
         assert m.predict_decodes(n, ctx).tolist() == [m.predict(n, c, n, c) for c in ctx.tolist()]
+
+
+def test_node_admission_answers_every_admitted_request_within_one_ttft_of_its_deadline_under_dearer_steps():
+    """The design the GPU picked (results/gpu-tail): FairBatching with node admission ("reject") refuses at
+    arrival what its Prefill Admission Budget says cannot make its TTFT, so under steps 20% dearer than planned
+    no answered request's first token comes more than one TTFT SLO after its deadline, while without admission
+    the burst's lost requests wait well past that; refused requests count as misses, and SLO attainment is
+    no lower."""
+    slo = SLO(1.0, 0.05)
+
+    def run(admission):
+        exp = Experiment(
+            _burst_then_stream(), load_profile(None), slo, step_error=StepError(scale=1.2), admission=admission
+        )
+        res = exp.run("fairbatching")
+        late = [r.token_times[0] - r.first_deadline for r in res.requests if r.token_times]
+        return res.summary, late
+
+    plain, plain_late = run("none")
+    admitted, admitted_late = run("reject")
+    assert plain.rejected == 0 and admitted.rejected > 0  # refusals are reported, not hidden
+    assert len(admitted_late) + admitted.rejected == plain.requests  # every request answered or refused, once
+    assert max(plain_late) > slo.ttft  # a check that can fail: without admission the lost ones wait longer
+    assert max(admitted_late) <= slo.ttft
+    assert admitted.slo_attainment >= plain.slo_attainment - 0.01
