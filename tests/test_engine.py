@@ -485,6 +485,17 @@ def test_profile_and_replay_commands_on_the_cpu(tmp_path):
     assert res.exit_code == 0, res.output
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["requests"] == 6
+    # One engine with node admission: what its budget refuses is counted (and shown) beside what it served.
+    res = CliRunner().invoke(
+        app,
+        ["replay", *common, "-n", "6", "--qps", "50", "--profile", str(tmp_path / "profile.json")]
+        + ["--admission", "reject", "--ttft-slo", "30", "--tpot-slo", "5", "--out", str(tmp_path / "adm")],
+        env={"COLUMNS": "200"},
+    )
+    assert res.exit_code == 0, res.output
+    assert "refused" in res.output
+    summary = json.loads((tmp_path / "adm" / "summary.json").read_text())
+    assert summary["requests"] == 6 and summary["finished"] + summary["rejected"] == 6
 
 
 @pytest.mark.parametrize("policy", ["fairbatching", "vllm"])

@@ -30,7 +30,7 @@ from fairbatching.cli_options import (
     out_console,
     save_summary,
 )
-from fairbatching.errors import ConfigError, FairBatchingError
+from fairbatching.errors import ConfigError, FairBatchingError, install_hint
 from fairbatching.progress import Activity, progress_bar
 from fairbatching.validate import atomic_write_text, check_output_dir, open_fraction, parse_policy_options
 
@@ -49,7 +49,7 @@ def check_engine_device(command: str, e: EngineArgs) -> str:
     try:
         import torch
     except ImportError as exc:
-        raise FairBatchingError(f"`{command}` runs the GPU engine, which needs the [gpu] extra: {exc}") from None
+        raise FairBatchingError(f"`{command}` runs the GPU engine: {install_hint('gpu')} ({exc})") from None
     device = e.device or "cuda"
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
@@ -295,7 +295,12 @@ class ReplicaArgs:
         "pab"
     )
     admission: Annotated[
-        str, typer.Option("--admission", help="With --replicas and the pab router: none, reject or defer")
+        str,
+        typer.Option(
+            "--admission",
+            help="none, reject or defer: refuse (or hold) at arrival what cannot make its TTFT; one engine: the "
+            "node's own admission, with --replicas: the pab router's",
+        ),
     ] = "none"
 
     def cluster_config(self, policy: str, profile: str | None, slo: SloArgs, options: dict) -> Any:
@@ -312,7 +317,7 @@ def _engine_cluster(e: EngineArgs, max_context: int, replicas: int) -> Any:
     try:
         from fairbatching.engine.cluster import EngineCluster, EngineSpec, replica_devices
     except ImportError as exc:
-        raise FairBatchingError(f"the GPU engine needs the [gpu] extra: {exc}") from None
+        raise FairBatchingError(f"the GPU engine needs the [gpu] extra ({install_hint('gpu')}): {exc}") from None
     spec = EngineSpec(e.model, max_context, e.num_blocks, device=e.device, block_size=e.block_size)
     return EngineCluster(spec, replica_devices(replicas, e.device))
 
@@ -372,7 +377,16 @@ def replay(
         console.print(f"replaying {len(workload)} requests ({workload.qps:.2f} req/s) with {label}")
         with progress_bar(console, label_width=14) as bar:
             step = functools.partial(_advance, bar, bar.add_task(policy, total=len(workload)))
-            res = replay_engine(runner, pol, cost, workload, slo.slo, progress=step, prefix_caching=prefix_caching)
+            res = replay_engine(
+                runner,
+                pol,
+                cost,
+                workload,
+                slo.slo,
+                progress=step,
+                admission=r.admission,
+                prefix_caching=prefix_caching,
+            )
     else:
         console.print(f"starting {r.replicas} engine replicas (each builds and warms its engine)")
         with _engine_cluster(e, max_context, r.replicas) as cluster:
@@ -383,4 +397,4 @@ def replay(
     s = summarize(policy, workload.name, res.requests, res.end_time, res.busy_time, res.preemptions, prefix_caching)
     if out:
         save_summary(s, out)
-    show(out_console, summary_table([s], wide=wide))
+    show(out_console, summary_table([s], wide=wide, refused=r.admission != "none"))
