@@ -476,7 +476,7 @@ def build_report(replays: list[dict], sims: dict[tuple, dict]) -> dict:
 
 def _sim_row(r: dict) -> dict:
     sc = SCENARIOS[r["scenario"]]
-    v = Variant(r["label"], r["policy"], tuple(sorted(r["options"].items())))
+    v = Variant(r["label"], r["policy"], tuple(sorted(r["options"].items())), r.get("admission", "none"))
     return simulate(sc, v, r["qps"], bool(r.get("tiny")))
 
 
