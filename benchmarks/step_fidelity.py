@@ -8,6 +8,8 @@ Phase ``analyse``: the ratio measured period / a profile's prediction per step k
 depends on what the profile's features leave out (prefill chunk count, largest chunk, deepest prefix, eager vs
 graph); ``step_fidelity.md``. Phase ``fit``: the profile's model refitted on the steps of the TRAIN calls only and
 its error on the others (never the same replays), per step kind; with ``--save``, the fitted profile as JSON.
+Phase ``sample``: a few thousand train and held-out steps, as profile rows at their periods, for the CPU test
+(tests/data/gpu-steps-{train,held-out}.csv.gz).
 Phase ``resim``: the simulator on the same requests as every GPU replay, policies planning on the bundled profile
 as on the GPU, steps priced by the bundled profile (before) and by the fitted one (after); cells within 5 points
 of the GPU and each point's policy ranking; ``resim.json``.
@@ -17,6 +19,7 @@ of the GPU and each point's policy ranking; ``resim.json``.
       --save src/fairbatching/costmodel/profiles/llama-3-8b-h200-serving.json
   PYTHONPATH=src python3 benchmarks/step_fidelity.py resim --out results/sim-vs-gpu \\
       --pricing llama-3-8b-h200-serving
+  PYTHONPATH=src python3 benchmarks/step_fidelity.py sample --out tests/data
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fairbatching.costmodel.fit import fit_cost_model
+from fairbatching.costmodel.fit import ROW_FIELDS, fit_cost_model
 from fairbatching.costmodel.model import CostModel
 from fairbatching.costmodel.profile import load_profile
 from fairbatching.errors import ConfigError, ProfileError
@@ -193,15 +196,25 @@ def errors_table(models: dict[str, CostModel], train: Steps, held: Steps) -> tup
         for sname, s in (("train (call 1)", train), ("held out (calls 2, 3)", held)):
             e = mape_by_kind(model, s)
             doc[f"{mname} / {sname}"] = e
-            lines.append(
-                f"| `{mname}` | {sname} | {e['decode']:.1%} | {e['prefill']:.1%} | {e['all']:.1%} |"
-            )
+            lines.append(f"| `{mname}` | {sname} | {e['decode']:.1%} | {e['prefill']:.1%} | {e['all']:.1%} |")
         for scen in sorted({r.split("|")[1] for r in held.replay}):
             m = np.array([r.split("|")[1] == scen for r in held.replay])
             e = mape_by_kind(model, held.select(m))
             doc[f"{mname} / held out {scen}"] = e
             lines.append(f"| `{mname}` | held out: {scen} | {e['decode']:.1%} | {e['prefill']:.1%} | {e['all']:.1%} |")
     return "\n".join(lines) + "\n", doc
+
+
+def write_sample(steps: Steps, n: int, path: Path, seed: int) -> None:
+    """``n`` steps drawn at random (seeded), as profile rows (``fit.load_profile_rows`` reads them gunzipped)."""
+    pick = np.sort(np.random.default_rng(seed).choice(len(steps.period), size=min(n, len(steps.period)), replace=False))
+    tmp = path.with_name(path.name + ".tmp")
+    with gzip.open(tmp, "wt", newline="") as f:
+        w = csv.writer(f)
+        w.writerow([*ROW_FIELDS, "path"])
+        for row, kind in zip(steps.rows()[pick].tolist(), steps.path[pick].tolist(), strict=True):
+            w.writerow([*(f"{v:.9g}" for v in row), kind])
+    tmp.replace(path)
 
 
 # --- resim --------------------------------------------------------------------------------------------------
@@ -226,59 +239,109 @@ def _simulate(args: tuple[dict, str | None]) -> float:
 
 
 def ranking(rows: list[dict], key: str) -> list[str]:
-    return [r["label"] for r in sorted(rows, key=lambda r: -r[key])]
+    return [r["label"] for r in sorted(rows, key=lambda r: (-r[key], r["label"]))]
+
+
+def pair_agreement(cells: list[dict], key: str, gap: float = 0.05) -> tuple[int, int]:
+    """Pairs of policies at one point that the GPU orders clearly (attainment more than ``gap`` apart), and how
+    many of them ``key`` orders the same way."""
+    agree = total = 0
+    for i, a in enumerate(cells):
+        for b in cells[i + 1 :]:
+            if abs(a["gpu"] - b["gpu"]) > gap:
+                total += 1
+                agree += (a["gpu"] > b["gpu"]) == (a[key] > b[key])
+    return agree, total
+
+
+def trained_on() -> set[tuple[str, float, str]]:
+    """The replays whose steps the fitted profile saw: its estimates on them are not validation."""
+    keys = set()
+    for path in default_files(TRAIN_CALLS).values():
+        with gzip.open(path, "rt", newline="") as f:
+            keys |= {(r["scenario"], float(r["load"]), r["label"]) for r in csv.DictReader(f)}
+    return keys
 
 
 def resim(replays: list[dict], pricing: str, cpus: int) -> dict:
-    latest = {(r["scenario"], r["load"], r["label"]): r for r in replays}
+    latest = {(r["scenario"], float(r["load"]), r["label"]): r for r in replays}
     rows = list(latest.values())
     with ProcessPoolExecutor(cpus) as pool:
         before = list(pool.map(_simulate, [(r, None) for r in rows]))
         after = list(pool.map(_simulate, [(r, pricing) for r in rows]))
+    seen = trained_on()
     cells = [
-        {**{k: r[k] for k in ("scenario", "load", "label")}, "gpu": r["gpu"]["slo"], "before": b, "after": a}
-        for r, b, a in zip(rows, before, after, strict=True)
+        {
+            **{k: r[k] for k in ("scenario", "load", "label")},
+            "fitted_on": key in seen,
+            "gpu": r["gpu"]["slo"],
+            "before": b,
+            "after": a,
+        }
+        for (key, r), b, a in zip(latest.items(), before, after, strict=True)
     ]
-    within = {k: sum(abs(c[k] - c["gpu"]) <= 0.05 for c in cells) for k in ("before", "after")}
-    bias = {k: float(np.mean([c[k] - c["gpu"] for c in cells])) for k in ("before", "after")}
+    groups = {"all": cells, "held_out": [c for c in cells if not c["fitted_on"]]}
+    within = {
+        g: {k: sum(abs(c[k] - c["gpu"]) <= 0.05 for c in cs) for k in ("before", "after")} for g, cs in groups.items()
+    }
+    bias = {
+        g: {k: round(100 * float(np.mean([c[k] - c["gpu"] for c in cs])), 2) for k in ("before", "after")}
+        for g, cs in groups.items()
+    }
     points = []
     for sl in dict.fromkeys((c["scenario"], c["load"]) for c in cells):
         pc = [c for c in cells if (c["scenario"], c["load"]) == sl]
         points.append({"point": sl, **{k: ranking(pc, k) for k in ("gpu", "before", "after")}})
-    same_rank = {k: sum(p[k] == p["gpu"] for p in points) for k in ("before", "after")}
+    pairs = {k: [0, 0] for k in ("before", "after")}
+    for sl in dict.fromkeys((c["scenario"], c["load"]) for c in cells):
+        pc = [c for c in cells if (c["scenario"], c["load"]) == sl]
+        for k in pairs:
+            a, t = pair_agreement(pc, k)
+            pairs[k][0] += a
+            pairs[k][1] += t
     return {
         "profile": PROFILE,
         "pricing_after": pricing,
         "cells": cells,
+        "cells_held_out": len(groups["held_out"]),
         "within_5pts": within,
-        "mean_bias_pts": {k: round(100 * v, 2) for k, v in bias.items()},
+        "mean_bias_pts": bias,
         "points": points,
-        "same_ranking": same_rank,
+        "same_ranking": {k: sum(p[k] == p["gpu"] for p in points) for k in ("before", "after")},
+        "clear_pairs_same_order": pairs,
     }
 
 
 def resim_markdown(doc: dict) -> str:
-    n = len(doc["cells"])
+    n, h = len(doc["cells"]), doc["cells_held_out"]
+    w, b, pr = doc["within_5pts"], doc["mean_bias_pts"], doc["clear_pairs_same_order"]
     lines = [
-        f"Cells within 5 points of the GPU: {doc['within_5pts']['before']}/{n} priced by `{doc['profile']}`, "
-        f"{doc['within_5pts']['after']}/{n} priced by `{doc['pricing_after']}`; mean sim - GPU "
-        f"{doc['mean_bias_pts']['before']:+.1f} / {doc['mean_bias_pts']['after']:+.1f} points. Points ranking the "
-        f"policies as the GPU does: {doc['same_ranking']['before']}/{len(doc['points'])} before, "
-        f"{doc['same_ranking']['after']}/{len(doc['points'])} after.",
+        "| steps priced by | cells within 5 pts (all) | held-out cells within 5 pts | mean sim - GPU, held out (pts) "
+        "| points, same ranking | clearly ordered pairs, same order |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for k, name in (("before", doc["profile"]), ("after", doc["pricing_after"])):
+        lines.append(
+            f"| `{name}` | {w['all'][k]}/{n} | {w['held_out'][k]}/{h} | {b['held_out'][k]:+.1f} | "
+            f"{doc['same_ranking'][k]}/{len(doc['points'])} | {pr[k][0]}/{pr[k][1]} |"
+        )
+    lines += [
         "",
-        "| scenario | load | policy | GPU | sim before | sim after |",
-        "|---|---:|---|---:|---:|---:|",
+        "| scenario | load | policy | fitted on | GPU | sim before | sim after |",
+        "|---|---:|---|---|---:|---:|---:|",
     ]
     for c in doc["cells"]:
         lines.append(
-            f"| {c['scenario']} | {c['load']}x | {c['label']} | {c['gpu']:.1%} | {c['before']:.1%} | {c['after']:.1%} |"
+            f"| {c['scenario']} | {c['load']}x | {c['label']} | {'yes' if c['fitted_on'] else 'no'} | {c['gpu']:.1%} | "
+            f"{c['before']:.1%} | {c['after']:.1%} |"
         )
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("phase", choices=("analyse", "fit", "resim"))
+    ap.add_argument("phase", choices=("analyse", "fit", "resim", "sample"))
+    ap.add_argument("--rows", type=int, default=3000, help="sample: steps in each of the train and held-out files")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--pricing", default="llama-3-8b-h200-serving", help="resim: the profile steps are priced by")
     ap.add_argument("--save", type=Path, help="fit: write the fitted profile JSON here")
@@ -310,6 +373,10 @@ def main() -> None:
         prof, report = fit_on(train, "llama-3-8b-h200-serving", command)
         models = {PROFILE: bundled, "refit on call 1": prof.cost_model()}
         errors, doc = errors_table(models, train, held)
+        if args.phase == "sample":
+            write_sample(train, args.rows, args.out / "gpu-steps-train.csv.gz", 0)
+            write_sample(held, args.rows, args.out / "gpu-steps-held-out.csv.gz", 1)
+            return
         if args.phase == "fit":
             held_out = {
                 "steps": len(held.period),
