@@ -421,7 +421,9 @@ def main() -> None:
             print(errors)
             print(json.dumps(prof.fit, indent=2))
             if args.save:
-                prof.save(args.save)
+                tmp = args.save.with_name(args.save.name + ".tmp")
+                prof.save(tmp)
+                tmp.replace(args.save)
             return
         text = "\n".join(
             [
@@ -445,7 +447,9 @@ def main() -> None:
                 ratio_tables(steps, models),
             ]
         )
-        (args.out / "step_fidelity.md").write_text(text)
+        tmp = args.out / "step_fidelity.md.tmp"
+        tmp.write_text(text)
+        tmp.replace(args.out / "step_fidelity.md")
         print(text)
     except KeyboardInterrupt:
         sys.exit(130)
