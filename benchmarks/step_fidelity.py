@@ -251,13 +251,14 @@ def write_sample(steps: Steps, n: int, path: Path, seed: int) -> None:
 
 
 # --- resim --------------------------------------------------------------------------------------------------
-def _simulate(args: tuple[dict, str | None]) -> float:
+def _simulate(args: tuple[dict, str | None, float]) -> float:
     sys.path.insert(0, str(Path(__file__).parent))
     from gpu_tail import MAX_CONTEXT, SCENARIOS  # noqa: PLC0415 (a sibling script, imported in the worker)
 
     from fairbatching.runs import Experiment
+    from fairbatching.serving.pricing import StepError
 
-    r, pricing = args
+    r, pricing, noise = args
     sc = SCENARIOS[r["scenario"]]
     exp = Experiment(
         sc.build(r["qps"]),
@@ -267,6 +268,7 @@ def _simulate(args: tuple[dict, str | None]) -> float:
         policy_options={r["policy"]: dict(r["options"])},
         admission=r.get("admission", "none"),
         pricing=None if pricing is None else load_profile(pricing),
+        step_error=StepError(noise=noise) if noise else None,
     )
     return exp.run(r["policy"]).summary.slo_attainment
 
@@ -296,12 +298,14 @@ def trained_on() -> set[tuple[str, float, str]]:
     return keys
 
 
-def resim(replays: list[dict], pricing: str, cpus: int) -> dict:
+def resim(replays: list[dict], pricing: str, cpus: int, noise: float = 0.0) -> dict:
+    """Every replay simulated before (bundled pricing) and after (``pricing``, its steps with log-normal
+    noise of standard deviation ``noise``: the GPU's per-step spread around the model)."""
     latest = {(r["scenario"], float(r["load"]), r["label"]): r for r in replays}
     rows = list(latest.values())
     with ProcessPoolExecutor(cpus) as pool:
-        before = list(pool.map(_simulate, [(r, None) for r in rows]))
-        after = list(pool.map(_simulate, [(r, pricing) for r in rows]))
+        before = list(pool.map(_simulate, [(r, None, 0.0) for r in rows]))
+        after = list(pool.map(_simulate, [(r, pricing, noise) for r in rows]))
     seen = trained_on()
     cells = [
         {
@@ -335,6 +339,7 @@ def resim(replays: list[dict], pricing: str, cpus: int) -> dict:
     return {
         "profile": PROFILE,
         "pricing_after": pricing,
+        "noise_after": noise,
         "cells": cells,
         "cells_held_out": len(groups["held_out"]),
         "within_5pts": within,
@@ -353,9 +358,11 @@ def resim_markdown(doc: dict) -> str:
         "| points, same ranking | clearly ordered pairs, same order |",
         "|---|---:|---:|---:|---:|---:|",
     ]
-    for k, name in (("before", doc["profile"]), ("after", doc["pricing_after"])):
+    noise = f", step noise {doc['noise_after']:g}" if doc["noise_after"] else ""
+    after = f"{doc['pricing_after']}`{noise}"
+    for k, name in (("before", f"{doc['profile']}`"), ("after", after)):
         lines.append(
-            f"| `{name}` | {w['all'][k]}/{n} | {w['held_out'][k]}/{h} | {b['held_out'][k]:+.1f} | "
+            f"| `{name} | {w['all'][k]}/{n} | {w['held_out'][k]}/{h} | {b['held_out'][k]:+.1f} | "
             f"{doc['same_ranking'][k]}/{len(doc['points'])} | {pr[k][0]}/{pr[k][1]} |"
         )
     lines += [
@@ -378,6 +385,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--pricing", default="llama-3-8b-h200-serving", help="resim: the profile steps are priced by")
     ap.add_argument("--save", type=Path, help="fit: write the fitted profile JSON here")
+    ap.add_argument("--noise", type=float, default=0.0, help="resim: per-step log-normal noise on the new pricing")
     ap.add_argument("--cpus", type=int, default=1, help="resim: simulator processes")
     args = ap.parse_args()
     try:
@@ -386,6 +394,8 @@ def main() -> None:
             raise ConfigError(f"step log {missing[0]}: no such file (run from the repository root)")
         if args.phase == "resim":
             load_profile(args.pricing)
+            if not 0 <= args.noise < 1:
+                raise ConfigError(f"--noise {args.noise:g}: give a standard deviation in [0, 1)")
         args.out.mkdir(parents=True, exist_ok=True)
     except (ConfigError, ProfileError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -393,10 +403,11 @@ def main() -> None:
     try:
         if args.phase == "resim":
             replays = [json.loads(s) for s in (STEPS / "replays.jsonl").read_text().splitlines() if s.strip()]
-            doc = resim(replays, args.pricing, args.cpus)
-            tmp = args.out / "resim.json.tmp"
+            doc = resim(replays, args.pricing, args.cpus, args.noise)
+            name = f"resim-noise{args.noise:g}.json" if args.noise else "resim.json"
+            tmp = args.out / (name + ".tmp")
             tmp.write_text(json.dumps(doc, indent=2) + "\n")
-            tmp.replace(args.out / "resim.json")
+            tmp.replace(args.out / name)
             print(resim_markdown(doc))
             return
         steps = read_steps(files)
