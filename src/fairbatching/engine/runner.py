@@ -453,6 +453,10 @@ class ModelRunner:
             self.last_path = "mixed-graph"
         else:
             tokens = self._mixed(packed, num_decodes, routing)
+        if not tokens and self.device.type == "cuda":
+            # Nothing sampled (prefill chunks that end mid-prompt), so no copy back waited for the GPU: wait here,
+            # or the step's time is only its launch and the next step is charged for it.
+            torch.cuda.synchronize(self.device)
         out: list[int | None] = [None] * len(chunks)
         sampled = iter(tokens)
         for i in order:
