@@ -105,7 +105,7 @@ def _conversation_turns(
     system = int(rng.integers(len(SYSTEM_PROMPTS)))
     sys_len = SYSTEM_PROMPTS[system]
     turns = int(rng.geometric(1.0 / mean_turns))
-    rows = []
+    rows: list[tuple[float, int, int, tuple[tuple[int, int], ...]]] = []
     t, history = start, 0
     for _ in range(turns):
         user = int(USER_MESSAGES.sample(rng, 1)[0])
