@@ -53,7 +53,8 @@ from fairbatching.validate import (
 )
 
 if TYPE_CHECKING:
-    from fairbatching.runs import Experiment, RunResult, RunSpec
+    from fairbatching.evaluation.capacity import CapacityResult
+    from fairbatching.runs import ClusterShape, Experiment, RunResult, RunSpec
 
 # typer (0.29) builds a pydantic validator for every option it is handed a value for, None included, so an
 # unset --help flag (the top level's in `fairbatching simulate ...`) would import pydantic (~0.1 s) for
@@ -224,11 +225,10 @@ def capacity(
 ) -> None:
     """Highest request rate each policy sustains at the SLO-attainment target (bracketing + bisection;
     --backend gpu: real-time replays from the simulated capacity on, the simulator beside each point)."""
-    from fairbatching.core.backend import Backend
     from fairbatching.costmodel.profile import load_profile
     from fairbatching.evaluation.bounds import spec_bound
     from fairbatching.evaluation.capacity import capacity_lines, policy_capacities
-    from fairbatching.runs import RunSpec, check_slo_feasible
+    from fairbatching.runs import check_slo_feasible
     from fairbatching.workloads.families import family
 
     names = policy_names(policies)
@@ -239,25 +239,9 @@ def capacity(
     if not fam.available():
         raise FairBatchingError(f"workload {workload!r} needs {fam.path()}, which is missing")
     sweeper = sw.sweeper()
-    gpu = cli_engine.gpu_backend("capacity", b)
-    if gpu is not None and profile is None:
-        profile = cli_engine.planning_profile(b.model, gpu.device)
+    gpu, profile = _gpu_and_profile("capacity", b, profile)
     check_slo_feasible(slo.slo, load_profile(profile))
-    engine = None if gpu is None else gpu.engine
-    backend = Backend.SIM if gpu is None else Backend.GPU
-    base = RunSpec(
-        names[0],
-        workload,
-        1.0,
-        0,
-        num,
-        slo.ttft,
-        slo.tpot,
-        profile,
-        backend=backend,
-        engine=engine,
-        prefix_caching=prefix_caching,
-    )
+    base = _base_spec(names[0], workload, 1.0, num, slo, profile, gpu, prefix_caching)
     bound = spec_bound(base, seeds)
     with cli_engine.started_engines(gpu) as engines, Activity(console) as status:
         sweeper.engines = engines
@@ -265,14 +249,67 @@ def capacity(
     for line in capacity_lines(results, bound, num, under_test):
         out_console.print(line)
     if out:
-        with staged_dir(out) as tmp:
-            data: dict[str, object] = {"workload": workload, "clairvoyant_qps": bound}
-            data["results"] = [asdict(r) for r in results]
-            if gpu is not None:
-                data["backend"] = cli_engine.backend_settings(gpu)
-            if prefix_caching:
-                data["prefix_caching"] = True
-            (tmp / "capacity.json").write_text(json.dumps(data, indent=2) + "\n")
+        _write_capacity(out, {"workload": workload, "clairvoyant_qps": bound}, results, gpu, prefix_caching)
+
+
+def _gpu_and_profile(
+    command: str, b: BackendArgs, profile: str | None
+) -> tuple[cli_engine.GpuBackend | None, str | None]:
+    """The GPU backend ``b`` asks for (None: the simulator), and the profile to plan with: with no --profile, on
+    the GPU, the one planned for its engine."""
+    gpu = cli_engine.gpu_backend(command, b)
+    if gpu is not None and profile is None:
+        profile = cli_engine.planning_profile(b.model, gpu.device)
+    return gpu, profile
+
+
+def _base_spec(
+    policy: str,
+    workload: str,
+    qps: float,
+    num: int,
+    slo: SloArgs,
+    profile: str | None,
+    gpu: cli_engine.GpuBackend | None,
+    prefix_caching: bool,
+    cluster: ClusterShape | None = None,
+) -> RunSpec:
+    """The run a command varies (policy, load, seed), on the simulator or on ``gpu``'s engines."""
+    from fairbatching.core.backend import Backend
+    from fairbatching.runs import RunSpec
+
+    return RunSpec(
+        policy,
+        workload,
+        qps,
+        0,
+        num,
+        slo.ttft,
+        slo.tpot,
+        profile,
+        cluster=cluster,
+        backend=Backend.SIM if gpu is None else Backend.GPU,
+        engine=None if gpu is None else gpu.engine,
+        prefix_caching=prefix_caching,
+    )
+
+
+def _write_capacity(
+    out: Path,
+    data: dict[str, object],
+    results: list[CapacityResult],
+    gpu: cli_engine.GpuBackend | None,
+    prefix_caching: bool,
+) -> None:
+    """``capacity.json``: ``data``, the policies' results, and the backend and prefix caching where not the
+    defaults."""
+    with staged_dir(out) as tmp:
+        data["results"] = [asdict(r) for r in results]
+        if gpu is not None:
+            data["backend"] = cli_engine.backend_settings(gpu)
+        if prefix_caching:
+            data["prefix_caching"] = True
+        (tmp / "capacity.json").write_text(json.dumps(data, indent=2) + "\n")
 
 
 @app.command()
@@ -378,34 +415,17 @@ def cluster(
 ) -> None:
     """Compare node-policy + router stacks on a simulated cluster (one load, or capacity with --capacity;
     --backend gpu: one engine per node on the wall clock, the simulator beside each run)."""
-    from fairbatching.core.backend import Backend
     from fairbatching.costmodel.profile import load_profile
-    from fairbatching.runs import ClusterShape, RunSpec, check_slo_feasible
+    from fairbatching.runs import ClusterShape, check_slo_feasible
 
     policy_names(under_test)
     if out:
         check_output_dir(out)
     if b.gpus is not None and b.gpus != nodes:
         raise FairBatchingError(f"--gpus {b.gpus} with --nodes {nodes}: a cluster on the GPU runs one engine per node")
-    gpu = cli_engine.gpu_backend("cluster", replace(b, gpus=nodes))
-    if gpu is not None and profile is None:
-        profile = cli_engine.planning_profile(b.model, gpu.device)
+    gpu, profile = _gpu_and_profile("cluster", replace(b, gpus=nodes), profile)
     shape = ClusterShape(nodes, "pab", report_interval, report_delay)
-    engine = None if gpu is None else gpu.engine
-    base = RunSpec(
-        under_test,
-        workload,
-        qps,
-        0,
-        num,
-        slo.ttft,
-        slo.tpot,
-        profile,
-        cluster=shape,
-        backend=Backend.SIM if gpu is None else Backend.GPU,
-        engine=engine,
-        prefix_caching=prefix_caching,
-    )
+    base = _base_spec(under_test, workload, qps, num, slo, profile, gpu, prefix_caching, cluster=shape)
     check_slo_feasible(slo.slo, load_profile(profile))
     with cli_engine.started_engines(gpu) as engines:
         _cluster(base, pairs, sw, find_capacity_, seeds, tolerance, out, engines)

@@ -218,8 +218,7 @@ def profile(
     of a trace window, planned for the SLO), and write the profile: one command from a fresh GPU to a profile."""
     check_engine_device("profile", e)
     from fairbatching.core.modes import Grid, parse_mode
-    from fairbatching.engine.profiler import default_grid, measured_profile, run_profile, write_rows_csv
-    from fairbatching.validate import staged_dir
+    from fairbatching.engine.profiler import default_grid
 
     mode = parse_mode(Grid, grid, "--grid")
     check_output_dir(out)
@@ -229,11 +228,36 @@ def profile(
     if mode is Grid.QUICK:
         compositions = compositions[:: max(1, len(compositions) // 14)]
     grid_start = time.time()
+    rows = _run_grid(runner, compositions, repeats)
+    command = f"fairbatching profile --model {e.model} --grid {grid} --calibration-requests {calibration_requests}"
+    prof, grid_line = _fit_grid(runner, rows, name, command, grid_start)
+    cal = None
+    if calibration_requests:
+        cal = _calibrate(runner, prof, calibration_requests, slo.slo, command)
+    _write_profile(out, rows, prof, cal, start)
+    if cal is None:
+        out_console.print(f"{grid_line} -> {out / 'profile.json'}")
+    else:
+        out_console.print(
+            f"{grid_line}; serving-calibrated on {len(cal.steps)} served steps: held-out MAPE "
+            f"{cal.report.holdout_mape * 100:.2f}% -> {out / 'profile.json'} (grid: grid_profile.json)"
+        )
+
+
+def _run_grid(runner: Any, compositions: list[Any], repeats: int) -> list[Any]:
+    """The grid's rows (``engine.profiler.run_profile``), with a progress bar."""
+    from fairbatching.engine.profiler import run_profile
+
     with progress_bar(console, label_width=14) as bar:
         task = bar.add_task("profiling", total=len(compositions))
-        rows = run_profile(runner, compositions, repeats, progress=lambda i, _n, _row: bar.update(task, completed=i))
+        return run_profile(runner, compositions, repeats, progress=lambda i, _n, _row: bar.update(task, completed=i))
+
+
+def _fit_grid(runner: Any, rows: list[Any], name: str | None, command: str, grid_start: float) -> tuple[Any, str]:
+    """The grid's fitted profile, and the line (printed here) that says how well it fits."""
+    from fairbatching.engine.profiler import measured_profile
+
     hardware = _hardware(runner)
-    command = f"fairbatching profile --model {e.model} --grid {grid} --calibration-requests {calibration_requests}"
     prof, report = measured_profile(
         runner,
         rows,
@@ -246,27 +270,26 @@ def profile(
         f"{report.holdout_mape * 100:.2f}%, max {report.holdout_max_error * 100:.2f}%"
     )
     console.print(grid_line)
-    cal = None
-    if calibration_requests:
-        cal = _calibrate(runner, prof, calibration_requests, slo.slo, command)
+    return prof, grid_line
+
+
+def _write_profile(out: Path, rows: list[Any], grid: Any, cal: Any, start: float) -> None:
+    """``out``'s files, all or none: the grid's rows and the profile; when calibrated, the calibrated profile
+    (timed from ``start``) as profile.json, the grid's as grid_profile.json and the served steps beside."""
+    from fairbatching.engine.profiler import write_rows_csv
+    from fairbatching.validate import staged_dir
+
     with staged_dir(out) as tmp:
         write_rows_csv(tmp / "rows.csv", rows)
         if cal is None:
-            prof.save(tmp / "profile.json")
+            grid.save(tmp / "profile.json")
         else:
-            prof.save(tmp / "grid_profile.json")
+            grid.save(tmp / "grid_profile.json")
             cols = ("new_tokens", "context_tokens", "num_seqs", "attn_work", "period")
             steps = [dict(zip(cols, map(float, r), strict=True)) for r in cal.steps]
             write_rows_csv(tmp / "calibration_steps.csv", steps)
             hw = {**cal.profile.hardware, "profiled_s": round(time.time() - start, 1)}
             replace(cal.profile, hardware=hw).save(tmp / "profile.json")
-    if cal is None:
-        out_console.print(f"{grid_line} -> {out / 'profile.json'}")
-    else:
-        out_console.print(
-            f"{grid_line}; serving-calibrated on {len(cal.steps)} served steps: held-out MAPE "
-            f"{cal.report.holdout_mape * 100:.2f}% -> {out / 'profile.json'} (grid: grid_profile.json)"
-        )
 
 
 def _calibrate(runner: Any, grid: Any, requests: int, slo: Any, command: str) -> Any:
@@ -352,7 +375,6 @@ def replay(
     """Replay a workload in real time on the GPU engine (--replicas N: GPUs 0..N-1 behind one router)."""
     device = check_engine_device("replay", e)
     from fairbatching.costmodel.profile import load_profile
-    from fairbatching.engine.loop import replay as replay_engine
     from fairbatching.metrics.summary import summarize
     from fairbatching.metrics.table import show, summary_table
     from fairbatching.policies import make_policy
@@ -373,28 +395,45 @@ def replay(
     config = r.cluster_config(policy, profile, slo, options) if r.replicas > 1 else None
     label = f"{policy} x{r.replicas}" if r.replicas > 1 else policy
     if config is None:
-        runner = _engine(e, max_context)
-        console.print(f"replaying {len(workload)} requests ({workload.qps:.2f} req/s) with {label}")
-        with progress_bar(console, label_width=14) as bar:
-            step = functools.partial(_advance, bar, bar.add_task(policy, total=len(workload)))
-            res = replay_engine(
-                runner,
-                pol,
-                cost,
-                workload,
-                slo.slo,
-                progress=step,
-                admission=r.admission,
-                prefix_caching=prefix_caching,
-            )
+        res = _replay_one(e, max_context, workload, policy, pol, cost, slo.slo, r.admission, prefix_caching)
     else:
-        console.print(f"starting {r.replicas} engine replicas (each builds and warms its engine)")
-        with _engine_cluster(e, max_context, r.replicas) as cluster:
-            console.print(f"replaying {len(workload)} requests ({workload.qps:.2f} req/s) with {label}")
-            with progress_bar(console, label_width=14) as bar:
-                step = functools.partial(_advance, bar, bar.add_task(policy, total=len(workload)))
-                res = cluster.replay(workload, config, progress=step)
+        res = _replay_replicas(e, max_context, r.replicas, workload, policy, label, config)
     s = summarize(policy, workload.name, res.requests, res.end_time, res.busy_time, res.preemptions, prefix_caching)
     if out:
         save_summary(s, out)
     show(out_console, summary_table([s], wide=wide, refused=r.admission != "none"))
+
+
+def _replay_one(
+    e: EngineArgs,
+    max_context: int,
+    workload: Any,
+    policy: str,
+    pol: Any,
+    cost: Any,
+    slo: Any,
+    admission: str,
+    prefix_caching: bool,
+) -> Any:
+    """``replay`` on one engine, built here, with the node's own admission."""
+    from fairbatching.engine.loop import replay as replay_engine
+
+    runner = _engine(e, max_context)
+    console.print(f"replaying {len(workload)} requests ({workload.qps:.2f} req/s) with {policy}")
+    with progress_bar(console, label_width=14) as bar:
+        step = functools.partial(_advance, bar, bar.add_task(policy, total=len(workload)))
+        return replay_engine(
+            runner, pol, cost, workload, slo, progress=step, admission=admission, prefix_caching=prefix_caching
+        )
+
+
+def _replay_replicas(
+    e: EngineArgs, max_context: int, replicas: int, workload: Any, policy: str, label: str, config: Any
+) -> Any:
+    """``replay`` on ``replicas`` engine processes behind the cluster ``config``'s router."""
+    console.print(f"starting {replicas} engine replicas (each builds and warms its engine)")
+    with _engine_cluster(e, max_context, replicas) as cluster:
+        console.print(f"replaying {len(workload)} requests ({workload.qps:.2f} req/s) with {label}")
+        with progress_bar(console, label_width=14) as bar:
+            step = functools.partial(_advance, bar, bar.add_task(policy, total=len(workload)))
+            return cluster.replay(workload, config, progress=step)

@@ -9,6 +9,7 @@ that sample.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -80,36 +81,12 @@ class LlamaModel:
                 t = torch.randn(shape, generator=gen, device=self.device, dtype=self.dtype).mul_(0.02)
             return t.to(self.device, self.dtype)
 
-        h, d, nh, nkv, ff = c.hidden_size, c.head_dim, c.num_heads, c.num_kv_heads, c.intermediate_size
+        h = c.hidden_size
         self.embed = get("model.embed_tokens.weight", (c.vocab_size, h))
         self.layers: list[LayerWeights] = []
         for i in range(c.num_layers):
             p = f"model.layers.{i}."
-            q = get(p + "self_attn.q_proj.weight", (nh * d, h))
-            k = get(p + "self_attn.k_proj.weight", (nkv * d, h))
-            v = get(p + "self_attn.v_proj.weight", (nkv * d, h))
-            bias = None
-            if c.attention_bias:
-                bias = torch.cat(
-                    [
-                        get(p + "self_attn.q_proj.bias", (nh * d,), "zeros"),
-                        get(p + "self_attn.k_proj.bias", (nkv * d,), "zeros"),
-                        get(p + "self_attn.v_proj.bias", (nkv * d,), "zeros"),
-                    ]
-                )
-            gate = get(p + "mlp.gate_proj.weight", (ff, h))
-            up = get(p + "mlp.up_proj.weight", (ff, h))
-            self.layers.append(
-                LayerWeights(
-                    qkv=torch.cat([q, k, v]).t().contiguous(),
-                    qkv_bias=bias,
-                    o=get(p + "self_attn.o_proj.weight", (h, nh * d)).t().contiguous(),
-                    gate_up=torch.cat([gate, up]).t().contiguous(),
-                    down=get(p + "mlp.down_proj.weight", (h, ff)).t().contiguous(),
-                    input_norm=get(p + "input_layernorm.weight", (h,), "ones"),
-                    post_attention_norm=get(p + "post_attention_layernorm.weight", (h,), "ones"),
-                )
-            )
+            self.layers.append(self._layer(get, p))
             if tensors is not None:
                 for key in [name for name in tensors if name.startswith(p)]:
                     del tensors[key]  # release the HF-layout copy as soon as the fused one exists
@@ -118,6 +95,34 @@ class LlamaModel:
             self.lm_head = self.embed.t()
         else:
             self.lm_head = get("lm_head.weight", (c.vocab_size, h)).t().contiguous()
+
+    def _layer(self, get: Callable[..., torch.Tensor], p: str) -> LayerWeights:
+        """Layer ``p``'s weights in the fused layout, drawn (or read) in the order ``_build`` always has."""
+        c = self.config
+        h, d, nh, nkv, ff = c.hidden_size, c.head_dim, c.num_heads, c.num_kv_heads, c.intermediate_size
+        q = get(p + "self_attn.q_proj.weight", (nh * d, h))
+        k = get(p + "self_attn.k_proj.weight", (nkv * d, h))
+        v = get(p + "self_attn.v_proj.weight", (nkv * d, h))
+        bias = None
+        if c.attention_bias:
+            bias = torch.cat(
+                [
+                    get(p + "self_attn.q_proj.bias", (nh * d,), "zeros"),
+                    get(p + "self_attn.k_proj.bias", (nkv * d,), "zeros"),
+                    get(p + "self_attn.v_proj.bias", (nkv * d,), "zeros"),
+                ]
+            )
+        gate = get(p + "mlp.gate_proj.weight", (ff, h))
+        up = get(p + "mlp.up_proj.weight", (ff, h))
+        return LayerWeights(
+            qkv=torch.cat([q, k, v]).t().contiguous(),
+            qkv_bias=bias,
+            o=get(p + "self_attn.o_proj.weight", (h, nh * d)).t().contiguous(),
+            gate_up=torch.cat([gate, up]).t().contiguous(),
+            down=get(p + "mlp.down_proj.weight", (h, ff)).t().contiguous(),
+            input_norm=get(p + "input_layernorm.weight", (h,), "ones"),
+            post_attention_norm=get(p + "post_attention_layernorm.weight", (h,), "ones"),
+        )
 
     def new_kv_cache(self, num_blocks: int, block_size: int) -> torch.Tensor:
         """[layers, K/V, blocks, block_size, kv_heads, head_dim], vLLM's flash layout per layer."""

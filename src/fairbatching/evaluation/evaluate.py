@@ -150,13 +150,7 @@ def _scenario_rows(
     if ref <= 0:
         log(f"{sc.label}: no policy reaches {target:.0%} at any load tried; no load curves")
         return []
-    loads = sorted({_load(ref, f) for f in LOAD_FACTORS})
-    specs = [replace(base, policy=p, qps=q, seed=s) for q in loads for p in policies for s in range(seeds)]
-    what = f"{head} curves, {len(policies)} policies x {len(loads)} loads"
-    curve_results = sweeper.run(specs, progress=lambda d, t: say(what, d, t))
-    plot_load_curves(curve_results, out / f"curves_{sc.slug}.png", sc.label)
-    equal = {p: _mean_at(curve_results, p, _load(ref, 1.0)) for p in policies}
-    over = {p: _mean_at(curve_results, p, _load(ref, 1.25)) for p in policies}
+    equal, over = _load_curves(sc, base, policies, sweeper, out, seeds, ref, head, say)
     return [
         {
             "workload": sc.workload,
@@ -177,6 +171,28 @@ def _scenario_rows(
         }
         for p in policies
     ]
+
+
+def _load_curves(
+    sc: Scenario,
+    base: RunSpec,
+    policies: Sequence[str],
+    sweeper: Sweeper,
+    out: Path,
+    seeds: int,
+    ref: float,
+    head: str,
+    say: Status,
+) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
+    """Every policy at the loads around ``ref``, plotted; their means at ``ref`` and at 125% of it."""
+    loads = sorted({_load(ref, f) for f in LOAD_FACTORS})
+    specs = [replace(base, policy=p, qps=q, seed=s) for q in loads for p in policies for s in range(seeds)]
+    what = f"{head} curves, {len(policies)} policies x {len(loads)} loads"
+    curve_results = sweeper.run(specs, progress=lambda d, t: say(what, d, t))
+    plot_load_curves(curve_results, out / f"curves_{sc.slug}.png", sc.label)
+    equal = {p: _mean_at(curve_results, p, _load(ref, 1.0)) for p in policies}
+    over = {p: _mean_at(curve_results, p, _load(ref, 1.25)) for p in policies}
+    return equal, over
 
 
 def _capacity(

@@ -98,6 +98,28 @@ def _covered(rows: list, n: int, start: float, conversations: int) -> bool:
     return sorted(r[0] for r in rows)[n - 1] < start
 
 
+def _conversation_turns(
+    rng: np.random.Generator, conv: int, start: float, mean_turns: float, think_s: tuple[float, float]
+) -> list[tuple[float, int, int, tuple[tuple[int, int], ...]]]:
+    """Conversation ``conv``'s turns that arrive at or after time 0 (see ``conversation_workload``)."""
+    system = int(rng.integers(len(SYSTEM_PROMPTS)))
+    sys_len = SYSTEM_PROMPTS[system]
+    turns = int(rng.geometric(1.0 / mean_turns))
+    rows: list[tuple[float, int, int, tuple[tuple[int, int], ...]]] = []
+    t, history = start, 0
+    for _ in range(turns):
+        user = int(USER_MESSAGES.sample(rng, 1)[0])
+        output = int(CONVERSATION_OUTPUTS.sample(rng, 1)[0])
+        prompt = sys_len + history + user
+        if prompt + output > MAX_CONVERSATION_PROMPT:
+            break
+        if t >= 0:
+            rows.append((t, prompt, output, ((-1 - system, sys_len), (conv, history + user + output))))
+        history += user + output
+        t += think_s[0] + rng.exponential(think_s[1])
+    return rows
+
+
 def conversation_workload(
     num_requests: int,
     qps: float,
@@ -133,20 +155,7 @@ def conversation_workload(
     while not _covered(rows, num_requests, start, conv):
         conv += 1
         start += rng.exponential(mean_turns / qps)
-        system = int(rng.integers(len(SYSTEM_PROMPTS)))
-        sys_len = SYSTEM_PROMPTS[system]
-        turns = int(rng.geometric(1.0 / mean_turns))
-        t, history = start, 0
-        for _ in range(turns):
-            user = int(USER_MESSAGES.sample(rng, 1)[0])
-            output = int(CONVERSATION_OUTPUTS.sample(rng, 1)[0])
-            prompt = sys_len + history + user
-            if prompt + output > MAX_CONVERSATION_PROMPT:
-                break
-            if t >= 0:
-                rows.append((t, prompt, output, ((-1 - system, sys_len), (conv, history + user + output))))
-            history += user + output
-            t += think_s[0] + rng.exponential(think_s[1])
+        rows += _conversation_turns(rng, conv, start, mean_turns, think_s)
     rows.sort(key=lambda r: r[0])
     kept = rows[:num_requests]
     t0 = kept[0][0]

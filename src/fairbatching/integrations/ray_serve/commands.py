@@ -11,12 +11,15 @@ import socket
 import sys
 import threading
 from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 
+from fairbatching.cli_options import grouped
 from fairbatching.config import DEFAULT_TPOT_S, DEFAULT_TTFT_S
 from fairbatching.errors import ConfigError, install_hint
 from fairbatching.progress import progress_bar
@@ -36,7 +39,43 @@ def _need(module: str, extra: str) -> None:
         raise ConfigError(f"this command needs {module}: {install_hint(extra)}") from None
 
 
+@dataclass
+class ListenArgs:
+    """Where the endpoint listens, and how long SIGTERM lets requests in flight finish."""
+
+    host: Annotated[str, typer.Option("--host", help="HTTP bind address")] = "127.0.0.1"
+    port: Annotated[int, typer.Option("--port", help="HTTP port", min=1, max=65535)] = 8000
+    address: Annotated[
+        str | None, typer.Option("--address", help="Ray cluster to join (e.g. auto); default: start one here")
+    ] = None
+    drain_timeout: Annotated[
+        float,
+        typer.Option(
+            "--drain-timeout", help="On SIGTERM, seconds in-flight requests may finish", callback=non_negative
+        ),
+    ] = 5.0
+
+
+@dataclass
+class LimitArgs:
+    """What one request may ask of the endpoint (``protocol.Limits``)."""
+
+    max_body_bytes: Annotated[
+        int, typer.Option("--max-body-bytes", help="Largest request body accepted (413 above)", min=1024)
+    ] = 4 << 20  # mirrors protocol.Limits (not imported: --help stays light)
+    body_timeout: Annotated[
+        float,
+        typer.Option("--body-timeout", help="Seconds a request body may take to arrive (408 after)", callback=positive),
+    ] = 10.0
+    max_slo: Annotated[
+        float,
+        typer.Option("--max-slo", help="Largest ttft_slo / tpot_slo a request may ask for (s)", callback=positive),
+    ] = 600.0
+
+
+@grouped
 def serve(
+    *,
     replicas: Annotated[int, typer.Option("--replicas", "-r", help="Simulated node replicas")] = 2,
     policy: Annotated[str, typer.Option("--policy", "-p", help="Node scheduling policy")] = "fairbatching",
     profile: Annotated[str | None, typer.Option("--profile", help="Cost-model profile (name or JSON)")] = None,
@@ -57,28 +96,8 @@ def serve(
     model_name: Annotated[
         str, typer.Option("--model-name", help="Model name the endpoint serves")
     ] = "fairbatching-sim",
-    host: Annotated[str, typer.Option("--host", help="HTTP bind address")] = "127.0.0.1",
-    port: Annotated[int, typer.Option("--port", help="HTTP port", min=1, max=65535)] = 8000,
-    address: Annotated[
-        str | None, typer.Option("--address", help="Ray cluster to join (e.g. auto); default: start one here")
-    ] = None,
-    drain_timeout: Annotated[
-        float,
-        typer.Option(
-            "--drain-timeout", help="On SIGTERM, seconds in-flight requests may finish", callback=non_negative
-        ),
-    ] = 5.0,
-    max_body_bytes: Annotated[
-        int, typer.Option("--max-body-bytes", help="Largest request body accepted (413 above)", min=1024)
-    ] = 4 << 20,  # mirrors protocol.Limits (not imported: --help stays light)
-    body_timeout: Annotated[
-        float,
-        typer.Option("--body-timeout", help="Seconds a request body may take to arrive (408 after)", callback=positive),
-    ] = 10.0,
-    max_slo: Annotated[
-        float,
-        typer.Option("--max-slo", help="Largest ttft_slo / tpot_slo a request may ask for (s)", callback=positive),
-    ] = 600.0,
+    listen: ListenArgs,
+    lim: LimitArgs,
 ) -> None:
     """Serve simulated FairBatching nodes behind an OpenAI-compatible /v1/completions on Ray Serve.
 
@@ -94,38 +113,51 @@ def serve(
     from fairbatching.integrations.ray_serve.app import ServeConfig, build_app
     from fairbatching.integrations.ray_serve.protocol import Limits
 
-    limits = Limits(max_body_bytes, body_timeout, max_slo)
+    limits = Limits(lim.max_body_bytes, lim.body_timeout, lim.max_slo)
     config = ServeConfig(replicas, node, router, admission, report_interval, report_delay, model_name, limits=limits)
     config.checker()  # the profile's floors, before Ray starts
-    _check_listen(host, port, probe=address is None)
+    host, port = listen.host, listen.port
+    _check_listen(host, port, probe=listen.address is None)
+    banner = (
+        f"serving {model_name}: {replicas} x {policy} replicas, {router} router (admission {config.admission}) "
+        f"at http://{host}:{port}/v1/completions; SIGTERM drains and stops, Ctrl-C stops at once"
+    )
+    _serve_until_sigterm(lambda: build_app(config), listen, banner)
+
+
+def _serve_until_sigterm(app: Callable[[], Any], listen: ListenArgs, banner: str) -> None:
+    """Start Ray, run ``app()`` on Ray Serve (``banner`` said once it is up) until SIGTERM, drain it, and stop
+    Ray (Ctrl-C: at once)."""
     import ray
     from ray import serve as ray_serve
 
     stop = threading.Event()
     # Only what serving needs: no dashboard (its agent still runs: Ray's metrics and runtime envs need it).
-    ray.init(address=address, include_dashboard=False, log_to_driver=False)
+    ray.init(address=listen.address, include_dashboard=False, log_to_driver=False)
     signal.signal(signal.SIGTERM, lambda _signum, _frame: stop.set())  # after ray.init, which sets its own
     try:
-        ray_serve.start(http_options={"host": host, "port": port})
-        ray_serve.run(build_app(config), name="fairbatching", route_prefix="/")
-        console.print(
-            f"serving {model_name}: {replicas} x {policy} replicas, {router} router (admission {config.admission}) "
-            f"at http://{host}:{port}/v1/completions; SIGTERM drains and stops, Ctrl-C stops at once"
-        )
+        ray_serve.start(http_options={"host": listen.host, "port": listen.port})
+        ray_serve.run(app(), name="fairbatching", route_prefix="/")
+        console.print(banner)
         while not stop.wait(0.5):
             pass
-        console.print(f"SIGTERM: draining (up to {drain_timeout:g} s)")
-        try:
-            ingress = ray_serve.get_app_handle("fairbatching")
-            result = ingress.drain.remote(drain_timeout).result(timeout_s=drain_timeout + 30)
-        except Exception as exc:  # the ingress is gone or stuck: stopping is still the right answer to SIGTERM
-            console.print(f"drain did not complete ({type(exc).__name__}: {exc}); stopping", markup=False)
-        else:
-            n, cut = result["in_flight"], result["cut"]
-            console.print(f"drained: {n - cut} of {n} requests in flight finished, {cut} ended with a shutdown error")
+        console.print(f"SIGTERM: draining (up to {listen.drain_timeout:g} s)")
+        _drain(ray_serve, listen.drain_timeout)
     finally:
         ray_serve.shutdown()
         ray.shutdown()
+
+
+def _drain(ray_serve: Any, timeout: float) -> None:
+    """Ask the ingress to drain, and say how the requests in flight ended (or that it could not)."""
+    try:
+        ingress = ray_serve.get_app_handle("fairbatching")
+        result = ingress.drain.remote(timeout).result(timeout_s=timeout + 30)
+    except Exception as exc:  # the ingress is gone or stuck: stopping is still the right answer to SIGTERM
+        console.print(f"drain did not complete ({type(exc).__name__}: {exc}); stopping", markup=False)
+    else:
+        n, cut = result["in_flight"], result["cut"]
+        console.print(f"drained: {n - cut} of {n} requests in flight finished, {cut} ended with a shutdown error")
 
 
 def _check_listen(host: str, port: int, probe: bool) -> None:
@@ -201,16 +233,21 @@ def bench(
     for outcome, n in sorted(outcomes.items(), key=lambda kv: -kv[1]):
         out_console.print(f"{n:7d}  {outcome}", markup=False)
     if out:
-        with staged_dir(out) as tmp:  # both files or neither
-            data = {**summary.to_dict(), "url": url, "model": result.model, "outcomes": dict(outcomes)}
-            (tmp / "summary.json").write_text(json.dumps(data, indent=2, allow_nan=True) + "\n")
-            summary.write_requests_csv(tmp / "requests.csv")
+        _write_bench(out, summary, {"url": url, "model": result.model, "outcomes": dict(outcomes)})
     if workload.requests and not outcomes.get("finished"):
         console.print(f"[red]error:[/] no request finished: {_why_none_finished(outcomes)}")
         raise typer.Exit(1)
 
 
 BENCH_OUTPUTS = ("summary.json", "requests.csv")
+
+
+def _write_bench(out: Path, summary: Any, about: dict[str, Any]) -> None:
+    """``BENCH_OUTPUTS`` in ``out``, both or neither: the summary with ``about`` the run, and every request."""
+    with staged_dir(out) as tmp:
+        data = {**summary.to_dict(), **about}
+        (tmp / "summary.json").write_text(json.dumps(data, indent=2, allow_nan=True) + "\n")
+        summary.write_requests_csv(tmp / "requests.csv")
 
 
 def _check_bench_out(out: Path) -> None:
