@@ -9,12 +9,6 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 MAX_LINES = 50
 
 # Over the limit for now, by name; remove an entry once its function is split (a stale entry fails below).
-ALLOWED = {
-    # costmodel/fit.py is being reworked on another branch, which splits this function.
-    "costmodel/fit.py:fit_cost_model",
-}
-
-
 def _is_triton_kernel(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> bool:
     return any(ast.unparse(d) == "triton.jit" for d in fn.decorator_list)
 
@@ -32,14 +26,8 @@ def long_functions(root: Path) -> dict[str, int]:
 
 
 def test_no_function_is_over_50_lines():
-    over = {k: n for k, n in long_functions(SRC / "fairbatching").items() if k not in ALLOWED}
+    over = long_functions(SRC / "fairbatching")
     assert not over, f"functions over {MAX_LINES} lines (split them into named phases): {over}"
-
-
-def test_every_allowance_is_still_needed():
-    found = long_functions(SRC / "fairbatching")
-    stale = sorted(ALLOWED - found.keys())
-    assert not stale, f"{stale} are within {MAX_LINES} lines now: remove them from ALLOWED"
 
 
 def test_the_walk_finds_long_functions_and_skips_triton_kernels(tmp_path):

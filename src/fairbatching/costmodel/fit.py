@@ -117,6 +117,22 @@ def fit_cost_model(rows: np.ndarray, holdout_fraction: float = 0.2, seed: int = 
     nonlinear least-squares fit of all parameters, from a few starting sharpness values, on relative
     residuals, so short decode steps weigh as much as long prefills.
     """
+    rows = _checked_rows(rows, holdout_fraction)
+    order = np.random.default_rng(seed).permutation(len(rows))
+    n_hold = max(1, int(round(len(rows) * holdout_fraction)))
+    hold, train = rows[order[:n_hold]], rows[order[n_hold:]]
+    if len(train) < 8:
+        raise ProfileError(f"holding out {n_hold} of {len(rows)} rows leaves {len(train)} to fit 8 parameters")
+    x, y = train[:, :4], train[:, 4]
+    theta = _least_squares_theta(x, y)
+    model = CostModel(CostParams(*map(float, theta)))
+    train_mape, _ = _mape(theta, x, y)
+    hold_mape, hold_max = _mape(theta, hold[:, :4], hold[:, 4])
+    return FitReport(model, len(train), len(hold), train_mape, hold_mape, hold_max)
+
+
+def _checked_rows(rows: np.ndarray, holdout_fraction: float) -> np.ndarray:
+    """The rows as floats, refused with the reason when no fit could mean anything on them."""
     rows = np.asarray(rows, dtype=float)
     if rows.ndim != 2 or rows.shape[1] != len(ROW_FIELDS):
         raise ProfileError(f"profile rows must have {len(ROW_FIELDS)} columns: {', '.join(ROW_FIELDS)}")
@@ -132,13 +148,12 @@ def fit_cost_model(rows: np.ndarray, holdout_fraction: float = 0.2, seed: int = 
             f"the {len(rows)} profile rows vary along only {spanned - 1} of sequences, context, new tokens and "
             "attention work; the fit needs batches that differ in at least three of them"
         )
-    order = np.random.default_rng(seed).permutation(len(rows))
-    n_hold = max(1, int(round(len(rows) * holdout_fraction)))
-    hold, train = rows[order[:n_hold]], rows[order[n_hold:]]
-    if len(train) < 8:
-        raise ProfileError(f"holding out {n_hold} of {len(rows)} rows leaves {len(train)} to fit 8 parameters")
-    x, y = train[:, :4], train[:, 4]
+    return rows
 
+
+def _least_squares_theta(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """The parameters (``CostParams`` order): the additive NNLS fit seeds a bounded nonlinear fit on relative
+    residuals, from several starting sharpness values."""
     lin, _ = nnls(additive_design(x, y), np.ones(len(y)))
     # Free parameters, scaled to ~1: t_fixed, c_seq, t_weights, c_kv, c_tok, c_attn, t_mixed; then p.
     base = np.array([lin[0] * 0.5, lin[1], lin[0] * 0.5, lin[2], lin[3], lin[4], lin[5]])
@@ -158,8 +173,4 @@ def fit_cost_model(rows: np.ndarray, holdout_fraction: float = 0.2, seed: int = 
         if best is None or sol.cost < best.cost:
             best = sol
     assert best is not None  # the loop above ran
-    theta = theta_of(best.x)
-    model = CostModel(CostParams(*map(float, theta)))
-    train_mape, _ = _mape(theta, x, y)
-    hold_mape, hold_max = _mape(theta, hold[:, :4], hold[:, 4])
-    return FitReport(model, len(train), len(hold), train_mape, hold_mape, hold_max)
+    return theta_of(best.x)
