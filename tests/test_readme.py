@@ -1,6 +1,8 @@
-"""Every `fairbatching ...` example in the README runs as written, shortened with -n, from an empty directory.
+"""Every `fairbatching ...` example in README.md and docs/*.md runs as written, shortened with -n, from an empty
+directory.
 
-The commands are read from the README itself, so an example edited there is tested as edited. They run in a
+The commands are read from the pages themselves (their bash blocks), so an example edited there is tested as
+edited. They run in a
 fresh temporary directory, where no ``../shared`` exists: traces come from the package by name. Searches
 also get one seed and a coarse tolerance, so the whole file stays well under two minutes.
 """
@@ -16,29 +18,39 @@ import pytest
 from typer.testing import CliRunner
 
 from fairbatching.cli import app
+from fairbatching.errors import FairBatchingError
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
 NUM = "60"
 SEARCHES = {"capacity", "evaluate"}  # and `cluster --capacity`
 # Examples that need what a CPU test cannot have, each with the reason.
 NOT_HERE = {
-    "profile": "needs the [gpu] extra and a GPU (tests/test_engine.py covers the engine on the CPU)",
-    "replay": "needs the [gpu] extra and a GPU (tests/test_engine.py covers the engine on the CPU)",
+    "cpu": "runs the engine on the CPU (tests/test_engine.py::test_profile_and_replay_commands_on_the_cpu covers it)",
     "--ray": "starts Ray (tests/test_evaluation.py::test_sweep_on_a_local_ray_instance covers it)",
     "serve": "starts a Ray Serve application that runs until stopped (tests/test_ray_serve.py covers it)",
     "bench": "needs a running server at --url (tests/test_ray_serve.py benches a live one)",
 }
+# Examples that run GPU engines: without a CUDA GPU they must be refused by the device check, which comes after
+# the command line was parsed, so an option misspelled in one still fails here.
+ON_THE_GPU = ("profile", "replay", "--backend")
 
 
-def readme_commands() -> list[str]:
-    """``fairbatching`` lines of the README's bash blocks, continuation lines joined, comments dropped."""
-    blocks = re.findall(r"```bash\n(.*?)```", README.read_text(), flags=re.S)
+def page_commands(page: Path) -> list[str]:
+    """``fairbatching`` lines of a page's bash blocks, continuation lines joined, comments dropped."""
+    blocks = re.findall(r"```bash\n(.*?)```", page.read_text(), flags=re.S)
     commands = []
     for block in blocks:
         for line in block.replace("\\\n", " ").splitlines():
             if line.startswith("fairbatching "):
                 commands.append(" ".join(shlex.split(line, comments=True)))
     return commands
+
+
+def readme_commands() -> list[str]:
+    """Every page's examples, each once (a command shown on two pages runs once), in page order."""
+    return list(dict.fromkeys(c for page in PAGES for c in page_commands(page)))
 
 
 def shortened(args: list[str]) -> list[str]:
@@ -48,7 +60,7 @@ def shortened(args: list[str]) -> list[str]:
         return out
     if "-n" in out:
         out[out.index("-n") + 1] = NUM
-    elif out[0] not in ("traces", "profiles", "fit-profile"):
+    elif out[0] not in ("traces", "profiles", "options", "fit-profile"):
         out += ["-n", NUM]
     if out[0] in SEARCHES or "--capacity" in out:
         out += ["--seeds", "1", "--tolerance", "0.3"]
@@ -81,15 +93,19 @@ def workdir(tmp_path_factory) -> Path:
     return d
 
 
-def test_the_readme_has_the_examples_this_file_runs():
+def test_the_pages_have_the_examples_this_file_runs():
     commands = readme_commands()
     assert len(commands) >= 15
+    assert {p.name for p in PAGES} >= {"README.md", "cli.md", "gpu.md", "ray-serve.md"}
+    assert all(c in commands for c in page_commands(ROOT / "docs" / "cli.md"))  # the docs' examples are read
     assert not [c for c in commands if "shared/traces" in c]
     package = README.parent / "src" / "fairbatching"
     assert not [
         p for p in package.rglob("*.py") if "shared" + "/traces" in p.read_text() or '"shared"' in p.read_text()
     ]
-    assert {c.split()[1] for c in commands} >= {"traces", "compare", "capacity", "sweep", "evaluate", "cluster"}
+    assert {c.split()[1] for c in commands} >= {
+        *("traces", "compare", "capacity", "sweep", "evaluate", "cluster", "options", "profile", "replay")
+    }
 
 
 @pytest.mark.parametrize("command", readme_commands(), ids=lambda c: c.removeprefix("fairbatching ")[:60])
@@ -99,8 +115,25 @@ def test_readme_example_runs_in_a_fresh_directory(command, workdir, monkeypatch)
     if reason:
         pytest.skip(reason)
     monkeypatch.chdir(workdir)
+    if any(key in args for key in ON_THE_GPU):
+        if _cuda():
+            pytest.skip("runs GPU engines for minutes (tests/test_engine.py covers the engine)")
+        res = CliRunner().invoke(app, args)
+        refused = isinstance(res.exception, FairBatchingError) and "needs a CUDA GPU" in str(res.exception)
+        assert refused or "needs the [gpu] extra" in str(res.exception), f"{command}\n{res.output}\n{res.exception!r}"
+        if "--out" in args:
+            assert not (workdir / args[args.index("--out") + 1]).exists(), "a refused GPU command wrote output"
+        return
     res = CliRunner().invoke(app, shortened(args))
     assert res.exit_code == 0, f"{command}\n{res.output}\n{res.exception!r}"
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
 
 
 def _pyproject() -> dict:
