@@ -4,6 +4,7 @@ and ``fairbatching options``), the vLLM settings and the policy constructors all
 import inspect
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -68,17 +69,17 @@ def built_tpot(policy: str) -> dict:
 
 
 def test_the_cli_lists_each_option_with_its_declared_default_and_range():
-    res = subprocess.run(
-        [sys.executable, "-m", "fairbatching", "options"], capture_output=True, text=True, timeout=120, check=True
-    )
-    listed: dict[str, dict[str, str]] = {}
-    for line in res.stdout.splitlines():
-        if not line.startswith(" "):
-            policy = listed.setdefault(line, {})
-        else:
-            policy[line.split()[0]] = line
+    def options(*args: str, columns: str = "200") -> str:
+        env = {**os.environ, "COLUMNS": columns}
+        cmd = [sys.executable, "-m", "fairbatching", "options", *args]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True, env=env).stdout
+
+    listed = {policy: {o["option"]: o for o in rows} for policy, rows in json.loads(options("--json")).items()}
     assert list(listed) == list(POLICY_CONFIGS)
     for name, opt in OPTIONS:
-        line = listed[name].pop(opt.name)
-        assert line.split()[1] == json.dumps(opt.default) and line.endswith(f"{opt.describe()}: {opt.help}")
+        row = listed[name].pop(opt.name)
+        assert row == {"option": opt.name, "default": opt.default, "range": opt.describe(), "help": opt.help}
+    narrow = options(columns="80")
+    assert max(map(len, narrow.splitlines())) <= 80
+    assert all(f" {opt.name} " in narrow for _, opt in OPTIONS)  # every name a user types, whole
     assert not any(listed.values())  # nothing listed that is not declared

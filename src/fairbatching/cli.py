@@ -506,15 +506,34 @@ def profiles(wide: WideOpt = False) -> None:
 
 
 @app.command(context_settings=HELP_UNSET)
-def options() -> None:
+def options(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the options as JSON on stdout")] = False,
+) -> None:
     """List every policy's options (`-o policy.key=value`): default, type and range, and what each does."""
+    from rich import box
+    from rich.table import Table
+
     from fairbatching.config import POLICY_CONFIGS, options_of
 
-    for name, config in POLICY_CONFIGS.items():
-        out_console.print(name, style="bold", markup=False)
-        for opt in options_of(config).values():
-            line = f"  {opt.name:22s} {json.dumps(opt.default):>6s}  {opt.describe()}: {opt.help}"
-            out_console.print(line, markup=False, highlight=False)
+    listed = {
+        name: [
+            {"option": o.name, "default": o.default, "range": o.describe(), "help": o.help}
+            for o in options_of(config).values()
+        ]
+        for name, config in POLICY_CONFIGS.items()
+    }
+    if as_json:
+        print(json.dumps(listed, indent=2))
+        return
+    for name, rows in listed.items():
+        # Names and defaults whole; what each option does, and its range, wrap in the width that is left.
+        table = Table(title=f"{name} (-o {name}.OPTION=VALUE)", box=box.SIMPLE_HEAD)
+        table.add_column("option", style="bold", no_wrap=True)
+        table.add_column("default", justify="right", no_wrap=True)
+        table.add_column("what it does; range")
+        for r in rows:
+            table.add_row(r["option"], json.dumps(r["default"]), f"{r['help']}; {r['range']}")
+        out_console.print(table)
 
 
 def _serve_commands() -> None:
