@@ -555,7 +555,7 @@ def readme_head(doc: dict, replays: list[dict]) -> str:
         )
     lines += [
         "",
-        "Made by (see benchmarks/gpu_tail.py for the device commands):",
+        "Made by (the device commands that replayed are in commands.md beside this file):",
         "",
         "    PYTHONPATH=src python3 benchmarks/gpu_tail.py report --out results/gpu-tail",
         "",
