@@ -165,7 +165,8 @@ class Node:
         still = []
         for r in self.deferred:
             budget = self._budget(r)
-            if budget.fits(r.num_tokens - r.num_computed):
+            left = r.first_deadline - self.clock  # what it waited is gone from its TTFT
+            if left > 0 and r.num_tokens - r.num_computed <= budget.tokens_within(left):
                 self.waiting.append(r)
             elif self.clock - r.arrival >= r.slo.ttft or not (self.running or self.waiting):
                 self._end(r, RequestStatus.REJECTED, _refusal(budget, r) + " (deferred until it could no longer fit)")
@@ -218,6 +219,19 @@ class Node:
         timeout = self.config.queue_timeout
         if timeout is not None and self.waiting:
             self._expire(timeout)
+        if self.config.admission != "none" and self.waiting:
+            self._refuse_lost()
+
+    def _refuse_lost(self) -> None:
+        """Under admission control, a queued request that never started and whose first-token deadline has
+        passed is refused: it can no longer meet its SLO, and left queued it would wait behind every request
+        that still can (``late_last``) for as long as the backlog lasts, the P99 TTFT tail."""
+        now = self.clock
+        lost = [r for r in self.waiting if r.first_scheduled is None and r.first_deadline <= now]
+        if lost:
+            for r in lost:
+                self._end(r, RequestStatus.REJECTED, "admission control: its TTFT passed while it queued")
+            self.waiting[:] = [r for r in self.waiting if r.status is RequestStatus.WAITING]
 
     def _resume_stretch(self, horizon: float) -> bool:
         """Continue the decode-only stretch in progress, if any, while it is still the batch the policy planned
