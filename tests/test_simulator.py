@@ -143,7 +143,7 @@ def test_node_admission_control_refuses_with_reasons_and_helps_those_admitted(mo
     guarded = run("fairbatching", w, profile, admission=mode)
     assert sorted(r.request_id for r in guarded.requests) == sorted(s.request_id for s in w.requests)
     refused = [r for r in guarded.requests if r.status is RequestStatus.REJECTED]
-    reasons = ("admission control: prefill budget", "admission control: its TTFT passed while it queued")
+    reasons = ("admission control: prefill budget", "admission control: its TTFT deadline passed")
     assert refused and all(r.finish_reason.startswith(reasons) for r in refused)
     served = [r for r in guarded.requests if r.status is RequestStatus.FINISHED]
     p99 = lambda reqs: summarize("x", "w", reqs, 1, 0, 0).ttft.p99  # noqa: E731

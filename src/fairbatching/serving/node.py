@@ -219,19 +219,21 @@ class Node:
         timeout = self.config.queue_timeout
         if timeout is not None and self.waiting:
             self._expire(timeout)
-        if self.config.admission != "none" and self.waiting:
+        if self.config.admission != "none" and (self.waiting or self.running):
             self._refuse_lost()
 
     def _refuse_lost(self) -> None:
-        """Under admission control, a queued request that never started and whose first-token deadline has
-        passed is refused: it can no longer meet its SLO, and left queued it would wait behind every request
-        that still can (``late_last``) for as long as the backlog lasts, the P99 TTFT tail."""
+        """Under admission control, a request still without its first token once that token's deadline has
+        passed is refused, queued or mid-prefill: it can no longer meet its SLO, and kept it would wait behind
+        every request that still can (``late_last``) for as long as the backlog lasts, the P99 TTFT tail. Its
+        KV goes back to the requests that can still make it."""
         now = self.clock
-        lost = [r for r in self.waiting if r.first_scheduled is None and r.first_deadline <= now]
-        if lost:
-            for r in lost:
-                self._end(r, RequestStatus.REJECTED, "admission control: its TTFT passed while it queued")
-            self.waiting[:] = [r for r in self.waiting if r.status is RequestStatus.WAITING]
+        for queue, status in ((self.waiting, RequestStatus.WAITING), (self.running, RequestStatus.RUNNING)):
+            lost = [r for r in queue if not r.token_times and r.first_deadline <= now]
+            if lost:
+                for r in lost:
+                    self._end(r, RequestStatus.REJECTED, "admission control: its TTFT deadline passed before its turn")
+                queue[:] = [r for r in queue if r.status is status]
 
     def _resume_stretch(self, horizon: float) -> bool:
         """Continue the decode-only stretch in progress, if any, while it is still the batch the policy planned
