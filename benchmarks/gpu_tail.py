@@ -522,6 +522,15 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{x * 100:.1f}%"
 
 
+def _lead(at_least: float | None, at_most: float | None) -> str:
+    """A lead's bracket, saying which side the replayed loads leave open."""
+    if at_least is not None and at_most is not None:
+        return f"{at_least:.2f}x - {at_most:.2f}x"
+    if at_least is not None:
+        return f">= {at_least:.2f}x"
+    return "unknown" if at_most is None else f"<= {at_most:.2f}x"
+
+
 def markdown(doc: dict) -> str:
     lines = [
         "| scenario | load | req/s | policy | SLO met | (sim) | P50 TTFT s | P99 TTFT s | (sim) | P99 TBT ms | "
@@ -561,7 +570,7 @@ def markdown(doc: dict) -> str:
     for c in doc.get("capacity", []):
         lead = target = ""
         if c["policy"] == "fairbatching":
-            lead = f"{_fmt(c['lead_at_least'])}x - {_fmt(c['lead_at_most'])}x vs {c['best_baseline']}"
+            lead = f"{_lead(c['lead_at_least'], c['lead_at_most'])} vs {c['best_baseline']}"
             target = {True: "met", False: "NOT met", None: "open"}[c["met"]]
         lines.append(f"| {c['scenario']} | {c['label']} | {_fmt(c['lo'])} | {_fmt(c['hi'])} | {lead} | {target} |")
     return "\n".join(lines) + "\n"
@@ -602,6 +611,10 @@ def readme_head(doc: dict, replays: list[dict]) -> str:
         lines.append(
             f"- {name}: {w['requests']} {sc.workload} {where}, SLO {sc.slo.ttft:g} s / {sc.slo.tpot * 1e3:g} ms"
         )
+    codes = {(r["label"], r["code"]) for r in replays if r.get("code")}
+    if codes:
+        lines += ["", "Rows replayed at other code than the rest (each row's `code`; their `(sim)` runs today's):", ""]
+        lines += [f"- {label}: {code}" for label, code in sorted(codes)]
     lines += [
         "",
         "Made by (the device commands that replayed are in commands.md beside this file):",
