@@ -39,6 +39,7 @@ from scipy.optimize import nnls
 from fairbatching.costmodel.fit import ROW_FIELDS, fit_cost_model
 from fairbatching.costmodel.model import CostModel
 from fairbatching.costmodel.profile import load_profile
+from fairbatching.costmodel.serving import period_mape
 from fairbatching.errors import ConfigError, ProfileError
 
 PROFILE = "llama-3-8b-h200-engine"
@@ -118,11 +119,10 @@ def predict(model: CostModel, steps: Steps) -> np.ndarray:
     return np.array([model.predict(a, b, int(c), d) for a, b, c, d in steps.features.tolist()])
 
 
-def mape_by_kind(model: CostModel, steps: Steps) -> dict[str, float]:
-    """Mean absolute relative error of the predicted period, per step kind and over all steps."""
-    err = np.abs(predict(model, steps) / steps.period - 1.0)
-    pf = steps.prefill
-    return {"decode": float(err[~pf].mean()), "prefill": float(err[pf].mean()), "all": float(err.mean())}
+def mape_by_kind(model: CostModel, steps: Steps) -> dict[str, float | None]:
+    """Mean absolute relative error of the predicted period, per step kind and over all steps (the measure
+    ``fairbatching profile``'s validation records)."""
+    return period_mape(model, steps.rows())
 
 
 def default_files(calls: tuple[int, ...]) -> dict[int, Path]:
