@@ -14,6 +14,7 @@ held-out steps, so a profile says how far its simulated capacities can be truste
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -225,8 +226,11 @@ def _side_by_side(policy: str, steps: int, engine: Summary, sim: Summary) -> dic
     """One policy's SLO attainment and P99 TTFT on the engine and in the simulator, and the gap in points."""
 
     def measures(s: Summary) -> dict[str, float | None]:
-        p99 = s.ttft.p99
-        return {"slo_attainment": round(s.slo_attainment, 4), "ttft_p99_s": round(p99, 4) if p99 == p99 else None}
+        p99 = s.ttft.p99  # NaN when no request was answered
+        return {
+            "slo_attainment": round(s.slo_attainment, 4),
+            "ttft_p99_s": round(p99, 4) if math.isfinite(p99) else None,
+        }
 
     gap = round(100 * (sim.slo_attainment - engine.slo_attainment), 2)
     return {"policy": policy, "steps": steps, "engine": measures(engine), "sim": measures(sim), "gap_pts": gap}
@@ -244,7 +248,7 @@ def validation_record(
     kinds = ", ".join(f"{k} {'-' if mape[k] is None else f'{mape[k]:.1%}'}" for k in ("decode", "prefill"))
     verdict = (
         f"{'passed' if passed else 'FAILED'}: simulated SLO attainment within {gap:.1f} points of the engine on the "
-        f"held-out window (tolerance {ATTAINMENT_TOLERANCE_PTS:g}); step-period MAPE {kinds} "
+        f"held-out window (tolerance {ATTAINMENT_TOLERANCE_PTS:g} points); step-period MAPE {kinds} "
         f"(tolerance {STEP_MAPE_TOLERANCE:.0%} over all steps)"
     )
     return {
@@ -260,7 +264,7 @@ def validation_record(
             "sim_capacity_qps": window.sim_capacity_qps,
         },
         "slo": {"ttft": slo.ttft, "tpot": slo.tpot},
-        "planning": "this profile, as the simulator's policies plan with it",
+        "planning": "this profile, on the engine and in the simulator",
         "policies": cells,
         "step_mape": {**mape, "steps": sum(c.get("steps", 0) for c in cells)},
         "max_gap_pts": gap,
