@@ -10,6 +10,7 @@ import random
 import subprocess
 import sys
 import textwrap
+from dataclasses import asdict, replace
 
 import pytest
 
@@ -445,19 +446,41 @@ def test_gpu_commands_without_a_gpu_exit_2_before_building_anything(tmp_path, ar
     assert not (tmp_path / "p").exists()
 
 
-def test_profile_and_replay_commands_on_the_cpu(tmp_path):
+def short_outputs(trace_window):
+    """``calibrate.trace_window`` with every output of the held-out window cut to 4 tokens: its own requests'
+    prompts, but a CPU replay of hundreds of decode steps per policy is more than a test should wait for."""
+
+    def window(requests, start):
+        w = trace_window(requests, start)
+        if start == 0:  # the calibration window, as it is
+            return w
+        return Workload(w.name, tuple(replace(r, output_len=4) for r in w.requests), w.meta)
+
+    return window
+
+
+def test_profile_and_replay_commands_on_the_cpu(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
     from fairbatching.cli import app
     from fairbatching.costmodel.profile import load_profile as load
+    from fairbatching.evaluation import calibrate
 
     common = ["--model", "tiny", "--device", "cpu", "--num-blocks", "400", "--max-context", "8192"]
-    # The grid, then the serving calibration: 2 requests per policy, planned for an SLO a CPU engine can meet.
-    calibration = ["--calibration-requests", "2", "--ttft-slo", "30", "--tpot-slo", "5"]
+    # The grid, then the serving calibration: 2 requests per policy, planned for an SLO a CPU engine can meet;
+    # then the validation on 1 held-out request per policy (its output cut short).
+    calibration = ["--calibration-requests", "2", "--validation-requests", "1", "--ttft-slo", "30", "--tpot-slo", "5"]
+    monkeypatch.setattr(calibrate, "trace_window", short_outputs(calibrate.trace_window))
     res = CliRunner().invoke(
         app, ["profile", "--out", str(tmp_path), "--grid", "quick", "--repeats", "1", *common, *calibration]
     )
     assert res.exit_code == 0, res.output
+    check = load(str(tmp_path / "profile.json")).fit["validation"]
+    assert check["window"]["start"] == calibrate.VALIDATION_START and check["window"]["requests"] == 1
+    assert f"validation: {check['verdict']}" in " ".join(res.output.split())
+    assert (tmp_path / "validation_steps.csv").read_text().count("\n") == check["step_mape"]["steps"] + 1
+    listed = CliRunner().invoke(app, ["profiles", str(tmp_path / "profile.json"), "--json"])
+    assert json.loads(listed.stdout)[-1]["validation"] == check
     prof = load(str(tmp_path / "profile.json"))
     assert prof.source == "measured" and prof.kv.num_blocks == 399 and prof.fit["holdout_rows"] >= 1
     assert (tmp_path / "rows.csv").read_text().startswith("kind,new_tokens")
@@ -496,6 +519,39 @@ def test_profile_and_replay_commands_on_the_cpu(tmp_path):
     assert "refused" in res.output
     summary = json.loads((tmp_path / "adm" / "summary.json").read_text())
     assert summary["requests"] == 6 and summary["finished"] + summary["rejected"] == 6
+
+
+def test_the_validation_is_computed_from_the_held_out_steps_and_fails_a_wrong_profile():
+    """`fairbatching profile`'s validation on a tiny CPU engine: its step error is the validated profile's price
+    of the held-out replay's own steps against their periods, its simulated side is the simulator's run of the
+    same requests, and a profile that prices every step 1000x too dear fails with a verdict that says so."""
+    from fairbatching.core.kv import KVCacheConfig
+    from fairbatching.costmodel.fit import fit_cost_model
+    from fairbatching.costmodel.serving import period_mape
+    from fairbatching.engine import build_engine
+    from fairbatching.evaluation import calibrate
+    from fairbatching.runs import Experiment
+
+    runner = build_engine("tiny", device="cpu", num_blocks=400, max_context=8192)
+    base = load_profile()
+    times = {k: 1000 * v for k, v in asdict(base.params).items() if k != "p"}  # the price is homogeneous in these
+    wrong = replace(base, params=replace(base.params, **times), kv=KVCacheConfig(runner.pool.usable, 16))
+    slo = SLO(1000.0, 100.0)  # loose enough for 1000x prices to plan
+    held = short_outputs(calibrate.trace_window)(2, calibrate.VALIDATION_START).rescaled(50.0)
+    window = calibrate.CalibrationWindow(held, 50.0, 50.0, calibrate.VALIDATION_START)
+    val = calibrate.validate(runner, wrong, window, slo, policies=("fairbatching", "sarathi"))
+    record = val.record
+    assert [c["policy"] for c in record["policies"]] == ["fairbatching", "sarathi"]
+    assert record["step_mape"]["steps"] == len(val.steps) == sum(c["steps"] for c in record["policies"])
+    assert {k: record["step_mape"][k] for k in ("decode", "prefill", "all")} == period_mape(
+        wrong.cost_model(), val.steps
+    )
+    assert record["step_mape"]["all"] > 10 * calibrate.STEP_MAPE_TOLERANCE
+    assert period_mape(fit_cost_model(val.steps).model, val.steps)["all"] < record["step_mape"]["all"] / 10
+    sim = Experiment(held, wrong, slo, max_model_len=runner.max_context).run("sarathi").summary
+    assert record["policies"][1]["sim"]["slo_attainment"] == round(sim.slo_attainment, 4)
+    assert not record["passed"] and record["verdict"].startswith("FAILED")
+    assert f"requests {calibrate.VALIDATION_START}-{calibrate.VALIDATION_START + 1}" in record["window"]["held_out"]
 
 
 @pytest.mark.parametrize("policy", ["fairbatching", "vllm"])

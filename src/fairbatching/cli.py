@@ -485,24 +485,50 @@ def traces(
 
 
 @app.command(context_settings=HELP_UNSET)
-def profiles(wide: WideOpt = False) -> None:
-    """List the bundled cost-model profiles (usable as `--profile NAME`)."""
+def profiles(
+    files: Annotated[
+        list[str] | None, typer.Argument(help="Profile JSON files to list too, e.g. out/profile/profile.json")
+    ] = None,
+    wide: WideOpt = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print every profile's name, note and validation")] = False,
+) -> None:
+    """List the bundled cost-model profiles (usable as `--profile NAME`) and any profile files given, each with
+    the held-out validation it records (`fairbatching profile` runs one): how far its simulated SLO attainment
+    was from the GPU's."""
     from fairbatching.costmodel.profile import DEFAULT_PROFILE, available_profiles, load_profile
     from fairbatching.metrics.table import Column, FittedTable, show
 
-    names = available_profiles()
+    names = [*available_profiles(), *(files or [])]
     loaded = [load_profile(name) for name in names]
+    checks = [(p.fit or {}).get("validation") for p in loaded]
+    if as_json:
+        rows = zip(names, loaded, checks, strict=True)
+        print(
+            json.dumps(
+                [{"profile": n, "source": p.source, "note": p.note, "validation": v} for n, p, v in rows], indent=2
+            )
+        )
+        return
     table = FittedTable(
         [
             Column("profile", names, "name", "left"),
             Column("source", [p.source for p in loaded], justify="left"),
             Column("KV tokens", [f"{p.kv.capacity_tokens:,}" for p in loaded]),
-            Column("note", [p.note for p in loaded], "text", "left"),
+            Column("validated", [_validated(v) for v in checks], justify="left"),
+            Column("note", [p.note for p in loaded], "text", "left", drop=1),
         ],
         f"cost-model profiles (default: {DEFAULT_PROFILE})",
         wide,
     )
     show(out_console, table)
+
+
+def _validated(check: dict | None) -> str:
+    """A profile's validation in a table cell: passed or failed, and the largest gap between the simulated and
+    the GPU's SLO attainment, in points (the verdict itself is in `profiles --json`)."""
+    if not check:
+        return "-"
+    return f"{'passed' if check['passed'] else 'failed'}, {check['max_gap_pts']:.0f} pts"
 
 
 @app.command(context_settings=HELP_UNSET)

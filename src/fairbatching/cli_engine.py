@@ -38,6 +38,25 @@ if TYPE_CHECKING:
     from fairbatching.core.backend import EngineSpec
 
 MaxContext = Annotated[int, typer.Option("--max-context", help="Longest sequence the engine serves (tokens)")]
+CalibrationRequests = Annotated[
+    int,
+    typer.Option(
+        "--calibration-requests",
+        min=0,
+        help="After the grid, replay this many Azure conversation requests per policy and refit on the served "
+        "steps (the serving-calibrated profile); 0: the grid profile only",
+    ),
+]
+ValidationRequests = Annotated[
+    int,
+    typer.Option(
+        "--validation-requests",
+        min=0,
+        help="Then replay this many held-out Azure conversation requests (from request 9000) per policy at the "
+        "profile's simulated capacity, and record the simulator against the engine in the profile "
+        "(fit.validation); about 1 minute on an H200 at 200 (estimated); 0: skip",
+    ),
+]
 # A CPU engine runs fp32 weights eagerly: past this size one step takes seconds and the weights tens of GB.
 CPU_MAX_PARAMS = 1_500_000_000
 
@@ -203,24 +222,20 @@ def profile(
     repeats: Annotated[int, typer.Option("--repeats", help="Timed runs per composition (median)")] = 5,
     grid: Annotated[str, typer.Option("--grid", help="full, or quick (a few compositions, for a smoke test)")] = "full",
     name: Annotated[str | None, typer.Option("--name", help="Profile name (default: MODEL-DEVICE-measured)")] = None,
-    calibration_requests: Annotated[
-        int,
-        typer.Option(
-            "--calibration-requests",
-            min=0,
-            help="After the grid, replay this many Azure conversation requests per policy and refit on the served "
-            "steps (the serving-calibrated profile); 0: the grid profile only",
-        ),
-    ] = 300,
+    calibration_requests: CalibrationRequests = 300,
+    validation_requests: ValidationRequests = 200,
     slo: SloArgs,
 ) -> None:
-    """Measure batch latencies on the GPU engine, fit the cost model, then calibrate it on served steps (replays
-    of a trace window, planned for the SLO), and write the profile: one command from a fresh GPU to a profile."""
+    """Measure batch latencies on the GPU engine, fit the cost model, calibrate it on served steps (replays of a
+    trace window, planned for the SLO), validate it on a held-out window, and write the profile: one command from
+    a fresh GPU to a profile that says how far to trust it."""
     check_engine_device("profile", e)
     from fairbatching.core.modes import Grid, parse_mode
     from fairbatching.engine.profiler import default_grid
+    from fairbatching.evaluation.calibrate import check_windows
 
     mode = parse_mode(Grid, grid, "--grid")
+    check_windows(calibration_requests, validation_requests)
     check_output_dir(out)
     start = time.time()
     runner = _engine(e, max_context)
@@ -229,19 +244,23 @@ def profile(
         compositions = compositions[:: max(1, len(compositions) // 14)]
     grid_start = time.time()
     rows = _run_grid(runner, compositions, repeats)
-    command = f"fairbatching profile --model {e.model} --grid {grid} --calibration-requests {calibration_requests}"
+    command = (
+        f"fairbatching profile --model {e.model} --grid {grid} --calibration-requests {calibration_requests} "
+        f"--validation-requests {validation_requests}"
+    )
     prof, grid_line = _fit_grid(runner, rows, name, command, grid_start)
-    cal = None
-    if calibration_requests:
-        cal = _calibrate(runner, prof, calibration_requests, slo.slo, command)
-    _write_profile(out, rows, prof, cal, start)
-    if cal is None:
-        out_console.print(f"{grid_line} -> {out / 'profile.json'}")
-    else:
-        out_console.print(
+    cal = _calibrate(runner, prof, calibration_requests, slo.slo, command) if calibration_requests else None
+    val = _validate(runner, prof if cal is None else cal.profile, validation_requests, slo.slo)
+    _write_profile(out, rows, prof, cal, val, start)
+    done = f"{grid_line} -> {out / 'profile.json'}"
+    if cal is not None:
+        done = (
             f"{grid_line}; serving-calibrated on {len(cal.steps)} served steps: held-out MAPE "
             f"{cal.report.holdout_mape * 100:.2f}% -> {out / 'profile.json'} (grid: grid_profile.json)"
         )
+    out_console.print(done)
+    if val is not None:
+        out_console.print(f"validation: {val.record['verdict']}")
 
 
 def _run_grid(runner: Any, compositions: list[Any], repeats: int) -> list[Any]:
@@ -273,23 +292,27 @@ def _fit_grid(runner: Any, rows: list[Any], name: str | None, command: str, grid
     return prof, grid_line
 
 
-def _write_profile(out: Path, rows: list[Any], grid: Any, cal: Any, start: float) -> None:
+def _write_profile(out: Path, rows: list[Any], grid: Any, cal: Any, val: Any, start: float) -> None:
     """``out``'s files, all or none: the grid's rows and the profile; when calibrated, the calibrated profile
-    (timed from ``start``) as profile.json, the grid's as grid_profile.json and the served steps beside."""
+    as profile.json, the grid's as grid_profile.json and the served steps beside; when validated, the
+    validation in profile.json's fit and the held-out steps beside. Timed from ``start``."""
     from fairbatching.engine.profiler import write_rows_csv
+    from fairbatching.evaluation.calibrate import STEP_COLUMNS
     from fairbatching.validate import staged_dir
 
+    final = grid if cal is None else cal.profile
+    if val is not None:
+        final = replace(final, fit={**(final.fit or {}), "validation": val.record})
+    if cal is not None or val is not None:
+        final = replace(final, hardware={**final.hardware, "profiled_s": round(time.time() - start, 1)})
     with staged_dir(out) as tmp:
         write_rows_csv(tmp / "rows.csv", rows)
-        if cal is None:
-            grid.save(tmp / "profile.json")
-        else:
+        if cal is not None:
             grid.save(tmp / "grid_profile.json")
-            cols = ("new_tokens", "context_tokens", "num_seqs", "attn_work", "period")
-            steps = [dict(zip(cols, map(float, r), strict=True)) for r in cal.steps]
-            write_rows_csv(tmp / "calibration_steps.csv", steps)
-            hw = {**cal.profile.hardware, "profiled_s": round(time.time() - start, 1)}
-            replace(cal.profile, hardware=hw).save(tmp / "profile.json")
+        for steps, name in ((cal, "calibration_steps.csv"), (val, "validation_steps.csv")):
+            if steps is not None:
+                write_rows_csv(tmp / name, [dict(zip(STEP_COLUMNS, map(float, r), strict=True)) for r in steps.steps])
+        final.save(tmp / "profile.json")
 
 
 def _calibrate(runner: Any, grid: Any, requests: int, slo: Any, command: str) -> Any:
@@ -307,6 +330,25 @@ def _calibrate(runner: Any, grid: Any, requests: int, slo: Any, command: str) ->
         return calibrate(
             runner, grid, window, slo, grid.name, command, lambda p, d, _t: bar.update(tasks[p], completed=d)
         )
+
+
+def _validate(runner: Any, prof: Any, requests: int, slo: Any) -> Any:
+    """The validation on a held-out window (``evaluation.calibrate.validate``), with a progress bar per replay;
+    None when ``requests`` is 0."""
+    if not requests:
+        return None
+    from fairbatching.evaluation.calibrate import POLICIES, validate, validation_window
+
+    with Activity(console) as status:
+        status(f"simulating {prof.name}'s capacity on {requests} held-out requests", 0, None)
+        window = validation_window(prof, requests, runner.max_context, slo)
+    console.print(
+        f"validation: {requests} {window.workload.name} requests from {window.start} replayed per policy at "
+        f"{window.qps} req/s (the profile's simulated capacity there: {window.sim_capacity_qps:.2f} req/s)"
+    )
+    with progress_bar(console, label_width=14) as bar:
+        tasks = {p: bar.add_task(p, total=len(window.workload)) for p in POLICIES}
+        return validate(runner, prof, window, slo, lambda p, d, _t: bar.update(tasks[p], completed=d))
 
 
 @dataclass

@@ -15,6 +15,7 @@ from dataclasses import replace
 import numpy as np
 
 from fairbatching.costmodel.fit import FitReport, fit_cost_model
+from fairbatching.costmodel.model import CostModel
 from fairbatching.costmodel.profile import Profile
 from fairbatching.errors import ProfileError
 
@@ -44,3 +45,17 @@ def serving_profile(grid: Profile, rows: np.ndarray, name: str, command: str) ->
     fit = {**report.as_dict(), "rows_from": "serving steps at their periods", "grid_fit": grid.fit}
     note = f"serving-calibrated: {command}"
     return replace(grid, name=name, params=report.model.params, fit=fit, note=note), report
+
+
+def period_mape(model: CostModel, rows: np.ndarray) -> dict[str, float | None]:
+    """Mean absolute relative error of ``model``'s price against each served step's period (profile rows as
+    ``serving_rows`` gives them), on decode-only steps, steps carrying prefill and all: the two kinds err
+    differently, and a mean over all steps hides the rarer prefill steps (None where a kind has no steps)."""
+    rows = np.asarray(rows, dtype=float)
+    predicted = np.array([model.predict(a, b, int(c), d) for a, b, c, d in rows[:, :4].tolist()])
+    err = np.abs(predicted / rows[:, 4] - 1.0)
+    prefill = rows[:, 0] > rows[:, 2]  # more new tokens than sequences: some sequence is prefilling
+    return {
+        kind: float(err[m].mean()) if m.any() else None
+        for kind, m in (("decode", ~prefill), ("prefill", prefill), ("all", np.ones(len(err), bool)))
+    }
