@@ -593,6 +593,9 @@ def test_bursty_trace_every_request_accounted_under_both_routers(serve_url, tmp_
     assert default["rejected"] == 0
 
 
+STREAMED_S = 2.0  # how long the victim's streams run before the kill (the ingress sees their tokens late)
+
+
 def test_replica_killed_mid_run_reroutes_unstarted_requests_and_fails_begun_streams_clearly(serve_url, tmp_path):
     import ray
 
@@ -607,11 +610,20 @@ def test_replica_killed_mid_run_reroutes_unstarted_requests_and_fails_begun_stre
     replayed = threading.Event()
 
     def kill() -> None:
-        """Kill the replica the moment its own report shows streams running and requests not yet started:
-        a condition, not a time, so a slow machine only makes it come later."""
+        """Kill the replica the moment its own report shows requests not yet started and streams that have run
+        for STREAMED_S: a condition, so a slow machine only makes it come later. The replica counts a stream
+        as begun once it has queued a token; on a loaded machine the ingress sees that token much later (one run
+        beside a busy loop killed 6 such streams and the ingress re-routed them all, as it should: it had seen
+        none begin), so the streams must have been running a while for the ingress to have seen them."""
+        streaming_since = None
         while not replayed.is_set():
             stats = ray.get(victim.record_routing_stats.remote(), timeout=60)
-            if stats.get("unstarted", 0) >= 2 and stats.get("streaming", 0) >= 1:
+            now = time.monotonic()
+            if stats.get("streaming", 0) < 1:
+                streaming_since = None
+            elif streaming_since is None:
+                streaming_since = now
+            elif stats.get("unstarted", 0) >= 2 and now - streaming_since >= STREAMED_S:
                 ray.kill(victim, no_restart=True)
                 seen.append(stats)
                 return
