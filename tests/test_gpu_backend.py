@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -136,3 +144,73 @@ def test_cluster_on_the_gpu_backend_runs_one_cpu_engine_per_node(tmp_path):
     rows = json.loads((tmp_path / "cl" / "cluster.json").read_text())["rows"]
     assert [r["stack"] for r in rows] == ["vllm+round-robin", "fairbatching+pab+reject"]
     assert all(0 <= r["sim_slo_attainment"] <= 1 for r in rows)
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"gave up waiting: {what}"
+        time.sleep(0.05)
+
+
+def spawned_children(pid: int) -> list[int]:
+    """The processes ``pid`` started with multiprocessing's spawn (the engine replicas), from /proc."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if ppid == pid and b"spawn_main" in (entry / "cmdline").read_bytes():
+                found.append(int(entry.name))
+        except (OSError, ValueError, IndexError):  # not a process, or it ended while being read
+            continue
+    return found
+
+
+def blocks_sigint(pid: int) -> bool:
+    status = (Path("/proc") / str(pid) / "status").read_text()
+    blocked = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigBlk:")), 16)
+    return bool(blocked & (1 << (signal.SIGINT - 1)))
+
+
+def running(pid: int) -> bool:
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("when", ["building", "replaying"])
+def test_ctrl_c_on_a_gpu_command_stops_its_engines_and_writes_nothing(tmp_path, when):
+    """SIGINT to the command's process group, as a Ctrl-C sends it (the replicas get one too, and ignore it):
+    exit 130, every replica stopped, no report and no staging folder, whether the engines were still building or
+    replaying."""
+    trace = short_trace(tmp_path / "t.csv", 40)  # at 0.5 req/s: a replay of over a minute
+    out = tmp_path / "cmp"
+    args = ["compare", "--backend", "gpu", *CPU_ENGINE_ARGS, "--trace", trace, "--qps", "0.5", "--policies", "vllm"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    cmd = [sys.executable, "-m", "fairbatching", *args, "--out", str(out)]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
+    )
+    lines: list[str] = []
+
+    def read() -> None:
+        for line in proc.stderr:
+            lines.append(line)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    if when == "building":
+        wait_until(lambda: spawned_children(proc.pid) or proc.poll() is not None, 120, "a replica process")
+    else:
+        wait_until(lambda: any(" ready in " in x for x in lines) or proc.poll() is not None, 300, "engines ready")
+    replicas = spawned_children(proc.pid)
+    assert replicas and proc.poll() is None, "".join(lines)
+    assert all(blocks_sigint(p) for p in replicas)  # from birth: a Ctrl-C while a replica starts is the parent's
+    os.killpg(proc.pid, signal.SIGINT)
+    assert proc.wait(timeout=60) == 130, "".join(lines)
+    reader.join(timeout=10)
+    err = "".join(lines)
+    assert "aborted" in err and "Traceback" not in err, err
+    wait_until(lambda: not any(running(p) for p in replicas), 30, "the replicas to end")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.csv"]
