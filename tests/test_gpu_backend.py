@@ -146,6 +146,31 @@ def test_cluster_on_the_gpu_backend_runs_one_cpu_engine_per_node(tmp_path):
     assert all(0 <= r["sim_slo_attainment"] <= 1 for r in rows)
 
 
+def test_evaluate_on_the_gpu_backend_with_cpu_engines(tmp_path):
+    from typer.testing import CliRunner
+
+    from fairbatching.cli import app
+
+    trace = short_trace(tmp_path / "t.csv", 40)
+    args = ["evaluate", "--backend", "gpu", *CPU_ENGINE_ARGS, "--scenarios", f"{trace}:2:0.1:4", "-n", "6"]
+    args += ["--seeds", "1", "--policies", "fairbatching,vllm", "--tolerance", "0.5", "--cache", str(tmp_path / "c")]
+    res = CliRunner().invoke(app, [*args, "--workers", "1", "--out", str(tmp_path / "ev")])
+    assert res.exit_code == 0, res.output
+    rows = json.loads((tmp_path / "ev" / "evaluation.json").read_text())
+    assert [r["policy"] for r in rows] == ["fairbatching", "vllm"]
+    for r in rows:
+        assert r["backend"] == "gpu" and r["sim_capacity_qps"] > 0
+        assert r["capacity_curve"] and all(p["sim_attainment"] is not None for p in r["capacity_curve"])
+        assert 0 <= r["sim_slo_attainment_at_equal_load"] <= 1 and r["sim_p99_ttft_at_equal_load"] >= 0
+    md = (tmp_path / "ev" / "evaluation.md").read_text()
+    assert "Real-time replays on GPU engines (tiny on cpu)" in md and f"{rows[0]['sim_capacity_qps']:.2f})" in md
+    assert {"report.html", "cdfs_t_2_100ms.png", "slack_t_2_100ms.png"} <= {p.name for p in (tmp_path / "ev").iterdir()}
+    cached = [json.loads(p.read_text()) for p in (tmp_path / "c").glob("*.json")]
+    on_gpu = [c for c in cached if c["spec"].get("backend") == "gpu"]
+    assert on_gpu and all("sim" in c and c["spec"]["seed"] >= 1 for c in on_gpu)  # seed 0: the calibration window
+    assert "planning with profile" in res.output
+
+
 def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
