@@ -146,6 +146,26 @@ def test_cluster_on_the_gpu_backend_runs_one_cpu_engine_per_node(tmp_path):
     assert all(0 <= r["sim_slo_attainment"] <= 1 for r in rows)
 
 
+def test_cluster_capacity_on_the_gpu_backend_starts_from_the_simulated_capacity(tmp_path):
+    from typer.testing import CliRunner
+
+    from fairbatching.cli import app
+
+    args = ["cluster", "--capacity", "--backend", "gpu", *CPU_ENGINE_ARGS, "--nodes", "2", "-n", "6", "--seeds", "1"]
+    args += ["-w", short_trace(tmp_path / "t.csv", 40), "--qps", "4", "--pairs", "vllm:round-robin"]
+    args += ["--tolerance", "0.5", "--cache", str(tmp_path / "cache"), "--workers", "1", "--out", str(tmp_path / "cl")]
+    res = CliRunner(env={"COLUMNS": "200"}).invoke(app, args)
+    assert res.exit_code == 0, res.output
+    (row,) = json.loads((tmp_path / "cl" / "cluster.json").read_text())["rows"]
+    assert row["stack"] == "vllm+round-robin" and row["sim_capacity_qps"] > 0
+    assert row["curve"] and all(p["sim_attainment"] is not None for p in row["curve"])
+    assert row["curve"][0]["qps"] <= row["sim_capacity_qps"] <= row["curve"][-1]["qps"]  # the GPU began there
+    assert "simulated (req/s)" in res.output and "GPU from there" in res.output
+    cached = [json.loads(p.read_text()) for p in (tmp_path / "cache").glob("*.json")]
+    on_gpu = [c for c in cached if c["spec"].get("backend") == "gpu"]
+    assert on_gpu and all(c["spec"]["cluster"]["nodes"] == 2 and c["spec"]["seed"] >= 1 for c in on_gpu)
+
+
 def test_evaluate_on_the_gpu_backend_with_cpu_engines(tmp_path):
     from typer.testing import CliRunner
 
