@@ -50,6 +50,8 @@ class SimulatedEngines:
         results = []
         for i, job in enumerate(jobs):
             self.jobs += 1
+            if progress is not None:  # half the requests ended
+                progress(i, len(job.workload) // 2, len(job.workload))
             cost = job.profile.cost_model()
             params = job.profile.params
             slow = CostModel(replace(params, t_fixed=10 * params.t_fixed, c_tok=10 * params.c_tok))
@@ -77,8 +79,10 @@ def test_gpu_results_carry_the_simulator_beside_them_and_are_cached_as_they_end(
     engines = SimulatedEngines()
     base = RunSpec("fairbatching", "default", 10.0, num_requests=30, backend="gpu", engine=ENGINE)
     specs = [replace(base, seed=s) for s in range(3)]
-    first = Sweeper(tmp_path, workers=1, engines=engines).run(specs)
+    seen = []
+    first = Sweeper(tmp_path, workers=1, engines=engines).run(specs, lambda done, total: seen.append((done, total)))
     assert engines.jobs == 3
+    assert seen == [(k / 2, 3) for k in range(7)]  # a replay under way counts by the share of its requests that ended
     for r in first:
         assert r.sim is not None and r.summary.requests == r.sim.requests == 30
         assert r.summary.ttft.p50 > r.sim.ttft.p50  # measured (10x slower steps here) vs the simulator's

@@ -14,8 +14,9 @@ if TYPE_CHECKING:
     from rich.console import Console
     from rich.progress import Progress, ProgressColumn, Task
 
-# what is running (scenario, policy, load), runs finished, runs in this step (None: not known yet)
-Status = Callable[[str, int, int | None], None]
+# what is running (scenario, policy, load), runs finished (a share of one under way counts), runs in this step
+# (None: not known yet)
+Status = Callable[[str, float, int | None], None]
 
 
 def progress_bar(console: Console, label_width: int = 0) -> Progress:
@@ -65,5 +66,5 @@ class Activity:
     def __exit__(self, *exc: object) -> None:
         self._bar.stop()
 
-    def __call__(self, what: str, done: int, total: int | None) -> None:
+    def __call__(self, what: str, done: float, total: int | None) -> None:
         self._bar.update(self._task, description=what, completed=done, total=total)

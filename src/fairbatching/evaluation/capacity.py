@@ -58,7 +58,7 @@ def find_capacity(
     max_points: int = 24,
     metric: str = "slo_attainment",
     on_point: Callable[[LoadPoint], None] | None = None,
-    progress: Callable[[float, int, int], None] | None = None,
+    progress: Callable[[float, float, int], None] | None = None,
     step: float = 2.0,
     first_seed: int = 0,
 ) -> CapacityResult:

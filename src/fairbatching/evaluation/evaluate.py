@@ -250,7 +250,7 @@ def _capacity(
     return search_capacity(spec, sweeper, target, seeds, sc.start_qps, tolerance, what, say)
 
 
-def _quiet(what: str, done: int, total: int | None) -> None:
+def _quiet(what: str, done: float, total: int | None) -> None:
     pass
 
 
