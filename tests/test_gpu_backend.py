@@ -91,6 +91,18 @@ def test_gpu_results_carry_the_simulator_beside_them_and_are_cached_as_they_end(
     assert [r.sim for r in again] == [r.sim for r in first]
 
 
+def test_the_bound_beside_a_gpu_search_is_on_the_windows_it_searches():
+    from fairbatching.costmodel.profile import load_profile
+    from fairbatching.evaluation.bounds import spec_bound, windows_capacity
+    from fairbatching.workloads.families import family
+
+    gpu = RunSpec("vllm", "azure-conv", 1.0, num_requests=2000, backend="gpu", engine=ENGINE)
+    fam, prof = family("azure-conv"), load_profile(None)
+    on = {first: windows_capacity([fam.build(1.0, s, 2000) for s in (first, first + 1)], prof) for first in (0, 1)}
+    assert on[0] is not None and on[1] is not None and on[0] != on[1]
+    assert spec_bound(gpu, 2) == on[1] and spec_bound(gpu.simulated(), 2) == on[0]  # seed 0: the calibration window
+
+
 def test_compare_on_the_gpu_backend_with_cpu_engines(tmp_path):
     from typer.testing import CliRunner
 
