@@ -230,3 +230,26 @@ def test_long_commands_show_what_they_run_on_a_terminal(args, line, tmp_path, mo
     res = CliRunner().invoke(cli_mod.app, args + extra)
     assert res.exit_code == 0, res.output
     assert re.search(line, re.sub(r"\x1b\[[0-9;?]*[a-zA-Z]", "", screen.getvalue()))
+
+
+def test_progress_bars_show_the_time_remaining_while_a_task_runs():
+    import io
+
+    from rich.console import Console
+
+    from fairbatching.progress import progress_bar
+
+    now = [0.0]
+    bar = progress_bar(Console(file=io.StringIO(), force_terminal=True, width=120))
+    bar.get_time = lambda: now[0]  # what each task's progress samples are stamped with
+    task = bar.add_task("replay", total=100)
+    eta = bar.columns[-1]
+    assert eta.render(bar.tasks[task]).plain == ""  # no rate yet
+    for done in (10, 20):
+        now[0] += 5.0
+        bar.update(task, completed=done)
+    assert eta.render(bar.tasks[task]).plain == "ETA 00:40"  # 80 left at 2 per second
+    bar.update(task, completed=100)
+    assert eta.render(bar.tasks[task]).plain == ""  # done: the elapsed column says how long it took
+    unknown = bar.add_task("searching", total=None)
+    assert eta.render(bar.tasks[unknown]).plain == ""

@@ -434,6 +434,8 @@ def test_fused_kernels_match_torch_and_hf_in_interpreter(llama, prompts, referen
         (["replay", "--device", "tpu"], "--device 'tpu': use cuda, cuda:N or cpu"),
         (["compare", "--backend", "gpu", "--out", "{tmp}/p"], "`compare` needs a CUDA GPU; found none"),
         (["capacity", "--backend", "gpu", "--out", "{tmp}/p"], "`capacity` needs a CUDA GPU; found none"),
+        (["evaluate", "--backend", "gpu", "--out", "{tmp}/p"], "`evaluate` needs a CUDA GPU; found none"),
+        (["cluster", "--capacity", "--backend", "gpu", "--out", "{tmp}/p"], "`cluster` needs a CUDA GPU; found none"),
         (["compare", "--backend", "tpu", "--out", "{tmp}/p"], "--backend must be sim or gpu, got 'tpu'"),
     ],
 )

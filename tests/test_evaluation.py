@@ -246,13 +246,16 @@ class StepSweeperWithProgress(StepSweeper):
 
 
 def test_evaluate_says_which_scenario_policy_and_load_it_runs(tmp_path):
-    from fairbatching.evaluation.evaluate import Scenario, equal_load_plots, evaluate
+    from dataclasses import replace
+
+    from fairbatching.evaluation.evaluate import Scenario, equal_load_plots, evaluate, scenario_spec
 
     seen = []
     status = lambda what, done, total: seen.append((what, done, total))  # noqa: E731
     sc = Scenario("azure-code", 2.0, 0.1, 2.0)
     rows = evaluate([sc], ["vllm"], Sweeper(tmp_path / "c", workers=1), tmp_path, 60, 1, 0.9, 0.4, status=status)
-    equal_load_plots(sc, rows[0]["equal_load_qps"], ["vllm"], tmp_path, 60, status=status)
+    at = replace(scenario_spec(sc, "vllm", 60, None), qps=rows[0]["equal_load_qps"])
+    equal_load_plots(sc, at, ["vllm"], tmp_path, status=status)
     whats = [w for w, _, _ in seen]
     assert "[1/1] azure-code 2s/100ms capacity vllm @ 2.00 req/s" in whats  # scenario, policy, load
     assert any(w.startswith("[1/1] azure-code 2s/100ms curves, 1 policies x") for w in whats)

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -42,6 +50,8 @@ class SimulatedEngines:
         results = []
         for i, job in enumerate(jobs):
             self.jobs += 1
+            if progress is not None:  # half the requests ended
+                progress(i, len(job.workload) // 2, len(job.workload))
             cost = job.profile.cost_model()
             params = job.profile.params
             slow = CostModel(replace(params, t_fixed=10 * params.t_fixed, c_tok=10 * params.c_tok))
@@ -69,14 +79,28 @@ def test_gpu_results_carry_the_simulator_beside_them_and_are_cached_as_they_end(
     engines = SimulatedEngines()
     base = RunSpec("fairbatching", "default", 10.0, num_requests=30, backend="gpu", engine=ENGINE)
     specs = [replace(base, seed=s) for s in range(3)]
-    first = Sweeper(tmp_path, workers=1, engines=engines).run(specs)
+    seen = []
+    first = Sweeper(tmp_path, workers=1, engines=engines).run(specs, lambda done, total: seen.append((done, total)))
     assert engines.jobs == 3
+    assert seen == [(k / 2, 3) for k in range(7)]  # a replay under way counts by the share of its requests that ended
     for r in first:
         assert r.sim is not None and r.summary.requests == r.sim.requests == 30
         assert r.summary.ttft.p50 > r.sim.ttft.p50  # measured (10x slower steps here) vs the simulator's
     again = Sweeper(tmp_path, workers=1).run(specs)  # no engines: everything comes from the cache
     assert [r.summary for r in again] == [r.summary for r in first]
     assert [r.sim for r in again] == [r.sim for r in first]
+
+
+def test_the_bound_beside_a_gpu_search_is_on_the_windows_it_searches():
+    from fairbatching.costmodel.profile import load_profile
+    from fairbatching.evaluation.bounds import spec_bound, windows_capacity
+    from fairbatching.workloads.families import family
+
+    gpu = RunSpec("vllm", "azure-conv", 1.0, num_requests=2000, backend="gpu", engine=ENGINE)
+    fam, prof = family("azure-conv"), load_profile(None)
+    on = {first: windows_capacity([fam.build(1.0, s, 2000) for s in (first, first + 1)], prof) for first in (0, 1)}
+    assert on[0] is not None and on[1] is not None and on[0] != on[1]
+    assert spec_bound(gpu, 2) == on[1] and spec_bound(gpu.simulated(), 2) == on[0]  # seed 0: the calibration window
 
 
 def test_compare_on_the_gpu_backend_with_cpu_engines(tmp_path):
@@ -136,3 +160,118 @@ def test_cluster_on_the_gpu_backend_runs_one_cpu_engine_per_node(tmp_path):
     rows = json.loads((tmp_path / "cl" / "cluster.json").read_text())["rows"]
     assert [r["stack"] for r in rows] == ["vllm+round-robin", "fairbatching+pab+reject"]
     assert all(0 <= r["sim_slo_attainment"] <= 1 for r in rows)
+
+
+def test_cluster_capacity_on_the_gpu_backend_starts_from_the_simulated_capacity(tmp_path):
+    from typer.testing import CliRunner
+
+    from fairbatching.cli import app
+
+    args = ["cluster", "--capacity", "--backend", "gpu", *CPU_ENGINE_ARGS, "--nodes", "2", "-n", "6", "--seeds", "1"]
+    args += ["-w", short_trace(tmp_path / "t.csv", 40), "--qps", "4", "--pairs", "vllm:round-robin"]
+    args += ["--tolerance", "0.5", "--cache", str(tmp_path / "cache"), "--workers", "1", "--out", str(tmp_path / "cl")]
+    res = CliRunner(env={"COLUMNS": "200"}).invoke(app, args)
+    assert res.exit_code == 0, res.output
+    (row,) = json.loads((tmp_path / "cl" / "cluster.json").read_text())["rows"]
+    assert row["stack"] == "vllm+round-robin" and row["sim_capacity_qps"] > 0
+    assert row["curve"] and all(p["sim_attainment"] is not None for p in row["curve"])
+    assert row["curve"][0]["qps"] <= row["sim_capacity_qps"] <= row["curve"][-1]["qps"]  # the GPU began there
+    assert "simulated (req/s)" in res.output and "GPU from there" in res.output
+    cached = [json.loads(p.read_text()) for p in (tmp_path / "cache").glob("*.json")]
+    on_gpu = [c for c in cached if c["spec"].get("backend") == "gpu"]
+    assert on_gpu and all(c["spec"]["cluster"]["nodes"] == 2 and c["spec"]["seed"] >= 1 for c in on_gpu)
+
+
+def test_evaluate_on_the_gpu_backend_with_cpu_engines(tmp_path):
+    from typer.testing import CliRunner
+
+    from fairbatching.cli import app
+
+    trace = short_trace(tmp_path / "t.csv", 40)
+    args = ["evaluate", "--backend", "gpu", *CPU_ENGINE_ARGS, "--scenarios", f"{trace}:2:0.1:4", "-n", "6"]
+    args += ["--seeds", "1", "--policies", "fairbatching,vllm", "--tolerance", "0.5", "--cache", str(tmp_path / "c")]
+    res = CliRunner().invoke(app, [*args, "--workers", "1", "--out", str(tmp_path / "ev")])
+    assert res.exit_code == 0, res.output
+    rows = json.loads((tmp_path / "ev" / "evaluation.json").read_text())
+    assert [r["policy"] for r in rows] == ["fairbatching", "vllm"]
+    for r in rows:
+        assert r["backend"] == "gpu" and r["sim_capacity_qps"] > 0
+        assert r["capacity_curve"] and all(p["sim_attainment"] is not None for p in r["capacity_curve"])
+        assert 0 <= r["sim_slo_attainment_at_equal_load"] <= 1 and r["sim_p99_ttft_at_equal_load"] >= 0
+    md = (tmp_path / "ev" / "evaluation.md").read_text()
+    assert "Real-time replays on GPU engines (tiny on cpu)" in md and f"{rows[0]['sim_capacity_qps']:.2f})" in md
+    assert {"report.html", "cdfs_t_2_100ms.png", "slack_t_2_100ms.png"} <= {p.name for p in (tmp_path / "ev").iterdir()}
+    cached = [json.loads(p.read_text()) for p in (tmp_path / "c").glob("*.json")]
+    on_gpu = [c for c in cached if c["spec"].get("backend") == "gpu"]
+    assert on_gpu and all("sim" in c and c["spec"]["seed"] >= 1 for c in on_gpu)  # seed 0: the calibration window
+    assert "planning with profile" in res.output
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"gave up waiting: {what}"
+        time.sleep(0.05)
+
+
+def spawned_children(pid: int) -> list[int]:
+    """The processes ``pid`` started with multiprocessing's spawn (the engine replicas), from /proc."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if ppid == pid and b"spawn_main" in (entry / "cmdline").read_bytes():
+                found.append(int(entry.name))
+        except (OSError, ValueError, IndexError):  # not a process, or it ended while being read
+            continue
+    return found
+
+
+def blocks_sigint(pid: int) -> bool:
+    status = (Path("/proc") / str(pid) / "status").read_text()
+    blocked = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigBlk:")), 16)
+    return bool(blocked & (1 << (signal.SIGINT - 1)))
+
+
+def running(pid: int) -> bool:
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("when", ["building", "replaying"])
+def test_ctrl_c_on_a_gpu_command_stops_its_engines_and_writes_nothing(tmp_path, when):
+    """SIGINT to the command's process group, as a Ctrl-C sends it (the replicas get one too, and ignore it):
+    exit 130, every replica stopped, no report and no staging folder, whether the engines were still building or
+    replaying."""
+    trace = short_trace(tmp_path / "t.csv", 40)  # at 0.5 req/s: a replay of over a minute
+    out = tmp_path / "cmp"
+    args = ["compare", "--backend", "gpu", *CPU_ENGINE_ARGS, "--trace", trace, "--qps", "0.5", "--policies", "vllm"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    cmd = [sys.executable, "-m", "fairbatching", *args, "--out", str(out)]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
+    )
+    lines: list[str] = []
+
+    def read() -> None:
+        for line in proc.stderr:
+            lines.append(line)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    if when == "building":
+        wait_until(lambda: spawned_children(proc.pid) or proc.poll() is not None, 120, "a replica process")
+    else:
+        wait_until(lambda: any(" ready in " in x for x in lines) or proc.poll() is not None, 300, "engines ready")
+    replicas = spawned_children(proc.pid)
+    assert replicas and proc.poll() is None, "".join(lines)
+    assert all(blocks_sigint(p) for p in replicas)  # from birth: a Ctrl-C while a replica starts is the parent's
+    os.killpg(proc.pid, signal.SIGINT)
+    assert proc.wait(timeout=60) == 130, "".join(lines)
+    reader.join(timeout=10)
+    err = "".join(lines)
+    assert "aborted" in err and "Traceback" not in err, err
+    wait_until(lambda: not any(running(p) for p in replicas), 30, "the replicas to end")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.csv"]

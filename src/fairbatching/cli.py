@@ -363,22 +363,39 @@ def evaluate(
     tolerance: ToleranceOpt = 0.02,
     profile: ProfileOpt = None,
     sw: SweepArgs,
+    b: BackendArgs,
     under_test: UnderTestOpt = "fairbatching",
 ) -> None:
-    """The single-node evaluation: capacities, clairvoyant bounds, equal-load P99 TTFT, curves, slack."""
+    """The single-node evaluation: capacities, clairvoyant bounds, equal-load P99 TTFT, curves, slack
+    (--backend gpu: real-time replays from the simulated capacities on, the simulator beside each number)."""
     from fairbatching.evaluation import evaluate as ev
 
     names = policy_names(policies)
     policy_names(under_test)
     parsed = ev.parse_scenarios(scenarios)
     check_output_dir(out)
+    gpu, profile = _gpu_and_profile("evaluate", b, profile)
     ev.check_scenarios(parsed, profile)
     sweeper = sw.sweeper()
-    with Activity(console) as status:
+    engine = None if gpu is None else gpu.engine
+    with cli_engine.started_engines(gpu) as engines, Activity(console) as status, staged_dir(out) as tmp:
+        sweeper.engines = engines
         rows = ev.evaluate(
-            parsed, names, sweeper, out, num, seeds, target, tolerance, profile, console.print, status, under_test
+            parsed,
+            names,
+            sweeper,
+            tmp,
+            num,
+            seeds,
+            target,
+            tolerance,
+            profile,
+            console.print,
+            status,
+            under_test,
+            engine,
         )
-        table, page, plots = ev.write_report(rows, parsed, names, out, num, target, profile, status)
+        table, page, plots = ev.write_report(rows, parsed, names, tmp, num, target, profile, status, engine, engines)
     out_console.print(table)
     console.print(f"wrote {out}/evaluation.json, evaluation.md, {page.name} and {plots} plots")
 

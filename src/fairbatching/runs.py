@@ -207,6 +207,12 @@ def run(spec: RunSpec, progress: Progress | None = None, engines: Engines = None
     return result
 
 
+def experiment(spec: RunSpec, engines: Engines = None) -> Experiment:
+    """``spec``'s workload in memory, to run any policy on (replayed on ``engines`` for the GPU backend): what
+    needs each run's requests and step log, which a ``RunResult`` read from the cache does not keep."""
+    return _experiment(spec, family(spec.workload).build(spec.qps, spec.seed, spec.num_requests), engines)
+
+
 def _experiment(spec: RunSpec, w: Workload, engines: Engines = None) -> Experiment:
     return Experiment(
         w,
@@ -242,7 +248,7 @@ def run_on_engines(
             if on_result is not None:
                 on_result(out[i])
         return [out[i] for i in range(len(specs))]
-    exps = [_experiment(s, family(s.workload).build(s.qps, s.seed, s.num_requests), engines) for s in specs]
+    exps = [experiment(s, engines) for s in specs]
     jobs = [exp.replay_job(s.policy, s.seed) for exp, s in zip(exps, specs, strict=True)]
     done: dict[int, RunResult] = {}
 

@@ -123,13 +123,15 @@ def check_output_dir(path: Path, option: str = "--out") -> None:
 def staged_dir(out: Path, option: str = "--out") -> Iterator[Path]:
     """A temporary folder beside ``out``; its files move into ``out`` only when the block completes.
 
-    An interrupted or failed write leaves ``out`` as it was (no half-written report next to old ones).
+    An interrupted or failed write leaves ``out`` as it was (no half-written report next to old ones, and no
+    ``out`` where there was none).
     """
     check_output_dir(out, option)
-    out.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         yield tmp
+        out.mkdir(exist_ok=True)
         for item in sorted(tmp.iterdir()):
             os.replace(item, out / item.name)
     finally:

@@ -17,9 +17,11 @@ import heapq
 import multiprocessing as mp
 import os
 import queue
+import signal
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,9 +87,14 @@ class EngineCluster:
             ctx.Process(target=_replica_main, args=(i, d, engine, self.inboxes[i], self.outbox), daemon=True)
             for i, d in enumerate(devices)
         ]
-        for p in self.procs:
-            p.start()
-        ready = self._gather("ready")
+        with _sigint_blocked():  # the replicas inherit the blocked signal from birth: a Ctrl-C is the parent's
+            for p in self.procs:
+                p.start()
+        try:
+            ready = self._gather("ready")
+        except BaseException:  # Ctrl-C or a replica failing while the engines build: stop every replica now
+            self.close(abort=True)
+            raise
         self.kv_blocks = [int(msg[2]) for msg in ready]
         self.graphs: list[dict[str, int]] = [msg[3] for msg in ready]  # captured at warm-up, per replica
 
@@ -99,8 +106,10 @@ class EngineCluster:
 
     def close(self, abort: bool = False) -> None:
         """Stop the replicas: after their current replay, or at once (``abort``: an error or Ctrl-C)."""
-        if not abort:
-            for box in self.inboxes:
+        for box in self.inboxes:
+            if abort:  # what a stopped replica never read must not hold this process at exit
+                box.cancel_join_thread()
+            else:
                 box.put(("stop",))
         for p in self.procs:
             p.join(timeout=0 if abort else 10)
@@ -264,8 +273,21 @@ class _Router:
         return ended
 
 
+@contextmanager
+def _sigint_blocked() -> Iterator[None]:
+    """SIGINT blocked in this thread meanwhile: processes started here keep it blocked (fork and exec keep the
+    signal mask), and one that arrives meanwhile is delivered here on the way out, not lost."""
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
 def _replica_main(index: int, device: str | None, engine: EngineSpec, inbox: Any, outbox: Any) -> None:
-    """A replica process: build the engine on its device, then serve replays until told to stop."""
+    """A replica process: build the engine on its device, then serve replays until told to stop. SIGINT stays
+    blocked here (``_sigint_blocked``): a Ctrl-C reaches the whole process group, and the parent, which hears
+    it, stops the replicas."""
     try:
         if device is not None:
             os.environ["CUDA_VISIBLE_DEVICES"] = device

@@ -66,6 +66,10 @@ def windows_capacity(windows: list[Workload], profile: Profile, max_num_seqs: in
 
 
 def spec_bound(base: RunSpec, seeds: int) -> float | None:
-    """The bound on the windows (seeds) a capacity search of ``base`` runs; None where they are too short."""
+    """The bound on the windows (seeds) a capacity search of ``base`` runs (from seed 1 on a real backend); None
+    where they are too short."""
+    from fairbatching.evaluation.capacity import search_windows
+
     fam = family(base.workload)
-    return windows_capacity([fam.build(1.0, s, base.num_requests) for s in range(seeds)], load_profile(base.profile))
+    windows = [fam.build(1.0, s, base.num_requests) for s in search_windows(base, seeds)]
+    return windows_capacity(windows, load_profile(base.profile))

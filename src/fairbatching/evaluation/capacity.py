@@ -58,7 +58,7 @@ def find_capacity(
     max_points: int = 24,
     metric: str = "slo_attainment",
     on_point: Callable[[LoadPoint], None] | None = None,
-    progress: Callable[[float, int, int], None] | None = None,
+    progress: Callable[[float, float, int], None] | None = None,
     step: float = 2.0,
     first_seed: int = 0,
 ) -> CapacityResult:
@@ -128,6 +128,54 @@ def bracket_search(
     return lo, hi
 
 
+def search_windows(spec: RunSpec, seeds: int) -> range:
+    """The seeds (trace windows) every load of a search on ``spec``'s backend runs: from seed 1 on a real backend
+    (see the module doc)."""
+    first = 0 if spec.backend is Backend.SIM else GPU_FIRST_SEED
+    return range(first, first + seeds)
+
+
+def search_capacity(
+    spec: RunSpec,
+    sweeper: Sweeper,
+    target: float,
+    seeds: int,
+    start_qps: float,
+    tolerance: float,
+    what: str,
+    status: Status,
+    log: Callable[[str], None] | None = None,
+) -> CapacityResult:
+    """``spec``'s capacity on its backend: on the simulator from ``start_qps``, on a real backend from the
+    simulator's capacity on the same windows (see the module doc). ``status`` hears ``what`` (a format string for
+    the load) with the runs done at each load; ``log``, when given, the search's start and every point."""
+    say = log or _quiet
+    windows = search_windows(spec, seeds)
+    start, sim_capacity = start_qps, None
+    if spec.backend is not Backend.SIM:
+        status(f"{spec.label} {spec.workload}: simulating the capacity the GPU search starts from", 0, None)
+        sim = find_capacity(spec.simulated(), sweeper, target, seeds, start_qps, tolerance, first_seed=windows.start)
+        sim_capacity = sim.capacity_qps
+        start = sim_capacity if sim_capacity > 0 else start_qps
+        say(f"[bold]{spec.label}[/] on {spec.workload}: simulated capacity {sim_capacity:.3f} req/s: GPU from there")
+    else:
+        say(f"[bold]{spec.label}[/] on {spec.workload}: searching (target {target:.0%}, tolerance {tolerance:.0%})")
+    result = find_capacity(
+        spec,
+        sweeper,
+        target,
+        seeds,
+        start,
+        tolerance,
+        on_point=lambda p: say(point_line(p)),
+        progress=lambda q, d, t: status(what.format(q), d, t),
+        step=2.0 if sim_capacity is None else GPU_STEP,
+        first_seed=windows.start,
+    )
+    result.sim_capacity_qps = sim_capacity
+    return result
+
+
 def policy_capacities(
     base: RunSpec,
     policies: Sequence[str],
@@ -139,38 +187,25 @@ def policy_capacities(
     log: Callable[[str], None],
     status: Status,
 ) -> list[CapacityResult]:
-    """Each policy's capacity on ``base``'s workload and SLO, logging every load point tried; on a real backend
-    each search starts from the simulator's capacity (see the module doc)."""
-    results = []
-    on_gpu = base.backend is not Backend.SIM
-    first_seed, step = (GPU_FIRST_SEED, GPU_STEP) if on_gpu else (0, 2.0)
-    for name in policies:
-        spec = replace(base, policy=name)
-        what = f"{name} {base.workload} @ {{:.2f}} req/s"
-        start, sim_capacity = start_qps, None
-        if on_gpu:
-            status(f"{name} {base.workload}: simulating the capacity the GPU search starts from", 0, None)
-            sim = find_capacity(spec.simulated(), sweeper, target, seeds, start_qps, tolerance, first_seed=first_seed)
-            sim_capacity = sim.capacity_qps
-            start = sim_capacity if sim_capacity > 0 else start_qps
-            log(f"[bold]{name}[/] on {base.workload}: simulated capacity {sim_capacity:.3f} req/s: GPU from there")
-        else:
-            log(f"[bold]{name}[/] on {base.workload}: searching (target {target:.0%}, tolerance {tolerance:.0%})")
-        result = find_capacity(
-            spec,
+    """Each policy's capacity on ``base``'s workload, SLO and backend, logging every load point tried."""
+    return [
+        search_capacity(
+            replace(base, policy=name),
             sweeper,
             target,
             seeds,
-            start,
+            start_qps,
             tolerance,
-            on_point=lambda p: log(point_line(p)),
-            progress=lambda q, d, t, what=what: status(what.format(q), d, t),
-            step=step,
-            first_seed=first_seed,
+            f"{name} {base.workload} @ {{:.2f}} req/s",
+            status,
+            log,
         )
-        result.sim_capacity_qps = sim_capacity
-        results.append(result)
-    return results
+        for name in policies
+    ]
+
+
+def _quiet(line: str) -> None:
+    pass
 
 
 def capacity_lines(
@@ -182,9 +217,7 @@ def capacity_lines(
     lines = []
     for r in results:
         gain = (
-            f" ({r.capacity_qps / best_base - 1:+.1%} vs best baseline)"
-            if r.policy == under_test and best_base
-            else ""
+            f" ({r.capacity_qps / best_base - 1:+.1%} vs best baseline)" if r.policy == under_test and best_base else ""
         )
         of_bound = ""
         if bound:  # the bound holds for sustained load; a window that finishes as one burst can beat it

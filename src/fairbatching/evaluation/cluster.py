@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from fairbatching.errors import ConfigError
-from fairbatching.evaluation.capacity import find_capacity, point_line
+from fairbatching.evaluation.capacity import search_capacity
 from fairbatching.evaluation.sweep import Sweeper
 from fairbatching.metrics.table import Column, FittedTable
 from fairbatching.runs import RunResult, RunSpec
@@ -102,29 +102,21 @@ def stack_capacities(
     log: Callable[[str], None],
     activity: Callable[[], Any],
 ) -> list[dict[str, Any]]:
-    """Each stack's capacity at 90% SLO attainment, searched from the stacks' load."""
+    """Each stack's capacity at 90% SLO attainment, searched from the stacks' load; on GPU engines from the
+    cluster simulator's capacity (``capacity.search_capacity``), which each row then carries."""
     rows = []
     for s in stacks:
         assert s.cluster is not None
-        log(f"[bold]{s.label}[/] on {s.cluster.nodes} nodes, {s.workload}: searching")
         what = f"{s.label} x{s.cluster.nodes} {s.workload} @ {{:.2f}} req/s"
         with activity() as status:
-            res = find_capacity(
-                s,
-                sweeper,
-                0.9,
-                seeds,
-                s.qps,
-                tolerance,
-                on_point=lambda p: log(point_line(p)),
-                progress=lambda q, d, t, what=what, status=status: status(what.format(q), d, t),
-            )
+            res = search_capacity(s, sweeper, 0.9, seeds, s.qps, tolerance, what, status, log)
         rows.append(
             {
                 "stack": s.label,
                 "policy": s.policy,
                 "capacity_qps": res.capacity_qps,
                 "bracket": res.bracket,
+                **({} if res.sim_capacity_qps is None else {"sim_capacity_qps": res.sim_capacity_qps}),
                 "curve": [asdict(p) for p in res.curve],
             }
         )
@@ -132,13 +124,16 @@ def stack_capacities(
 
 
 def capacity_table(rows: Sequence[dict[str, Any]], title: str, under_test: str | None = None) -> FittedTable:
-    """Each stack's capacity, and against the best stack whose node policy is not ``under_test`` (the baselines)."""
+    """Each stack's capacity, against the best stack whose node policy is not ``under_test`` (the baselines), and
+    the simulator's beside a measured one."""
     base = max((r["capacity_qps"] for r in rows if r["policy"] != under_test), default=0.0)
+    simulated = bool(rows) and all("sim_capacity_qps" in r for r in rows)
     return FittedTable(
         [
             Column("stack", [r["stack"] for r in rows], "name", "left", style="bold"),
             Column("capacity (req/s)", [f"{r['capacity_qps']:.2f}" for r in rows]),
             Column("vs best baseline stack", [f"{r['capacity_qps'] / base - 1:+.1%}" if base else "-" for r in rows]),
+            *([Column("simulated (req/s)", [f"{r['sim_capacity_qps']:.2f}" for r in rows])] if simulated else []),
         ],
         title,
     )

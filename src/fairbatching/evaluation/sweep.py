@@ -23,7 +23,8 @@ from fairbatching.runs import Engines, RunResult, RunSpec, run_for_cache, run_on
 from fairbatching.validate import atomic_write_text
 from fairbatching.workloads.families import family
 
-Progress = Callable[[int, int], None]
+# runs done (a GPU replay under way counts by the share of its requests that ended), runs in all
+Progress = Callable[[float, int], None]
 # Fields every cached summary has (the hit rate only where prefixes were cached).
 SUMMARY_FIELDS = {f.name for f in fields(Summary)} - {"per_request", "prefix_hit_rate"}
 
@@ -76,22 +77,31 @@ class Sweeper:
                 todo[s.key()] = s
         total = len({s.key() for s in specs})
         done = len(results)
-        if progress:
-            progress(done, total)
+        under_way: dict[str, float] = {}  # GPU replays running: the share of their requests that ended
+
+        def report() -> None:
+            if progress:
+                progress(done + sum(under_way.values()), total)
 
         def landed(result: dict[str, Any]) -> None:
             nonlocal done
             self._store(result)
             results[result["key"]] = result
+            under_way.pop(result["key"], None)
             done += 1
-            if progress:
-                progress(done, total)
+            report()
 
+        report()
         for result in self._execute([s for s in todo.values() if s.backend is Backend.SIM]):
             landed(result)
         on_engines = [s for s in todo.values() if s.backend is not Backend.SIM]
+
+        def replaying(i: int, ended: int, of: int) -> None:  # a replay takes minutes: its share moves the ETA
+            under_way[on_engines[i].key()] = ended / max(of, 1)
+            report()
+
         if on_engines:
-            run_on_engines(on_engines, self.engines, on_result=lambda r: landed(r.to_json()))
+            run_on_engines(on_engines, self.engines, replaying, lambda r: landed(r.to_json()))
         return [RunResult.from_json(s, results[s.key()]) for s in specs]
 
     def _execute(self, specs: list[RunSpec]) -> Iterable[dict[str, Any]]:
