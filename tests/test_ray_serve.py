@@ -24,7 +24,6 @@ from pathlib import Path
 
 import pytest
 
-from fairbatching.cluster.routers import ReportAging
 from fairbatching.core.request import SLO
 from fairbatching.costmodel.profile import load_profile
 from fairbatching.errors import ConfigError
@@ -153,33 +152,49 @@ def stats(t: float, tokens: int, outstanding: int = 0) -> dict:
     }
 
 
-def test_pab_ranking_uses_the_cluster_core_decay_silence_and_sent_counts():
-    ranking = PABRanking(ReportAging(1.0, 0.0), "reject")
-    reports = {"a": stats(0.0, 1000), "b": stats(0.0, 600), "c": {}}  # c has not reported yet
+def test_pab_ranking_reads_each_last_report_however_old_less_what_was_sent_since():
+    ranking = PABRanking("reject", interval=1.0)
+    reports = {"a": stats(0.0, 1000), "b": stats(0.0, 600), "c": {}}  # c has not reported yet: not ranked
     assert ranking.decide(100, 10.0, reports, 0.5).order == ["a", "b"]
     ranking.note_sent("a", 500)  # counted against a's report until a newer one arrives
     assert ranking.decide(100, 10.0, reports, 0.5).order == ["b", "a"]
-    # A report one interval late has its budget halved (2 s staleness limit), like the simulator's.
-    assert [v.budget.tokens for v in ranking.views(reports, 1.5)] == [500, 300]
-    refused = ranking.decide(400, 10.0, reports, 1.5)
-    assert refused.order == [] and "no replica's prefill budget fits 400 tokens" in refused.refusal
-    silent = ranking.decide(10, 2.0, reports, 2.5)  # past the staleness limit and the request's TTFT
-    assert "none has reported within the staleness limit" in silent.refusal
-    assert ranking.decide(10, 9.0, reports, 2.5) == type(silent)([])  # still time: wait for a report
-    assert sum(ranking.refusals.values()) == 2
-    fresh = {"a": stats(3.0, 1000), "b": stats(3.0, 600)}
-    assert ranking.decide(100, 10.0, fresh, 3.1).order == ["a", "b"]  # a new report starts the count afresh
+    # 100 s later with no newer report (a loaded machine's controller delivers late): still ranked, on the
+    # whole reported budget less what was sent since, and never refused for the reports' age.
+    assert [v.budget.tokens for v in ranking.views(reports)] == [1000, 600]
+    assert ranking.decide(550, 200.0, reports, 100.0).order == ["b", "a"]
+    ranking.note_sent("b", 550)  # left: a 500, b 50
+    refused = ranking.decide(501, 200.0, reports, 100.0)
+    assert refused == Decision([], "admission control: no replica's prefill budget fits 501 tokens")
+    assert ranking.decide(500, 200.0, reports, 100.0).order == ["a", "b"]
+    assert ranking.refusals == {refused.refusal: 1}
+    fresh = {"a": stats(103.0, 1000), "b": stats(103.0, 600)}
+    assert ranking.decide(100, 200.0, fresh, 103.1).order == ["a", "b"]  # a new report starts the count afresh
+
+
+def test_pab_ranking_before_any_report_routes_unranked_the_least_sent_first():
+    ranking = PABRanking("reject", interval=0.5)
+    none_yet = {"a": {}, "b": {}, "c": {}}
+    # Nothing to judge by: never refused or held, however large the prompt or late the request.
+    assert ranking.decide(10**9, 0.1, none_yet, 9.0) == Decision(["a", "b", "c"])
+    ranking.note_sent("a", 10)
+    ranking.note_sent("b", 10)
+    assert ranking.decide(10, 0.1, none_yet, 9.0).order == ["c", "a", "b"]
+    ranking.forget("a")  # a left (and came back): its count starts afresh
+    assert ranking.decide(10, 0.1, none_yet, 9.0).order == ["a", "c", "b"]
+    assert not ranking.refusals
 
 
 def test_pab_ranking_defer_holds_until_the_ttft_is_lost():
-    ranking = PABRanking(ReportAging(0.5, 0.0), "defer")
+    ranking = PABRanking("defer", interval=0.5)
     reports = {"a": stats(0.0, 100)}
-    assert ranking.decide(1000, 2.0, reports, 0.1).refusal is None  # held: fresh reports may fit it
+    assert ranking.decide(1000, 2.0, reports, 0.1) == Decision([])  # held: fresh reports may fit it
     refused = ranking.decide(1000, 0.5, reports, 0.1)
     assert "deferred until it could no longer make its TTFT" in refused.refusal
-    assert PABRanking(ReportAging(0.5), "none").decide(1000, 0.5, reports, 0.1).order == ["a"]
-    # Without admission control nothing is refused: with every report stale (a busy controller), route blind.
-    assert PABRanking(ReportAging(0.5), "none").decide(10, 0.5, {"a": {}, "b": {}}, 9.0) == Decision(["a", "b"])
+    # Held only while a fresh report (one period plus the delivery delay away) can come before the deadline.
+    assert PABRanking("defer", 0.5, 0.0).decide(1000, 1.0, reports, 0.1) == Decision([])
+    assert PABRanking("defer", 0.5, 0.5).decide(1000, 1.0, reports, 0.1).refusal is not None
+    assert PABRanking("none", 0.5).decide(1000, 0.5, reports, 0.1).order == ["a"]
+    assert PABRanking("none", 0.5).decide(10, 0.5, {"a": {}, "b": {}}, 9.0) == Decision(["a", "b"])
     err = RoutingRefused("why", 0.2)
     assert err.retry_after_header == "1" and str(err) == "why"
 
@@ -578,6 +593,9 @@ def test_bursty_trace_every_request_accounted_under_both_routers(serve_url, tmp_
     assert default["rejected"] == 0
 
 
+STREAMED_S = 2.0  # how long the victim's streams run before the kill (the ingress sees their tokens late)
+
+
 def test_replica_killed_mid_run_reroutes_unstarted_requests_and_fails_begun_streams_clearly(serve_url, tmp_path):
     import ray
 
@@ -592,11 +610,20 @@ def test_replica_killed_mid_run_reroutes_unstarted_requests_and_fails_begun_stre
     replayed = threading.Event()
 
     def kill() -> None:
-        """Kill the replica the moment its own report shows streams running and requests not yet started:
-        a condition, not a time, so a slow machine only makes it come later."""
+        """Kill the replica the moment its own report shows requests not yet started and streams that have run
+        for STREAMED_S: a condition, so a slow machine only makes it come later. The replica counts a stream
+        as begun once it has queued a token; on a loaded machine the ingress sees that token much later (one run
+        beside a busy loop killed 6 such streams and the ingress re-routed them all, as it should: it had seen
+        none begin), so the streams must have been running a while for the ingress to have seen them."""
+        streaming_since = None
         while not replayed.is_set():
             stats = ray.get(victim.record_routing_stats.remote(), timeout=60)
-            if stats.get("unstarted", 0) >= 2 and stats.get("streaming", 0) >= 1:
+            now = time.monotonic()
+            if stats.get("streaming", 0) < 1:
+                streaming_since = None
+            elif streaming_since is None:
+                streaming_since = now
+            elif stats.get("unstarted", 0) >= 2 and now - streaming_since >= STREAMED_S:
                 ray.kill(victim, no_restart=True)
                 seen.append(stats)
                 return

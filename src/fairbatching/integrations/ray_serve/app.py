@@ -361,8 +361,8 @@ class OpenAIIngress:
         return JSONResponse(error_body(message, kind, code), status_code=code, headers=headers)
 
     def _refused(self, reason: str, retry_after: str) -> JSONResponse:
-        key = "router admission control" if reason.startswith("admission control") else "no replica reachable"
-        return self._error(f"refused: {key}", f"refused: {reason}", "overloaded", 429, retry_after)
+        """The router refused it: by admission control, its only refusal."""
+        return self._error("refused: router admission control", f"refused: {reason}", "overloaded", 429, retry_after)
 
 
 def build_app(config: ServeConfig):

@@ -4,15 +4,15 @@ checked against ray 2.60).
 Replicas report their load and Prefill Admission Budget through ``record_routing_stats``; Ray's controller
 collects them every ``request_routing_stats_period_s`` and hands them to this router. Each request gets a
 ranking of replicas, one per rank, largest budget left first (Ray sends it to the first that has a free
-slot). A refused request's future fails with ``RoutingRefused`` (the endpoint answers 429 with
-Retry-After); a deferred one is routed again after Ray's back-off.
+slot). Before any replica has reported, the one sent the fewest requests comes first. A request refused by
+admission control (the router's only refusal) has its future fail with ``RoutingRefused`` (the endpoint
+answers 429 with Retry-After); a deferred one is routed again after Ray's back-off.
 """
 
 from __future__ import annotations
 
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
-from fairbatching.cluster.routers import ReportAging
 from fairbatching.integrations.ray_serve.routing import PABRanking, RoutingRefused
 
 
@@ -20,8 +20,8 @@ class PABRequestRouter(RequestRouter):
     """Routes by the replicas' last reported Prefill Admission Budget (see ``routing.PABRanking``).
 
     ``request_router_kwargs``: ``admission`` (none, reject, defer), ``report_interval`` (the stats period),
-    ``report_delay`` (how late stats arrive), ``stale_after`` (silence cutoff; default two intervals plus
-    the delay).
+    ``report_delay`` (how late stats arrive; with the period, how long a deferred request may wait for a fresh
+    report, and a refusal's Retry-After). A report is read however old it is (see ``routing``).
     """
 
     def initialize_state(
@@ -29,9 +29,8 @@ class PABRequestRouter(RequestRouter):
         admission: str = "reject",
         report_interval: float = 0.5,
         report_delay: float = 0.2,
-        stale_after: float | None = None,
     ) -> None:
-        self.ranking = PABRanking(ReportAging(report_interval, report_delay, stale_after), admission)
+        self.ranking = PABRanking(admission, report_interval, report_delay)
 
     async def choose_replicas(
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
@@ -46,7 +45,7 @@ class PABRequestRouter(RequestRouter):
         if decision.order:
             return [[by_id[k]] for k in decision.order]
         if decision.refusal is not None:
-            pending_request.future.set_exception(RoutingRefused(decision.refusal, self.ranking.aging.interval))
+            pending_request.future.set_exception(RoutingRefused(decision.refusal, self.ranking.wait))
             self._remove_pending_request_from_indices(pending_request)
             return [candidate_replicas]
         pending_request.routing_context.should_backoff = True

@@ -1,6 +1,13 @@
-"""What the PAB request router decides, without Ray: replicas' routing stats read as ``NodeReport``s through
-the cluster simulator's ``ReportAging`` and ranked by its ``PABRouter`` (one routing core for both), plus the
-refusal rules and their counts. ``router.PABRequestRouter`` is the thin Ray Serve adapter around this.
+"""What the PAB request router decides, without Ray: replicas' routing stats read as ``NodeReport``s and ranked
+by the cluster simulator's ``PABRouter`` (one ranking, admission check and count of what was sent since each
+report for both), plus the refusal rule and its counts. ``router.PABRequestRouter`` is the thin Ray Serve adapter
+around this.
+
+Unlike the cluster simulator, which reads reports through ``ReportAging`` (stale budgets shrink, a silent node is
+treated as down), this reads each replica's last report as it is, however old: Ray tells the router which
+replicas run (a dead one leaves the candidates), and on a loaded machine Ray's controller delivers reports late,
+so judging by age refused requests that every replica had room for. A late report is not over-trusted either:
+what was sent to a replica since its report counts against that report's budget until a newer one arrives.
 """
 
 from __future__ import annotations
@@ -10,7 +17,7 @@ from collections import Counter
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
 
-from fairbatching.cluster.routers import NodeReport, PABRouter, ReportAging
+from fairbatching.cluster.routers import NodeReport, PABRouter
 from fairbatching.core.modes import Admission, parse_mode
 from fairbatching.policies.admission import AdmissionBudget
 
@@ -49,20 +56,30 @@ class Decision:
 
 
 class PABRanking:
-    """Ranks replicas by the Prefill Admission Budget left since their last report; with admission control
-    refuses (``reject``) or holds (``defer``, until it can no longer make its TTFT) what fits nowhere."""
+    """Ranks replicas by the Prefill Admission Budget of their last report, less what was sent to them since;
+    with admission control refuses (``reject``) or holds (``defer``, while a fresh report can still come before
+    its TTFT is lost) what fits nowhere. The only refusal is admission control: before any replica has reported
+    (just deployed) there is nothing to judge by, and a request goes to the replica sent the fewest so far.
 
-    def __init__(self, aging: ReportAging, admission: Admission = Admission.REJECT) -> None:
-        admission = parse_mode(Admission, admission, "admission")
-        self.aging = aging
-        self.admission = admission
-        self.core = PABRouter(admission=admission != "none")
+    ``interval`` is the replicas' report period and ``delay`` how late reports arrive: together, how long until
+    a fresh report can be expected (the deferral window and a refusal's Retry-After)."""
+
+    def __init__(self, admission: Admission = Admission.REJECT, interval: float = 0.5, delay: float = 0.0) -> None:
+        self.admission = parse_mode(Admission, admission, "admission")
+        self.interval = interval
+        self.delay = delay
+        self.core = PABRouter(admission=self.admission != "none")
         self.refusals: Counter[str] = Counter()
+        self.sent: Counter[Hashable] = Counter()  # requests sent to each replica (the order before any report)
         self._reports: dict[Hashable, NodeReport] = {}
-        self._seen: dict[Hashable, NodeReport] = {}
 
-    def views(self, stats: Mapping[Hashable, Mapping], now: float) -> list[NodeReport]:
-        """The reports of ``stats`` (replica -> its routing stats) as a router reads them at ``now``."""
+    @property
+    def wait(self) -> float:
+        """Seconds until a fresh report can be expected."""
+        return self.interval + self.delay
+
+    def views(self, stats: Mapping[Hashable, Mapping]) -> list[NodeReport]:
+        """The last report of each replica in ``stats`` (replica -> its routing stats) that has reported."""
         out = []
         for node, s in stats.items():
             r = self._reports.get(node)
@@ -71,8 +88,7 @@ class PABRanking:
                 if r is None:
                     continue
                 self._reports[node] = r
-            if (v := self.aging.read(r, now)) is not None:
-                out.append(v)
+            out.append(r)
         return out
 
     def decide(
@@ -85,34 +101,27 @@ class PABRanking:
     ) -> Decision:
         """Where a request of ``prompt_tokens`` goes; ``deadline`` is its first token's due time, ``ttft`` its
         first-token SLO (admission judges the budget over it, as the cluster simulator does)."""
-        views = self.views(stats, now)
-        interval = self.aging.interval
-        if views:
-            order = self.core.ranked(views)
-            best = views[order[0]]
-            if self.core.admits(prompt_tokens, best, ttft):
-                self._seen.update((v.node, v) for v in views)
-                return Decision([views[i].node for i in order])
-            reason = f"admission control: no replica's prefill budget fits {prompt_tokens} tokens"
-            if self.admission == "defer":
-                if now + interval < deadline:
-                    return Decision([])
-                reason += " (deferred until it could no longer make its TTFT)"
-        else:
-            if now + interval < deadline:
-                return Decision([])  # wait for a replica to report, as the cluster simulator does
-            if self.admission == "none":
-                return Decision(list(stats))  # no admission control: route blind rather than refuse
-            reason = "no replica reachable: none has reported within the staleness limit"
+        views = self.views(stats)
+        if not views:  # no replica has reported yet: unranked, the least sent first (ties in Ray's order)
+            return Decision(sorted(stats, key=lambda node: self.sent[node]))
+        order = self.core.ranked(views)
+        if self.core.admits(prompt_tokens, views[order[0]], ttft):
+            return Decision([views[i].node for i in order])
+        reason = f"admission control: no replica's prefill budget fits {prompt_tokens} tokens"
+        if self.admission == "defer":
+            if now + self.wait < deadline:
+                return Decision([])  # held: a fresh report may fit it
+            reason += " (deferred until it could no longer make its TTFT)"
         self.refusals[reason] += 1
         return Decision([], reason)
 
     def note_sent(self, node: Hashable, prompt_tokens: int) -> None:
-        """A request went to ``node``: count it against the report the ranking read."""
-        if (r := self._seen.get(node)) is not None:
+        """A request went to ``node``: count it against the last report read from ``node``."""
+        self.sent[node] += 1
+        if (r := self._reports.get(node)) is not None:
             self.core.note_sent(r, prompt_tokens)
 
     def forget(self, node: Hashable) -> None:
         self._reports.pop(node, None)
-        self._seen.pop(node, None)
+        self.sent.pop(node, None)
         self.core.forget(node)
