@@ -12,6 +12,7 @@ SLOW_MODULES = {
     "test_compiled",
     "test_engine",
     "test_engine_cluster",
+    "test_prefix_cache_gpu",
     "test_ray_serve",
     "test_vllm_scheduler",
     "test_vllm_serve",

@@ -52,6 +52,33 @@ def test_every_request_ends_once_on_some_replica_with_its_tokens(cluster, router
         assert all(reached)
 
 
+def conversations() -> tuple[RequestSpec, ...]:
+    """Two conversations of four turns, 0.5 s apart: each turn's prompt extends the one before (one content
+    segment per conversation), so a later turn can reuse every full block of the earlier prompt."""
+    return tuple(
+        RequestSpec(f"c{c}t{k}", 0.5 * k + 0.05 * c, 40 + 48 * k, 3, prefix=((100 + c, 40 + 48 * k),))
+        for k in range(4)
+        for c in range(2)
+    )
+
+
+@pytest.mark.parametrize("router", ["prefix-affinity", "pab-affinity"])
+def test_prefix_caching_on_the_replicas_and_affinity_routing_reuse_each_conversations_blocks(cluster, router):
+    config = ClusterConfig(
+        homogeneous(2, "fairbatching"), SLO(5.0, 1.0), router=router, report_interval=0.5, prefix_caching=True
+    )  # reports every 0.5 s: neither replica goes silent for the router on a loaded machine
+    res = cluster.replay(Workload("w", conversations()), config)
+    by_id = {r.request_id: r for r in res.requests}
+    assert len(by_id) == len(res.requests) == 8
+    assert all(r.status is RequestStatus.FINISHED and r.num_generated == 3 for r in by_id.values())
+    later = [by_id[f"c{c}t{k}"].prefix_hit for c in range(2) for k in range(1, 4)]
+    if router == "prefix-affinity":  # each turn follows its conversation and finds its earlier prompt cached
+        assert later == [(40 + 48 * (k - 1)) // 16 * 16 for _ in range(2) for k in range(1, 4)]
+    else:  # a node's budget, not only its cache, decides: some turns still land where their prefix is
+        assert sum(later) > 0
+    assert all(by_id[f"c{c}t0"].prefix_hit == 0 for c in range(2))
+
+
 def test_a_replica_that_cannot_start_is_reported_with_its_error():
     with pytest.raises(ReplicaError, match="unknown model 'llama-9'"):
         EngineCluster(EngineSpec("llama-9", device="cpu", num_blocks=8), [None])
@@ -88,3 +115,21 @@ def test_replay_command_with_replicas_on_cpu_engines(tmp_path):
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "summary.json").read_text())["requests"] == 6
+
+
+def test_replay_command_with_replicas_and_prefix_caching(tmp_path):
+    """A Mooncake-format trace whose prompts share their first 512-token block: with --prefix-caching on two
+    replicas behind prefix-affinity, every later prompt goes where that block is cached and finds it there."""
+    from test_gpu_backend import shared_prefix_trace
+    from typer.testing import CliRunner
+
+    from fairbatching.cli import app
+
+    trace = shared_prefix_trace(tmp_path / "t.jsonl")
+    args = ["replay", "--model", "tiny", "--device", "cpu", "--num-blocks", "400", "--max-context", "1024"]
+    args += ["--replicas", "2", "--router", "prefix-affinity", "--trace", trace, "--prefix-caching"]
+    res = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "out")])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["requests"] == summary["finished"] == 6
+    assert summary["prefix_hit_rate"] == pytest.approx(5 * 512 / sum(560 + 8 * i for i in range(6)))

@@ -39,6 +39,17 @@ def short_trace(path, n: int = 12) -> str:
     return str(path)
 
 
+def shared_prefix_trace(path, n: int = 6) -> str:
+    """A Mooncake-format trace (0.5 s apart) whose prompts share their first 512-token block, then differ: with
+    prefix caching a later prompt finds that block cached (about 90% of its tokens)."""
+    rows = [
+        {"timestamp": 500 * i, "input_length": 560 + 8 * i, "output_length": 2, "hash_ids": [1, 10 + i]}
+        for i in range(n)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
 class SimulatedEngines:
     """Stands in for ``EngineCluster`` (no torch): replays each job on the simulator, slowed tenfold, so a
     'measured' result differs from its simulated twin."""
@@ -275,3 +286,23 @@ def test_ctrl_c_on_a_gpu_command_stops_its_engines_and_writes_nothing(tmp_path, 
     assert "aborted" in err and "Traceback" not in err, err
     wait_until(lambda: not any(running(p) for p in replicas), 30, "the replicas to end")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.csv"]
+
+
+def test_compare_with_prefix_caching_on_the_gpu_backend(tmp_path):
+    """The engines hash each prompt's token ids and cache its blocks: measured and simulated hit rates agree on
+    a trace whose prompts share their first block (every prompt but the first finds it)."""
+    from typer.testing import CliRunner
+
+    from fairbatching.cli import app
+
+    trace = shared_prefix_trace(tmp_path / "t.jsonl")
+    args = ["compare", "--backend", "gpu", *CPU_ENGINE_ARGS, "--trace", trace, "--prefix-caching"]
+    res = CliRunner().invoke(app, [*args, "--policies", "fairbatching", "--out", str(tmp_path / "cmp")])
+    assert res.exit_code == 0, res.output
+    (row,) = json.loads((tmp_path / "cmp" / "summary.json").read_text())["results"]
+    assert row["finished"] == 6
+    assert (
+        row["prefix_hit_rate"]
+        == pytest.approx(row["sim"]["prefix_hit_rate"])
+        == 5 * 512 / sum(560 + 8 * i for i in range(6))
+    )

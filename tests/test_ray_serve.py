@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from fairbatching.core.kv import token_block_hashes
 from fairbatching.core.request import SLO
 from fairbatching.costmodel.profile import load_profile
 from fairbatching.errors import ConfigError
@@ -197,6 +198,71 @@ def test_pab_ranking_defer_holds_until_the_ttft_is_lost():
     assert PABRanking("none", 0.5).decide(10, 0.5, {"a": {}, "b": {}}, 9.0) == Decision(["a", "b"])
     err = RoutingRefused("why", 0.2)
     assert err.retry_after_header == "1" and str(err) == "why"
+
+
+def test_pab_affinity_ranks_a_replica_by_its_budget_after_the_prompt_it_has_not_been_sent():
+    blocks = token_block_hashes(list(range(1600)), 16)  # a 1600-token history: 100 blocks
+    turn = (*blocks, *token_block_hashes(list(range(1600, 1700)), 16))  # the next turn: history + 100 tokens
+    reports = {"a": stats(0.0, 3000), "b": stats(0.0, 2000)}
+    pab, affinity = PABRanking("reject", 1.0), PABRanking("reject", 1.0, router="pab-affinity", kv_blocks=1000)
+    for ranking in (pab, affinity):
+        assert ranking.decide(1600, 10.0, reports, 0.5, blocks=blocks).order == ["a", "b"]
+        ranking.note_sent("a", 1600, blocks)  # left: a 1400, b 2000
+    # The next turn: PAB sees b's larger budget; pab-affinity sees that a prefills only its 100 new tokens.
+    assert pab.decide(1700, 10.0, reports, 0.5, blocks=turn).order == ["b", "a"]
+    assert affinity.decide(1700, 10.0, reports, 0.5, blocks=turn).order == ["a", "b"]
+    # Admission prices the uncached part too: 2500 tokens fit no budget whole, but a holds 1600 of them.
+    assert pab.decide(2500, 10.0, reports, 0.5, blocks=turn).refusal is not None
+    assert affinity.decide(2500, 10.0, reports, 0.5, blocks=turn).order == ["a", "b"]
+
+
+def test_prefix_affinity_follows_the_blocks_it_sent_while_loads_stay_within_bounds():
+    blocks = token_block_hashes(list(range(320)), 16)
+    ranking = PABRanking("none", 1.0, router="prefix-affinity", kv_blocks=1000)
+    reports = {"a": stats(0.0, 0, outstanding=3), "b": stats(0.0, 0, outstanding=0)}
+    assert ranking.decide(320, 10.0, reports, 0.5, blocks=blocks).order == ["b", "a"]  # no match: least loaded
+    ranking.note_sent("b", 320, blocks)
+    busier = {"a": stats(1.0, 0, outstanding=0), "b": stats(1.0, 0, outstanding=5)}
+    assert ranking.decide(320, 10.0, busier, 1.5, blocks=blocks).order == ["b", "a"]  # where its prefix is
+    assert ranking.decide(320, 10.0, busier, 1.5).order == ["a", "b"]  # no blocks: least loaded
+    swamped = {"a": stats(2.0, 0, outstanding=0), "b": stats(2.0, 0, outstanding=20)}
+    assert ranking.decide(320, 10.0, swamped, 2.5, blocks=blocks).order == ["a", "b"]  # past the imbalance bound
+    with pytest.raises(ConfigError, match="admission control needs the pab router"):
+        PABRanking("reject", 1.0, router="prefix-affinity")
+
+
+def test_with_prefix_caching_the_checker_hashes_each_prompt_as_the_nodes_cache_does():
+    pytest.importorskip("ray.serve", reason="needs the [serve] extra (ray[serve])")
+    from fairbatching.integrations.ray_serve.app import ServeConfig
+
+    text = "the same system prompt, then a question" * 3
+    plain = ServeConfig().checker().parse({"prompt": text})
+    cached = ServeConfig(node=NodeOptions(prefix_caching=True)).checker()
+    assert plain.block_hashes == () and cached.parse({"prompt": text}).block_hashes == token_block_hashes(
+        list(text.encode()), load_profile(None).kv.block_size
+    )
+    ids = list(text.encode())
+    assert cached.parse({"prompt": [ids]}).block_hashes == cached.parse({"prompt": text}).block_hashes
+    assert ServeConfig(router="pab-affinity").admission == "reject"
+    assert ServeConfig(router="prefix-affinity").admission == "none"
+    with pytest.raises(ConfigError, match="needs --router pab or pab-affinity"):
+        ServeConfig(router="prefix-affinity", admission="reject")
+
+
+def test_a_node_with_prefix_caching_serves_a_repeated_prefix_from_its_cache():
+    blocks = token_block_hashes(list(range(4096)), 16)
+
+    async def run():
+        server = NodeServer(NodeOptions(slo=SLO(5.0, 0.05), time_scale=0.2, prefix_caching=True))
+        hits: dict[str, int] = {}
+        server.node.on_finish = lambda r: hits.setdefault(r.request_id, r.prefix_hit)
+        first = [e async for e in server.generate("r0", time.time(), 4096, 2, None, blocks)]
+        again = [e async for e in server.generate("r1", time.time(), 4096 + 16, 2, None, blocks)]
+        return first[-1], again[-1], hits, len(server.node.kv.cached)
+
+    first, again, hits, cached = asyncio.run(run())
+    assert first.status == again.status == "finished"
+    assert hits == {"r0": 0, "r1": 4096} and cached == 256  # r1 prefilled only the 16 tokens r0 had not
 
 
 def test_node_server_streams_every_token_and_reports_its_budget():

@@ -182,8 +182,6 @@ def compare(
     names = policy_names(policies)
     check_output_dir(out)
     gpu = cli_engine.gpu_backend("compare", b)
-    if gpu is not None and node.prefix_caching:
-        raise FairBatchingError("--prefix-caching with --backend gpu: the engine replicas do not pass block hashes yet")
     if gpu is not None and node.profile is None:
         node.profile = cli_engine.planning_profile(b.model, gpu.device)
     exp = build_experiment(w, slo, node)

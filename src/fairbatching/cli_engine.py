@@ -30,7 +30,7 @@ from fairbatching.cli_options import (
     out_console,
     save_summary,
 )
-from fairbatching.errors import ConfigError, FairBatchingError, install_hint
+from fairbatching.errors import FairBatchingError, install_hint
 from fairbatching.progress import Activity, progress_bar
 from fairbatching.validate import atomic_write_text, check_output_dir, open_fraction, parse_policy_options
 
@@ -368,14 +368,18 @@ class ReplicaArgs:
         ),
     ] = "none"
 
-    def cluster_config(self, policy: str, profile: str | None, slo: SloArgs, options: dict) -> Any:
+    def cluster_config(
+        self, policy: str, profile: str | None, slo: SloArgs, options: dict, prefix_caching: bool = False
+    ) -> Any:
         """The replicas' cluster config, checked (router and admission too) before any engine is built."""
         from fairbatching.cluster.simulator import ClusterConfig, homogeneous
 
         if options:
             raise FairBatchingError("--policy-option with --replicas: replicas build their policy with its defaults")
         nodes = homogeneous(self.replicas, policy, profile)
-        return ClusterConfig(nodes, slo.slo, router=self.router, admission=self.admission)
+        return ClusterConfig(
+            nodes, slo.slo, router=self.router, admission=self.admission, prefix_caching=prefix_caching
+        )
 
 
 def _engine_cluster(e: EngineArgs, max_context: int, replicas: int) -> Any:
@@ -424,8 +428,6 @@ def replay(
 
     if out:
         check_output_dir(out)
-    if prefix_caching and r.replicas > 1:
-        raise ConfigError("--prefix-caching runs on one engine for now, not with --replicas")
     workload = w.spec().build()
     if profile is None:
         profile = planning_profile(e.model, device)
@@ -434,7 +436,7 @@ def replay(
     options = parse_policy_options(policy_option or []).get(policy, {})
     cost = prof.cost_model()
     pol = make_policy(policy, cost, tpot_slo=slo.tpot, **options)
-    config = r.cluster_config(policy, profile, slo, options) if r.replicas > 1 else None
+    config = r.cluster_config(policy, profile, slo, options, prefix_caching) if r.replicas > 1 else None
     label = f"{policy} x{r.replicas}" if r.replicas > 1 else policy
     if config is None:
         res = _replay_one(e, max_context, workload, policy, pol, cost, slo.slo, r.admission, prefix_caching)

@@ -115,11 +115,6 @@ class RunSpec:
                 raise ConfigError("a GPU run needs its engine (RunSpec.engine)")
             if self.pricing is not None:
                 raise ConfigError("a GPU run's steps cost what the GPU takes: drop pricing")
-            if self.prefix_caching:
-                raise ConfigError(
-                    "--prefix-caching with --backend gpu: the engine replicas do not pass block hashes yet "
-                    "(`fairbatching replay --prefix-caching` runs one engine with it)"
-                )
 
     def simulated(self) -> RunSpec:
         """The same run on the simulator: what a GPU result is shown beside."""
@@ -386,13 +381,22 @@ class Experiment:
 
         options = tuple(sorted(self.policy_options.get(policy, {}).items()))
         return ReplayJob(
-            self.workload, policy, self.profile, self.slo, options, self.admission, self.queue_timeout, seed
+            self.workload,
+            policy,
+            self.profile,
+            self.slo,
+            options,
+            self.admission,
+            self.queue_timeout,
+            seed,
+            self.prefix_caching,
         )
 
     def engine_result(self, policy: str, res: Any) -> RunResult:
         """An engine replay's ``NodeResult`` as a result, with the simulator's prediction of the same run."""
         _check_accounted(len(res.requests), len(self.workload), "engine")
-        summary = summarize(policy, self.workload.name, res.requests, res.end_time, res.busy_time, res.preemptions)
+        w, caching = self.workload, self.prefix_caching
+        summary = summarize(policy, w.name, res.requests, res.end_time, res.busy_time, res.preemptions, caching)
         return RunResult(None, summary, res.log, res.requests, sim=self.simulate(policy).summary)
 
     def simulate(self, policy: str, progress: Progress | None = None) -> RunResult:

@@ -73,6 +73,19 @@ class Router(ABC):
     def note_dispatch(self, report_index: int, prompt_tokens: int, blocks: Sequence[int] = ()) -> None:
         """Told after each dispatch, so a router can count what it sent since the last report."""
 
+    @abstractmethod
+    def sent(self, r: NodeReport, prompt_tokens: int, blocks: Sequence[int] = ()) -> None:
+        """One request went to ``r``'s node: ``note_dispatch`` for a runtime that sends later than it decides,
+        naming the report it was ranked on (Ray Serve)."""
+
+    def ranked(
+        self, prompt_tokens: int, reports: list[NodeReport], ttft: float | None = None, blocks: Sequence[int] = ()
+    ) -> list[int] | None:
+        """Indices into ``reports``, best first, or None to refuse the request: for a runtime that tries nodes in
+        turn (Ray Serve sends to the first with a free slot). Here the chosen node, then the others in order."""
+        best = self.choose(prompt_tokens, reports, ttft, blocks)
+        return None if best is None else [best, *(i for i in range(len(reports)) if i != best)]
+
 
 class _SentSinceReport(Router):
     """Counts what this router sent to each node since that node's last report, so a burst between
@@ -88,7 +101,10 @@ class _SentSinceReport(Router):
         return (sent[1], sent[2]) if sent is not None and sent[0] == r.time else (0, 0)
 
     def note_dispatch(self, report_index: int, prompt_tokens: int, blocks: Sequence[int] = ()) -> None:
-        self.note_sent(self._last[report_index], prompt_tokens)
+        self.sent(self._last[report_index], prompt_tokens, blocks)
+
+    def sent(self, r: NodeReport, prompt_tokens: int, blocks: Sequence[int] = ()) -> None:
+        self.note_sent(r, prompt_tokens)
 
     def note_sent(self, r: NodeReport, prompt_tokens: int) -> None:
         """One request of ``prompt_tokens`` went to ``r``'s node; a newer report starts the count afresh
@@ -184,24 +200,32 @@ class PABRouter(_SentSinceReport):
         tokens = 0 if b is None else b.tokens if ttft is None else b.tokens_within(ttft)
         return tokens - self.pending(r)[1]
 
+    def need(self, r: NodeReport, prompt_tokens: int, blocks: Sequence[int]) -> int:
+        """Prompt tokens the request would prefill on ``r``'s node: all of them (no cache is known here)."""
+        return prompt_tokens
+
     def admits(self, prompt_tokens: int, r: NodeReport, ttft: float | None = None) -> bool:
         """Whether a request may go to ``r``'s node: always without admission control, else if it fits
         (within its own ``ttft`` when given)."""
         return not self.admission or self.left(r, ttft) >= prompt_tokens
 
-    def ranked(self, reports: list[NodeReport]) -> list[int]:
-        """Indices into ``reports``, the largest budget left first (ties keep report order, so the first
-        is the node ``choose`` picks)."""
-        return sorted(range(len(reports)), key=lambda i: -self.left(reports[i]))
+    def ranked(
+        self, prompt_tokens: int, reports: list[NodeReport], ttft: float | None = None, blocks: Sequence[int] = ()
+    ) -> list[int] | None:
+        """Indices into ``reports``, the most budget left after this request first (ties keep report order), or
+        None when the first does not admit it."""
+        self._last = reports
+        if not reports:
+            return None
+        need = [self.need(r, prompt_tokens, blocks) for r in reports]
+        order = sorted(range(len(reports)), key=lambda i: need[i] - self.left(reports[i]))
+        return order if self.admits(need[order[0]], reports[order[0]], ttft) else None
 
     def choose(
         self, prompt_tokens: int, reports: list[NodeReport], ttft: float | None = None, blocks: Sequence[int] = ()
     ) -> int | None:
-        self._last = reports
-        if not reports:
-            return None
-        best = max(range(len(reports)), key=lambda i: self.left(reports[i]))
-        return best if self.admits(prompt_tokens, reports[best], ttft) else None
+        order = self.ranked(prompt_tokens, reports, ttft, blocks)
+        return None if order is None else order[0]
 
 
 class PrefixIndex:
@@ -269,8 +293,7 @@ class PrefixAffinity(LeastOutstanding):
         best = max(range(len(reports)), key=lambda i: (matches[i], -loads[i]))
         return best if matches[best] and matches[best] >= self.match_threshold * len(blocks) else least
 
-    def note_dispatch(self, report_index: int, prompt_tokens: int, blocks: Sequence[int] = ()) -> None:
-        r = self._last[report_index]
+    def sent(self, r: NodeReport, prompt_tokens: int, blocks: Sequence[int] = ()) -> None:
         self.note_sent(r, prompt_tokens)
         self.index.record(r.node, blocks)
 
@@ -291,25 +314,14 @@ class PABAffinity(PABRouter):
         self.index = PrefixIndex(capacity)
         self.block_size = block_size
 
-    def uncached(self, r: NodeReport, prompt_tokens: int, blocks: Sequence[int]) -> int:
+    def need(self, r: NodeReport, prompt_tokens: int, blocks: Sequence[int]) -> int:
         """Prompt tokens ``r``'s node must prefill: all but the remembered prefix, and at least one."""
         if not blocks:
             return prompt_tokens
         return max(1, prompt_tokens - self.index.match(r.node, blocks) * self.block_size)
 
-    def choose(
-        self, prompt_tokens: int, reports: list[NodeReport], ttft: float | None = None, blocks: Sequence[int] = ()
-    ) -> int | None:
-        self._last = reports
-        if not reports:
-            return None
-        need = [self.uncached(r, prompt_tokens, blocks) for r in reports]
-        best = max(range(len(reports)), key=lambda i: self.left(reports[i]) - need[i])
-        return best if self.admits(need[best], reports[best], ttft) else None
-
-    def note_dispatch(self, report_index: int, prompt_tokens: int, blocks: Sequence[int] = ()) -> None:
-        r = self._last[report_index]
-        self.note_sent(r, self.uncached(r, prompt_tokens, blocks))
+    def sent(self, r: NodeReport, prompt_tokens: int, blocks: Sequence[int] = ()) -> None:
+        self.note_sent(r, self.need(r, prompt_tokens, blocks))
         self.index.record(r.node, blocks)
 
     def forget(self, node: Hashable) -> None:

@@ -2,9 +2,10 @@
 and policy as a single-node replay, behind one router process that reads only the reports replicas publish.
 
 The router is the cluster simulator's (``cluster.dispatch``: same reports, same report aging, same routing
-and admission rules), so a configuration run here and in ``simulate_cluster`` differs only in what executes
-the steps. Replicas are kept across replays (an engine is built once per device). This is the package's own
-multi-process driver, not Ray: it exists so a cluster can be measured where Ray cannot be installed.
+and admission rules, and with prefix caching the same prompt block hashes shown to the router), so a
+configuration run here and in ``simulate_cluster`` differs only in what executes the steps. Replicas are
+kept across replays (an engine is built once per device). This is the package's own multi-process driver,
+not Ray: it exists so a cluster can be measured where Ray cannot be installed.
 
 The same replicas also serve single-node replays side by side (``replay_each``: one ``ReplayJob`` per
 replica at a time), which is how the run layer's GPU backend spreads a compare or a capacity search over
@@ -22,7 +23,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from fairbatching.cluster.dispatch import ended_request, node_report, route
@@ -57,7 +58,8 @@ def replica_devices(replicas: int, device: str | None) -> list[str | None]:
 @dataclass(frozen=True)
 class ReplayJob:
     """One single-node replay on one replica (``engine.loop.replay``'s arguments, picklable): ``policy`` with
-    ``options`` plans with ``profile`` (a name, a path, or a ``Profile``)."""
+    ``options`` plans with ``profile`` (a name, a path, or a ``Profile``); ``prefix_caching``: the node caches
+    prefixes, each prompt hashed from its token ids."""
 
     workload: Workload
     policy: str
@@ -67,6 +69,7 @@ class ReplayJob:
     admission: Admission = Admission.NONE
     queue_timeout: float | None = None
     seed: int = 0
+    prefix_caching: bool = False
 
 
 class ReplicaError(RuntimeError):
@@ -155,11 +158,12 @@ class EngineCluster:
             raise ConfigError(f"the config names {len(config.nodes)} nodes, this cluster has {len(self.procs)}")
         specs = sorted(workload.requests, key=lambda s: s.arrival)
         base = specs[0].arrival if specs else 0.0
-        specs = [RequestSpec(s.request_id, s.arrival - base, s.prompt_len, s.output_len, s.slo) for s in specs]
+        specs = [replace(s, arrival=s.arrival - base) for s in specs]  # content segments kept: prompts share them
         with_budget = config.make_router().needs_budget
         for i, box in enumerate(self.inboxes):
             node = config.nodes[i]
-            box.put(("run", node.policy, node.profile, config.slo, config.report_interval, with_budget, specs, seed))
+            run = (node.policy, node.profile, config.slo, config.report_interval, with_budget, config.prefix_caching)
+            box.put(("run", *run, specs, seed))
         self._gather("prepared")
         t0 = time.monotonic() + START_DELAY
         for box in self.inboxes:
@@ -221,6 +225,15 @@ class _Router:
         self.t0 = t0
         self.router = config.make_router()
         self.latest: dict[int, NodeReport] = {}
+        # With prefix caching the router sees each prompt's block hashes as the simulator's router does (from
+        # its content segments, at the profile's block size: ``PrefixIndex`` counts matches in those blocks).
+        self.block_size = load_profile(config.nodes[0].profile).kv.block_size if config.prefix_caching else 0
+
+    def blocks(self, spec: RequestSpec) -> tuple[int, ...]:
+        """The hashes of ``spec``'s full prompt blocks the router is shown (none without prefix caching)."""
+        if not self.block_size:
+            return ()
+        return spec.block_hashes(self.block_size)[: spec.prompt_len // self.block_size]
 
     def clock(self) -> float:
         return time.monotonic() - self.t0
@@ -258,6 +271,7 @@ class _Router:
                 now,
                 self.cfg.admission,
                 self.cfg.report_interval,
+                self.blocks(spec),
             )
             if decision.retry_at is not None:
                 seq += 1
@@ -328,7 +342,16 @@ def _replay_alone(index: int, runner: Any, job: ReplayJob, outbox: Any) -> NodeR
             outbox.put(("progress", index, done))
 
     return replay(
-        runner, policy, cost, job.workload, job.slo, job.seed, job.queue_timeout, progress, admission=job.admission
+        runner,
+        policy,
+        cost,
+        job.workload,
+        job.slo,
+        job.seed,
+        job.queue_timeout,
+        progress,
+        admission=job.admission,
+        prefix_caching=job.prefix_caching,
     )
 
 
@@ -336,7 +359,7 @@ def _serve_replay(index: int, runner: Any, run: tuple, inbox: Any, outbox: Any) 
     """One replay on this replica: requests come from the router, reports go out every interval."""
     from fairbatching.engine.loop import draw_prompts, serving_node
 
-    policy_name, profile_name, slo, interval, with_budget, specs, seed = run
+    policy_name, profile_name, slo, interval, with_budget, caching, specs, seed = run
     cost = load_profile(profile_name).cost_model()
     policy = make_policy(policy_name, cost, tpot_slo=slo.tpot)
     # Every replica draws every prompt the same way, before the clock starts (clients send token ids).
@@ -348,7 +371,7 @@ def _serve_replay(index: int, runner: Any, run: tuple, inbox: Any, outbox: Any) 
     def clock() -> float:
         return time.monotonic() - t0
 
-    node, executor = serving_node(runner, policy, cost, slo, clock)
+    node, executor = serving_node(runner, policy, cost, slo, clock, prefix_caching=caching)
     next_report = clock()
     draining = False
     while True:
@@ -363,9 +386,7 @@ def _serve_replay(index: int, runner: Any, run: tuple, inbox: Any, outbox: Any) 
                 continue
             if msg[0] != "submit":
                 raise RuntimeError(f"replica got {msg[0]!r} in the middle of a replay")
-            spec, prompt = by_id[msg[1]]
-            executor.add_prompt(spec.request_id, prompt)
-            node.submit(node.new_request(spec.request_id, spec.arrival, spec.prompt_len, spec.slo), spec.output_len)
+            _submit(node, executor, *by_id[msg[1]], caching)
         node.clock = clock()
         if node.has_work:
             node.step(horizon=float("inf"))
@@ -382,6 +403,13 @@ def _serve_replay(index: int, runner: Any, run: tuple, inbox: Any, outbox: Any) 
         "end_s": node.clock,
     }
     return {"requests": node.done, "node": summary}
+
+
+def _submit(node: Any, executor: Any, spec: RequestSpec, prompt: list[int], caching: bool) -> None:
+    """Start a routed request on this replica (with prefix caching, its prompt hashed from its token ids)."""
+    executor.add_prompt(spec.request_id, prompt)
+    hashes = executor.block_hashes(spec.request_id) if caching else ()
+    node.submit(node.new_request(spec.request_id, spec.arrival, spec.prompt_len, spec.slo, hashes), spec.output_len)
 
 
 def _messages(inbox: Any, timeout: float) -> list[tuple]:

@@ -248,9 +248,7 @@ def _load_checkpoint(path: Path, config: ModelConfig) -> dict[str, torch.Tensor]
     try:
         from safetensors.torch import load_file
     except ImportError as exc:
-        raise ConfigError(
-            f"loading a checkpoint needs the 'safetensors' package ({install_hint('gpu')})"
-        ) from exc
+        raise ConfigError(f"loading a checkpoint needs the 'safetensors' package ({install_hint('gpu')})") from exc
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise ConfigError(f"{path}: no *.safetensors files (the engine loads local safetensors checkpoints only)")

@@ -159,8 +159,6 @@ def conversation_workload(
     rows.sort(key=lambda r: r[0])
     kept = rows[:num_requests]
     t0 = kept[0][0]
-    reqs = tuple(
-        RequestSpec(f"c{i}", t - t0, p, o, prefix=segments) for i, (t, p, o, segments) in enumerate(kept)
-    )
+    reqs = tuple(RequestSpec(f"c{i}", t - t0, p, o, prefix=segments) for i, (t, p, o, segments) in enumerate(kept))
     meta = {"qps": qps, "seed": seed, "kind": "multi-turn", "mean_turns": mean_turns}
     return Workload(name, reqs, meta).rescaled(qps)

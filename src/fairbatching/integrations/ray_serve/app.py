@@ -1,5 +1,6 @@
 """The Ray Serve application: N ``NodeReplica``s (one simulated node each) behind an OpenAI-compatible
-ingress whose deployment handle routes with ``PABRequestRouter`` (or Ray's default power-of-two router).
+ingress whose deployment handle routes with ``PABRequestRouter`` (PAB, PAB + prefix affinity or prefix affinity;
+or Ray's default power-of-two router).
 
 Every request ends one way, counted by the ingress under a bounded set of keys (``GET
 /v1/fairbatching/stats``): finished; bad request (400/408/413, before it reaches a replica); refused (429 with
@@ -48,7 +49,8 @@ from fairbatching.integrations.ray_serve.protocol import (
 )
 from fairbatching.integrations.ray_serve.routing import RoutingRefused
 
-ROUTERS = ("pab", "default")
+ROUTERS = ("pab", "pab-affinity", "prefix-affinity", "default")
+BUDGET_ROUTERS = ("pab", "pab-affinity")  # the routers that see budgets, so can refuse
 MAX_ATTEMPTS = 4  # sends of one request whose replicas keep dying before its first token
 _REPLICA_GONE = (RayActorError, ActorDiedError, ActorUnavailableError)
 SHUTDOWN_WAIT_LOOP_S = 0.2  # how often a stopping replica checks it has nothing left (Ray's default: 2 s)
@@ -60,7 +62,7 @@ class ServeConfig:
     replicas: int = 2
     node: NodeOptions = field(default_factory=NodeOptions)
     router: str = "pab"
-    admission: Admission | None = None  # the router's (pab only); default: reject with pab, none otherwise
+    admission: Admission | None = None  # the router's (budget routers only); default: reject with them, else none
     report_interval: float = 0.5
     report_delay: float = 0.2
     model_name: str = "fairbatching-sim"
@@ -72,10 +74,10 @@ class ServeConfig:
             raise ConfigError(f"replicas must be >= 1, got {self.replicas}")
         if self.router not in ROUTERS:
             raise ConfigError(f"router must be one of {', '.join(ROUTERS)}, got {self.router!r}")
-        default = Admission.REJECT if self.router == "pab" else Admission.NONE
+        default = Admission.REJECT if self.router in BUDGET_ROUTERS else Admission.NONE
         object.__setattr__(self, "admission", parse_mode(Admission, self.admission or default, "admission"))
-        if self.router != "pab" and self.admission != "none":
-            raise ConfigError("router admission control needs --router pab (it is the one that sees budgets)")
+        if self.router not in BUDGET_ROUTERS and self.admission != "none":
+            raise ConfigError("router admission control needs --router pab or pab-affinity (they see budgets)")
         if self.report_interval <= 0 or self.report_delay < 0:
             raise ConfigError("report_interval must be positive and report_delay non-negative")
         slo = self.node.slo
@@ -85,9 +87,13 @@ class ServeConfig:
             )
 
     def checker(self) -> RequestChecker:
-        """The request checker for this server's model, context and node profile (scaled like the nodes)."""
-        cost = scaled(load_profile(self.node.profile).cost_model(), self.node.time_scale)
-        return RequestChecker(self.model_name, self.node.max_model_len, self.node.slo, cost, self.limits)
+        """The request checker for this server's model, context and node profile (scaled like the nodes); with
+        prefix caching it hashes each prompt in the nodes' KV blocks."""
+        prof = load_profile(self.node.profile)
+        cost = scaled(prof.cost_model(), self.node.time_scale)
+        block_size = prof.kv.block_size if self.node.prefix_caching else 0
+        node = self.node
+        return RequestChecker(self.model_name, node.max_model_len, node.slo, cost, self.limits, None, block_size)
 
 
 @serve.deployment
@@ -99,7 +105,9 @@ class NodeReplica:
 
     async def generate(self, job: dict) -> AsyncIterator[tuple]:
         slo = SLO(job["ttft"], job["tpot"])
-        async for e in self.server.generate(job["id"], job["arrival"], job["prompt_tokens"], job["max_tokens"], slo):
+        blocks = tuple(job.get("blocks", ()))
+        events = self.server.generate(job["id"], job["arrival"], job["prompt_tokens"], job["max_tokens"], slo, blocks)
+        async for e in events:
             yield (e.count, e.finished, e.status, e.reason)
 
     def record_routing_stats(self) -> dict:
@@ -244,6 +252,7 @@ class OpenAIIngress:
             "max_tokens": req.max_tokens,
             "ttft": req.slo.ttft,
             "tpot": req.slo.tpot,
+            "blocks": req.block_hashes,  # with prefix caching: the router's affinity and the node's lookup
         }
         try:
             gen, first = await self._start(job)
@@ -367,10 +376,14 @@ class OpenAIIngress:
 
 def build_app(config: ServeConfig):
     """The application: ``config.replicas`` node replicas behind one ingress."""
-    if config.router == "pab":
+    if config.router != "default":
+        kv = load_profile(config.node.profile).kv  # a prefix index holds as many blocks as a node's cache
         router = RequestRouterConfig(
             request_router_class="fairbatching.integrations.ray_serve.router:PABRequestRouter",
             request_router_kwargs={
+                "router": config.router,
+                "kv_blocks": kv.num_blocks,
+                "block_size": kv.block_size,
                 "admission": config.admission,
                 "report_interval": config.report_interval,
                 "report_delay": config.report_delay,

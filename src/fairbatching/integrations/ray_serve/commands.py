@@ -19,7 +19,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from fairbatching.cli_options import grouped
+from fairbatching.cli_options import PrefixCachingOpt, grouped
 from fairbatching.config import DEFAULT_TPOT_S, DEFAULT_TTFT_S
 from fairbatching.errors import ConfigError, install_hint
 from fairbatching.progress import progress_bar
@@ -79,13 +79,17 @@ def serve(
     replicas: Annotated[int, typer.Option("--replicas", "-r", help="Simulated node replicas")] = 2,
     policy: Annotated[str, typer.Option("--policy", "-p", help="Node scheduling policy")] = "fairbatching",
     profile: Annotated[str | None, typer.Option("--profile", help="Cost-model profile (name or JSON)")] = None,
-    router: Annotated[str, typer.Option("--router", help="pab, or default (Ray's power of two choices)")] = "pab",
+    router: Annotated[
+        str, typer.Option("--router", help="pab, pab-affinity, prefix-affinity, default (Ray's)")
+    ] = "pab",
     admission: Annotated[
-        str | None, typer.Option("--admission", help="Router admission: none, reject, defer (default: reject with pab)")
+        str | None,
+        typer.Option("--admission", help="Router admission: none, reject, defer (default: reject with pab*)"),
     ] = None,
     node_admission: Annotated[
         str, typer.Option("--node-admission", help="Node-side PAB admission: none, reject, defer")
     ] = "none",
+    prefix_caching: PrefixCachingOpt = False,
     ttft: Ttft = DEFAULT_TTFT_S,
     tpot: Tpot = DEFAULT_TPOT_S,
     time_scale: Annotated[
@@ -107,7 +111,7 @@ def serve(
     from fairbatching.integrations.ray_serve.node_server import NodeOptions
 
     slo = SLO(ttft, tpot)
-    node = NodeOptions(policy, profile, slo, time_scale, node_admission)
+    node = NodeOptions(policy, profile, slo, time_scale, node_admission, prefix_caching=prefix_caching)
     _check_node(node)
     _need("ray.serve", "serve")
     from fairbatching.integrations.ray_serve.app import ServeConfig, build_app
@@ -118,11 +122,17 @@ def serve(
     config.checker()  # the profile's floors, before Ray starts
     host, port = listen.host, listen.port
     _check_listen(host, port, probe=listen.address is None)
-    banner = (
-        f"serving {model_name}: {replicas} x {policy} replicas, {router} router (admission {config.admission}) "
-        f"at http://{host}:{port}/v1/completions; SIGTERM drains and stops, Ctrl-C stops at once"
+    _serve_until_sigterm(lambda: build_app(config), listen, _banner(config, host, port))
+
+
+def _banner(config: Any, host: str, port: int) -> str:
+    """What ``serve`` says once it is up: what serves, where, and how to stop it."""
+    c = config
+    return (
+        f"serving {c.model_name}: {c.replicas} x {c.node.policy} replicas, {c.router} router (admission "
+        f"{c.admission}{', prefix caching' if c.node.prefix_caching else ''}) at http://{host}:{port}/v1/completions; "
+        "SIGTERM drains and stops, Ctrl-C stops at once"
     )
-    _serve_until_sigterm(lambda: build_app(config), listen, banner)
 
 
 def _serve_until_sigterm(app: Callable[[], Any], listen: ListenArgs, banner: str) -> None:

@@ -35,6 +35,7 @@ class NodeOptions:
     admission: str = "none"  # node-side FairBatching-PAB admission: none, reject or defer
     max_model_len: int = 131072
     policy_options: tuple[tuple[str, object], ...] = ()
+    prefix_caching: bool = False  # the node caches prefixes by the block hashes each request carries
 
     def __post_init__(self) -> None:
         if not self.time_scale > 0:
@@ -96,6 +97,7 @@ class NodeServer:
             record_iterations=False,
             fast_forward=False,  # tokens are handed out step by step
             admission=options.admission,
+            prefix_caching=options.prefix_caching,
         )
         self.options = options
         self.node = Node(policy, cost, config, name)
@@ -109,15 +111,23 @@ class NodeServer:
         return time.time() - self.epoch
 
     async def generate(
-        self, request_id: str, arrival_wall: float, prompt_tokens: int, max_tokens: int, slo: SLO | None
+        self,
+        request_id: str,
+        arrival_wall: float,
+        prompt_tokens: int,
+        max_tokens: int,
+        slo: SLO | None,
+        block_hashes: tuple[int, ...] = (),
     ) -> AsyncIterator[TokenEvent]:
         """Queue a request (arrival in wall-clock seconds, ``time.time()``) and yield its tokens as the
-        steps produce them; the last event says how it ended. Cancelling the iterator aborts it."""
+        steps produce them; the last event says how it ended. Cancelling the iterator aborts it.
+        ``block_hashes``: its prompt's, looked up in the prefix cache (when the node has one)."""
         node = self.node
         if request_id in self._streams or request_id in node.targets:
             raise ConfigError(f"request id {request_id!r} submitted twice")
         self._start()
-        r = node.new_request(request_id, min(arrival_wall - self.epoch, self.now()), prompt_tokens, slo)
+        arrival = min(arrival_wall - self.epoch, self.now())
+        r = node.new_request(request_id, arrival, prompt_tokens, slo, block_hashes)
         stream = self._streams[request_id] = _Stream(r)
         node.submit(r, max_tokens)
         self._emit(stream)

@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from fairbatching.core.kv import token_block_hashes
 from fairbatching.core.request import SLO
 from fairbatching.costmodel.model import CostModel, attn_work
 from fairbatching.errors import ConfigError
@@ -51,6 +52,9 @@ class CompletionRequest:
     include_usage: bool
     slo: SLO
     model: str
+    # With prefix caching, chained hashes of the prompt's full KV blocks (``core.kv``, from its token ids): the
+    # router weighs where they are cached and the node looks them up (empty without caching).
+    block_hashes: tuple[int, ...] = ()
 
 
 def _number(body: dict, key: str, default: float, kind: type, minimum: float) -> Any:
@@ -62,31 +66,37 @@ def _number(body: dict, key: str, default: float, kind: type, minimum: float) ->
     return value
 
 
-def _prompt_tokens(prompt: Any, tokenizer: ByteTokenizer, nested: bool = False) -> int:
+def _prompt_ids(prompt: Any, tokenizer: ByteTokenizer, nested: bool = False) -> list[int]:
     if isinstance(prompt, str):
         try:
-            n = len(tokenizer.encode(prompt))
+            ids = tokenizer.encode(prompt)
         except UnicodeEncodeError:
             raise BadRequest("'prompt' is not valid Unicode text (it holds a lone surrogate)") from None
     elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         if not all(0 <= t < MAX_TOKEN_ID for t in prompt):
             raise BadRequest("'prompt' token ids must be non-negative 32-bit integers")
-        n = len(prompt)
+        ids = prompt
     elif not nested and isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
-        return _prompt_tokens(prompt[0], tokenizer, nested=True)  # a batch of one prompt
+        return _prompt_ids(prompt[0], tokenizer, nested=True)  # a batch of one prompt
     elif not nested and isinstance(prompt, list) and len(prompt) > 1 and all(isinstance(p, str | list) for p in prompt):
         raise BadRequest("'prompt' holds several prompts; send one prompt per request")
     else:
         raise BadRequest("'prompt' must be a string, a non-empty list of token ids, or a list of one of these")
-    if n == 0:
+    if not ids:
         raise BadRequest("'prompt' is empty")
-    return n
+    return ids
 
 
 def parse_completion(
-    body: Any, default_slo: SLO, served_model: str, max_model_len: int, tokenizer: ByteTokenizer
+    body: Any,
+    default_slo: SLO,
+    served_model: str,
+    max_model_len: int,
+    tokenizer: ByteTokenizer,
+    block_size: int = 0,
 ) -> CompletionRequest:
-    """The request ``body`` (already JSON-decoded) checked field by field; raises ``BadRequest``."""
+    """The request ``body`` (already JSON-decoded) checked field by field; raises ``BadRequest``. With a
+    ``block_size`` (prefix caching) the prompt's block hashes come with it."""
     if not isinstance(body, dict):
         raise BadRequest(f"the request body must be a JSON object, got {type(body).__name__}")
     if "prompt" not in body:
@@ -96,7 +106,8 @@ def parse_completion(
         raise BadRequest(f"'model' must be a string, got {model!r}")
     if model != served_model:
         raise BadRequest(f"model {model!r} is not served here; this server serves {served_model!r}")
-    prompt_tokens = _prompt_tokens(body["prompt"], tokenizer)
+    ids = _prompt_ids(body["prompt"], tokenizer)
+    prompt_tokens = len(ids)
     max_tokens = _number(body, "max_tokens", 16, int, 1)
     n = _number(body, "n", 1, int, 1)
     if n != 1:
@@ -121,7 +132,8 @@ def parse_completion(
     tpot = _number(xargs, "tpot_slo", default_slo.tpot, float, 0)
     if ttft <= 0 or tpot <= 0:
         raise BadRequest(f"vllm_xargs ttft_slo and tpot_slo must be positive seconds, got {ttft!r} and {tpot!r}")
-    return CompletionRequest(prompt_tokens, max_tokens, stream, include_usage, SLO(ttft, tpot), model)
+    hashes = token_block_hashes(ids, block_size) if block_size else ()
+    return CompletionRequest(prompt_tokens, max_tokens, stream, include_usage, SLO(ttft, tpot), model, hashes)
 
 
 @dataclass(frozen=True)
@@ -145,7 +157,7 @@ class Limits:
 class RequestChecker:
     """Checks request bodies for one server: JSON, fields (``parse_completion``), and the SLO between the
     floor of what the node can do (``cost``: one prefill of the prompt for TTFT, one decode step after it for
-    TPOT) and ``limits.max_slo_s``."""
+    TPOT) and ``limits.max_slo_s``; with a ``block_size`` (the nodes cache prefixes) each prompt is hashed."""
 
     def __init__(
         self,
@@ -155,6 +167,7 @@ class RequestChecker:
         cost: CostModel,
         limits: Limits,
         tokenizer: ByteTokenizer | None = None,
+        block_size: int = 0,
     ) -> None:
         self.served_model = served_model
         self.max_model_len = max_model_len
@@ -162,6 +175,7 @@ class RequestChecker:
         self.cost = cost
         self.limits = limits
         self.tokenizer = tokenizer or ByteTokenizer()
+        self.block_size = block_size
 
     def parse_bytes(self, raw: bytes) -> CompletionRequest:
         """A raw body, decoded and checked; raises ``BadRequest``."""
@@ -174,7 +188,9 @@ class RequestChecker:
         return self.parse(body)
 
     def parse(self, body: Any) -> CompletionRequest:
-        req = parse_completion(body, self.default_slo, self.served_model, self.max_model_len, self.tokenizer)
+        req = parse_completion(
+            body, self.default_slo, self.served_model, self.max_model_len, self.tokenizer, self.block_size
+        )
         n = req.prompt_tokens
         floors = {
             "ttft_slo": (req.slo.ttft, self.cost.predict(n, n, 1, attn_work(n, 0)), f"one prefill of its {n} tokens"),

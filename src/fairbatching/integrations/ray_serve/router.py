@@ -21,7 +21,9 @@ class PABRequestRouter(RequestRouter):
 
     ``request_router_kwargs``: ``admission`` (none, reject, defer), ``report_interval`` (the stats period),
     ``report_delay`` (how late stats arrive; with the period, how long a deferred request may wait for a fresh
-    report, and a refusal's Retry-After). A report is read however old it is (see ``routing``).
+    report, and a refusal's Retry-After), ``router`` (pab, pab-affinity, prefix-affinity) with ``kv_blocks`` and
+    ``block_size`` (a replica's KV cache, for the affinity routers). A report is read however old it is (see
+    ``routing``).
     """
 
     def initialize_state(
@@ -29,8 +31,11 @@ class PABRequestRouter(RequestRouter):
         admission: str = "reject",
         report_interval: float = 0.5,
         report_delay: float = 0.2,
+        router: str = "pab",
+        kv_blocks: int = 1 << 20,
+        block_size: int = 16,
     ) -> None:
-        self.ranking = PABRanking(admission, report_interval, report_delay)
+        self.ranking = PABRanking(admission, report_interval, report_delay, router, kv_blocks, block_size)
 
     async def choose_replicas(
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
@@ -41,7 +46,8 @@ class PABRequestRouter(RequestRouter):
         by_id = {r.replica_id: r for r in candidate_replicas}
         stats = {r.replica_id: r.routing_stats for r in candidate_replicas}
         now = self._get_curr_time_s()
-        decision = self.ranking.decide(job["prompt_tokens"], job["arrival"] + job["ttft"], stats, now, job["ttft"])
+        deadline = job["arrival"] + job["ttft"]
+        decision = self.ranking.decide(job["prompt_tokens"], deadline, stats, now, job["ttft"], job.get("blocks", ()))
         if decision.order:
             return [[by_id[k]] for k in decision.order]
         if decision.refusal is not None:
@@ -52,7 +58,8 @@ class PABRequestRouter(RequestRouter):
         return []
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result) -> None:
-        self.ranking.note_sent(replica_id, pending_request.args[0]["prompt_tokens"])
+        job = pending_request.args[0]
+        self.ranking.note_sent(replica_id, job["prompt_tokens"], job.get("blocks", ()))
 
     def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
         super().on_replica_actor_died(replica_id)

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 
-from fairbatching.cluster.routers import NodeReport, PABRouter
+from fairbatching.cluster.routers import NodeReport, make_router
 from fairbatching.core.modes import Admission, parse_mode
 from fairbatching.policies.admission import AdmissionBudget
 
@@ -62,13 +62,27 @@ class PABRanking:
     (just deployed) there is nothing to judge by, and a request goes to the replica sent the fewest so far.
 
     ``interval`` is the replicas' report period and ``delay`` how late reports arrive: together, how long until
-    a fresh report can be expected (the deferral window and a refusal's Retry-After)."""
+    a fresh report can be expected (the deferral window and a refusal's Retry-After).
 
-    def __init__(self, admission: Admission = Admission.REJECT, interval: float = 0.5, delay: float = 0.0) -> None:
+    ``router`` is the cluster simulator's router that ranks: ``pab``, ``pab-affinity`` (a replica's budget after
+    the part of the prompt not cached there) or ``prefix-affinity`` (where the prefix is, while loads stay
+    within bounds; no admission control). Both affinity routers know a replica's cache as Ray Serve's
+    PrefixCacheAffinityRouter does: by the prompt blocks they sent it (at most ``kv_blocks`` of ``block_size``
+    tokens per replica, least recently sent dropped first)."""
+
+    def __init__(
+        self,
+        admission: Admission = Admission.REJECT,
+        interval: float = 0.5,
+        delay: float = 0.0,
+        router: str = "pab",
+        kv_blocks: int = 1 << 20,
+        block_size: int = 16,
+    ) -> None:
         self.admission = parse_mode(Admission, admission, "admission")
         self.interval = interval
         self.delay = delay
-        self.core = PABRouter(admission=self.admission != "none")
+        self.core = make_router(router, self.admission != "none", kv_blocks=kv_blocks, block_size=block_size)
         self.refusals: Counter[str] = Counter()
         self.sent: Counter[Hashable] = Counter()  # requests sent to each replica (the order before any report)
         self._reports: dict[Hashable, NodeReport] = {}
@@ -98,14 +112,16 @@ class PABRanking:
         stats: Mapping[Hashable, Mapping],
         now: float,
         ttft: float | None = None,
+        blocks: Sequence[int] = (),
     ) -> Decision:
         """Where a request of ``prompt_tokens`` goes; ``deadline`` is its first token's due time, ``ttft`` its
-        first-token SLO (admission judges the budget over it, as the cluster simulator does)."""
+        first-token SLO (admission judges the budget over it, as the cluster simulator does), ``blocks`` its
+        prompt's block hashes (with prefix caching)."""
         views = self.views(stats)
         if not views:  # no replica has reported yet: unranked, the least sent first (ties in Ray's order)
             return Decision(sorted(stats, key=lambda node: self.sent[node]))
-        order = self.core.ranked(views)
-        if self.core.admits(prompt_tokens, views[order[0]], ttft):
+        order = self.core.ranked(prompt_tokens, views, ttft, blocks)
+        if order is not None:
             return Decision([views[i].node for i in order])
         reason = f"admission control: no replica's prefill budget fits {prompt_tokens} tokens"
         if self.admission == "defer":
@@ -115,11 +131,12 @@ class PABRanking:
         self.refusals[reason] += 1
         return Decision([], reason)
 
-    def note_sent(self, node: Hashable, prompt_tokens: int) -> None:
-        """A request went to ``node``: count it against the last report read from ``node``."""
+    def note_sent(self, node: Hashable, prompt_tokens: int, blocks: Sequence[int] = ()) -> None:
+        """A request went to ``node``: count it against the last report read from ``node`` (and remember its
+        prompt blocks there, for the affinity routers)."""
         self.sent[node] += 1
         if (r := self._reports.get(node)) is not None:
-            self.core.note_sent(r, prompt_tokens)
+            self.core.sent(r, prompt_tokens, blocks)
 
     def forget(self, node: Hashable) -> None:
         self._reports.pop(node, None)
