@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import signal
+
 import pytest
 
 from fairbatching.core import SLO, BlockAllocator, KVCacheConfig, Request
@@ -58,3 +60,9 @@ def state(now: float, running: list[Request], queue: list[Request], blocks: int 
     kv = BlockAllocator(KVCacheConfig(num_blocks=blocks, block_size=16))
     kv.free_blocks -= sum(r.num_blocks for r in running)
     return SchedulerState(now, running, queue, kv)
+
+
+def sigint_as_from_a_terminal() -> None:
+    """``preexec_fn`` of a command a test interrupts: SIGINT at its default, so the command hears a Ctrl-C even
+    where the tests run with SIGINT ignored (a background job of a non-interactive shell passes that on)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

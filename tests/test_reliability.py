@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import sigint_as_from_a_terminal
 
 from fairbatching.costmodel import load_profile
 from fairbatching.errors import ConfigError
@@ -35,6 +36,7 @@ def test_ctrl_c_exits_130_and_writes_nothing(tmp_path):
         [sys.executable, "-m", "fairbatching", "compare", "-n", "20000", "--out", str(out)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
+        preexec_fn=sigint_as_from_a_terminal,
         text=True,
         env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")},
     )
