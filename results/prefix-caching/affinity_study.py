@@ -10,6 +10,7 @@ Run from the repository root (one process):
 import argparse
 import json
 
+from fairbatching.cluster import simulator
 from fairbatching.cluster.simulator import _Cluster
 from fairbatching.metrics.summary import prefix_hit_rate, summarize
 from fairbatching.runs import ClusterShape, RunSpec, _cluster_config
@@ -20,6 +21,14 @@ def study(router: str, policy: str, qps: float, seed: int, n: int) -> dict:
     spec = RunSpec(policy, "multi-turn", qps, seed, n, 2.0, 0.1, cluster=ClusterShape(4, router), prefix_caching=True)
     w = family("multi-turn").build(qps, seed, n)
     cluster = _Cluster(_cluster_config(spec))
+    peak = [0] * len(cluster.nodes)
+    publish = cluster.publish
+
+    def watched(t: float) -> None:
+        publish(t)
+        peak[:] = [max(p, len(n.running)) for p, n in zip(peak, cluster.nodes, strict=True)]
+
+    cluster.publish = watched
     res = cluster.run(w, None)
     where = {r.request_id: i for i, node in enumerate(cluster.nodes) for r in node.done}
     last: dict[int, int] = {}
@@ -42,6 +51,7 @@ def study(router: str, policy: str, qps: float, seed: int, n: int) -> dict:
         "moved_turns": round(moved / max(turns, 1), 4),
         "per_node_requests": [p["finished"] for p in res.per_node],
         "per_node_busy_s": [round(p["busy_s"], 1) for p in res.per_node],
+        "per_node_peak_running": peak,
     }
 
 
@@ -51,7 +61,13 @@ if __name__ == "__main__":
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("-n", type=int, default=4000)
     ap.add_argument("--stacks", default="fairbatching:pab-affinity,fairbatching:prefix-affinity,fairbatching:pab")
+    ap.add_argument("--max-num-seqs", type=int, default=None, help="a diagnostic: the nodes' sequence slots")
     a = ap.parse_args()
+    if a.max_num_seqs:
+        make = simulator.make_policy
+        simulator.make_policy = lambda name, cost, tpot_slo=None: make(
+            name, cost, tpot_slo, max_num_seqs=a.max_num_seqs
+        )
     for item in a.stacks.split(","):
         policy, router = item.split(":")
         print(json.dumps(study(router, policy, a.qps, a.seed, a.n)), flush=True)
