@@ -198,6 +198,48 @@ def test_pab_affinity_prices_a_node_by_its_uncached_prefill():
     assert make_router("pab", admission=True).choose(1700, reports) is None  # plain PAB: fits nowhere
 
 
+def queued(node: int, t: float, seconds: float) -> NodeReport:
+    """A report whose node has ``seconds`` of prefill due within 0.5 s: 1e-4 s a prompt token, a 2 s horizon."""
+    from fairbatching.policies.admission import AdmissionBudget
+
+    left = max(0.0, 2.0 - seconds)
+    due = ((0.5, seconds),) if seconds else ()
+    budget = AdmissionBudget(left, int(left / 1e-4), 0.0, seconds, 8, 2.0, 1e-4, 10**6, queued_due=due)
+    return NodeReport(node, t, 0, 0, 0, budget)
+
+
+def test_pab_affinity_keeps_a_conversation_home_until_home_cannot_meet_its_ttft():
+    router = make_router("pab-affinity", block_size=16)
+    history = tuple(range(100))  # turn 1: 1600 tokens
+    assert router.choose(1600, [queued(0, 0.0, 0.0), queued(1, 0.0, 0.0)], 2.0, history) == 0
+    router.note_dispatch(0, 1600, history)
+    turn = history + (500,)  # turn 2: 1700 tokens, 1600 of them cached on node 0
+    # Node 0 is busier (5000 tokens of budget left against 20000) but still fits the 100 it must prefill: stay.
+    assert router.choose(1700, [queued(0, 1.0, 1.5), queued(1, 1.0, 0.0)], 2.0, turn) == 0
+    router.note_dispatch(0, 1700, turn)
+    turn += (501,)
+    # Node 0 has 1.995 s of prefill due first: 50 tokens within a 2 s TTFT, under the 100 it needs. Move.
+    swamped = [queued(0, 2.0, 1.995), queued(1, 2.0, 0.0)]
+    assert router.choose(1716, swamped, 2.0, turn) == 1
+    assert router.choose(1716, swamped, 10.0, turn) == 0  # a 10 s TTFT: home still makes it
+    # Neither fits (node 1 would prefill all 1716 tokens): home, where it costs least; refused under admission.
+    both = [queued(0, 3.0, 1.995), queued(1, 3.0, 1.9)]
+    assert router.choose(1716, both, 2.0, turn) == 0
+    strict = make_router("pab-affinity", admission=True, block_size=16)
+    strict.note_dispatch(strict.choose(1600, [queued(0, 0.0, 0.0), queued(1, 0.0, 0.1)], 2.0, history), 1600, history)
+    assert strict.choose(1716, both, 2.0, turn) is None
+
+
+def test_pab_affinity_sees_no_home_in_a_prefix_every_node_holds():
+    router = make_router("pab-affinity", block_size=16)
+    system = tuple(range(-50, 0))  # an 800-token system prompt, sent to both nodes
+    for node in (0, 1):
+        router.choose(900, [queued(0, 0.0, 0.0), queued(1, 0.0, 0.0)], 2.0, system + (node,))
+        router.note_dispatch(node, 900, system + (node,))
+    # A new conversation on that system prompt goes by budget, not to whichever node was sent it first.
+    assert router.choose(900, [queued(0, 1.0, 1.5), queued(1, 1.0, 0.0)], 2.0, system + (7,)) == 1
+
+
 def test_cluster_with_caching_accounts_for_every_request():
     w = prefix_workload(120, qps=30.0)
     for router in ("pab-affinity", "prefix-affinity", "round-robin"):

@@ -303,9 +303,14 @@ class PrefixAffinity(LeastOutstanding):
 
 
 class PABAffinity(PABRouter):
-    """PAB that knows what each node has cached: a node is judged by its budget left after the uncached part of
-    this prompt (the prefix it was sent before, per its ``PrefixIndex``, costs no prefill there). The node
-    with the most budget left after serving the request wins; with admission control it must fit there."""
+    """Affinity first, PAB as the guard. A request goes to its home, the one node that was sent the longest prefix
+    of its blocks (per this router's ``PrefixIndex``), while the home's budget within the request's TTFT, charged
+    only for the uncached part, still fits it; else to the node with the most budget left after its own uncached
+    part (ties: fewer requests), unless no node fits it either (then home: where it costs least). Why (issue 29):
+    the caches hold less than the conversations' histories, so moving a turn for a slightly larger budget copies
+    its history onto a second node and re-prefills it, and hits fall; a turn moves only when moving makes its
+    first token in time. A prefix every node holds (a system prompt) makes no home. With admission control
+    the first node must fit the request, else it is refused."""
 
     name = "pab-affinity"
 
@@ -319,6 +324,25 @@ class PABAffinity(PABRouter):
         if not blocks:
             return prompt_tokens
         return max(1, prompt_tokens - self.index.match(r.node, blocks) * self.block_size)
+
+    def ranked(
+        self, prompt_tokens: int, reports: list[NodeReport], ttft: float | None = None, blocks: Sequence[int] = ()
+    ) -> list[int] | None:
+        """Indices into ``reports``: the home first where the rule above puts it there, then by budget left after
+        the uncached part; None when the first does not admit it."""
+        self._last = reports
+        if not reports:
+            return None
+        need = [self.need(r, prompt_tokens, blocks) for r in reports]
+        load = [r.outstanding + self.pending(r)[0] for r in reports]
+        order = sorted(range(len(reports)), key=lambda i: (need[i] - self.left(reports[i]), load[i]))
+        home = min(range(len(reports)), key=lambda i: (need[i], load[i]))
+        fits = [self.left(r, ttft) >= n for r, n in zip(reports, need, strict=True)]
+        unique = sum(n == need[home] for n in need) == 1
+        if unique and (fits[home] or not fits[order[0]]):
+            order.remove(home)
+            order.insert(0, home)
+        return order if self.admits(need[order[0]], reports[order[0]], ttft) else None
 
     def sent(self, r: NodeReport, prompt_tokens: int, blocks: Sequence[int] = ()) -> None:
         self.note_sent(r, self.need(r, prompt_tokens, blocks))
