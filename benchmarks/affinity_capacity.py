@@ -2,7 +2,7 @@
 window), so a router tuned on one window can be validated on another (the `cluster` command runs seeds from 0).
 One process. Run from the repository root:
 
-    PYTHONPATH=src python results/prefix-caching/affinity_capacity.py --seed 1 -n 4000 \
+    PYTHONPATH=src python benchmarks/affinity_capacity.py --seed 1 -n 4000 \
         --out results/prefix-caching/cluster-multi-turn-seed1.json
 """
 

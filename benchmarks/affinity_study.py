@@ -4,7 +4,7 @@ Per router: SLO attainment, prefix hit rate, requests and busy time per node, an
 turn went to a different node than its previous turn (``moved``: its history is not cached there).
 Run from the repository root (one process):
 
-    PYTHONPATH=src python results/prefix-caching/affinity_study.py --qps 88 --seed 0 -n 4000
+    PYTHONPATH=src python benchmarks/affinity_study.py --qps 88 --seed 0 -n 4000
 """
 
 import argparse
