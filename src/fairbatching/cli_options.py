@@ -45,16 +45,18 @@ console = Console(stderr=True, soft_wrap=True)
 # need not fold (rich would assume 80 columns).
 out_console = Console(width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 200)
 
-_option_type = TyperOption.display_type_rich
+_option_type = getattr(TyperOption, "display_type_rich", None)
 
 
 def _flag_type(self: TyperOption, ctx: Any) -> str | None:
     """An on/off flag takes no value, so its help shows none: typer 0.29 shows ``--json <bool>``, which reads as
-    ``--json true`` (a usage error)."""
+    ``--json true`` (a usage error). Older typer (which has no such hook) shows no type for a flag."""
+    assert _option_type is not None
     return None if self.is_flag else _option_type(self, ctx)
 
 
-TyperOption.display_type_rich = _flag_type  # type: ignore[method-assign]
+if _option_type is not None:
+    TyperOption.display_type_rich = _flag_type  # type: ignore[method-assign]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
