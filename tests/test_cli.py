@@ -191,6 +191,23 @@ def test_version_names_the_build():
     ]
 
 
+def test_the_cli_runs_on_typer_without_the_help_type_hook():
+    """typer before 0.29 has no ``TyperOption.display_type_rich`` (the device machine's 0.27.2 has none): every
+    command failed there on import. The help hook is patched only where typer has it."""
+    code = (
+        "import sys, typer.core as c\n"
+        "for k in c.TyperOption.__mro__:\n"
+        "    if 'display_type_rich' in vars(k):\n"
+        "        delattr(k, 'display_type_rich')\n"
+        "from fairbatching.cli import app\n"
+        "from typer.testing import CliRunner\n"
+        "res = CliRunner().invoke(app, ['traces'])\n"
+        "sys.exit(res.exit_code)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr + res.stdout
+
+
 def test_on_off_flags_show_as_flags_in_help():
     from typer.testing import CliRunner
 

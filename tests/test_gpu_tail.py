@@ -94,6 +94,38 @@ def test_the_best_baseline_is_the_one_meeting_most_slos_and_targets_follow_the_l
     assert gpu_tail.compare_point([_row("fairbatching", 1.0, 0.9, 1.0)]) == []
 
 
+def test_a_baseline_with_our_admission_is_a_variant_not_the_reference():
+    rows = [
+        _row("vllm", 1.0, 0.70, 1.0),
+        _row("sarathi-reject", 1.0, 0.75, 0.9, "sarathi"),
+        _row("fairbatching", 1.0, 0.90, 1.2),
+    ]
+    (fb,) = [c for c in gpu_tail.compare_point(rows) if c["label"] == "fairbatching"]
+    assert fb["best_baseline"] == "vllm" and fb["slo_delta_pts"] == 20.0
+
+
+def test_capacity_brackets_bound_the_lead_by_the_best_plain_baseline():
+    rows = [
+        _row("vllm", 0.9, 0.95, 1.0),  # vllm's capacity in [18, 20) req/s
+        _row("vllm", 1.0, 0.80, 1.0),
+        _row("sarathi", 0.9, 0.85, 1.0),  # sarathi's below 18
+        _row("sarathi-reject", 1.2, 0.50, 1.0, "sarathi"),  # may reach 24, but is not what users run
+        _row("fairbatching", 1.1, 0.92, 1.0),  # FairBatching's in [22, 24)
+        _row("fairbatching", 1.2, 0.85, 1.0),
+        _row("fb-x", 1.0, 0.91, 1.0, "fairbatching"),  # [20, ?)
+    ]
+    by = {c["label"]: c for c in gpu_tail.capacity_brackets(rows)}
+    assert (by["vllm"]["lo"], by["vllm"]["hi"]) == (18.0, 20.0)
+    assert (by["sarathi"]["lo"], by["sarathi"]["hi"]) == (None, 18.0)
+    fb = by["fairbatching"]
+    assert fb["best_baseline"] == "vllm" and (fb["lo"], fb["hi"]) == (22.0, 24.0)
+    assert fb["lead_at_least"] == pytest.approx(1.1) and fb["lead_at_most"] == pytest.approx(24 / 18)
+    assert fb["met"] is True
+    assert by["fb-x"]["lead_at_least"] == 1.0 and by["fb-x"]["lead_at_most"] is None and by["fb-x"]["met"] is None
+    slow = gpu_tail.capacity_brackets([_row("vllm", 1.0, 0.95, 1.0), _row("fairbatching", 1.05, 0.80, 1.0)])
+    assert {c["label"]: c for c in slow}["fairbatching"]["met"] is False  # at most 21 / 20 = 1.05x
+
+
 def test_report_takes_the_last_replay_of_a_point_and_marks_targets_in_the_table():
     first = _row("fairbatching", 1.0, 0.50, 9.0)
     again = _row("fairbatching", 1.0, 0.95, 1.0)
