@@ -3,6 +3,8 @@
 Reads the step logs of the GPU tail replays (results/gpu-tail/steps-call*.csv.gz: every executed step, its
 shape, how the engine ran it and when it started) and prices each step at its *period* (its start to the next
 step's start in the same replay: the step plus the host work after it; the step alone where the loop idled).
+Three groups of calls: train (call 1, the refit's steps), held out (calls 2 and 3, replayed with the train call)
+and fresh held out (calls 5-8, replayed after the refit was bundled; call 4 was lost).
 
 Phase ``analyse``: the ratio measured period / a profile's prediction per step kind and engine path, and how it
 depends on what the profile's features leave out (prefill chunk count, largest chunk, deepest prefix, eager vs
@@ -12,7 +14,10 @@ Phase ``sample``: a few thousand train and held-out steps, as profile rows at th
 (tests/data/gpu-steps-{train,held-out}.csv.gz).
 Phase ``resim``: the simulator on the same requests as every GPU replay, policies planning on the bundled profile
 as on the GPU, steps priced by the bundled profile (before) and by the fitted one (after); cells within 5 points
-of the GPU and each point's policy ranking; ``resim.json``.
+of the GPU per group of calls and each point's policy ranking; ``resim.json``.
+Phase ``capacity``: each policy's simulated capacity (90% attainment) on the replayed windows, under both pricings,
+beside the GPU's capacity bracket from the loads replayed (benchmarks/gpu_tail.py's ``capacity_brackets``);
+``capacity.json``.
 Phase ``record``: what ``resim.json`` and the step logs measured, written into the two bundled H200 profiles'
 ``fit.validation`` (the record ``fairbatching profile`` writes after its own held-out replays; ``fairbatching
 profiles`` shows it): the replays and steps each profile was not fitted on, its step-period MAPE there, and the
@@ -23,6 +28,7 @@ simulated SLO attainment against the GPU's per policy.
       --save src/fairbatching/costmodel/profiles/llama-3-8b-h200-serving.json
   PYTHONPATH=src python3 benchmarks/step_fidelity.py resim --out results/sim-vs-gpu \\
       --pricing llama-3-8b-h200-serving
+  PYTHONPATH=src python3 benchmarks/step_fidelity.py capacity --out results/sim-vs-gpu
   PYTHONPATH=src python3 benchmarks/step_fidelity.py sample --out tests/data
   PYTHONPATH=src python3 benchmarks/step_fidelity.py record --out results/sim-vs-gpu
 """
@@ -51,9 +57,32 @@ PROFILE = "llama-3-8b-h200-engine"
 STEPS = Path("results/gpu-tail")
 TRAIN_CALLS = (1,)  # conversation windows at 1.0x / 1.15x
 HELD_OUT_CALLS = (2, 3)  # conversation at 0.85x and other variants; code, mixed SLO classes, long prompts
+FRESH_CALLS = (5, 6, 7, 8)  # replayed after the refit was bundled (code 6586fc4, 8292536); call 4 was lost
 IDLE_GAP_S = 0.02  # a step whose next one started later than this after it ended: the loop idled in between
 COLUMNS = ("scenario", "load", "label", "start", "new_tokens", "context_tokens", "num_seqs", "attn_work", "seconds")
 PATHS = ("decode-graph", "mixed-graph", "piecewise", "eager")
+TOLERANCE_PTS = 5.0  # as evaluation/calibrate.py's ATTAINMENT_TOLERANCE_PTS
+STEP_TOLERANCE = 0.10  # as its STEP_MAPE_TOLERANCE
+CAPACITY_TOLERANCE = 0.02  # capacity: relative width the simulated search stops at (as gpu_tail's plan)
+CAPACITY_POINTS = 24  # capacity: most simulations per search
+
+
+@dataclass(frozen=True)
+class CallGroup:
+    """GPU calls whose steps and replays are scored together."""
+
+    key: str  # in resim.json
+    short: str  # before a window's name in the tables
+    name: str
+    calls: tuple[int, ...]
+
+
+TRAIN = CallGroup("train", "train", "train (call 1)", TRAIN_CALLS)
+HELD_OUT = CallGroup("held_out", "held out", "held out (calls 2, 3)", HELD_OUT_CALLS)
+FRESH = CallGroup("fresh", "fresh", "fresh held out (calls 5-8, measured after the refit)", FRESH_CALLS)
+GROUPS = (TRAIN, HELD_OUT, FRESH)
+NOT_FITTED = (HELD_OUT, FRESH)
+ALL_CALLS = tuple(c for g in GROUPS for c in g.calls)
 
 
 @dataclass(frozen=True)
@@ -79,6 +108,10 @@ class Steps:
 
     def select(self, mask: np.ndarray) -> Steps:
         return Steps(*(getattr(self, f)[mask] for f in self.__dataclass_fields__))
+
+    def of(self, group: CallGroup) -> np.ndarray:
+        """Mask of the steps logged by ``group``'s calls."""
+        return np.isin(self.call, group.calls)
 
 
 def read_steps(files: dict[int, Path]) -> Steps:
@@ -150,9 +183,8 @@ BINS = {
 
 
 def ratio_tables(steps: Steps, models: dict[str, CostModel]) -> str:
-    """Markdown: period / prediction per (call group, kind, path) and, for prefill steps held out, per feature bin."""
-    train = np.isin(steps.call, TRAIN_CALLS)
-    groups = {"train (call 1)": train, "held out (calls 2, 3)": ~train}
+    """Markdown: period / prediction per (call group, kind, path) and, for the prefill steps of each group not
+    fitted on, per feature bin."""
     out = []
     for mname, model in models.items():
         ratio = steps.period / predict(model, steps)
@@ -162,25 +194,27 @@ def ratio_tables(steps: Steps, models: dict[str, CostModel]) -> str:
             "| steps | kind | path | steps | median | p10 | p90 |",
             "|---|---|---|---:|---:|---:|---:|",
         ]
-        for gname, g in groups.items():
+        for group in GROUPS:
+            g = steps.of(group)
             for kind, k in (("decode-only", ~steps.prefill), ("carrying prefill", steps.prefill)):
                 for path in PATHS:
                     m = g & k & (steps.path == path)
                     if m.any():
-                        out.append(f"| {gname} | {kind} | {path} {_stats(ratio[m])}")
-                out.append(f"| {gname} | {kind} | all {_stats(ratio[g & k])}")
-        held = ~groups["train (call 1)"] & steps.prefill
-        out += ["", "Held-out steps carrying prefill, by what the profile's features leave out:", ""]
-        out += ["| feature | range | steps | median | p10 | p90 |", "|---|---|---:|---:|---:|---:|"]
-        for label, (attr, edges) in BINS.items():
-            f = getattr(steps, attr)
-            for a, b in zip(edges[:-1], edges[1:], strict=True):
-                m = held & (f >= a) & (f < b)
-                if m.any():
-                    out.append(f"| {label} | [{a}, {b}) {_stats(ratio[m])}")
-        for path in ("mixed-graph", "piecewise", "eager"):
-            m = held & (steps.path == path)
-            out.append(f"| engine path | {path} {_stats(ratio[m])}")
+                        out.append(f"| {group.name} | {kind} | {path} {_stats(ratio[m])}")
+                out.append(f"| {group.name} | {kind} | all {_stats(ratio[g & k])}")
+        out += ["", "Steps carrying prefill not fitted on, by what the profile's features leave out:", ""]
+        out += ["| steps | feature | range | steps | median | p10 | p90 |", "|---|---|---|---:|---:|---:|---:|"]
+        for group in NOT_FITTED:
+            held = steps.of(group) & steps.prefill
+            for label, (attr, edges) in BINS.items():
+                f = getattr(steps, attr)
+                for a, b in zip(edges[:-1], edges[1:], strict=True):
+                    m = held & (f >= a) & (f < b)
+                    if m.any():
+                        out.append(f"| {group.short} | {label} | [{a}, {b}) {_stats(ratio[m])}")
+            for path in ("mixed-graph", "piecewise", "eager"):
+                m = held & (steps.path == path)
+                out.append(f"| {group.short} | engine path | {path} {_stats(ratio[m])}")
         out.append("")
     return "\n".join(out)
 
@@ -196,11 +230,11 @@ EXTENSIONS = {
 def extension_table(steps: Steps) -> str:
     """Would features the profile lacks price held-out steps better? The additive model (the refit's sharpness
     came out p = 1) with extra columns, fitted by non-negative least squares on relative error on the train
-    calls, scored on the held-out ones."""
+    calls, scored on every group."""
     x, y, pf = steps.features, steps.period, steps.prefill.astype(float)
-    train = np.isin(steps.call, TRAIN_CALLS)
-    lines = ["| features beyond the profile's | train decode / prefill MAPE | held-out decode / prefill MAPE |"]
-    lines.append("|---|---:|---:|")
+    train = steps.of(TRAIN)
+    head = " | ".join(f"{g.short} decode / prefill MAPE" for g in GROUPS)
+    lines = [f"| features beyond the profile's | {head} |", "|---|" + "---:|" * len(GROUPS)]
     for name, extra in {"none (the profile's features)": (), **EXTENSIONS}.items():
         cols = [np.ones(len(y)), x[:, 2], x[:, 1], x[:, 0], x[:, 3], pf]
         if "path" in extra:
@@ -212,8 +246,8 @@ def extension_table(steps: Steps) -> str:
         design = np.column_stack(cols)
         coef, _ = nnls(design[train] / y[train, None], np.ones(int(train.sum())))
         err = np.abs(design @ coef / y - 1)
-        cell = [f"{err[g & (pf == 0)].mean():.1%} / {err[g & (pf == 1)].mean():.1%}" for g in (train, ~train)]
-        lines.append(f"| {name} | {cell[0]} | {cell[1]} |")
+        cell = [f"{err[g & (pf == 0)].mean():.1%} / {err[g & (pf == 1)].mean():.1%}" for g in map(steps.of, GROUPS)]
+        lines.append(f"| {name} | {' | '.join(cell)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -228,18 +262,22 @@ def fit_on(train: Steps, name: str, command: str):
     return prof, report
 
 
-def errors_table(models: dict[str, CostModel], train: Steps, held: Steps) -> tuple[str, dict]:
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1%}"
+
+
+def errors_table(models: dict[str, CostModel], steps: Steps) -> tuple[str, dict]:
+    """Markdown and ``{"model / group": MAPE}``: per call group and, for the groups not fitted on, per window."""
     doc, lines = {}, ["| model | steps | decode MAPE | prefill MAPE | all MAPE |", "|---|---|---:|---:|---:|"]
+    scenario = np.array([r.split("|")[1] for r in steps.replay])
     for mname, model in models.items():
-        for sname, s in (("train (call 1)", train), ("held out (calls 2, 3)", held)):
-            e = mape_by_kind(model, s)
-            doc[f"{mname} / {sname}"] = e
-            lines.append(f"| `{mname}` | {sname} | {e['decode']:.1%} | {e['prefill']:.1%} | {e['all']:.1%} |")
-        for scen in sorted({r.split("|")[1] for r in held.replay}):
-            m = np.array([r.split("|")[1] == scen for r in held.replay])
-            e = mape_by_kind(model, held.select(m))
-            doc[f"{mname} / held out {scen}"] = e
-            lines.append(f"| `{mname}` | held out: {scen} | {e['decode']:.1%} | {e['prefill']:.1%} | {e['all']:.1%} |")
+        rows = [(group.name, steps.of(group)) for group in GROUPS]
+        for group in NOT_FITTED:
+            g = steps.of(group)
+            rows += [(f"{group.short}: {scen}", g & (scenario == scen)) for scen in sorted(set(scenario[g]))]
+        for sname, m in rows:
+            e = doc[f"{mname} / {sname}"] = mape_by_kind(model, steps.select(m))
+            lines.append(f"| `{mname}` | {sname} | {_pct(e['decode'])} | {_pct(e['prefill'])} | {_pct(e['all'])} |")
     return "\n".join(lines) + "\n", doc
 
 
@@ -256,20 +294,28 @@ def write_sample(steps: Steps, n: int, path: Path, seed: int) -> None:
 
 
 # --- resim --------------------------------------------------------------------------------------------------
-def _simulate(args: tuple[dict, str | None, float]) -> float:
-    sys.path.insert(0, str(Path(__file__).parent))
-    from gpu_tail import MAX_CONTEXT, SCENARIOS  # noqa: PLC0415 (a sibling script, imported in the worker)
+def _gpu_tail():
+    """benchmarks/gpu_tail.py, a sibling script (imported where needed: also in the workers)."""
+    here = str(Path(__file__).parent)
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    import gpu_tail  # noqa: PLC0415
 
+    return gpu_tail
+
+
+def _simulate(args: tuple[dict, str | None, float]) -> float:
     from fairbatching.runs import Experiment
     from fairbatching.serving.pricing import StepError
 
     r, pricing, noise = args
-    sc = SCENARIOS[r["scenario"]]
+    gt = _gpu_tail()
+    sc = gt.SCENARIOS[r["scenario"]]
     exp = Experiment(
         sc.build(r["qps"]),
         load_profile(PROFILE),
         sc.slo,
-        max_model_len=MAX_CONTEXT,
+        max_model_len=gt.MAX_CONTEXT,
         policy_options={r["policy"]: dict(r["options"])},
         admission=r.get("admission", "none"),
         pricing=None if pricing is None else load_profile(pricing),
@@ -282,111 +328,183 @@ def ranking(rows: list[dict], key: str) -> list[str]:
     return [r["label"] for r in sorted(rows, key=lambda r: (-r[key], r["label"]))]
 
 
-def pair_agreement(cells: list[dict], key: str, gap: float = 0.05) -> tuple[int, int]:
-    """Pairs of policies at one point that the GPU orders clearly (attainment more than ``gap`` apart), and how
-    many of them ``key`` orders the same way."""
-    agree = total = 0
-    for i, a in enumerate(cells):
-        for b in cells[i + 1 :]:
-            if abs(a["gpu"] - b["gpu"]) > gap:
-                total += 1
-                agree += (a["gpu"] > b["gpu"]) == (a[key] > b[key])
-    return agree, total
+def clear_pairs(cells: list[dict], gap: float = TOLERANCE_PTS / 100) -> list[tuple[dict, dict]]:
+    """Pairs of policies at one point that the GPU orders clearly (attainment more than ``gap`` apart)."""
+    return [(a, b) for i, a in enumerate(cells) for b in cells[i + 1 :] if abs(a["gpu"] - b["gpu"]) > gap]
 
 
-def trained_on() -> set[tuple[str, float, str]]:
-    """The replays whose steps the fitted profile saw: its estimates on them are not validation."""
-    keys = set()
-    for path in default_files(TRAIN_CALLS).values():
+def same_order(pair: tuple[dict, dict], key: str) -> bool:
+    a, b = pair
+    return (a["gpu"] > b["gpu"]) == (a[key] > b[key])
+
+
+def replay_calls() -> dict[tuple[str, float, str], int]:
+    """The call whose step log holds each replay (scenario, load, label)."""
+    calls = {}
+    for call, path in default_files(ALL_CALLS).items():
         with gzip.open(path, "rt", newline="") as f:
-            keys |= {(r["scenario"], float(r["load"]), r["label"]) for r in csv.DictReader(f)}
-    return keys
+            calls |= {(r["scenario"], float(r["load"]), r["label"]): call for r in csv.DictReader(f)}
+    return calls
 
 
 def resim(replays: list[dict], pricing: str, cpus: int, noise: float = 0.0) -> dict:
     """Every replay simulated before (bundled pricing) and after (``pricing``, its steps with log-normal
     noise of standard deviation ``noise``: the GPU's per-step spread around the model)."""
     latest = {(r["scenario"], float(r["load"]), r["label"]): r for r in replays}
+    calls = replay_calls()
+    if unlogged := [k for k in latest if k not in calls]:
+        raise ProfileError(f"replay {unlogged[0]}: in no step log of calls {ALL_CALLS}")
     rows = list(latest.values())
     with ProcessPoolExecutor(cpus) as pool:
         before = list(pool.map(_simulate, [(r, None, 0.0) for r in rows]))
         after = list(pool.map(_simulate, [(r, pricing, noise) for r in rows]))
-    seen = trained_on()
     cells = [
         {
             **{k: r[k] for k in ("scenario", "load", "label")},
-            "fitted_on": key in seen,
+            "call": calls[key],
+            "fitted_on": calls[key] in TRAIN_CALLS,
             "gpu": r["gpu"]["slo"],
             "before": b,
             "after": a,
         }
         for (key, r), b, a in zip(latest.items(), before, after, strict=True)
     ]
-    groups = {"all": cells, "held_out": [c for c in cells if not c["fitted_on"]]}
+    keys = ("before", "after")
+    groups = {"all": cells, **{g.key: [c for c in cells if c["call"] in g.calls] for g in NOT_FITTED}}
     within = {
-        g: {k: sum(abs(c[k] - c["gpu"]) <= 0.05 for c in cs) for k in ("before", "after")} for g, cs in groups.items()
+        g: {k: sum(abs(c[k] - c["gpu"]) <= TOLERANCE_PTS / 100 for c in cs) for k in keys} for g, cs in groups.items()
     }
     bias = {
-        g: {k: round(100 * float(np.mean([c[k] - c["gpu"] for c in cs])), 2) for k in ("before", "after")}
-        for g, cs in groups.items()
+        g: {k: round(100 * float(np.mean([c[k] - c["gpu"] for c in cs])), 2) for k in keys} for g, cs in groups.items()
     }
-    points = []
-    for sl in dict.fromkeys((c["scenario"], c["load"]) for c in cells):
-        pc = [c for c in cells if (c["scenario"], c["load"]) == sl]
-        points.append({"point": sl, **{k: ranking(pc, k) for k in ("gpu", "before", "after")}})
-    pairs = {k: [0, 0] for k in ("before", "after")}
-    for sl in dict.fromkeys((c["scenario"], c["load"]) for c in cells):
-        pc = [c for c in cells if (c["scenario"], c["load"]) == sl]
-        for k in pairs:
-            a, t = pair_agreement(pc, k)
-            pairs[k][0] += a
-            pairs[k][1] += t
+    at_point: dict[tuple, list[dict]] = {}
+    for c in cells:
+        at_point.setdefault((c["scenario"], c["load"]), []).append(c)
+    points = [{"point": sl, **{k: ranking(pc, k) for k in ("gpu", *keys)}} for sl, pc in at_point.items()]
+    pairs = [p for pc in at_point.values() for p in clear_pairs(pc)]
+    # per group: the clearly ordered pairs with a cell of that group, and how many keep the GPU's order
+    pairs_of = {g: [p for p in pairs if any(c in cs for c in p)] for g, cs in groups.items()}
     return {
         "profile": PROFILE,
         "pricing_after": pricing,
         "noise_after": noise,
         "cells": cells,
-        "cells_held_out": len(groups["held_out"]),
+        "cells_per_group": {g: len(cs) for g, cs in groups.items()},
         "within_5pts": within,
         "mean_bias_pts": bias,
         "points": points,
-        "same_ranking": {k: sum(p[k] == p["gpu"] for p in points) for k in ("before", "after")},
-        "clear_pairs_same_order": pairs,
+        "same_ranking": {k: sum(p[k] == p["gpu"] for p in points) for k in keys},
+        "clear_pairs_same_order": {
+            g: {k: [sum(same_order(p, k) for p in ps), len(ps)] for k in keys} for g, ps in pairs_of.items()
+        },
     }
 
 
 def resim_markdown(doc: dict) -> str:
-    n, h = len(doc["cells"]), doc["cells_held_out"]
-    w, b, pr = doc["within_5pts"], doc["mean_bias_pts"], doc["clear_pairs_same_order"]
+    n, w, b, pr = doc["cells_per_group"], doc["within_5pts"], doc["mean_bias_pts"], doc["clear_pairs_same_order"]
+    named = {"all": "all", **{g.key: g.name for g in NOT_FITTED}}
     lines = [
-        "| steps priced by | cells within 5 pts (all) | held-out cells within 5 pts | mean sim - GPU, held out (pts) "
-        "| points, same ranking | clearly ordered pairs, same order |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| steps priced by | cells | within 5 pts | mean sim - GPU (pts) | clearly ordered pairs with such a cell, "
+        "same order |",
+        "|---|---|---:|---:|---:|",
     ]
-    noise = f", step noise {doc['noise_after']:g}" if doc["noise_after"] else ""
-    after = f"{doc['pricing_after']}`{noise}"
-    for k, name in (("before", f"{doc['profile']}`"), ("after", after)):
-        lines.append(
-            f"| `{name} | {w['all'][k]}/{n} | {w['held_out'][k]}/{h} | {b['held_out'][k]:+.1f} | "
-            f"{doc['same_ranking'][k]}/{len(doc['points'])} | {pr[k][0]}/{pr[k][1]} |"
-        )
+    after = f"`{doc['pricing_after']}`" + (f", step noise {doc['noise_after']:g}" if doc["noise_after"] else "")
+    for k, name in (("before", f"`{doc['profile']}`"), ("after", after)):
+        for g, label in named.items():
+            lines.append(f"| {name} | {label} | {w[g][k]}/{n[g]} | {b[g][k]:+.1f} | {pr[g][k][0]}/{pr[g][k][1]} |")
     lines += [
         "",
-        "| scenario | load | policy | fitted on | GPU | sim before | sim after |",
-        "|---|---:|---|---|---:|---:|---:|",
+        f"Points with the GPU's exact ranking: {doc['same_ranking']['before']}/{len(doc['points'])} before, "
+        f"{doc['same_ranking']['after']}/{len(doc['points'])} after.",
+        "",
+        "| scenario | load | policy | call | GPU | sim before | sim after |",
+        "|---|---:|---|---:|---:|---:|---:|",
     ]
     for c in doc["cells"]:
+        fitted = " (fitted on)" if c["fitted_on"] else ""
         lines.append(
-            f"| {c['scenario']} | {c['load']}x | {c['label']} | {'yes' if c['fitted_on'] else 'no'} | {c['gpu']:.1%} | "
+            f"| {c['scenario']} | {c['load']}x | {c['label']} | {c['call']}{fitted} | {c['gpu']:.1%} | "
             f"{c['before']:.1%} | {c['after']:.1%} |"
         )
     return "\n".join(lines) + "\n"
 
 
+# --- capacity -----------------------------------------------------------------------------------------------
+def _capacity(args: tuple[dict, float, str | None]) -> float:
+    """The highest rate at which the simulator meets the capacity target on ``row``'s window, policy, options and
+    admission, searched from ``start`` req/s, steps priced by ``pricing`` (None: the bundled profile)."""
+    from fairbatching.evaluation.capacity import bracket_search  # noqa: PLC0415
+
+    row, start, pricing = args
+    target = _gpu_tail().TARGET
+    lo, _hi = bracket_search(
+        lambda q: _simulate(({**row, "qps": q}, pricing, 0.0)) >= target, start, CAPACITY_TOLERANCE, CAPACITY_POINTS
+    )
+    return lo
+
+
+def inside(cap: float, lo: float | None, hi: float | None) -> bool | None:
+    """Whether ``cap`` lies in the GPU's bracket ``[lo, hi)``; None where the bracket is open and ``cap`` is on
+    its open side (neither side of it is contradicted)."""
+    if (lo is not None and cap < lo) or (hi is not None and cap >= hi):
+        return False
+    return True if lo is not None and hi is not None else None
+
+
+def capacity(replays: list[dict], pricing: str, cpus: int) -> dict:
+    """Every policy's GPU capacity bracket (benchmarks/gpu_tail.py's ``capacity_brackets`` over the latest
+    replays) beside its simulated capacity under the bundled pricing and ``pricing``."""
+    latest = list({(r["scenario"], float(r["load"]), r["label"]): r for r in replays}.values())
+    brackets = _gpu_tail().capacity_brackets(latest)
+    jobs = [
+        (next(r for r in latest if (r["scenario"], r["label"]) == (b["scenario"], b["label"])), b["lo"] or b["hi"])
+        for b in brackets
+    ]
+    keys = {"before": None, "after": pricing}
+    with ProcessPoolExecutor(cpus) as pool:
+        sims = {k: list(pool.map(_capacity, [(r, start, p) for r, start in jobs])) for k, p in keys.items()}
+    rows = []
+    for i, b in enumerate(brackets):
+        row = {k: b[k] for k in ("scenario", "label", "policy", "lo", "hi")}
+        for k in keys:
+            row |= {f"sim_{k}": round(sims[k][i], 2), f"inside_{k}": inside(sims[k][i], b["lo"], b["hi"])}
+        rows.append(row)
+    closed = [r for r in rows if r["lo"] is not None and r["hi"] is not None]
+    return {
+        "profile": PROFILE,
+        "pricing_after": pricing,
+        "target": _gpu_tail().TARGET,
+        "tolerance": CAPACITY_TOLERANCE,
+        "rows": rows,
+        "closed_inside": {k: [sum(bool(r[f"inside_{k}"]) for r in closed), len(closed)] for k in keys},
+    }
+
+
+def _rps(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
+def capacity_markdown(doc: dict) -> str:
+    verdict = {True: "inside", False: "OUTSIDE", None: "(open)"}
+    lines = [
+        f"| scenario | policy | GPU capacity in [met, missed) req/s | sim, `{doc['profile']}` | "
+        f"sim, `{doc['pricing_after']}` |",
+        "|---|---|---|---:|---:|",
+    ]
+    for r in doc["rows"]:
+        sims = " | ".join(f"{r[f'sim_{k}']:.2f} {verdict[r[f'inside_{k}']]}" for k in ("before", "after"))
+        lines.append(f"| {r['scenario']} | {r['label']} | [{_rps(r['lo'])}, {_rps(r['hi'])}) | {sims} |")
+    c = doc["closed_inside"]
+    lines += [
+        "",
+        f"Closed GPU brackets holding the simulated capacity: {c['before'][0]}/{c['before'][1]} under "
+        f"`{doc['profile']}`, {c['after'][0]}/{c['after'][1]} under `{doc['pricing_after']}`.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
 # --- record -------------------------------------------------------------------------------------------------
 PROFILE_DIR = Path("src/fairbatching/costmodel/profiles")
-TOLERANCE_PTS = 5.0  # as evaluation/calibrate.py's ATTAINMENT_TOLERANCE_PTS
-STEP_TOLERANCE = 0.10  # as its STEP_MAPE_TOLERANCE
 
 
 def validation_from_resim(doc: dict, key: str, held: list[dict], mape: dict, steps: int, planning: str) -> dict:
@@ -408,7 +526,8 @@ def validation_from_resim(doc: dict, key: str, held: list[dict], mape: dict, ste
             "held_out": "none of "
             "these replays was fitted on (the first 300 conversation requests were; the refit: call 1)",
         },
-        "load": "0.85x, 1.0x and 1.15x the best baseline's simulated capacity per window (results/gpu-tail/plan.json)",
+        "load": f"{', '.join(f'{x:g}x' for x in sorted({c['load'] for c in held}))} the best baseline's simulated "
+        "capacity per window (results/gpu-tail/plan.json)",
         "planning": planning,
         "policies": [
             {
@@ -430,7 +549,7 @@ def validation_from_resim(doc: dict, key: str, held: list[dict], mape: dict, ste
 
 def record(steps: Steps, doc: dict) -> None:
     """Both bundled H200 profiles' ``fit.validation``, from the replays and steps each was not fitted on."""
-    train = np.isin(steps.call, TRAIN_CALLS)
+    train = steps.of(TRAIN)
     engine_plans = f"{PROFILE} (with online calibration), on the GPU and in the simulator"
     for name, key, held, sel in (
         (PROFILE, "before", doc["cells"], np.ones(len(train), bool)),
@@ -450,19 +569,21 @@ def record(steps: Steps, doc: dict) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("phase", choices=("analyse", "fit", "resim", "sample", "record"))
+    ap.add_argument("phase", choices=("analyse", "fit", "resim", "capacity", "sample", "record"))
     ap.add_argument("--rows", type=int, default=3000, help="sample: steps in each of the train and held-out files")
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--pricing", default="llama-3-8b-h200-serving", help="resim: the profile steps are priced by")
+    ap.add_argument(
+        "--pricing", default="llama-3-8b-h200-serving", help="resim, capacity: the profile steps are priced by"
+    )
     ap.add_argument("--save", type=Path, help="fit: write the fitted profile JSON here")
     ap.add_argument("--noise", type=float, default=0.0, help="resim: per-step log-normal noise on the new pricing")
-    ap.add_argument("--cpus", type=int, default=1, help="resim: simulator processes")
+    ap.add_argument("--cpus", type=int, default=1, help="resim, capacity: simulator processes")
     args = ap.parse_args()
     try:
-        files = default_files((*TRAIN_CALLS, *HELD_OUT_CALLS))
+        files = default_files(ALL_CALLS)
         if missing := [str(p) for p in files.values() if not p.is_file()]:
             raise ConfigError(f"step log {missing[0]}: no such file (run from the repository root)")
-        if args.phase == "resim":
+        if args.phase in ("resim", "capacity"):
             load_profile(args.pricing)
             if not 0 <= args.noise < 1:
                 raise ConfigError(f"--noise {args.noise:g}: give a standard deviation in [0, 1)")
@@ -471,25 +592,30 @@ def main() -> None:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     try:
-        if args.phase == "resim":
+        if args.phase in ("resim", "capacity"):
             replays = [json.loads(s) for s in (STEPS / "replays.jsonl").read_text().splitlines() if s.strip()]
-            doc = resim(replays, args.pricing, args.cpus, args.noise)
-            name = f"resim-noise{args.noise:g}.json" if args.noise else "resim.json"
+            if args.phase == "resim":
+                doc = resim(replays, args.pricing, args.cpus, args.noise)
+                name, text = f"resim-noise{args.noise:g}.json" if args.noise else "resim.json", resim_markdown(doc)
+            else:
+                doc = capacity(replays, args.pricing, args.cpus)
+                name, text = "capacity.json", capacity_markdown(doc)
             tmp = args.out / (name + ".tmp")
             tmp.write_text(json.dumps(doc, indent=2) + "\n")
             tmp.replace(args.out / name)
-            print(resim_markdown(doc))
+            print(text)
             return
         steps = read_steps(files)
         if args.phase == "record":
             record(steps, json.loads((args.out / "resim.json").read_text()))
             return
-        train, held = steps.select(np.isin(steps.call, TRAIN_CALLS)), steps.select(~np.isin(steps.call, TRAIN_CALLS))
+        # the refit, its record and the CPU test's sample stay on the calls they were made from (1; 2 and 3)
+        train, held = steps.select(steps.of(TRAIN)), steps.select(steps.of(HELD_OUT))
         bundled = load_profile(PROFILE).cost_model()
         command = "benchmarks/step_fidelity.py fit: the bundled llama-3-8b-h200-engine refitted on call 1's GPU steps"
         prof, report = fit_on(train, "llama-3-8b-h200-serving", command)
         models = {PROFILE: bundled, "refit on call 1": prof.cost_model()}
-        errors, doc = errors_table(models, train, held)
+        errors, doc = errors_table(models, steps)
         if args.phase == "sample":
             write_sample(train, args.rows, args.out / "gpu-steps-train.csv.gz", 0)
             write_sample(held, args.rows, args.out / "gpu-steps-held-out.csv.gz", 1)
@@ -499,7 +625,7 @@ def main() -> None:
                 "steps": len(held.period),
                 "from": "GPU tail replays not fitted on: conversation at 0.85x and other policy variants, Azure code, "
                 "mixed SLO classes, Mooncake long prompts (results/sim-vs-gpu/step_fidelity.md)",
-                "mape": doc["refit on call 1 / held out (calls 2, 3)"],
+                "mape": doc[f"refit on call 1 / {HELD_OUT.name}"],
             }
             prof = replace(prof, fit={**prof.fit, "held_out_replays": held_out})
             print(errors)
@@ -513,10 +639,20 @@ def main() -> None:
             [
                 "# Step fidelity: measured step periods against the cost model (issue 28)",
                 "",
-                f"{len(steps.period)} GPU steps of the 44 tail replays (results/gpu-tail/steps-call*.csv.gz), each at "
-                f"its period (start to the next step's start; the step alone where the loop idled > "
-                f"{IDLE_GAP_S * 1e3:g} ms). Train: call 1 (conversation windows, 1.0x / 1.15x); held out: calls 2 "
-                "and 3 (conversation at 0.85x and other variants, code, mixed SLO classes, long prompts).",
+                f"{len(steps.period)} GPU steps of the {len(set(steps.replay))} tail replays "
+                f"(results/gpu-tail/steps-call*.csv.gz), each at its period (start to the next step's start; the step "
+                f"alone where the loop idled > {IDLE_GAP_S * 1e3:g} ms). Train: call 1 (conversation windows, 1.0x / "
+                "1.15x); held out: calls 2 and 3 (conversation at 0.85x and other variants, code, mixed SLO classes, "
+                "long prompts); fresh held out: calls 5-8, replayed after the refit was bundled (FairBatching with "
+                "node admission reject / defer on every window; policies at loads not replayed before, 0.9x-1.5x).",
+                "",
+                "| group | calls | replays | steps | of them carrying prefill |",
+                "|---|---|---:|---:|---:|",
+                *(
+                    f"| {g.name} | {', '.join(map(str, g.calls))} | {len(set(steps.replay[steps.of(g)]))} | "
+                    f"{int(steps.of(g).sum())} | {int((steps.of(g) & steps.prefill).sum())} |"
+                    for g in GROUPS
+                ),
                 "",
                 "    PYTHONPATH=src python3 benchmarks/step_fidelity.py analyse --out results/sim-vs-gpu",
                 "",

@@ -6,7 +6,10 @@ other replays (conversation at 0.85x and other variants, Azure code, mixed SLO c
 """
 
 import gzip
+import importlib.util
+import json
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +19,7 @@ from fairbatching.costmodel.fit import fit_cost_model, load_profile_rows
 from fairbatching.costmodel.model import CostModel
 from fairbatching.costmodel.profile import load_profile
 
+ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).parent / "data"
 # Held-out MAPE of the period, measured on these samples (step_fidelity.md has the full logs): 5.6% on
 # decode-only steps and 9.0% on steps carrying prefill; the bounds leave margin for a different BLAS or SciPy.
@@ -64,3 +68,37 @@ def test_the_bundled_serving_profile_is_the_refit_and_records_its_held_out_error
     held = prof.fit["held_out_replays"]
     assert held["steps"] > 10000 and held["mape"]["prefill"] < PREFILL_BOUND
     assert prof.hardware["device"] == "NVIDIA H200" and prof.kv == load_profile("llama-3-8b-h200-engine").kv
+
+
+def _step_fidelity():
+    spec = importlib.util.spec_from_file_location("step_fidelity", ROOT / "benchmarks" / "step_fidelity.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["step_fidelity"] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_gpu_replay_is_in_one_call_group_and_the_fresh_calls_were_not_fitted_on(monkeypatch):
+    """benchmarks/step_fidelity.py scores train, held-out and fresh (after the refit) calls apart: every replay
+    of results/gpu-tail has its steps in a logged call, no call is in two groups, the refit's group is call 1
+    alone, and the fresh group's replays are those of the commits replayed after the refit."""
+    sf = _step_fidelity()
+    monkeypatch.chdir(ROOT)
+    calls = sf.replay_calls()
+    replays = [json.loads(s) for s in (ROOT / "results/gpu-tail/replays.jsonl").read_text().splitlines() if s]
+    assert {(r["scenario"], float(r["load"]), r["label"]) for r in replays} == set(calls)
+    groups = [g.calls for g in sf.GROUPS]
+    assert sorted(c for g in groups for c in g) == sorted(set(sf.ALL_CALLS)) and sf.TRAIN.calls == (1,)
+    fresh = {k for k, c in calls.items() if c in sf.FRESH.calls}
+    assert fresh and all(
+        r.get("code") in ("6586fc4", "8292536")
+        for r in replays
+        if (r["scenario"], float(r["load"]), r["label"]) in fresh
+    )
+
+
+def test_a_simulated_capacity_is_inside_a_closed_gpu_bracket_only_between_its_ends():
+    inside = _step_fidelity().inside
+    assert inside(10.0, 9.0, 11.0) is True and inside(11.0, 9.0, 11.0) is False and inside(8.9, 9.0, 11.0) is False
+    assert inside(12.0, 9.0, None) is None and inside(8.0, 9.0, None) is False and inside(12.0, None, 11.0) is False
