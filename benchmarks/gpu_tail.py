@@ -104,6 +104,13 @@ SCENARIOS = {
         # Long prompts (Mooncake conversation: 12k tokens mean), short outputs; requests past the engine's
         # 16k context are dropped first, so every policy can serve every request of the window.
         Scenario("long-prompt", "mooncake-conv", SLO(10.0, 0.1), 100, start=2000, fit_context=True),
+        # Held-out windows ("-b"), first replayed after every policy default and the simulator's pricing were
+        # fixed: the same shapes at other trace positions and another synthetic seed.
+        Scenario("conv-2s-b", "azure-conv", SLO(2.0, 0.1), 600, start=15000),
+        Scenario("conv-1s-b", "azure-conv", SLO(1.0, 0.05), 600, start=4000),
+        Scenario("code-b", "azure-code", SLO(2.0, 0.1), 200, start=1500),
+        Scenario("mixed-slo-b", "mixed-slo", SLO(0.5, 0.05), 300, seed=8),
+        Scenario("long-prompt-b", "mooncake-conv", SLO(10.0, 0.1), 100, start=5000, fit_context=True),
     )
 }
 
@@ -191,9 +198,13 @@ def sim_capacity(pool: ProcessPoolExecutor, sc: Scenario, policy: str) -> float:
 
 
 def plan(args: argparse.Namespace) -> None:
+    """Each scenario's loads (``--scenarios``: only those, their rows replacing theirs in an existing plan)."""
+    path = args.out / "plan.json"
+    chosen = args.scenarios or list(SCENARIOS)
+    kept = [r for r in json.loads(path.read_text())["rows"] if r["scenario"] not in chosen] if path.is_file() else []
     rows = []
     with ProcessPoolExecutor(args.cpus) as pool:
-        for sc in SCENARIOS.values():
+        for sc in (SCENARIOS[name] for name in chosen):
             caps = {p: sim_capacity(pool, sc, p) for p in ("fairbatching", *BASELINES)}
             best = max(BASELINES, key=lambda p: caps[p])
             base_policy = best if caps[best] > 0 else "fairbatching"
@@ -216,7 +227,9 @@ def plan(args: argparse.Namespace) -> None:
             log(f"{sc.name}: simulated capacity {rows[-1]['sim_capacity_rps']}; loads from {base_policy} {base}")
     args.out.mkdir(parents=True, exist_ok=True)
     doc = {"profile": PROFILE, "target": TARGET, "loads": LOADS, "scenarios": [asdict(s) for s in SCENARIOS.values()]}
-    (args.out / "plan.json").write_text(json.dumps({**doc, "rows": rows}, indent=2) + "\n")
+    order = {name: i for i, name in enumerate(SCENARIOS)}
+    rows = sorted(kept + rows, key=lambda r: order.get(r["scenario"], len(order)))
+    path.write_text(json.dumps({**doc, "rows": rows}, indent=2) + "\n")
 
 
 # --- run ----------------------------------------------------------------------------------------------------

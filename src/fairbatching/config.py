@@ -161,7 +161,10 @@ class FairBatchingConfig(BatchLimits):
         0.0, "share of a first token's lead over its TTFT carried into decode deadlines", lo=0.0, hi=1.0
     )
     min_budget_fraction: float = option(
-        0.5, "floor of a step's time budget, as a share of the tightest TPOT", lo=0.0, hi=1.0
+        0.5,
+        "floor of a step's time budget, as a share of the tightest TPOT (above 1: trade TPOT for TTFT)",
+        lo=0.0,
+        hi=4.0,
     )
     kv_reserve_fraction: float = option(0.01, "share of the KV cache kept free when admitting", lo=0.0, hi=1.0)
     kv_high_watermark: float = option(

@@ -29,7 +29,9 @@ class FairBatchingPolicy(Policy):
     Capacity: the batch may last as long as the tightest decode deadline allows (``min slack``), capped by
     ``max_batch_time`` and the token limit, but never less than the urgent decodes need, nor less than
     ``min_budget_fraction`` of the tightest TPOT SLO: a deadline already missed cannot be saved, and letting
-    it shrink every batch to a few decodes would collapse throughput exactly when the node is behind.
+    it shrink every batch to a few decodes would collapse throughput exactly when the node is behind. Above 1
+    the floor lets steps outlast the tightest decode deadline: decodes give up TPOT so prefills run in larger,
+    cheaper chunks (lower TTFT), the trade vLLM's token budget makes.
     Formation:
       1. urgent decodes: those that would miss their next deadline if they waited for the next batch;
       2. prefills (ongoing and new), earliest first-token deadline first, chunked to the time budget; a
