@@ -171,12 +171,12 @@ def point_fields(s: Summary) -> dict:
     }
 
 
-def simulate(sc: Scenario, variant: Variant, qps: float, tiny: bool = False) -> dict:
+def simulate(sc: Scenario, variant: Variant, qps: float, tiny: bool = False, profile: str = PROFILE) -> dict:
     """The simulator's run of the same requests, policy and options on the planning profile."""
     w = sc.build(qps, tiny)
     exp = Experiment(
         w,
-        load_profile(PROFILE),
+        load_profile(profile),
         sc.slo,
         max_model_len=MAX_CONTEXT,
         policy_options={variant.policy: dict(variant.options)},
@@ -187,13 +187,16 @@ def simulate(sc: Scenario, variant: Variant, qps: float, tiny: bool = False) -> 
 
 
 # --- plan ---------------------------------------------------------------------------------------------------
-def _attainment(args: tuple[str, str, float]) -> float:
-    name, policy, qps = args
-    return simulate(SCENARIOS[name], Variant(policy, policy), qps)["slo"]
+def _attainment(args: tuple[str, str, float, str]) -> float:
+    name, policy, qps, profile = args
+    return simulate(SCENARIOS[name], Variant(policy, policy), qps, profile=profile)["slo"]
 
 
-def sim_capacity(pool: ProcessPoolExecutor, sc: Scenario, policy: str) -> float:
-    lo, _hi = bracket_search(lambda q: pool.submit(_attainment, (sc.name, policy, q)).result() >= TARGET, 8.0, 0.02, 24)
+def sim_capacity(pool: ProcessPoolExecutor, sc: Scenario, policy: str, profile: str) -> float:
+    def meets(q: float) -> bool:
+        return pool.submit(_attainment, (sc.name, policy, q, profile)).result() >= TARGET
+
+    lo, _hi = bracket_search(meets, 8.0, 0.02, 24)
     return lo
 
 
@@ -201,16 +204,19 @@ def plan(args: argparse.Namespace) -> None:
     """Each scenario's loads (``--scenarios``: only those, their rows replacing theirs in an existing plan)."""
     path = args.out / "plan.json"
     chosen = args.scenarios or list(SCENARIOS)
-    kept = [r for r in json.loads(path.read_text())["rows"] if r["scenario"] not in chosen] if path.is_file() else []
+    old = json.loads(path.read_text()) if path.is_file() else {"rows": [], "profile": args.profile}
+    if old["profile"] != args.profile:
+        raise ConfigError(f"{path} plans on {old['profile']}, not --profile {args.profile}: plan into another --out")
+    kept = [r for r in old["rows"] if r["scenario"] not in chosen]
     rows = []
     with ProcessPoolExecutor(args.cpus) as pool:
         for sc in (SCENARIOS[name] for name in chosen):
-            caps = {p: sim_capacity(pool, sc, p) for p in ("fairbatching", *BASELINES)}
+            caps = {p: sim_capacity(pool, sc, p, args.profile) for p in ("fairbatching", *BASELINES)}
             best = max(BASELINES, key=lambda p: caps[p])
             base_policy = best if caps[best] > 0 else "fairbatching"
             base = round(caps[base_policy], 2)
             spans = {
-                f"{p}@{f}": pool.submit(simulate, sc, Variant(p, p), round(base * f, 2))
+                f"{p}@{f}": pool.submit(simulate, sc, Variant(p, p), round(base * f, 2), False, args.profile)
                 for f in LOADS
                 for p in ("fairbatching", *BASELINES)
             }
@@ -226,7 +232,12 @@ def plan(args: argparse.Namespace) -> None:
             )
             log(f"{sc.name}: simulated capacity {rows[-1]['sim_capacity_rps']}; loads from {base_policy} {base}")
     args.out.mkdir(parents=True, exist_ok=True)
-    doc = {"profile": PROFILE, "target": TARGET, "loads": LOADS, "scenarios": [asdict(s) for s in SCENARIOS.values()]}
+    doc = {
+        "profile": args.profile,
+        "target": TARGET,
+        "loads": LOADS,
+        "scenarios": [asdict(s) for s in SCENARIOS.values()],
+    }
     order = {name: i for i, name in enumerate(SCENARIOS)}
     rows = sorted(kept + rows, key=lambda r: order.get(r["scenario"], len(order)))
     path.write_text(json.dumps({**doc, "rows": rows}, indent=2) + "\n")
@@ -358,13 +369,15 @@ def append_steps(path: Path, row: dict, steps: list[tuple]) -> None:
         f.write("\n".join(lines) + "\n")
 
 
-def replay_job(engine: Engine, job: Job, tiny: bool, note: str = "") -> tuple[dict, list[tuple]]:
+def replay_job(
+    engine: Engine, job: Job, tiny: bool, note: str = "", profile: str = PROFILE
+) -> tuple[dict, list[tuple]]:
     from fairbatching.engine.loop import replay
     from fairbatching.policies import make_policy
 
     sc, v = job.scenario, job.variant
     w = sc.build(job.qps, tiny)
-    prof = load_profile(PROFILE)
+    prof = load_profile(profile)
     runner = engine.get()
     policy = make_policy(v.policy, prof.cost_model(), tpot_slo=sc.slo.tpot, **dict(v.options))
     start = time.time()
@@ -388,6 +401,7 @@ def replay_job(engine: Engine, job: Job, tiny: bool, note: str = "") -> tuple[di
         "wall_s": round(wall, 2),
         "steps": res.iterations,
         "calibration_factors": list(getattr(policy.cost_model, "factors", (1.0, 1.0))),
+        **({"profile": profile} if profile != PROFILE else {}),
         **engine.info,
         **({"tiny": True} if tiny else {}),
         **({"code": note} if note else {}),
@@ -422,7 +436,7 @@ def run(args: argparse.Namespace) -> None:
         if time.time() - T0 + start_cost + j.est_s * 1.2 > args.budget_s:
             log(f"budget: {j.scenario.name} x{j.load} {j.variant.label} (~{j.est_s:.0f} s) would end past it; stop")
             break
-        row, steps = replay_job(engine, j, args.tiny, args.note)
+        row, steps = replay_job(engine, j, args.tiny, args.note, plan_doc["profile"])
         append_steps(args.out / "steps.csv.gz", row, steps)
         with path.open("a") as out:
             out.write(json.dumps(row) + "\n")
@@ -486,7 +500,8 @@ def build_report(replays: list[dict], sims: dict[tuple, dict]) -> dict:
                     "vs_best_baseline": compare_point(rows),
                 }
             )
-    return {"profile": PROFILE, "points": points, "capacity": capacity_brackets(list(latest.values()))}
+    profiles = sorted({r.get("profile", PROFILE) for r in replays})
+    return {"profile": ", ".join(profiles), "points": points, "capacity": capacity_brackets(list(latest.values()))}
 
 
 def capacity_brackets(rows: list[dict]) -> list[dict]:
@@ -525,7 +540,7 @@ def capacity_brackets(rows: list[dict]) -> list[dict]:
 def _sim_row(r: dict) -> dict:
     sc = SCENARIOS[r["scenario"]]
     v = Variant(r["label"], r["policy"], tuple(sorted(r["options"].items())), r.get("admission", "none"))
-    return simulate(sc, v, r["qps"], bool(r.get("tiny")))
+    return simulate(sc, v, r["qps"], bool(r.get("tiny")), r.get("profile", PROFILE))
 
 
 def _fmt(x: float | None, scale: float = 1.0, digits: int = 2) -> str:
@@ -614,8 +629,8 @@ def readme_head(doc: dict, replays: list[dict]) -> str:
         "# GPU tail: SLO attainment beside P99 TTFT and P99 TBT, at the best baseline's capacity and above",
         "",
         f"Device: {', '.join(devices)}; {len(replays)} replays in `replays.jsonl` (a point replayed again: its last "
-        f"replay counts). Policies plan on `{PROFILE}` with online calibration on; `(sim)` is the simulator on the "
-        "same profile and the same requests. Loads are multiples of the best baseline's simulated capacity on "
+        f"replay counts). Policies plan on `{doc['profile']}` with online calibration on; `(sim)` is the simulator "
+        "on the same profile and the same requests. Loads are multiples of the best baseline's simulated capacity on "
         "that window (`plan.json`; FairBatching's own where no baseline reaches 90%). Windows:",
         "",
     ]
@@ -679,6 +694,9 @@ def main() -> None:
     )
     ap.add_argument("--budget-s", type=float, default=540.0, help="start no replay that would end past this")
     ap.add_argument("--cpus", type=int, default=2, help="simulator processes (plan, report)")
+    ap.add_argument(
+        "--profile", default=PROFILE, help="plan: the profile the policies plan on and the simulator prices"
+    )
     ap.add_argument("--device", default=None, help="cuda (default) or cpu (with --tiny)")
     ap.add_argument(
         "--num-blocks", type=int, help="KV blocks to allocate (default: sized after warm-up, at most 0.8 of free)"
