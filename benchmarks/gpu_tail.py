@@ -616,12 +616,12 @@ def report(args: argparse.Namespace) -> None:
     doc = build_report(list(latest.values()), sims)
     (args.out / "tail.json").write_text(json.dumps(doc, indent=2) + "\n")
     table = markdown(doc)
-    (args.out / "README.md").write_text(readme_head(doc, replays) + table)
+    (args.out / "README.md").write_text(readme_head(doc, replays, args.out) + table)
     print(table)
     log(f"wrote {args.out / 'tail.json'} and {args.out / 'README.md'}")
 
 
-def readme_head(doc: dict, replays: list[dict]) -> str:
+def readme_head(doc: dict, replays: list[dict], out: Path) -> str:
     """What the tables are, from what the replays carry: device, engine, windows, loads."""
     devices = sorted({r.get("device", "?") for r in replays})
     windows = {r["scenario"]: r["window"] for r in replays}
@@ -656,7 +656,7 @@ def readme_head(doc: dict, replays: list[dict]) -> str:
         "",
         "Made by (the device commands that replayed are in commands.md beside this file):",
         "",
-        "    PYTHONPATH=src python3 benchmarks/gpu_tail.py report --out results/gpu-tail",
+        f"    PYTHONPATH=src python3 benchmarks/gpu_tail.py report --out {out}",
         "",
         "Targets (issue 26), against the baseline (Sarathi or vLLM's policy, as users run them: `sarathi-reject` "
         "is a variant) meeting the most SLOs at that load on the GPU: at 1.0x, SLO attainment >= best + 5 points "
