@@ -734,6 +734,9 @@ def main() -> None:
         sys.exit(2)
     try:
         {"plan": plan, "run": run, "report": report}[args.phase](args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
     except KeyboardInterrupt:
         log("interrupted: every replay written so far is whole; rerun to continue")
         sys.exit(130)

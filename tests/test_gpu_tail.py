@@ -175,3 +175,17 @@ def test_driver_end_to_end_on_a_cpu_engine_runs_resumes_and_reports(tmp_path):
     assert "| code | 1.0x |" in (tmp_path / "README.md").read_text()
     res = tail("run", "--budget-s", "0", "--job", "nope")
     assert res.returncode == 2 and "unknown scenario 'nope'" in res.stderr
+
+
+def test_plan_refuses_to_mix_profiles_in_one_plan(tmp_path):
+    """A plan's loads are one profile's capacities: planning other scenarios into it on another profile would
+    put two GPUs' loads in one table, so it is a one-line error, exit 2, and the plan is left as it was."""
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"profile": "llama-3-8b-h200-engine", "rows": []}))
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu_tail.py"), "plan", "--out", str(tmp_path)]
+    cmd += ["--profile", "llama-3-8b-h100-engine", "--scenarios", "code-b"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env={"PYTHONPATH": str(ROOT / "src")}, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip().count("\n") == 0
+    assert "plans on llama-3-8b-h200-engine, not --profile llama-3-8b-h100-engine" in done.stderr
+    assert json.loads(plan.read_text()) == {"profile": "llama-3-8b-h200-engine", "rows": []}
