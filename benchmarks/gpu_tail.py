@@ -47,6 +47,7 @@ from fairbatching.errors import ConfigError
 from fairbatching.evaluation.capacity import bracket_search
 from fairbatching.metrics.summary import Summary, summarize
 from fairbatching.runs import Experiment
+from fairbatching.serving.pricing import StepError
 from fairbatching.validate import check_policy_options
 from fairbatching.workloads.families import family
 from fairbatching.workloads.spec import Workload
@@ -171,8 +172,17 @@ def point_fields(s: Summary) -> dict:
     }
 
 
-def simulate(sc: Scenario, variant: Variant, qps: float, tiny: bool = False, profile: str = PROFILE) -> dict:
-    """The simulator's run of the same requests, policy and options on the planning profile."""
+def simulate(
+    sc: Scenario,
+    variant: Variant,
+    qps: float,
+    tiny: bool = False,
+    profile: str = PROFILE,
+    pricing: str | None = None,
+    step_error: StepError | None = None,
+) -> dict:
+    """The simulator's run of the same requests, policy and options on the planning profile (steps priced by
+    ``pricing`` with ``step_error`` where given, else by the planning profile itself)."""
     w = sc.build(qps, tiny)
     exp = Experiment(
         w,
@@ -181,6 +191,8 @@ def simulate(sc: Scenario, variant: Variant, qps: float, tiny: bool = False, pro
         max_model_len=MAX_CONTEXT,
         policy_options={variant.policy: dict(variant.options)},
         admission=variant.admission,
+        pricing=None if pricing is None else load_profile(pricing),
+        step_error=step_error,
     )
     res = exp.run(variant.policy)
     return {**point_fields(res.summary), "span_s": res.summary.duration_s}

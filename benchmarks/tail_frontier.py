@@ -11,16 +11,15 @@ conv-1s at 29.43 req/s within 2 points and 0.03 s of its GPU replays for all thr
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from gpu_tail import MAX_CONTEXT, PROFILE, SCENARIOS  # noqa: E402
+from gpu_tail import PROFILE, SCENARIOS, Variant, simulate  # noqa: E402
 
-from fairbatching.costmodel.profile import load_profile  # noqa: E402
-from fairbatching.runs import Experiment  # noqa: E402
 from fairbatching.serving.pricing import StepError  # noqa: E402
 
 PRICING = "llama-3-8b-h200-serving"
@@ -29,22 +28,13 @@ FLOORS = (0.5, 1.0, 1.5, 2.0, 3.0)  # 0.5 is the default
 
 def one(job: tuple[str, float, str, float | None]) -> str:
     scenario, qps, policy, floor = job
-    sc = SCENARIOS[scenario]
-    options = {} if floor is None else {"min_budget_fraction": floor}
-    exp = Experiment(
-        sc.build(qps),
-        load_profile(PROFILE),
-        sc.slo,
-        max_model_len=MAX_CONTEXT,
-        policy_options={policy: options},
-        pricing=load_profile(PRICING),
-        step_error=StepError(noise=0.05, seed=1),
-    )
-    s = exp.run(policy).summary
+    options = () if floor is None else (("min_budget_fraction", floor),)
     label = policy if floor is None else f"{policy} floor {floor:g}"
+    variant = Variant(label, policy, options)
+    s = simulate(SCENARIOS[scenario], variant, qps, False, PROFILE, PRICING, StepError(noise=0.05, seed=1))
     return (
-        f"| {scenario} | {qps:g} | {label} | {s.slo_attainment:.1%} | {s.ttft.p50:.2f} | {s.ttft.p99:.2f} | "
-        f"{s.tbt.p99 * 1e3:.0f} |"
+        f"| {scenario} | {qps:g} | {label} | {s['slo']:.1%} | {s['ttft_p50']:.2f} | {s['ttft_p99']:.2f} | "
+        f"{s['tbt_p99'] * 1e3:.0f} |"
     )
 
 
@@ -56,12 +46,14 @@ def main() -> None:
     jobs = []
     for point in args.point:
         name, _, qps = point.partition("@")
-        if name not in SCENARIOS:
-            sys.exit(f"error: --point {point!r}: unknown scenario {name!r}")
         try:
             rate = float(qps)
         except ValueError:
-            sys.exit(f"error: --point {point!r}: {qps!r} is not a rate")
+            rate = math.nan
+        if name not in SCENARIOS or not (math.isfinite(rate) and rate > 0):
+            what = f"unknown scenario {name!r}" if name not in SCENARIOS else f"{qps!r} is not a positive rate"
+            print(f"error: --point {point!r}: {what}", file=sys.stderr)
+            sys.exit(2)
         jobs += [(name, rate, p, None) for p in ("sarathi", "vllm")]
         jobs += [(name, rate, "fairbatching", f) for f in FLOORS]
     print("| scenario | req/s | policy | SLO met | P50 TTFT s | P99 TTFT s | P99 TBT ms |")
