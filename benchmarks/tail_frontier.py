@@ -58,9 +58,13 @@ def main() -> None:
         jobs += [(name, rate, "fairbatching", f) for f in FLOORS]
     print("| scenario | req/s | policy | SLO met | P50 TTFT s | P99 TTFT s | P99 TBT ms |")
     print("|---|---:|---|---:|---:|---:|---:|")
-    with ProcessPoolExecutor(args.cpus) as pool:
-        for line in pool.map(one, jobs):
-            print(line, flush=True)
+    try:
+        with ProcessPoolExecutor(args.cpus) as pool:
+            for line in pool.map(one, jobs):
+                print(line, flush=True)
+    except KeyboardInterrupt:
+        print("interrupted: the rows printed so far are whole", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":
