@@ -41,7 +41,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from fairbatching.core.request import SLO
+from fairbatching.core.request import SLO, RequestStatus
 from fairbatching.costmodel.profile import load_profile
 from fairbatching.errors import ConfigError
 from fairbatching.evaluation.capacity import bracket_search
@@ -381,6 +381,14 @@ def append_steps(path: Path, row: dict, steps: list[tuple]) -> None:
         f.write("\n".join(lines) + "\n")
 
 
+def refusal_kinds(requests: list) -> dict[str, int]:
+    """Refused requests by when admission refused them: at arrival (no budget), or once their first token's
+    deadline had passed while they waited (``lost``)."""
+    ended = [r.finish_reason or "" for r in requests if r.status is RequestStatus.REJECTED]
+    lost = sum("deadline passed" in reason for reason in ended)
+    return {"arrival": len(ended) - lost, "lost": lost}
+
+
 def replay_job(
     engine: Engine, job: Job, tiny: bool, note: str = "", profile: str = PROFILE
 ) -> tuple[dict, list[tuple]]:
@@ -410,6 +418,7 @@ def replay_job(
         "window": {"workload": sc.workload, "start": sc.start, "seed": sc.seed, "requests": len(w)},
         "slo": [sc.slo.ttft, sc.slo.tpot],
         "gpu": point_fields(s),
+        "refusals": refusal_kinds(res.requests),
         "wall_s": round(wall, 2),
         "steps": res.iterations,
         "calibration_factors": list(getattr(policy.cost_model, "factors", (1.0, 1.0))),

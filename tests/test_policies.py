@@ -192,6 +192,27 @@ def test_prefill_admission_budget_shrinks_with_committed_work(cost):
     assert FairBatchingPolicy(cost).admission_budget(state(NOW, decodes, queued), 2.0) == loaded
 
 
+def test_a_full_node_seats_a_request_its_ttft_leaves_time_for_at_the_rate_requests_finish(cost):
+    """All sequence slots taken: with no finishes seen the node has no room; with requests finishing at 10/s,
+    the 20 slots freed within a 2 s TTFT seat the 10 queued requests and a new one, not 30 queued ones; a
+    node whose requests stopped finishing is read down as the wait since its last finish grows."""
+    from fairbatching.policies.admission import prefill_admission_budget, release_rate
+
+    decodes = [decode(f"d{i}", NOW, slack=1.0, prompt=500) for i in range(64)]
+    queued = [waiting(f"w{i}", NOW, 0.5, prompt=100) for i in range(10)]
+    full = state(NOW, decodes, queued)
+    assert not prefill_admission_budget(full, cost, horizon=2.0, max_num_seqs=74).fits(100)
+    full.releases.extend(NOW - 3.0 + 0.1 * i for i in range(30))  # 29 intervals of 0.1 s, the last at NOW - 0.1
+    assert release_rate(full.releases, NOW) == pytest.approx(29 / 3.0)
+    seated = prefill_admission_budget(full, cost, horizon=2.0, max_num_seqs=74)
+    assert seated.free_slots == 0 and seated.slots_within(2.0) == 19 and seated.fits(100)
+    assert seated.tokens_within(0.05) == 0  # no slot frees within 50 ms
+    long_queue = state(NOW, decodes, queued + [waiting(f"x{i}", NOW, 0.5, prompt=100) for i in range(20)])
+    long_queue.releases.extend(full.releases)
+    assert not prefill_admission_budget(long_queue, cost, horizon=2.0, max_num_seqs=74).fits(100)
+    assert release_rate(full.releases, NOW + 60.0) < 0.5  # a minute without a finish
+
+
 def test_a_step_that_starts_carrying_prefill_must_be_worth_the_mixing_price():
     """With t_mixed priced, a sliver of prefill does not open a mixed step; without it, it does."""
     from dataclasses import replace

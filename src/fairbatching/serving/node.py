@@ -288,6 +288,7 @@ class Node:
         running, kv = self.running, self.kv
         finished = []
         targets = self.targets
+        releases = self.state.releases  # the Prefill Admission Budget's slot release rate
         caching = kv.caching
         for r, n in zip(plan.requests, plan.chunks, strict=True):
             c = r.num_computed = r.num_computed + n
@@ -307,6 +308,7 @@ class Node:
                     kv.free(r)
                     self.done.append(r)
                     finished.append(r)
+                    releases.append(clock)
                     if self.on_finish is not None:
                         self.on_finish(r)
         for r in finished:

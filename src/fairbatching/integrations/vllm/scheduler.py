@@ -13,6 +13,7 @@ accounting is coarser than vLLM's), the step falls back to vLLM's own decision, 
 from __future__ import annotations
 
 import time
+from collections import deque
 from typing import Any
 
 import vllm
@@ -25,6 +26,7 @@ from vllm.v1.request import RequestStatus as VllmStatus
 
 from fairbatching.core.kv import BlockAllocator, KVCacheConfig
 from fairbatching.core.request import Request
+from fairbatching.core.state import RELEASE_WINDOW
 from fairbatching.errors import ConfigError
 from fairbatching.integrations.vllm import SUPPORTED_VLLM
 from fairbatching.integrations.vllm.settings import SchedulerSettings, request_slo
@@ -64,6 +66,7 @@ class FairBatchingMixin:
         pool = self.kv_cache_manager.block_pool
         self.fb_kv = BlockAllocator(KVCacheConfig(max(1, pool.num_gpu_blocks - 1), self.block_size))
         self.fb_views: dict[str, Request] = {}
+        self.fb_releases: deque[float] = deque(maxlen=RELEASE_WINDOW)  # when requests left: the PAB's seat rate
         self.fb_fallbacks = 0
         self.fb_steps = 0
         self.fb_budget: AdmissionBudget | None = None
@@ -148,7 +151,7 @@ class FairBatchingMixin:
         )
         kv = self.fb_kv
         kv.free_blocks = min(kv.num_blocks, self.kv_cache_manager.block_pool.get_num_free_blocks())
-        return SchedulerState(time.time(), running, waiting, kv)
+        return SchedulerState(time.time(), running, waiting, kv, self.fb_releases)
 
     # -- scheduling ----------------------------------------------------------------------------------
 
@@ -228,6 +231,7 @@ class FairBatchingMixin:
                     view.record_token(now)
                 if rid not in live:  # finished in this step (stop, length)
                     del views[rid]
+                    self.fb_releases.append(now)
         if self.fb_steps % 1024 == 0:  # requests vLLM ended elsewhere (e.g. ignored at admission)
             for rid in [rid for rid in views if rid not in live]:
                 del views[rid]
@@ -235,8 +239,10 @@ class FairBatchingMixin:
 
     def finish_requests(self, request_ids, finished_status):
         finished = super().finish_requests(request_ids, finished_status)
+        now = time.time()
         for r in finished:
-            self.fb_views.pop(r.request_id, None)
+            if self.fb_views.pop(r.request_id, None) is not None:
+                self.fb_releases.append(now)
         return finished
 
     # -- Prefill Admission Budget --------------------------------------------------------------------
