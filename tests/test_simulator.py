@@ -152,6 +152,20 @@ def test_node_admission_control_refuses_with_reasons_and_helps_those_admitted(mo
         assert any("deferred" in r.finish_reason for r in refused)
 
 
+def test_admission_on_a_node_whose_sequence_slots_bind_refuses_nothing_it_would_serve_in_time(profile):
+    """Long decodes keep all 16 slots taken; without admission every request gets its first token in time, so
+    admission has nothing to refuse: a full node seats new requests as running ones finish (counting only the
+    slots free at arrival, it refused 19 of these 300)."""
+    w = synthetic_workload(300, qps=7, seed=3)
+    plain = run("fairbatching", w, profile, options={"max_num_seqs": 16})
+    guarded = run("fairbatching", w, profile, options={"max_num_seqs": 16}, admission="reject")
+    assert max(plain.log.running) == 16
+    for res in (plain, guarded):
+        assert all(
+            r.status is RequestStatus.FINISHED and r.token_times[0] - r.arrival <= SLO_.ttft for r in res.requests
+        )
+
+
 def test_bad_admission_mode():
     from fairbatching.errors import ConfigError
 
