@@ -40,7 +40,7 @@ from fairbatching.workloads.synthetic import default_workload
 from fairbatching.workloads.traces import load_trace
 
 # Bump when simulator or metric semantics (or the spec's fields) change, so stale cache entries are never reused.
-RESULT_VERSION = 4
+RESULT_VERSION = 5
 MAX_MODEL_LEN = 131072  # the simulator's default context limit (a GPU run's is its engine's)
 
 Progress = Callable[[int, int], None]

@@ -36,7 +36,10 @@ class ClusterConfig:
     nodes: tuple[NodeSpec, ...]
     slo: SLO
     router: str = "pab"
-    admission: Admission = Admission.NONE  # what to do when no node's PAB fits a request
+    # What to do when no node's PAB fits a request. Nodes apply the same rule to what they are sent, on their own
+    # current budget, and refuse a request whose first-token deadline passes before its first token: without
+    # that, a request the router let through on a stale report waits behind every feasible one (the tail).
+    admission: Admission = Admission.NONE
     report_interval: float = 0.5
     report_delay: float = 0.0
     stale_after: float | None = None  # default: two intervals plus the delay
@@ -105,7 +108,13 @@ class _Cluster:
             prof = load_profile(spec.profile)
             cost = prof.cost_model()
             policy = make_policy(spec.policy, cost, tpot_slo=config.slo.tpot)
-            node_config = NodeConfig(config.slo, prof.kv, record_iterations=False, prefix_caching=config.prefix_caching)
+            node_config = NodeConfig(
+                config.slo,
+                prof.kv,
+                record_iterations=False,
+                admission=config.admission,
+                prefix_caching=config.prefix_caching,
+            )
             self.nodes.append(Node(policy, cost, node_config, f"n{i}"))
         self.alive = [True] * len(self.nodes)
         self.router = config.make_router()

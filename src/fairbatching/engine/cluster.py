@@ -162,7 +162,15 @@ class EngineCluster:
         with_budget = config.make_router().needs_budget
         for i, box in enumerate(self.inboxes):
             node = config.nodes[i]
-            run = (node.policy, node.profile, config.slo, config.report_interval, with_budget, config.prefix_caching)
+            run = (
+                node.policy,
+                node.profile,
+                config.slo,
+                config.report_interval,
+                with_budget,
+                config.prefix_caching,
+                config.admission,
+            )
             box.put(("run", *run, specs, seed))
         self._gather("prepared")
         t0 = time.monotonic() + START_DELAY
@@ -359,7 +367,7 @@ def _serve_replay(index: int, runner: Any, run: tuple, inbox: Any, outbox: Any) 
     """One replay on this replica: requests come from the router, reports go out every interval."""
     from fairbatching.engine.loop import draw_prompts, serving_node
 
-    policy_name, profile_name, slo, interval, with_budget, caching, specs, seed = run
+    policy_name, profile_name, slo, interval, with_budget, caching, admission, specs, seed = run
     cost = load_profile(profile_name).cost_model()
     policy = make_policy(policy_name, cost, tpot_slo=slo.tpot)
     # Every replica draws every prompt the same way, before the clock starts (clients send token ids).
@@ -371,7 +379,7 @@ def _serve_replay(index: int, runner: Any, run: tuple, inbox: Any, outbox: Any) 
     def clock() -> float:
         return time.monotonic() - t0
 
-    node, executor = serving_node(runner, policy, cost, slo, clock, prefix_caching=caching)
+    node, executor = serving_node(runner, policy, cost, slo, clock, admission=admission, prefix_caching=caching)
     next_report = clock()
     draining = False
     while True:
