@@ -76,6 +76,20 @@ def test_pab_admission_control_rejects_with_a_reason_and_defer_waits():
     assert sum(r.status is RequestStatus.FINISHED for r in defer.requests) >= len(served)
 
 
+def test_under_cluster_admission_the_nodes_refuse_what_a_late_report_let_through():
+    """Reports a second late let the router send two nodes more than they can serve in time; the nodes refuse
+    those on their own current budget, so no answered request's first token comes past its TTFT by more than a
+    step (the router alone, trusting the late reports, answered one 0.8 s late)."""
+    w = default_workload(600, 120.0)
+    cfg = ClusterConfig(homogeneous(2, "fairbatching"), SLO_, router="pab", admission="reject", report_delay=1.0)
+    res = simulate_cluster(w, cfg)
+    refused = [r.finish_reason for r in res.requests if r.status is RequestStatus.REJECTED]
+    assert any(reason.startswith("admission control: prefill budget") for reason in refused)  # a node's refusal
+    served = [r for r in res.requests if r.status is RequestStatus.FINISHED]
+    assert len(served) + len(refused) == 600
+    assert max(r.token_times[0] - r.arrival for r in served) <= SLO_.ttft + 0.25
+
+
 def test_stale_budgets_shrink_then_the_node_is_excluded():
     from fairbatching.cluster.simulator import _Cluster
 
