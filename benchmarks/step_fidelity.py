@@ -1,10 +1,13 @@
 """How well a cost model prices the steps the GPU engine really ran, on windows nobody calibrated on (issue 28).
 
-Reads the step logs of the GPU tail replays (results/gpu-tail/steps-call*.csv.gz: every executed step, its
-shape, how the engine ran it and when it started) and prices each step at its *period* (its start to the next
-step's start in the same replay: the step plus the host work after it; the step alone where the loop idled).
-Three groups of calls: train (call 1, the refit's steps), held out (calls 2 and 3, replayed with the train call)
-and fresh held out (calls 5-8, replayed after the refit was bundled; call 4 was lost).
+Reads the step logs of the GPU tail replays (``--steps``, default results/gpu-tail: steps-call*.csv.gz, every
+executed step, its shape, how the engine ran it and when it started; replays.jsonl) and prices each step at its
+*period* (its start to the next step's start in the same replay: the step plus the host work after it; the step
+alone where the loop idled). Three groups of calls: train (``--train``, default call 1: the refit's steps), held out
+(``--held-out``, default calls 2 and 3, replayed with the train call) and fresh held out (``--fresh``, default
+calls 5-8, replayed after the refit was bundled; call 4 was lost; may be empty). ``--profile`` (default
+llama-3-8b-h200-engine) is the profile the replays' policies planned on; its refit is named after it, ``-engine``
+becoming ``-serving``.
 
 Phase ``analyse``: the ratio measured period / a profile's prediction per step kind and engine path, and how it
 depends on what the profile's features leave out (prefill chunk count, largest chunk, deepest prefix, eager vs
@@ -18,10 +21,10 @@ of the GPU per group of calls and each point's policy ranking; ``resim.json``.
 Phase ``capacity``: each policy's simulated capacity (90% attainment) on the replayed windows, under both pricings,
 beside the GPU's capacity bracket from the loads replayed (benchmarks/gpu_tail.py's ``capacity_brackets``);
 ``capacity.json``.
-Phase ``record``: what ``resim.json`` and the step logs measured, written into the two bundled H200 profiles'
-``fit.validation`` (the record ``fairbatching profile`` writes after its own held-out replays; ``fairbatching
-profiles`` shows it): the replays and steps each profile was not fitted on, its step-period MAPE there, and the
-simulated SLO attainment against the GPU's per policy.
+Phase ``record`` (the default data set only): what ``resim.json`` and the step logs measured, written into the
+two bundled H200 profiles' ``fit.validation`` (the record ``fairbatching profile`` writes after its own held-out
+replays; ``fairbatching profiles`` shows it): the replays and steps each profile was not fitted on, its step-period
+MAPE there, and the simulated SLO attainment against the GPU's per policy.
 
   PYTHONPATH=src python3 benchmarks/step_fidelity.py analyse --out results/sim-vs-gpu
   PYTHONPATH=src python3 benchmarks/step_fidelity.py fit --out results/sim-vs-gpu \\
@@ -31,6 +34,11 @@ simulated SLO attainment against the GPU's per policy.
   PYTHONPATH=src python3 benchmarks/step_fidelity.py capacity --out results/sim-vs-gpu
   PYTHONPATH=src python3 benchmarks/step_fidelity.py sample --out tests/data
   PYTHONPATH=src python3 benchmarks/step_fidelity.py record --out results/sim-vs-gpu
+
+The H100 replays (results/gpu-tail-h100, README.md there):
+
+  PYTHONPATH=src python3 benchmarks/step_fidelity.py analyse --out results/sim-vs-gpu-h100 \\
+      --steps results/gpu-tail-h100 --profile llama-3-8b-h100-engine --train 2 --held-out 3 --fresh ''
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ import argparse
 import csv
 import gzip
 import json
+import shlex
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
@@ -53,6 +62,7 @@ from fairbatching.costmodel.profile import load_profile
 from fairbatching.costmodel.serving import period_mape
 from fairbatching.errors import ConfigError, ProfileError
 
+# the default data set: the H200 tail replays
 PROFILE = "llama-3-8b-h200-engine"
 STEPS = Path("results/gpu-tail")
 TRAIN_CALLS = (1,)  # conversation windows at 1.0x / 1.15x
@@ -77,12 +87,55 @@ class CallGroup:
     calls: tuple[int, ...]
 
 
-TRAIN = CallGroup("train", "train", "train (call 1)", TRAIN_CALLS)
-HELD_OUT = CallGroup("held_out", "held out", "held out (calls 2, 3)", HELD_OUT_CALLS)
-FRESH = CallGroup("fresh", "fresh", "fresh held out (calls 5-8, measured after the refit)", FRESH_CALLS)
-GROUPS = (TRAIN, HELD_OUT, FRESH)
-NOT_FITTED = (HELD_OUT, FRESH)
-ALL_CALLS = tuple(c for g in GROUPS for c in g.calls)
+def calls_label(calls: tuple[int, ...]) -> str:
+    """The calls as "call 1", "calls 2, 3" or "calls 5-8"."""
+    if len(calls) == 1:
+        return f"call {calls[0]}"
+    if len(calls) > 2 and calls == tuple(range(calls[0], calls[-1] + 1)):
+        return f"calls {calls[0]}-{calls[-1]}"
+    return f"calls {', '.join(map(str, calls))}"
+
+
+@dataclass(frozen=True)
+class Data:
+    """The replays scored: their step logs and replays.jsonl in ``steps``, the profile their policies planned on,
+    and the call groups (train first, then the groups not fitted on)."""
+
+    steps: Path
+    profile: str
+    groups: tuple[CallGroup, ...]
+
+    @classmethod
+    def of(
+        cls, steps: Path, profile: str, train: tuple[int, ...], held_out: tuple[int, ...], fresh: tuple[int, ...]
+    ) -> Data:
+        """Train, held-out and fresh calls; a group with no calls is left out."""
+        kinds = (
+            ("train", "train", "train ({})", train),
+            ("held_out", "held out", "held out ({})", held_out),
+            ("fresh", "fresh", "fresh held out ({}, measured after the refit)", fresh),
+        )
+        return cls(steps, profile, tuple(CallGroup(k, s, n.format(calls_label(c)), c) for k, s, n, c in kinds if c))
+
+    @property
+    def train(self) -> CallGroup:
+        return self.groups[0]
+
+    @property
+    def not_fitted(self) -> tuple[CallGroup, ...]:
+        return self.groups[1:]
+
+    @property
+    def serving(self) -> str:
+        """The refit's name."""
+        return self.profile.removesuffix("-engine") + "-serving"
+
+    def files(self) -> dict[int, Path]:
+        """Every call's step log."""
+        return {c: self.steps / f"steps-call{c}.csv.gz" for g in self.groups for c in g.calls}
+
+
+H200 = Data.of(STEPS, PROFILE, TRAIN_CALLS, HELD_OUT_CALLS, FRESH_CALLS)
 
 
 @dataclass(frozen=True)
@@ -163,8 +216,13 @@ def mape_by_kind(model: CostModel, steps: Steps) -> dict[str, float | None]:
     return period_mape(model, steps.rows())
 
 
-def default_files(calls: tuple[int, ...]) -> dict[int, Path]:
-    return {c: STEPS / f"steps-call{c}.csv.gz" for c in calls}
+def windows(steps: Steps, mask: np.ndarray) -> str:
+    """The windows and loads of the masked steps' replays: "code 1x; conv-1s 0.85x, 1x"."""
+    loads: dict[str, set[float]] = {}
+    for r in set(steps.replay[mask]):
+        _, scenario, load, _ = r.split("|")
+        loads.setdefault(scenario, set()).add(float(load))
+    return "; ".join(f"{s} {', '.join(f'{x:g}x' for x in sorted(ls))}" for s, ls in sorted(loads.items()))
 
 
 # --- analyse ------------------------------------------------------------------------------------------------
@@ -182,7 +240,7 @@ BINS = {
 }
 
 
-def ratio_tables(steps: Steps, models: dict[str, CostModel]) -> str:
+def ratio_tables(steps: Steps, models: dict[str, CostModel], data: Data) -> str:
     """Markdown: period / prediction per (call group, kind, path) and, for the prefill steps of each group not
     fitted on, per feature bin."""
     out = []
@@ -194,7 +252,7 @@ def ratio_tables(steps: Steps, models: dict[str, CostModel]) -> str:
             "| steps | kind | path | steps | median | p10 | p90 |",
             "|---|---|---|---:|---:|---:|---:|",
         ]
-        for group in GROUPS:
+        for group in data.groups:
             g = steps.of(group)
             for kind, k in (("decode-only", ~steps.prefill), ("carrying prefill", steps.prefill)):
                 for path in PATHS:
@@ -204,7 +262,7 @@ def ratio_tables(steps: Steps, models: dict[str, CostModel]) -> str:
                 out.append(f"| {group.name} | {kind} | all {_stats(ratio[g & k])}")
         out += ["", "Steps carrying prefill not fitted on, by what the profile's features leave out:", ""]
         out += ["| steps | feature | range | steps | median | p10 | p90 |", "|---|---|---|---:|---:|---:|---:|"]
-        for group in NOT_FITTED:
+        for group in data.not_fitted:
             held = steps.of(group) & steps.prefill
             for label, (attr, edges) in BINS.items():
                 f = getattr(steps, attr)
@@ -227,14 +285,14 @@ EXTENSIONS = {
 }
 
 
-def extension_table(steps: Steps) -> str:
+def extension_table(steps: Steps, data: Data) -> str:
     """Would features the profile lacks price held-out steps better? The additive model (the refit's sharpness
     came out p = 1) with extra columns, fitted by non-negative least squares on relative error on the train
     calls, scored on every group."""
     x, y, pf = steps.features, steps.period, steps.prefill.astype(float)
-    train = steps.of(TRAIN)
-    head = " | ".join(f"{g.short} decode / prefill MAPE" for g in GROUPS)
-    lines = [f"| features beyond the profile's | {head} |", "|---|" + "---:|" * len(GROUPS)]
+    train = steps.of(data.train)
+    head = " | ".join(f"{g.short} decode / prefill MAPE" for g in data.groups)
+    lines = [f"| features beyond the profile's | {head} |", "|---|" + "---:|" * len(data.groups)]
     for name, extra in {"none (the profile's features)": (), **EXTENSIONS}.items():
         cols = [np.ones(len(y)), x[:, 2], x[:, 1], x[:, 0], x[:, 3], pf]
         if "path" in extra:
@@ -246,17 +304,19 @@ def extension_table(steps: Steps) -> str:
         design = np.column_stack(cols)
         coef, _ = nnls(design[train] / y[train, None], np.ones(int(train.sum())))
         err = np.abs(design @ coef / y - 1)
-        cell = [f"{err[g & (pf == 0)].mean():.1%} / {err[g & (pf == 1)].mean():.1%}" for g in map(steps.of, GROUPS)]
+        cell = [
+            f"{err[g & (pf == 0)].mean():.1%} / {err[g & (pf == 1)].mean():.1%}" for g in map(steps.of, data.groups)
+        ]
         lines.append(f"| {name} | {' | '.join(cell)} |")
     return "\n".join(lines) + "\n"
 
 
 # --- fit ----------------------------------------------------------------------------------------------------
-def fit_on(train: Steps, name: str, command: str):
+def fit_on(train: Steps, profile: str, name: str, command: str):
     """The bundled profile's model refitted on ``train``'s steps at their periods; the same features, so every
     consumer of a profile prices with it unchanged."""
     report = fit_cost_model(train.rows())
-    base = load_profile(PROFILE)
+    base = load_profile(profile)
     fit = {**report.as_dict(), "rows_from": "GPU serving steps at their periods", "grid_fit": base.fit}
     prof = replace(base, name=name, params=report.model.params, fit=fit, note=f"serving-calibrated: {command}")
     return prof, report
@@ -266,13 +326,13 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{x:.1%}"
 
 
-def errors_table(models: dict[str, CostModel], steps: Steps) -> tuple[str, dict]:
+def errors_table(models: dict[str, CostModel], steps: Steps, data: Data) -> tuple[str, dict]:
     """Markdown and ``{"model / group": MAPE}``: per call group and, for the groups not fitted on, per window."""
     doc, lines = {}, ["| model | steps | decode MAPE | prefill MAPE | all MAPE |", "|---|---|---:|---:|---:|"]
     scenario = np.array([r.split("|")[1] for r in steps.replay])
     for mname, model in models.items():
-        rows = [(group.name, steps.of(group)) for group in GROUPS]
-        for group in NOT_FITTED:
+        rows = [(group.name, steps.of(group)) for group in data.groups]
+        for group in data.not_fitted:
             g = steps.of(group)
             rows += [(f"{group.short}: {scen}", g & (scenario == scen)) for scen in sorted(set(scenario[g]))]
         for sname, m in rows:
@@ -304,16 +364,16 @@ def _gpu_tail():
     return gpu_tail
 
 
-def _simulate(args: tuple[dict, str | None, float]) -> float:
+def _simulate(args: tuple[dict, str, str | None, float]) -> float:
     from fairbatching.runs import Experiment
     from fairbatching.serving.pricing import StepError
 
-    r, pricing, noise = args
+    r, profile, pricing, noise = args
     gt = _gpu_tail()
     sc = gt.SCENARIOS[r["scenario"]]
     exp = Experiment(
         sc.build(r["qps"]),
-        load_profile(PROFILE),
+        load_profile(profile),
         sc.slo,
         max_model_len=gt.MAX_CONTEXT,
         policy_options={r["policy"]: dict(r["options"])},
@@ -338,31 +398,31 @@ def same_order(pair: tuple[dict, dict], key: str) -> bool:
     return (a["gpu"] > b["gpu"]) == (a[key] > b[key])
 
 
-def replay_calls() -> dict[tuple[str, float, str], int]:
+def replay_calls(data: Data) -> dict[tuple[str, float, str], int]:
     """The call whose step log holds each replay (scenario, load, label)."""
     calls = {}
-    for call, path in default_files(ALL_CALLS).items():
+    for call, path in data.files().items():
         with gzip.open(path, "rt", newline="") as f:
             calls |= {(r["scenario"], float(r["load"]), r["label"]): call for r in csv.DictReader(f)}
     return calls
 
 
-def resim(replays: list[dict], pricing: str, cpus: int, noise: float = 0.0) -> dict:
+def resim(replays: list[dict], data: Data, pricing: str, cpus: int, noise: float = 0.0) -> dict:
     """Every replay simulated before (bundled pricing) and after (``pricing``, its steps with log-normal
     noise of standard deviation ``noise``: the GPU's per-step spread around the model)."""
     latest = {(r["scenario"], float(r["load"]), r["label"]): r for r in replays}
-    calls = replay_calls()
+    calls = replay_calls(data)
     if unlogged := [k for k in latest if k not in calls]:
-        raise ProfileError(f"replay {unlogged[0]}: in no step log of calls {ALL_CALLS}")
+        raise ProfileError(f"replay {unlogged[0]}: in no step log of calls {tuple(data.files())}")
     rows = list(latest.values())
     with ProcessPoolExecutor(cpus) as pool:
-        before = list(pool.map(_simulate, [(r, None, 0.0) for r in rows]))
-        after = list(pool.map(_simulate, [(r, pricing, noise) for r in rows]))
+        before = list(pool.map(_simulate, [(r, data.profile, None, 0.0) for r in rows]))
+        after = list(pool.map(_simulate, [(r, data.profile, pricing, noise) for r in rows]))
     cells = [
         {
             **{k: r[k] for k in ("scenario", "load", "label")},
             "call": calls[key],
-            "fitted_on": calls[key] in TRAIN_CALLS,
+            "fitted_on": calls[key] in data.train.calls,
             "gpu": r["gpu"]["slo"],
             "before": b,
             "after": a,
@@ -370,7 +430,7 @@ def resim(replays: list[dict], pricing: str, cpus: int, noise: float = 0.0) -> d
         for (key, r), b, a in zip(latest.items(), before, after, strict=True)
     ]
     keys = ("before", "after")
-    groups = {"all": cells, **{g.key: [c for c in cells if c["call"] in g.calls] for g in NOT_FITTED}}
+    groups = {"all": cells, **{g.key: [c for c in cells if c["call"] in g.calls] for g in data.not_fitted}}
     within = {
         g: {k: sum(abs(c[k] - c["gpu"]) <= TOLERANCE_PTS / 100 for c in cs) for k in keys} for g, cs in groups.items()
     }
@@ -385,7 +445,7 @@ def resim(replays: list[dict], pricing: str, cpus: int, noise: float = 0.0) -> d
     # per group: the clearly ordered pairs with a cell of that group, and how many keep the GPU's order
     pairs_of = {g: [p for p in pairs if any(c in cs for c in p)] for g, cs in groups.items()}
     return {
-        "profile": PROFILE,
+        "profile": data.profile,
         "pricing_after": pricing,
         "noise_after": noise,
         "cells": cells,
@@ -400,9 +460,9 @@ def resim(replays: list[dict], pricing: str, cpus: int, noise: float = 0.0) -> d
     }
 
 
-def resim_markdown(doc: dict) -> str:
+def resim_markdown(doc: dict, data: Data) -> str:
     n, w, b, pr = doc["cells_per_group"], doc["within_5pts"], doc["mean_bias_pts"], doc["clear_pairs_same_order"]
-    named = {"all": "all", **{g.key: g.name for g in NOT_FITTED}}
+    named = {"all": "all", **{g.key: g.name for g in data.not_fitted}}
     lines = [
         "| steps priced by | cells | within 5 pts | mean sim - GPU (pts) | clearly ordered pairs with such a cell, "
         "same order |",
@@ -430,15 +490,18 @@ def resim_markdown(doc: dict) -> str:
 
 
 # --- capacity -----------------------------------------------------------------------------------------------
-def _capacity(args: tuple[dict, float, str | None]) -> float:
+def _capacity(args: tuple[dict, float, str, str | None]) -> float:
     """The highest rate at which the simulator meets the capacity target on ``row``'s window, policy, options and
     admission, searched from ``start`` req/s, steps priced by ``pricing`` (None: the bundled profile)."""
     from fairbatching.evaluation.capacity import bracket_search  # noqa: PLC0415
 
-    row, start, pricing = args
+    row, start, profile, pricing = args
     target = _gpu_tail().TARGET
     lo, _hi = bracket_search(
-        lambda q: _simulate(({**row, "qps": q}, pricing, 0.0)) >= target, start, CAPACITY_TOLERANCE, CAPACITY_POINTS
+        lambda q: _simulate(({**row, "qps": q}, profile, pricing, 0.0)) >= target,
+        start,
+        CAPACITY_TOLERANCE,
+        CAPACITY_POINTS,
     )
     return lo
 
@@ -451,7 +514,7 @@ def inside(cap: float, lo: float | None, hi: float | None) -> bool | None:
     return True if lo is not None and hi is not None else None
 
 
-def capacity(replays: list[dict], pricing: str, cpus: int) -> dict:
+def capacity(replays: list[dict], data: Data, pricing: str, cpus: int) -> dict:
     """Every policy's GPU capacity bracket (benchmarks/gpu_tail.py's ``capacity_brackets`` over the latest
     replays) beside its simulated capacity under the bundled pricing and ``pricing``."""
     latest = list({(r["scenario"], float(r["load"]), r["label"]): r for r in replays}.values())
@@ -462,7 +525,9 @@ def capacity(replays: list[dict], pricing: str, cpus: int) -> dict:
     ]
     keys = {"before": None, "after": pricing}
     with ProcessPoolExecutor(cpus) as pool:
-        sims = {k: list(pool.map(_capacity, [(r, start, p) for r, start in jobs])) for k, p in keys.items()}
+        sims = {
+            k: list(pool.map(_capacity, [(r, start, data.profile, p) for r, start in jobs])) for k, p in keys.items()
+        }
     rows = []
     for i, b in enumerate(brackets):
         row = {k: b[k] for k in ("scenario", "label", "policy", "lo", "hi")}
@@ -471,7 +536,7 @@ def capacity(replays: list[dict], pricing: str, cpus: int) -> dict:
         rows.append(row)
     closed = [r for r in rows if r["lo"] is not None and r["hi"] is not None]
     return {
-        "profile": PROFILE,
+        "profile": data.profile,
         "pricing_after": pricing,
         "target": _gpu_tail().TARGET,
         "tolerance": CAPACITY_TOLERANCE,
@@ -549,7 +614,7 @@ def validation_from_resim(doc: dict, key: str, held: list[dict], mape: dict, ste
 
 def record(steps: Steps, doc: dict) -> None:
     """Both bundled H200 profiles' ``fit.validation``, from the replays and steps each was not fitted on."""
-    train = steps.of(TRAIN)
+    train = steps.of(H200.train)
     engine_plans = f"{PROFILE} (with online calibration), on the GPU and in the simulator"
     for name, key, held, sel in (
         (PROFILE, "before", doc["cells"], np.ones(len(train), bool)),
@@ -567,55 +632,91 @@ def record(steps: Steps, doc: dict) -> None:
         print(f"{name}: {check['verdict']}")
 
 
+def parse_calls(flag: str, text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(c) for c in text.split(",") if c.strip())
+    except ValueError:
+        raise ConfigError(f"{flag} {text!r}: give call numbers separated by commas") from None
+
+
+def data_from(args: argparse.Namespace) -> Data:
+    """The data set the arguments name, its step logs and profile checked."""
+    groups = {f: parse_calls(f"--{f.replace('_', '-')}", getattr(args, f)) for f in ("train", "held_out", "fresh")}
+    if not groups["train"] or not groups["held_out"]:
+        raise ConfigError("--train and --held-out each need at least one call")
+    calls = [c for g in groups.values() for c in g]
+    if twice := [c for c in calls if calls.count(c) > 1]:
+        raise ConfigError(f"call {twice[0]}: in more than one of --train, --held-out, --fresh")
+    data = Data.of(args.steps, args.profile, *groups.values())
+    if not args.steps.is_dir():
+        raise ConfigError(f"--steps {args.steps}: no such directory (run from the repository root)")
+    if missing := [str(p) for p in data.files().values() if not p.is_file()]:
+        raise ConfigError(f"step log {missing[0]}: no such file (run from the repository root)")
+    load_profile(data.profile)
+    return data
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("phase", choices=("analyse", "fit", "resim", "capacity", "sample", "record"))
     ap.add_argument("--rows", type=int, default=3000, help="sample: steps in each of the train and held-out files")
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--steps", type=Path, default=STEPS, help="folder of the replays.jsonl and steps-call*.csv.gz")
+    ap.add_argument("--profile", default=PROFILE, help="the profile the replays' policies planned on")
+    ap.add_argument("--train", default=",".join(map(str, TRAIN_CALLS)), help="calls the refit is fitted on")
     ap.add_argument(
-        "--pricing", default="llama-3-8b-h200-serving", help="resim, capacity: the profile steps are priced by"
+        "--held-out", default=",".join(map(str, HELD_OUT_CALLS)), help="calls replayed with the train calls"
     )
+    ap.add_argument(
+        "--fresh", default=",".join(map(str, FRESH_CALLS)), help="calls replayed after the refit ('': none)"
+    )
+    ap.add_argument("--pricing", help="resim, capacity: the profile steps are priced by (default: the refit's name)")
     ap.add_argument("--save", type=Path, help="fit: write the fitted profile JSON here")
     ap.add_argument("--noise", type=float, default=0.0, help="resim: per-step log-normal noise on the new pricing")
     ap.add_argument("--cpus", type=int, default=1, help="resim, capacity: simulator processes")
     args = ap.parse_args()
     try:
-        files = default_files(ALL_CALLS)
-        if missing := [str(p) for p in files.values() if not p.is_file()]:
-            raise ConfigError(f"step log {missing[0]}: no such file (run from the repository root)")
+        data = data_from(args)
+        pricing = args.pricing or data.serving
+        if args.phase == "record" and data != H200:
+            raise ConfigError("record writes the bundled H200 profiles' validation: only on the default data set")
         if args.phase in ("resim", "capacity"):
-            load_profile(args.pricing)
+            load_profile(pricing)
             if not 0 <= args.noise < 1:
                 raise ConfigError(f"--noise {args.noise:g}: give a standard deviation in [0, 1)")
+            if not (data.steps / "replays.jsonl").is_file():
+                raise ConfigError(f"{data.steps / 'replays.jsonl'}: no such file")
         args.out.mkdir(parents=True, exist_ok=True)
-    except (ConfigError, ProfileError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    try:
         if args.phase in ("resim", "capacity"):
-            replays = [json.loads(s) for s in (STEPS / "replays.jsonl").read_text().splitlines() if s.strip()]
+            replays = [json.loads(s) for s in (data.steps / "replays.jsonl").read_text().splitlines() if s.strip()]
             if args.phase == "resim":
-                doc = resim(replays, args.pricing, args.cpus, args.noise)
-                name, text = f"resim-noise{args.noise:g}.json" if args.noise else "resim.json", resim_markdown(doc)
+                doc = resim(replays, data, pricing, args.cpus, args.noise)
+                name, text = (
+                    f"resim-noise{args.noise:g}.json" if args.noise else "resim.json",
+                    resim_markdown(doc, data),
+                )
             else:
-                doc = capacity(replays, args.pricing, args.cpus)
+                doc = capacity(replays, data, pricing, args.cpus)
                 name, text = "capacity.json", capacity_markdown(doc)
             tmp = args.out / (name + ".tmp")
             tmp.write_text(json.dumps(doc, indent=2) + "\n")
             tmp.replace(args.out / name)
             print(text)
             return
-        steps = read_steps(files)
+        steps = read_steps(data.files())
         if args.phase == "record":
             record(steps, json.loads((args.out / "resim.json").read_text()))
             return
-        # the refit, its record and the CPU test's sample stay on the calls they were made from (1; 2 and 3)
-        train, held = steps.select(steps.of(TRAIN)), steps.select(steps.of(HELD_OUT))
-        bundled = load_profile(PROFILE).cost_model()
-        command = "benchmarks/step_fidelity.py fit: the bundled llama-3-8b-h200-engine refitted on call 1's GPU steps"
-        prof, report = fit_on(train, "llama-3-8b-h200-serving", command)
-        models = {PROFILE: bundled, "refit on call 1": prof.cost_model()}
-        errors, doc = errors_table(models, steps)
+        train, held = steps.select(steps.of(data.train)), steps.select(steps.of(data.not_fitted[0]))
+        trained = calls_label(data.train.calls)
+        refit = f"refit on {trained}"
+        command = (
+            f"benchmarks/step_fidelity.py fit: the bundled {data.profile} refitted on {trained}'s GPU steps "
+            f"({data.steps})"
+        )
+        prof, report = fit_on(train, data.profile, data.serving, command)
+        models = {data.profile: load_profile(data.profile).cost_model(), refit: prof.cost_model()}
+        errors, doc = errors_table(models, steps, data)
         if args.phase == "sample":
             write_sample(train, args.rows, args.out / "gpu-steps-train.csv.gz", 0)
             write_sample(held, args.rows, args.out / "gpu-steps-held-out.csv.gz", 1)
@@ -623,9 +724,9 @@ def main() -> None:
         if args.phase == "fit":
             held_out = {
                 "steps": len(held.period),
-                "from": "GPU tail replays not fitted on: conversation at 0.85x and other policy variants, Azure code, "
-                "mixed SLO classes, Mooncake long prompts (results/sim-vs-gpu/step_fidelity.md)",
-                "mape": doc[f"refit on call 1 / {HELD_OUT.name}"],
+                "from": f"GPU replays not fitted on, {calls_label(data.not_fitted[0].calls)} of {data.steps}: "
+                f"{windows(steps, steps.of(data.not_fitted[0]))} ({args.out / 'step_fidelity.md'})",
+                "mape": doc[f"{refit} / {data.not_fitted[0].name}"],
             }
             prof = replace(prof, fit={**prof.fit, "held_out_replays": held_out})
             print(errors)
@@ -640,37 +741,40 @@ def main() -> None:
                 "# Step fidelity: measured step periods against the cost model (issue 28)",
                 "",
                 f"{len(steps.period)} GPU steps of the {len(set(steps.replay))} tail replays "
-                f"(results/gpu-tail/steps-call*.csv.gz), each at its period (start to the next step's start; the step "
-                f"alone where the loop idled > {IDLE_GAP_S * 1e3:g} ms). Train: call 1 (conversation windows, 1.0x / "
-                "1.15x); held out: calls 2 and 3 (conversation at 0.85x and other variants, code, mixed SLO classes, "
-                "long prompts); fresh held out: calls 5-8, replayed after the refit was bundled (FairBatching with "
-                "node admission reject / defer on every window; policies at loads not replayed before, 0.9x-1.5x).",
+                f"({data.steps}/steps-call*.csv.gz; policies planning on `{data.profile}`), each at its period "
+                "(start to the next step's start; the step alone where the loop idled > "
+                f"{IDLE_GAP_S * 1e3:g} ms). The refit is fitted on the train group's steps only. Windows and loads:",
+                "",
+                *(f"- {g.name}: {windows(steps, steps.of(g))}" for g in data.groups),
                 "",
                 "| group | calls | replays | steps | of them carrying prefill |",
                 "|---|---|---:|---:|---:|",
                 *(
                     f"| {g.name} | {', '.join(map(str, g.calls))} | {len(set(steps.replay[steps.of(g)]))} | "
                     f"{int(steps.of(g).sum())} | {int((steps.of(g) & steps.prefill).sum())} |"
-                    for g in GROUPS
+                    for g in data.groups
                 ),
                 "",
-                "    PYTHONPATH=src python3 benchmarks/step_fidelity.py analyse --out results/sim-vs-gpu",
+                f"    PYTHONPATH=src python3 benchmarks/step_fidelity.py {shlex.join(sys.argv[1:])}",
                 "",
                 "## Prediction error (mean absolute relative error of the period)",
                 "",
                 errors,
                 "## Features the profile lacks, tried as extra model terms",
                 "",
-                extension_table(steps),
+                extension_table(steps, data),
                 "## Ratios",
                 "",
-                ratio_tables(steps, models),
+                ratio_tables(steps, models, data),
             ]
         )
         tmp = args.out / "step_fidelity.md.tmp"
         tmp.write_text(text)
         tmp.replace(args.out / "step_fidelity.md")
         print(text)
+    except (ConfigError, ProfileError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)
 

@@ -8,7 +8,9 @@ other replays (conversation at 0.85x and other variants, Azure code, mixed SLO c
 import gzip
 import importlib.util
 import json
+import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -85,12 +87,12 @@ def test_every_gpu_replay_is_in_one_call_group_and_the_fresh_calls_were_not_fitt
     alone, and the fresh group's replays are those of the commits replayed after the refit."""
     sf = _step_fidelity()
     monkeypatch.chdir(ROOT)
-    calls = sf.replay_calls()
+    calls = sf.replay_calls(sf.H200)
     replays = [json.loads(s) for s in (ROOT / "results/gpu-tail/replays.jsonl").read_text().splitlines() if s]
     assert {(r["scenario"], float(r["load"]), r["label"]) for r in replays} == set(calls)
-    groups = [g.calls for g in sf.GROUPS]
-    assert sorted(c for g in groups for c in g) == sorted(set(sf.ALL_CALLS)) and sf.TRAIN.calls == (1,)
-    fresh = {k for k, c in calls.items() if c in sf.FRESH.calls}
+    groups = [g.calls for g in sf.H200.groups]
+    assert sorted(c for g in groups for c in g) == sorted(set(sf.H200.files())) and sf.H200.train.calls == (1,)
+    fresh = {k for k, c in calls.items() if c in sf.H200.groups[2].calls}
     assert fresh and all(
         r.get("code") in ("6586fc4", "8292536")
         for r in replays
@@ -102,3 +104,21 @@ def test_a_simulated_capacity_is_inside_a_closed_gpu_bracket_only_between_its_en
     inside = _step_fidelity().inside
     assert inside(10.0, 9.0, 11.0) is True and inside(11.0, 9.0, 11.0) is False and inside(8.9, 9.0, 11.0) is False
     assert inside(12.0, 9.0, None) is None and inside(8.0, 9.0, None) is False and inside(12.0, None, 11.0) is False
+
+
+def test_the_data_set_is_an_argument_and_a_bad_one_is_one_line_and_exit_2(tmp_path):
+    """--steps, --profile and the call groups name the data set (default: the H200 replays); a missing folder or
+    step log, an unknown profile or a call in two groups is a one-line error."""
+    sf = _step_fidelity()
+    h100 = sf.Data.of(ROOT / "results/gpu-tail-h100", "llama-3-8b-h100-engine", (2,), (3,), ())
+    assert [g.name for g in h100.groups] == ["train (call 2)", "held out (call 3)"]
+    assert h100.serving == "llama-3-8b-h100-serving" and sf.H200.serving == "llama-3-8b-h200-serving"
+    assert [g.name for g in sf.H200.groups][1:] == [
+        "held out (calls 2, 3)",
+        "fresh held out (calls 5-8, measured after the refit)",
+    ]
+    script, env = str(ROOT / "benchmarks" / "step_fidelity.py"), str(ROOT / "src")
+    for bad in (["--steps", "nope"], ["--profile", "nope"], ["--train", "4"], ["--train", "1", "--held-out", "1"]):
+        cmd = [sys.executable, script, "analyse", "--out", str(tmp_path), *bad]
+        res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": env})
+        assert res.returncode == 2 and res.stderr.startswith("error: ") and res.stderr.count("\n") == 1, bad
