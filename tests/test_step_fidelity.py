@@ -65,11 +65,12 @@ def test_the_bound_separates_the_profile_calibrated_on_one_window_from_the_refit
     assert prefill > PREFILL_BOUND
 
 
-def test_the_bundled_serving_profile_is_the_refit_and_records_its_held_out_error():
-    prof = load_profile("llama-3-8b-h200-serving")
+@pytest.mark.parametrize("gpu,device", [("h200", "NVIDIA H200"), ("h100", "NVIDIA H100 80GB HBM3")])
+def test_the_bundled_serving_profile_is_the_refit_and_records_its_held_out_error(gpu, device):
+    prof = load_profile(f"llama-3-8b-{gpu}-serving")
     held = prof.fit["held_out_replays"]
     assert held["steps"] > 10000 and held["mape"]["prefill"] < PREFILL_BOUND
-    assert prof.hardware["device"] == "NVIDIA H200" and prof.kv == load_profile("llama-3-8b-h200-engine").kv
+    assert prof.hardware["device"] == device and prof.kv == load_profile(f"llama-3-8b-{gpu}-engine").kv
 
 
 def _step_fidelity():
