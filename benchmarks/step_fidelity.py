@@ -35,7 +35,7 @@ MAPE there, and the simulated SLO attainment against the GPU's per policy.
   PYTHONPATH=src python3 benchmarks/step_fidelity.py sample --out tests/data
   PYTHONPATH=src python3 benchmarks/step_fidelity.py record --out results/sim-vs-gpu
 
-The H100 replays (results/gpu-tail-h100, README.md there):
+The H100 replays (results/gpu-tail-h100; every phase in results/sim-vs-gpu-h100/README.md):
 
   PYTHONPATH=src python3 benchmarks/step_fidelity.py analyse --out results/sim-vs-gpu-h100 \\
       --steps results/gpu-tail-h100 --profile llama-3-8b-h100-engine --train 2 --held-out 3 --fresh ''
