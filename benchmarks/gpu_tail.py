@@ -558,10 +558,13 @@ def capacity_brackets(rows: list[dict]) -> list[dict]:
     return out
 
 
+def row_variant(r: dict) -> Variant:
+    """The variant a replay row ran."""
+    return Variant(r["label"], r["policy"], tuple(sorted(r["options"].items())), r.get("admission", "none"))
+
+
 def _sim_row(r: dict) -> dict:
-    sc = SCENARIOS[r["scenario"]]
-    v = Variant(r["label"], r["policy"], tuple(sorted(r["options"].items())), r.get("admission", "none"))
-    return simulate(sc, v, r["qps"], bool(r.get("tiny")), r.get("profile", PROFILE))
+    return simulate(SCENARIOS[r["scenario"]], row_variant(r), r["qps"], bool(r.get("tiny")), r.get("profile", PROFILE))
 
 
 def _fmt(x: float | None, scale: float = 1.0, digits: int = 2) -> str:

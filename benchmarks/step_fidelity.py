@@ -365,23 +365,15 @@ def _gpu_tail():
 
 
 def _simulate(args: tuple[dict, str, str | None, float]) -> float:
-    from fairbatching.runs import Experiment
     from fairbatching.serving.pricing import StepError
 
     r, profile, pricing, noise = args
     gt = _gpu_tail()
-    sc = gt.SCENARIOS[r["scenario"]]
-    exp = Experiment(
-        sc.build(r["qps"]),
-        load_profile(profile),
-        sc.slo,
-        max_model_len=gt.MAX_CONTEXT,
-        policy_options={r["policy"]: dict(r["options"])},
-        admission=r.get("admission", "none"),
-        pricing=None if pricing is None else load_profile(pricing),
-        step_error=StepError(noise=noise) if noise else None,
+    error = StepError(noise=noise) if noise else None
+    sim = gt.simulate(
+        gt.SCENARIOS[r["scenario"]], gt.row_variant(r), r["qps"], profile=profile, pricing=pricing, step_error=error
     )
-    return exp.run(r["policy"]).summary.slo_attainment
+    return sim["slo"]
 
 
 def ranking(rows: list[dict], key: str) -> list[str]:
