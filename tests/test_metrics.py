@@ -1,3 +1,4 @@
+import json
 import math
 
 import pytest
@@ -5,6 +6,7 @@ import pytest
 from fairbatching.core import SLO, Request
 from fairbatching.core.request import RequestStatus
 from fairbatching.metrics import request_metrics, summarize
+from fairbatching.metrics.summary import Summary
 
 
 def finished(rid, arrival, times, ttft=1.0, tpot=0.1):
@@ -53,3 +55,17 @@ def test_summary_files(tmp_path):
     s.write_requests_csv(tmp_path / "r.csv")
     assert '"slo_attainment": 1.0' in (tmp_path / "s.json").read_text()
     assert (tmp_path / "r.csv").read_text().splitlines()[0].startswith("request_id,status")
+
+
+def test_each_slo_class_has_its_own_attainment_and_tail_and_one_class_has_none():
+    tight = [finished(f"t{i}", 0.0, [0.3, 0.35], ttft=0.5, tpot=0.05) for i in range(3)]
+    tight.append(finished("t-late", 0.0, [2.0, 2.05], ttft=0.5, tpot=0.05))
+    relaxed = [finished(f"r{i}", 0.0, [4.0, 4.1], ttft=8.0, tpot=0.2) for i in range(4)]
+    s = summarize("p", "w", tight + relaxed, end_time=5.0, busy_time=1.0, preemptions=0)
+    assert [(c.ttft_slo, c.requests) for c in s.classes] == [(0.5, 4), (8.0, 4)]
+    assert s.classes[0].slo_attainment == pytest.approx(0.75) and s.classes[1].slo_attainment == 1.0
+    assert s.classes[0].ttft.max == pytest.approx(2.0) and s.classes[1].ttft.p99 == pytest.approx(4.0)
+    assert s.ttft.p99 > 3.9  # pooled, the relaxed class's TTFT is the tail
+    assert Summary.from_dict(json.loads(json.dumps(s.to_dict()))).classes == s.classes
+    one = summarize("p", "w", tight, end_time=5.0, busy_time=1.0, preemptions=0)
+    assert one.classes is None and "classes" not in one.to_dict()

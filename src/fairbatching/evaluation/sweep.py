@@ -18,15 +18,15 @@ from typing import Any
 
 from fairbatching.core.backend import Backend
 from fairbatching.errors import ConfigError, install_hint
-from fairbatching.metrics.summary import Summary
+from fairbatching.metrics.summary import OPTIONAL, Summary
 from fairbatching.runs import Engines, RunResult, RunSpec, run_for_cache, run_on_engines
 from fairbatching.validate import atomic_write_text
 from fairbatching.workloads.families import family
 
 # runs done (a GPU replay under way counts by the share of its requests that ended), runs in all
 Progress = Callable[[float, int], None]
-# Fields every cached summary has (the hit rate only where prefixes were cached).
-SUMMARY_FIELDS = {f.name for f in fields(Summary)} - {"per_request", "prefix_hit_rate"}
+# Fields every cached summary has (the hit rate only where prefixes were cached, classes only with several).
+SUMMARY_FIELDS = {f.name for f in fields(Summary)} - {"per_request", *OPTIONAL}
 
 
 class Sweeper:

@@ -97,6 +97,41 @@ class Dist:
         return cls(float(values.mean()), p50, p90, p99, float(values.max()))
 
 
+@dataclass(frozen=True, slots=True)
+class ClassSummary:
+    """One SLO class of a mixed workload. Pooled over classes, P99 TTFT is the relaxed class's TTFT, which a
+    deadline-ordered scheduler spends on purpose; a per-class tail is what a tiered SLO is judged by."""
+
+    ttft_slo: float
+    tpot_slo: float
+    requests: int
+    slo_attainment: float
+    ttft: Dist
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ClassSummary:
+        return cls(**{**d, "ttft": Dist(**d["ttft"])})
+
+
+def class_summaries(per: list[RequestMetrics]) -> list[ClassSummary] | None:
+    """Per SLO class (tightest TTFT first) where requests carry more than one class, else None."""
+    groups: dict[tuple[float, float], list[RequestMetrics]] = {}
+    for m in per:
+        groups.setdefault((m.ttft_slo, m.tpot_slo), []).append(m)
+    if len(groups) < 2:
+        return None
+    return [
+        ClassSummary(
+            ttft_slo=ttft,
+            tpot_slo=tpot,
+            requests=len(ms),
+            slo_attainment=sum(m.slo_met for m in ms) / len(ms),
+            ttft=Dist.of(np.array([m.ttft for m in ms], dtype=float)),
+        )
+        for (ttft, tpot), ms in sorted(groups.items())
+    ]
+
+
 @dataclass
 class Summary:
     policy: str
@@ -123,12 +158,15 @@ class Summary:
     # With prefix caching: the share of scheduled requests' prompt tokens served from the cache (None: off,
     # and then absent from the JSON, so results without caching read as before).
     prefix_hit_rate: float | None = None
+    # With more than one SLO class among the requests: each class's attainment and TTFT (None otherwise, and
+    # then absent from the JSON).
+    classes: list[ClassSummary] | None = None
 
     def to_dict(self, with_requests: bool = False) -> dict:
         d = {
             f.name: _plain(getattr(self, f.name))
             for f in fields(self)
-            if f.name != "per_request" and not (f.name == "prefix_hit_rate" and self.prefix_hit_rate is None)
+            if f.name != "per_request" and not (f.name in OPTIONAL and getattr(self, f.name) is None)
         }
         if with_requests:
             d["per_request"] = [asdict(m) for m in self.per_request]
@@ -137,7 +175,10 @@ class Summary:
     @classmethod
     def from_dict(cls, d: dict) -> Summary:
         """The inverse of ``to_dict()`` (without per-request rows): how a cached summary comes back."""
-        return cls(**{f.name: Dist(**d[f.name]) if f.name in DISTS else d[f.name] for f in fields(cls) if f.name in d})
+        values = {f.name: Dist(**d[f.name]) if f.name in DISTS else d[f.name] for f in fields(cls) if f.name in d}
+        if values.get("classes") is not None:
+            values["classes"] = [ClassSummary.from_dict(c) for c in values["classes"]]
+        return cls(**values)
 
     def write_json(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2, allow_nan=True) + "\n")
@@ -152,9 +193,12 @@ class Summary:
 
 
 DISTS = ("ttft", "tpot", "tbt", "e2e", "queue_delay")
+OPTIONAL = ("prefix_hit_rate", "classes")  # left out of the JSON where None
 
 
 def _plain(value: object) -> object:
+    if isinstance(value, list):
+        return [asdict(v) for v in value]
     return asdict(value) if isinstance(value, Dist) else value
 
 
@@ -199,6 +243,7 @@ def summarize(
         preemptions=preemptions,
         per_request=per,
         prefix_hit_rate=prefix_hit_rate(requests) if prefix_caching else None,
+        classes=class_summaries(per),
     )
 
 
