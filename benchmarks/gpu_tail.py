@@ -652,7 +652,8 @@ def class_lines(doc: dict) -> list[str]:
         "",
         "Per SLO class (replays recorded since per-class metrics; `(sim)` as above):",
         "",
-        "| scenario | load | policy | class TTFT / TPOT | requests | SLO met | (sim) | P50 TTFT s | P99 TTFT s | (sim) |",
+        "| scenario | load | policy | class TTFT / TPOT | requests | SLO met | (sim) | P50 TTFT s | P99 TTFT s "
+        "| (sim) |",
         "|---|---:|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for p, r in rows:
