@@ -668,6 +668,10 @@ def class_lines(doc: dict) -> list[str]:
     return lines
 
 
+# A README's hand-written reading of the tables starts here; the report keeps it when it rewrites the tables.
+NOTES = "## Reading it"
+
+
 def report(args: argparse.Namespace) -> None:
     replays = read_rows([args.out / "replays.jsonl", *args.resume])
     if not replays:
@@ -679,7 +683,9 @@ def report(args: argparse.Namespace) -> None:
     doc = build_report(list(latest.values()), sims)
     (args.out / "tail.json").write_text(json.dumps(doc, indent=2) + "\n")
     table = markdown(doc)
-    (args.out / "README.md").write_text(readme_head(doc, replays, args.out) + table)
+    readme = args.out / "README.md"
+    notes = readme.read_text().partition(NOTES)[2] if readme.is_file() else ""
+    readme.write_text(readme_head(doc, replays, args.out) + table + (f"\n{NOTES}{notes}" if notes else ""))
     print(table)
     log(f"wrote {args.out / 'tail.json'} and {args.out / 'README.md'}")
 
