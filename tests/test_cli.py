@@ -31,6 +31,20 @@ def test_compare_writes_tables_json_csv_plot_and_report(tmp_path):
     assert "data:image/png;base64," in (out / "report.html").read_text()
 
 
+def test_a_workload_of_two_slo_classes_is_reported_class_by_class(tmp_path):
+    out = tmp_path / "cmp"
+    res = cli(
+        "compare", "-w", "mixed-slo", "-n", "120", "--qps", "10", "--policies", "fairbatching,vllm", "--out", str(out)
+    )
+    assert res.returncode == 0, res.stderr
+    assert "per SLO class" in res.stdout and "0.5 s / 50 ms" in res.stdout and "8 s / 200 ms" in res.stdout
+    for r in json.loads((out / "summary.json").read_text())["results"]:
+        classes = r["classes"]
+        assert [(c["ttft_slo"], c["tpot_slo"]) for c in classes] == [(0.5, 0.05), (8.0, 0.2)]
+        assert sum(c["requests"] for c in classes) == r["requests"] == 120
+    assert "Per SLO class" in (out / "summary.md").read_text()
+
+
 def test_simulate_json(tmp_path):
     res = cli("simulate", "-p", "vllm", "-n", "100", "--json", "--out", str(tmp_path))
     assert res.returncode == 0, res.stderr
@@ -48,6 +62,8 @@ def test_simulate_json(tmp_path):
         (["simulate", "--ttft-slo", "-1"], "SLO ttft must be a positive"),
         (["simulate", "--profile", "gpt-17-tpu"], "unknown profile 'gpt-17-tpu'"),
         (["simulate", "--trace", "missing.csv"], "no such trace file"),
+        (["simulate", "-w", "azure-conv"], "--workload 'azure-conv': not one of mixed-slo, multi-turn"),
+        (["compare", "-w", "mixed-slo", "--trace", "azure-conv"], "--trace does not apply"),
     ],
 )
 def test_bad_input_is_one_clear_line_not_a_traceback(args, message, tmp_path):

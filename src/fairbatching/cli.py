@@ -145,7 +145,7 @@ def simulate(
     wide: WideOpt = False,
 ) -> None:
     """Simulate one policy on one workload."""
-    from fairbatching.metrics.table import show, summary_table
+    from fairbatching.metrics.table import show, show_classes, summary_table
 
     policy_names(policy)
     if out:
@@ -160,6 +160,7 @@ def simulate(
         print(json.dumps({**exp.describe(), "summary": s.to_dict()}, indent=2))
     else:
         show(out_console, summary_table([s], wide=wide, refused=node.admission != "none"))
+        show_classes(out_console, [s], wide)
 
 
 @app.command()
@@ -176,7 +177,7 @@ def compare(
 ) -> None:
     """Run several policies on the same workload; write tables, CSV/JSON and a plot + HTML report
     (--backend gpu: real-time replays on the GPU engines, the simulator's prediction beside each number)."""
-    from fairbatching.metrics.table import show, summary_table
+    from fairbatching.metrics.table import show, show_classes, summary_table
     from fairbatching.report.compare import sim_table, write_comparison
 
     names = policy_names(policies)
@@ -196,6 +197,7 @@ def compare(
     with staged_dir(out) as tmp:
         png, report = write_comparison(tmp, exp.title, settings, summaries, [r.log for r in results], sims)
     show(out_console, summary_table(summaries, exp.title, wide, refused=node.admission != "none"))
+    show_classes(out_console, summaries, wide)
     if sims is not None:
         show(out_console, sim_table(summaries, sims))
     files = "summary.json, summary.csv, summary.md" + (", sim_vs_gpu.csv" if sims is not None else "")

@@ -24,6 +24,7 @@ from rich.console import Console
 from typer.core import TyperOption
 
 from fairbatching.config import DEFAULT_QPS, DEFAULT_TPOT_S, DEFAULT_TTFT_S, POLICY_CONFIGS
+from fairbatching.errors import ConfigError
 from fairbatching.validate import (
     at_least_one,
     check_output_dir,
@@ -137,14 +138,27 @@ class WorkloadArgs:
         ),
     ] = None
     seed: Annotated[
-        int, typer.Option("--seed", help="Seed of the synthetic default workload", callback=non_negative)
+        int,
+        typer.Option("--seed", help="Seed of a generated workload (the default, or --workload)", callback=non_negative),
     ] = 0
+    generated: Annotated[
+        str | None,
+        typer.Option(
+            "--workload",
+            "-w",
+            help="A generated workload instead of a trace: mixed-slo (two SLO classes, reported per class), "
+            "multi-turn (turns share their history)",
+        ),
+    ] = None
 
     def spec(self) -> WorkloadSpec:
         from fairbatching.runs import WorkloadSpec
 
+        if self.generated is not None and (self.trace is not None or self.start):
+            flag = "--trace" if self.trace is not None else "--start"
+            raise ConfigError(f"--workload {self.generated!r}: generated, so {flag} does not apply")
         return WorkloadSpec(
-            str(self.trace) if self.trace else None, self.fmt, self.num, self.start, self.qps, self.seed
+            str(self.trace) if self.trace else None, self.fmt, self.num, self.start, self.qps, self.seed, self.generated
         )
 
 

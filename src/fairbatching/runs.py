@@ -34,7 +34,7 @@ from fairbatching.serving.node import IterationLog
 from fairbatching.serving.pricing import StepError, pricing_model
 from fairbatching.serving.simulator import NodeConfig, simulate
 from fairbatching.validate import check_policy_options
-from fairbatching.workloads.families import family
+from fairbatching.workloads.families import family, generated_family
 from fairbatching.workloads.spec import Workload
 from fairbatching.workloads.synthetic import default_workload
 from fairbatching.workloads.traces import load_trace
@@ -50,7 +50,8 @@ Engines = Any
 
 @dataclass(frozen=True)
 class WorkloadSpec:
-    """How to build a workload: a trace file (optionally sliced and rescaled) or the embedded default."""
+    """How to build a workload: a trace file (optionally sliced and rescaled), a generated family (``generated``:
+    ``mixed-slo``, ``multi-turn``), or the embedded default."""
 
     trace: str | None = None
     fmt: str = "auto"
@@ -58,8 +59,12 @@ class WorkloadSpec:
     start: int = 0
     qps: float | None = None
     seed: int = 0
+    generated: str | None = None
 
     def build(self) -> Workload:
+        if self.generated is not None:
+            n = 2000 if self.num_requests is None else self.num_requests
+            return generated_family(self.generated).build(DEFAULT_QPS if self.qps is None else self.qps, self.seed, n)
         if self.trace is None:
             n = 2000 if self.num_requests is None else self.num_requests
             return default_workload(n, DEFAULT_QPS if self.qps is None else self.qps, self.seed)

@@ -199,10 +199,62 @@ def summary_table(
     )
 
 
+def _class_rows(summaries: Sequence[Summary]) -> list[tuple[str, str, str, str, str, str]]:
+    """(policy, class, requests, SLO met, TTFT p50, TTFT p99) per SLO class of each run that has several."""
+    return [
+        (
+            s.policy,
+            f"{c.ttft_slo:g} s / {c.tpot_slo * 1e3:g} ms",
+            str(c.requests),
+            _fmt(c.slo_attainment, "pct"),
+            _fmt(c.ttft.p50, "{:.3f}"),
+            _fmt(c.ttft.p99, "{:.3f}"),
+        )
+        for s in summaries
+        for c in s.classes or []
+    ]
+
+
+CLASS_HEADERS = ("policy", "SLO class (TTFT / TPOT)", "requests", "SLO ok", "TTFT p50 (s)", "TTFT p99 (s)")
+
+
+def class_table(summaries: Sequence[Summary], wide: bool = False) -> FittedTable | None:
+    """Each SLO class's attainment and TTFT, where a run's requests carry several classes (None otherwise):
+    pooled, the TTFT tail is the relaxed class's, and a tiered SLO is judged class by class."""
+    rows = _class_rows(summaries)
+    if not rows:
+        return None
+    kinds = ("name", "value", "value", "value", "value", "value")
+    return FittedTable(
+        [
+            Column(h, [r[i] for r in rows], kind, "left" if i < 2 else "right", style="bold" if i == 0 else None)
+            for i, (h, kind) in enumerate(zip(CLASS_HEADERS, kinds, strict=True))
+        ],
+        "per SLO class",
+        wide,
+    )
+
+
+def class_markdown(summaries: Sequence[Summary]) -> str:
+    """``class_table`` as markdown ("" where no run has several classes)."""
+    rows = _class_rows(summaries)
+    if not rows:
+        return ""
+    head = "| " + " | ".join(CLASS_HEADERS) + " |"
+    sep = "|---|---|" + "---:|" * (len(CLASS_HEADERS) - 2)
+    return "\n".join([head, sep, *("| " + " | ".join(r) + " |" for r in rows)])
+
+
 def show(console: Console, table: FittedTable) -> None:
     """Print ``table`` whole: where even its kept columns need more than the terminal (``--wide``), lines run
     on rather than being cut at the terminal's edge."""
     console.print(table, crop=False)
+
+
+def show_classes(console: Console, summaries: Sequence[Summary], wide: bool = False) -> None:
+    """The per-class table after the summary, where any run has several SLO classes."""
+    if (table := class_table(summaries, wide)) is not None:
+        show(console, table)
 
 
 def write_summary_csv(summaries: Sequence[Summary], path: str | Path) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 from rich.table import Table
 
 from fairbatching.metrics.summary import Summary
-from fairbatching.metrics.table import COLUMNS, _fmt, markdown_table, value, write_summary_csv
+from fairbatching.metrics.table import COLUMNS, _fmt, class_markdown, markdown_table, value, write_summary_csv
 from fairbatching.report.html import html_table, write_html_page, write_html_report
 from fairbatching.report.plots import plot_comparison
 from fairbatching.serving.node import IterationLog
@@ -40,6 +40,8 @@ def write_comparison(
     (folder / "summary.json").write_text(json.dumps({**settings, "results": results}, indent=2) + "\n")
     write_summary_csv(summaries, folder / "summary.csv")
     md = f"{title}\n\n{markdown_table(summaries)}\n"
+    if classes := class_markdown(summaries):
+        md += f"\nPer SLO class:\n\n{classes}\n"
     if sims is not None:
         _write_sim_csv(summaries, sims, folder / "sim_vs_gpu.csv")
         header, rows = sim_rows(summaries, sims)

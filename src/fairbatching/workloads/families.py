@@ -120,3 +120,14 @@ def family(name: str) -> WorkloadFamily:
     if Path(name).is_file():
         return WorkloadFamily(Path(name).stem, str(Path(name).resolve()))
     raise ConfigError(f"unknown workload {name!r}: not a file, and not one of {', '.join(FAMILIES)}")
+
+
+def generated_family(name: str) -> WorkloadFamily:
+    """A family that generates its requests rather than reading a trace (``--workload``; traces go by
+    ``--trace``)."""
+    generated = [n for n, f in FAMILIES.items() if f.trace is None and n != "default"]
+    if name not in generated:
+        raise ConfigError(
+            f"--workload {name!r}: not one of {', '.join(generated)} (trace files and bundled traces go by --trace)"
+        )
+    return FAMILIES[name]
