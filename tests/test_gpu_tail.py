@@ -104,6 +104,22 @@ def test_a_baseline_with_our_admission_is_a_variant_not_the_reference():
     assert fb["best_baseline"] == "vllm" and fb["slo_delta_pts"] == 20.0
 
 
+def test_mixed_slo_classes_compare_the_tightest_class_tail_beside_the_pooled_one():
+    def classes(tight_p99, relaxed_p99):
+        return [
+            {"ttft_slo": 0.5, "tpot_slo": 0.05, "requests": 50, "slo": 0.9, "ttft_p50": 0.1, "ttft_p99": tight_p99},
+            {"ttft_slo": 8.0, "tpot_slo": 0.2, "requests": 50, "slo": 1.0, "ttft_p50": 0.2, "ttft_p99": relaxed_p99},
+        ]
+
+    base, fb = _row("vllm", 1.0, 0.85, 1.0), _row("fairbatching", 1.0, 0.95, 2.0)
+    base["gpu"]["classes"], fb["gpu"]["classes"] = classes(1.0, 1.0), classes(0.4, 2.0)
+    (c,) = [c for c in gpu_tail.compare_point([base, fb]) if c["label"] == "fairbatching"]
+    assert c["ttft_p99_ratio"] == 2.0 and c["tightest_class_ttft_p99_ratio"] == 0.4
+    assert c["met"] is False  # the targets stay on the pooled tail
+    table = gpu_tail.markdown(gpu_tail.build_report([base, fb], {}))
+    assert "| +10.0 | 2.00x | 0.40x |" in table and "| fairbatching | 0.5 s / 50 ms | 50 | 90.0% | - |" in table
+
+
 def test_capacity_brackets_bound_the_lead_by_the_best_plain_baseline():
     rows = [
         _row("vllm", 0.9, 0.95, 1.0),  # vllm's capacity in [18, 20) req/s
@@ -138,7 +154,8 @@ def test_report_takes_the_last_replay_of_a_point_and_marks_targets_in_the_table(
     table = gpu_tail.markdown(doc)
     assert "| conv-2s | 1.0x | 20.0 | fairbatching | 95.0% | - | 0.50 | 1.00 |" in table
     assert (
-        "| conv-2s | 1.0x | fairbatching | sarathi | +10.0 | 0.50x | slo_plus_5pts, ttft_p99_le_0.8x | met |" in table
+        "| conv-2s | 1.0x | fairbatching | sarathi | +10.0 | 0.50x | - | slo_plus_5pts, ttft_p99_le_0.8x | met |"
+        in table
     )
 
 
