@@ -62,12 +62,12 @@ class WorkloadSpec:
     generated: str | None = None
 
     def build(self) -> Workload:
-        if self.generated is not None:
+        if self.generated is not None or self.trace is None:
             n = 2000 if self.num_requests is None else self.num_requests
-            return generated_family(self.generated).build(DEFAULT_QPS if self.qps is None else self.qps, self.seed, n)
-        if self.trace is None:
-            n = 2000 if self.num_requests is None else self.num_requests
-            return default_workload(n, DEFAULT_QPS if self.qps is None else self.qps, self.seed)
+            qps = DEFAULT_QPS if self.qps is None else self.qps
+            if self.generated is not None:
+                return generated_family(self.generated).build(qps, self.seed, n)
+            return default_workload(n, qps, self.seed)
         limit = None if self.num_requests is None else self.start + self.num_requests
         w = load_trace(self.trace, self.fmt, limit=limit)
         if self.num_requests is not None or self.start:
