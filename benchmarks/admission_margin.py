@@ -58,7 +58,6 @@ def run(job: tuple) -> tuple:
 
 def jobs(gpu: str, windows: str) -> list[tuple]:
     _, _, plan, scale = PROFILES[gpu]
-    out = []
     if windows == "gpu":
         rows = json.loads(plan.read_text())["rows"]
         names = ("conv-2s-b", "conv-1s-b") if gpu == "h100" else ("conv-2s", "conv-1s")
@@ -87,8 +86,7 @@ def main() -> None:
     args = ap.parse_args()
     with ProcessPoolExecutor(args.cpus) as pool:
         results = list(pool.map(run, jobs(args.gpu, args.windows)))
-    label = {None: "no admission", math.inf: "lost only"}
-    names = [label[m] if m in label else f"margin {m:g}" for m in MARGINS]
+    names = ["no admission" if m is None else "lost only" if m == math.inf else f"margin {m:g}" for m in MARGINS]
     print("SLO met / P99 TTFT s / refused, per window and load:\n")
     print("| window | req/s | " + " | ".join(names) + " |")
     print("|---|---:|" + "---|" * len(MARGINS))
