@@ -23,9 +23,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from fairbatching.core.request import SLO
-from fairbatching.costmodel.profile import load_profile
 from fairbatching.policies import admission
-from fairbatching.runs import Experiment
 from fairbatching.serving.pricing import StepError
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -43,15 +41,9 @@ def run(job: tuple) -> tuple:
     plan_profile, pricing, _, _ = PROFILES[gpu]
     if margin is not None:
         admission.AdmissionBudget.fits = lambda self, p: p <= margin * self.tokens_within(self.horizon)
-    exp = Experiment(
-        sc.build(qps),
-        load_profile(plan_profile),
-        sc.slo,
-        max_model_len=gpu_tail.MAX_CONTEXT,
-        admission="none" if margin is None else "reject",
-        pricing=load_profile(pricing),
-        step_error=StepError(noise=0.05, seed=sc.seed + sc.start),
-    )
+    variant = gpu_tail.Variant("fairbatching", "fairbatching", admission="none" if margin is None else "reject")
+    noise = StepError(noise=0.05, seed=sc.seed + sc.start)
+    exp = gpu_tail.experiment(sc, variant, qps, profile=plan_profile, pricing=pricing, step_error=noise)
     s = exp.run("fairbatching").summary
     return sc.name, qps, margin, s.slo_attainment, s.ttft.p99, s.rejected
 

@@ -195,9 +195,22 @@ def simulate(
 ) -> dict:
     """The simulator's run of the same requests, policy and options on the planning profile (steps priced by
     ``pricing`` with ``step_error`` where given, else by the planning profile itself)."""
-    w = sc.build(qps, tiny)
-    exp = Experiment(
-        w,
+    res = experiment(sc, variant, qps, tiny, profile, pricing, step_error).run(variant.policy)
+    return {**point_fields(res.summary), "span_s": res.summary.duration_s}
+
+
+def experiment(
+    sc: Scenario,
+    variant: Variant,
+    qps: float,
+    tiny: bool = False,
+    profile: str = PROFILE,
+    pricing: str | None = None,
+    step_error: StepError | None = None,
+) -> Experiment:
+    """The simulated twin of a replay: the scenario's window at ``qps``, ``variant``'s options and admission."""
+    return Experiment(
+        sc.build(qps, tiny),
         load_profile(profile),
         sc.slo,
         max_model_len=MAX_CONTEXT,
@@ -206,8 +219,6 @@ def simulate(
         pricing=None if pricing is None else load_profile(pricing),
         step_error=step_error,
     )
-    res = exp.run(variant.policy)
-    return {**point_fields(res.summary), "span_s": res.summary.duration_s}
 
 
 # --- plan ---------------------------------------------------------------------------------------------------

@@ -23,30 +23,21 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
-from fairbatching.costmodel.profile import load_profile
 from fairbatching.errors import ConfigError
 from fairbatching.metrics.summary import Summary
-from fairbatching.runs import Experiment
 from fairbatching.serving.node import Node
 
 sys.path.insert(0, str(Path(__file__).parent))
 import gpu_tail  # noqa: E402  (the scenarios and windows of the GPU replays)
 
 ARRIVAL = "admission control: prefill budget"  # the reason of a refusal at arrival (not of a lost request)
+REJECT = gpu_tail.Variant("pab-reject", "fairbatching", admission="reject")
 
 
 def run(scenario: str, qps: float, profile: str, pricing: str, exempt: str | None = None) -> Summary:
     """FairBatching with node admission on the scenario's window; ``exempt``: a request id that passes the
     arrival check whatever the budget says."""
-    sc = gpu_tail.SCENARIOS[scenario]
-    exp = Experiment(
-        sc.build(qps),
-        load_profile(profile),
-        sc.slo,
-        max_model_len=gpu_tail.MAX_CONTEXT,
-        admission="reject",
-        pricing=load_profile(pricing),
-    )
+    exp = gpu_tail.experiment(gpu_tail.SCENARIOS[scenario], REJECT, qps, profile=profile, pricing=pricing)
     if exempt is None:
         return exp.run("fairbatching").summary
     budget = Node._budget
