@@ -42,7 +42,7 @@ def test_a_workload_of_two_slo_classes_is_reported_class_by_class(tmp_path):
         classes = r["classes"]
         assert [(c["ttft_slo"], c["tpot_slo"]) for c in classes] == [(0.5, 0.05), (8.0, 0.2)]
         assert sum(c["requests"] for c in classes) == r["requests"] == 120
-    assert "Per SLO class" in (out / "summary.md").read_text()
+    assert "Per SLO class" in (out / "summary.md").read_text() and "Per SLO class" in (out / "report.html").read_text()
 
 
 def test_simulate_json(tmp_path):

@@ -199,7 +199,7 @@ def summary_table(
     )
 
 
-def _class_rows(summaries: Sequence[Summary]) -> list[tuple[str, str, str, str, str, str]]:
+def class_rows(summaries: Sequence[Summary]) -> list[tuple[str, str, str, str, str, str]]:
     """(policy, class, requests, SLO met, TTFT p50, TTFT p99) per SLO class of each run that has several."""
     return [
         (
@@ -221,7 +221,7 @@ CLASS_HEADERS = ("policy", "SLO class (TTFT / TPOT)", "requests", "SLO ok", "TTF
 def class_table(summaries: Sequence[Summary], wide: bool = False) -> FittedTable | None:
     """Each SLO class's attainment and TTFT, where a run's requests carry several classes (None otherwise):
     pooled, the TTFT tail is the relaxed class's, and a tiered SLO is judged class by class."""
-    rows = _class_rows(summaries)
+    rows = class_rows(summaries)
     if not rows:
         return None
     kinds = ("name", "value", "value", "value", "value", "value")
@@ -237,7 +237,7 @@ def class_table(summaries: Sequence[Summary], wide: bool = False) -> FittedTable
 
 def class_markdown(summaries: Sequence[Summary]) -> str:
     """``class_table`` as markdown ("" where no run has several classes)."""
-    rows = _class_rows(summaries)
+    rows = class_rows(summaries)
     if not rows:
         return ""
     head = "| " + " | ".join(CLASS_HEADERS) + " |"

@@ -15,7 +15,7 @@ from rich.table import Table
 
 from fairbatching.metrics.summary import Summary
 from fairbatching.metrics.table import COLUMNS, _fmt, class_markdown, markdown_table, value, write_summary_csv
-from fairbatching.report.html import html_table, write_html_page, write_html_report
+from fairbatching.report.html import class_section, html_table, write_html_page, write_html_report
 from fairbatching.report.plots import plot_comparison
 from fairbatching.serving.node import IterationLog
 
@@ -56,7 +56,7 @@ def write_comparison(
         return [png, write_html_report(folder / "report.html", title, summaries, [png], settings)]
     measured = [[s.policy, *(_fmt(value(s, k), f) for _, k, f in COLUMNS)] for s in summaries]
     main = html_table(["policy", *(h for h, _, _ in COLUMNS)], measured)
-    body = f"{main}<h2>{SIM_TITLE}</h2>{html_table(*sim_rows(summaries, sims))}"
+    body = f"{main}{class_section(summaries)}<h2>{SIM_TITLE}</h2>{html_table(*sim_rows(summaries, sims))}"
     return [png, write_html_page(folder / "report.html", title, body, [png], settings)]
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from fairbatching.metrics.summary import Summary
-from fairbatching.metrics.table import COLUMNS, _fmt, value
+from fairbatching.metrics.table import CLASS_HEADERS, COLUMNS, _fmt, class_rows, value
 
 _STYLE = """
 body{font-family:system-ui,sans-serif;margin:2em;max-width:1300px}
@@ -46,9 +46,15 @@ def write_html_page(
     return path
 
 
+def class_section(summaries: Sequence[Summary]) -> str:
+    """Each SLO class's attainment and TTFT, where a run has several ("" otherwise)."""
+    rows = class_rows(summaries)
+    return f"<h2>Per SLO class</h2>{html_table(CLASS_HEADERS, rows)}" if rows else ""
+
+
 def write_html_report(
     path: str | Path, title: str, summaries: Sequence[Summary], images: Sequence[Path], settings: dict[str, Any]
 ) -> Path:
     rows = [[s.policy, *(_fmt(value(s, k), f) for _, k, f in COLUMNS)] for s in summaries]
-    table = html_table(["policy", *(h for h, _, _ in COLUMNS)], rows)
+    table = html_table(["policy", *(h for h, _, _ in COLUMNS)], rows) + class_section(summaries)
     return write_html_page(path, title, table, images, settings)
