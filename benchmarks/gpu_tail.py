@@ -184,18 +184,10 @@ def point_fields(s: Summary) -> dict:
     }
 
 
-def simulate(
-    sc: Scenario,
-    variant: Variant,
-    qps: float,
-    tiny: bool = False,
-    profile: str = PROFILE,
-    pricing: str | None = None,
-    step_error: StepError | None = None,
-) -> dict:
-    """The simulator's run of the same requests, policy and options on the planning profile (steps priced by
-    ``pricing`` with ``step_error`` where given, else by the planning profile itself)."""
-    res = experiment(sc, variant, qps, tiny, profile, pricing, step_error).run(variant.policy)
+def simulate(sc: Scenario, variant: Variant, qps: float, tiny: bool = False, **twin: Any) -> dict:
+    """The simulator's run of the same requests, policy and options, as ``experiment`` builds it (``twin``: its
+    ``profile``, ``pricing`` and ``step_error``): the fields a replay row records."""
+    res = experiment(sc, variant, qps, tiny, **twin).run(variant.policy)
     return {**point_fields(res.summary), "span_s": res.summary.duration_s}
 
 
@@ -208,7 +200,9 @@ def experiment(
     pricing: str | None = None,
     step_error: StepError | None = None,
 ) -> Experiment:
-    """The simulated twin of a replay: the scenario's window at ``qps``, ``variant``'s options and admission."""
+    """The simulated twin of a replay: the scenario's window at ``qps``, ``variant``'s options and admission, the
+    policy planning on ``profile`` and steps priced by ``pricing`` with ``step_error`` (default: the planning
+    profile, exactly)."""
     return Experiment(
         sc.build(qps, tiny),
         load_profile(profile),
@@ -597,7 +591,9 @@ def row_variant(r: dict) -> Variant:
 
 
 def _sim_row(r: dict) -> dict:
-    return simulate(SCENARIOS[r["scenario"]], row_variant(r), r["qps"], bool(r.get("tiny")), r.get("profile", PROFILE))
+    return simulate(
+        SCENARIOS[r["scenario"]], row_variant(r), r["qps"], bool(r.get("tiny")), profile=r.get("profile", PROFILE)
+    )
 
 
 def _fmt(x: float | None, scale: float = 1.0, digits: int = 2) -> str:

@@ -31,7 +31,9 @@ def one(job: tuple[str, float, str, float | None]) -> str:
     options = () if floor is None else (("min_budget_fraction", floor),)
     label = policy if floor is None else f"{policy} floor {floor:g}"
     variant = Variant(label, policy, options)
-    s = simulate(SCENARIOS[scenario], variant, qps, False, PROFILE, PRICING, StepError(noise=0.05, seed=1))
+    s = simulate(
+        SCENARIOS[scenario], variant, qps, profile=PROFILE, pricing=PRICING, step_error=StepError(noise=0.05, seed=1)
+    )
     return (
         f"| {scenario} | {qps:g} | {label} | {s['slo']:.1%} | {s['ttft_p50']:.2f} | {s['ttft_p99']:.2f} | "
         f"{s['tbt_p99'] * 1e3:.0f} |"
