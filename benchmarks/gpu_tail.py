@@ -47,6 +47,7 @@ from fairbatching.errors import ConfigError
 from fairbatching.evaluation.capacity import bracket_search
 from fairbatching.metrics.summary import Summary, summarize
 from fairbatching.runs import Experiment
+from fairbatching.serving.node import REFUSED_LOST
 from fairbatching.serving.pricing import StepError
 from fairbatching.validate import check_policy_options
 from fairbatching.workloads.families import family
@@ -402,7 +403,7 @@ def refusal_kinds(requests: list) -> dict[str, int]:
     """Refused requests by when admission refused them: at arrival (no budget), or once their first token's
     deadline had passed while they waited (``lost``)."""
     ended = [r.finish_reason or "" for r in requests if r.status is RequestStatus.REJECTED]
-    lost = sum("deadline passed" in reason for reason in ended)
+    lost = sum(reason == REFUSED_LOST for reason in ended)
     return {"arrival": len(ended) - lost, "lost": lost}
 
 

@@ -25,12 +25,11 @@ from pathlib import Path
 
 from fairbatching.errors import ConfigError
 from fairbatching.metrics.summary import Summary
-from fairbatching.serving.node import Node
+from fairbatching.serving.node import REFUSED_OVER_BUDGET, Node
 
 sys.path.insert(0, str(Path(__file__).parent))
 import gpu_tail  # noqa: E402  (the scenarios and windows of the GPU replays)
 
-ARRIVAL = "admission control: prefill budget"  # the reason of a refusal at arrival (not of a lost request)
 REJECT = gpu_tail.Variant("pab-reject", "fairbatching", admission="reject")
 
 
@@ -77,7 +76,7 @@ def main() -> None:
         raise ConfigError(f"--point {args.point!r}: {scenario!r} is not in {args.plan}")
     qps = round(rows[scenario]["base_rps"] * float(load), 2)
     base = run(scenario, qps, args.profile, args.pricing)
-    refused = [m.request_id for m in base.per_request if m.reason.startswith(ARRIVAL)]
+    refused = [m.request_id for m in base.per_request if m.reason.startswith(REFUSED_OVER_BUDGET)]
     met = sum(m.slo_met for m in base.per_request)
     with ProcessPoolExecutor(args.cpus) as pool:
         audits = list(pool.map(_exempt, [(scenario, qps, args.profile, args.pricing, rid) for rid in refused]))

@@ -32,6 +32,12 @@ Executor = Callable[[BatchPlan, float], float]
 executor prices the plan with the cost model; the GPU engine's runs it and reads the wall clock."""
 
 
+# How admission control's refusals begin (the reasons a refused request carries): over the prefill budget at
+# arrival (or when deferred), and lost, its first token's deadline passed while it waited.
+REFUSED_OVER_BUDGET = "admission control: prefill budget"
+REFUSED_LOST = "admission control: its TTFT deadline passed before its turn"
+
+
 @mypyc_attr(native_class=False)  # a plain class when compiled: frozen values pickle as usual
 @dataclass(frozen=True)
 class NodeConfig:
@@ -232,7 +238,7 @@ class Node:
             lost = [r for r in queue if not r.token_times and r.first_deadline <= now]
             if lost:
                 for r in lost:
-                    self._end(r, RequestStatus.REJECTED, "admission control: its TTFT deadline passed before its turn")
+                    self._end(r, RequestStatus.REJECTED, REFUSED_LOST)
                 queue[:] = [r for r in queue if r.status is status]
 
     def _resume_stretch(self, horizon: float) -> bool:
@@ -490,7 +496,7 @@ def _refusal(budget: AdmissionBudget, r: Request) -> str:
     uncached = r.num_tokens - r.num_computed  # a cached prefix is not prefill work
     cached = f" ({r.num_computed} cached)" if r.num_computed else ""
     tokens = budget.tokens_within(budget.horizon)
-    return f"admission control: prefill budget {tokens} tokens < prompt {uncached}{cached}"
+    return f"{REFUSED_OVER_BUDGET} {tokens} tokens < prompt {uncached}{cached}"
 
 
 def _log_iteration(
