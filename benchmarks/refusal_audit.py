@@ -23,7 +23,8 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
-from fairbatching.errors import ConfigError
+from fairbatching.costmodel.profile import load_profile
+from fairbatching.errors import ConfigError, ProfileError
 from fairbatching.metrics.summary import Summary
 from fairbatching.serving.node import REFUSED_OVER_BUDGET, Node
 
@@ -71,10 +72,18 @@ def main() -> None:
     scenario, _, load = args.point.partition("@")
     if scenario not in gpu_tail.SCENARIOS:
         raise ConfigError(f"--point {args.point!r}: unknown scenario {scenario!r}")
+    try:
+        factor = float(load)
+    except ValueError:
+        raise ConfigError(f"--point {args.point!r}: give SCENARIO@LOAD, the load a number such as 1.0") from None
+    if not args.plan.is_file():
+        raise ConfigError(f"--plan {args.plan}: no such file")
     rows = {r["scenario"]: r for r in json.loads(args.plan.read_text())["rows"]}
     if scenario not in rows:
         raise ConfigError(f"--point {args.point!r}: {scenario!r} is not in {args.plan}")
-    qps = round(rows[scenario]["base_rps"] * float(load), 2)
+    load_profile(args.profile)
+    load_profile(args.pricing)
+    qps = round(rows[scenario]["base_rps"] * factor, 2)
     base = run(scenario, qps, args.profile, args.pricing)
     refused = [m.request_id for m in base.per_request if m.reason.startswith(REFUSED_OVER_BUDGET)]
     met = sum(m.slo_met for m in base.per_request)
@@ -93,8 +102,10 @@ def main() -> None:
         "net_met_if_admitted": [a["met_in_all"] - met for a in audits],
         "audits": audits,
     }
-    if args.out:
-        args.out.write_text(json.dumps(doc, indent=2) + "\n")
+    if args.out:  # whole or not at all
+        tmp = args.out.with_name(args.out.name + ".tmp")
+        tmp.write_text(json.dumps(doc, indent=2) + "\n")
+        tmp.replace(args.out)
     net = doc["net_met_if_admitted"]
     print("| point | req/s | requests | SLO met | refused at arrival | would have met if admitted | net met, mean |")
     print("|---|---:|---:|---:|---:|---:|---:|")
@@ -107,6 +118,8 @@ def main() -> None:
 if __name__ == "__main__":
     try:
         main()
-    except ConfigError as e:
+    except (ConfigError, ProfileError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
