@@ -95,7 +95,7 @@ def test_every_gpu_replay_is_in_one_call_group_and_the_fresh_calls_were_not_fitt
     assert sorted(c for g in groups for c in g) == sorted(set(sf.H200.files())) and sf.H200.train.calls == (1,)
     fresh = {k for k, c in calls.items() if c in sf.H200.groups[2].calls}
     assert fresh and all(
-        r.get("code") in ("6586fc4", "8292536")
+        r.get("code") in ("6586fc4", "8292536", "a40be5a")
         for r in replays
         if (r["scenario"], float(r["load"]), r["label"]) in fresh
     )
@@ -107,6 +107,13 @@ def test_a_simulated_capacity_is_inside_a_closed_gpu_bracket_only_between_its_en
     assert inside(12.0, 9.0, None) is None and inside(8.0, 9.0, None) is False and inside(12.0, None, 11.0) is False
 
 
+def test_a_simulated_capacity_outside_its_bracket_is_off_by_its_distance_to_the_edge_it_passed():
+    gap = _step_fidelity().bracket_gap
+    assert gap(10.0, 9.0, 11.0) == 0.0 and gap(12.0, 9.0, None) == 0.0
+    assert gap(11.55, 9.0, 11.0) == pytest.approx(0.05) and gap(8.1, 9.0, 11.0) == pytest.approx(-0.1)
+    assert gap(12.1, None, 11.0) == pytest.approx(0.1)
+
+
 def test_the_data_set_is_an_argument_and_a_bad_one_is_one_line_and_exit_2(tmp_path):
     """--steps, --profile and the call groups name the data set (default: the H200 replays); a missing folder or
     step log, an unknown profile or a call in two groups is a one-line error."""
@@ -116,7 +123,7 @@ def test_the_data_set_is_an_argument_and_a_bad_one_is_one_line_and_exit_2(tmp_pa
     assert h100.serving == "llama-3-8b-h100-serving" and sf.H200.serving == "llama-3-8b-h200-serving"
     assert [g.name for g in sf.H200.groups][1:] == [
         "held out (calls 2, 3)",
-        "fresh held out (calls 5-8, measured after the refit)",
+        "fresh held out (calls 5-10, measured after the refit)",
     ]
     script, env = str(ROOT / "benchmarks" / "step_fidelity.py"), str(ROOT / "src")
     for bad in (["--steps", "nope"], ["--profile", "nope"], ["--train", "4"], ["--train", "1", "--held-out", "1"]):
