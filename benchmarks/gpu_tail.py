@@ -793,6 +793,9 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="a tiny model and a handful of requests: plumbing check")
     ap.add_argument("--dry-plan", action="store_true", help="run: print what would run, and stop")
     ap.add_argument("--note", default="", help="run: recorded in every row as its `code` (e.g. the commit replayed)")
+    ap.add_argument(
+        "--any-gpu", action="store_true", help="run: replay a plan made on another GPU model's profile (its loads)"
+    )
     args = ap.parse_args()
     try:
         args.variants = [*DEFAULT_VARIANTS, *(parse_variant(v) for v in args.variant)]
@@ -844,6 +847,24 @@ def _check_device(args: argparse.Namespace) -> None:
     if (args.device or "cuda").startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("the GPU tail benchmark needs a CUDA GPU; found none (a CPU check: --device cpu --tiny)")
     args.device = args.device or "cuda"
+    if args.device.startswith("cuda") and not args.any_gpu:
+        problem = plan_gpu_mismatch(args.plan, torch.cuda.get_device_name(torch.device(args.device)))
+        if problem:
+            raise ConfigError(problem)
+
+
+def plan_gpu_mismatch(plan: Path, device: str) -> str | None:
+    """Why ``plan`` is not this GPU's: its loads are multiples of capacities simulated on its profile, so replayed
+    on another GPU model they are another load (an H100 plan on an H200 is light, the reverse an overload), and the
+    rows would sit in a table of the wrong GPU. None where the profile was measured on ``device`` (or says not)."""
+    profile = json.loads(plan.read_text())["profile"]
+    measured_on = load_profile(profile).hardware.get("device")
+    if measured_on is None or measured_on == device:
+        return None
+    return (
+        f"--plan {plan} plans on {profile}, measured on {measured_on}; this GPU is {device}, "
+        "so its loads would be another GPU's (--any-gpu replays them anyway)"
+    )
 
 
 if __name__ == "__main__":

@@ -206,3 +206,16 @@ def test_plan_refuses_to_mix_profiles_in_one_plan(tmp_path):
     assert done.stderr.strip().count("\n") == 0
     assert "plans on llama-3-8b-h200-engine, not --profile llama-3-8b-h100-engine" in done.stderr
     assert json.loads(plan.read_text()) == {"profile": "llama-3-8b-h200-engine", "rows": []}
+
+
+def test_a_plan_made_on_another_gpu_models_profile_is_refused_on_this_one():
+    """The H100 plan's loads on an H200 (or the reverse) would be another load in the wrong GPU's table: run says
+    so before any replay (``_check_device`` raises it as a one-line error, exit 2) unless --any-gpu."""
+    h100 = ROOT / "results" / "gpu-tail-h100" / "plan.json"
+    h200 = ROOT / "results" / "gpu-tail" / "plan.json"
+    assert gpu_tail.plan_gpu_mismatch(h100, "NVIDIA H100 80GB HBM3") is None
+    assert gpu_tail.plan_gpu_mismatch(h200, "NVIDIA H200") is None
+    problem = gpu_tail.plan_gpu_mismatch(h100, "NVIDIA H200")
+    assert problem and "plans on llama-3-8b-h100-engine, measured on NVIDIA H100 80GB HBM3" in problem
+    assert "this GPU is NVIDIA H200" in problem and "--any-gpu" in problem
+    assert gpu_tail.plan_gpu_mismatch(h200, "NVIDIA H100 80GB HBM3")
