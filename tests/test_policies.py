@@ -213,24 +213,6 @@ def test_a_full_node_seats_a_request_its_ttft_leaves_time_for_at_the_rate_reques
     assert release_rate(full.releases, NOW + 60.0) < 0.5  # a minute without a finish
 
 
-def test_a_node_whose_kv_is_full_counts_what_requests_finishing_within_the_ttft_free(cost):
-    """KV all but full of 64 long decodes (127 blocks each), growth over a 10 s TTFT above what is free: with no
-    finishes seen no prompt fits; with requests finishing at 0.9/s, the 9 that end within 10 s free about 9 x 127
-    blocks (18k tokens), so a 1k-token prompt fits and a 30k-token one does not; within 1 s none has ended."""
-    from fairbatching.policies.admission import prefill_admission_budget
-
-    decodes = [decode(f"d{i}", NOW, slack=1.0, prompt=2000) for i in range(64)]
-    held = sum(r.num_blocks for r in decodes)
-    full = state(NOW, decodes, [], blocks=held + 100)
-    assert not prefill_admission_budget(full, cost, horizon=10.0, max_num_seqs=256).fits(1000)
-    full.releases.extend(NOW - 10.0 + i for i in range(10))
-    budget = prefill_admission_budget(full, cost, horizon=10.0, max_num_seqs=256)
-    assert budget.kv_tokens == 0 and budget.kv_per_release == held * 16 // 64
-    assert budget.kv_within(10.0) == 9 * budget.kv_per_release
-    assert budget.fits(1000) and not budget.fits(30000)
-    assert budget.tokens_within(1.0) == 0
-
-
 def test_a_step_that_starts_carrying_prefill_must_be_worth_the_mixing_price():
     """With t_mixed priced, a sliver of prefill does not open a mixed step; without it, it does."""
     from dataclasses import replace

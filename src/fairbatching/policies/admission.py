@@ -11,9 +11,7 @@ router all see one quantity:
   left after the decodes grow over the horizon, and it is zero when no sequence slot will be free within it:
   a full node (``max_num_seqs`` running and queued) still seats a request as running ones finish, at the rate
   they recently did (``SchedulerState.releases``); refusing on today's count alone turned away requests a
-  full node of long decodes would have served in time. KV is read the same way: each request that finishes
-  within the horizon frees about what a running decode holds now; on long prompts, a node whose KV was full
-  of decodes about to finish refused requests that alone met their TTFT with seconds to spare.
+  full node of long decodes would have served in time.
 """
 
 from __future__ import annotations
@@ -41,7 +39,6 @@ class AdmissionBudget:
     horizon: float
     seconds_per_token: float = 0.0  # full-batch prefill price of a prompt token (0: not reported)
     kv_tokens: int = 0  # prompt tokens the free KV holds once the decodes have grown over the horizon
-    kv_per_release: int = 0  # KV tokens a finishing request frees (what a running decode holds now, on average)
     keep: float = 1.0  # the share of this budget a router still trusts (a stale report is read down)
     # Queued prefill work by when its first token is due: (seconds from now, work due by then), ascending.
     queued_due: tuple[tuple[float, float], ...] = ()
@@ -49,11 +46,6 @@ class AdmissionBudget:
 
     def slots_within(self, horizon: float) -> int:
         return slots_within(self.free_slots, self.releases_per_s, horizon)
-
-    def kv_within(self, horizon: float) -> int:
-        """Prompt tokens of KV free for a new request within ``horizon``: free after the decodes' growth, plus
-        what the requests finishing by then free."""
-        return kv_within(self.kv_tokens, self.kv_per_release, self.releases_per_s, horizon)
 
     def fits(self, prompt_tokens: int) -> bool:
         """Whether a request whose TTFT is this budget's horizon fits: against the work due before it."""
@@ -72,7 +64,7 @@ class AdmissionBudget:
         if self.slots_within(horizon) <= 0:
             return 0
         seconds = max(0.0, (1.0 - self.decode_share) * horizon - queued)
-        return int(min(seconds / self.seconds_per_token, self.kv_within(horizon)) * self.keep)
+        return int(min(seconds / self.seconds_per_token, self.kv_tokens) * self.keep)
 
 
 def queued_within(queued_due: tuple[tuple[float, float], ...], horizon: float) -> float:
@@ -86,12 +78,6 @@ def slots_within(free_slots: int, releases_per_s: float, horizon: float) -> int:
     """Sequence slots free for a new request within ``horizon``: free now, plus those the recent finish rate
     frees by then (a node that has seen no finishes counts only what is free now)."""
     return free_slots + math.floor(releases_per_s * horizon)
-
-
-def kv_within(kv_tokens: int, kv_per_release: int, releases_per_s: float, horizon: float) -> int:
-    """``kv_tokens`` free now (after growth) plus ``kv_per_release`` for each request the finish rate ends within
-    ``horizon``."""
-    return kv_tokens + math.floor(releases_per_s * horizon) * kv_per_release
 
 
 def release_rate(releases: Sequence[float], now: float) -> float:
@@ -118,9 +104,7 @@ def prefill_admission_budget(
     n = len(decodes)
     decode_share = 0.0
     growth_blocks = 0
-    kv_per_release = 0
     if n:
-        kv_per_release = sum(r.num_blocks for r in decodes) * state.kv.block_size // n
         ctx = sum(r.num_computed for r in decodes) + n
         min_tpot = min(r.tpot for r in decodes)
         decode_share = min(1.0, cost.predict(n, ctx, n, ctx) / min_tpot)
@@ -143,8 +127,7 @@ def prefill_admission_budget(
     releases = release_rate(state.releases, state.now)
     kv_tokens = max(0, state.kv.free_blocks - growth_blocks) * state.kv.block_size
     seated = slots_within(free_slots, releases, horizon) > 0
-    free_kv = kv_within(kv_tokens, kv_per_release, releases, horizon)
-    tokens = int(min(seconds / per_token, free_kv)) if seated else 0
+    tokens = int(min(seconds / per_token, kv_tokens)) if seated else 0
     return AdmissionBudget(
         seconds,
         tokens,
@@ -154,7 +137,6 @@ def prefill_admission_budget(
         horizon,
         per_token,
         kv_tokens,
-        kv_per_release,
         queued_due=queued_due,
         releases_per_s=releases,
     )
