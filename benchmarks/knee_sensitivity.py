@@ -20,6 +20,7 @@ from pathlib import Path
 
 from fairbatching.errors import ConfigError
 from fairbatching.serving.pricing import StepError
+from fairbatching.validate import atomic_write_text, policy_names
 
 sys.path.insert(0, str(Path(__file__).parent))
 import gpu_tail  # noqa: E402  (the scenarios and windows of the GPU replays)
@@ -44,32 +45,27 @@ def _numbers(text: str, flag: str) -> list[float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument(
-        "--out", type=Path, required=True, help="folder with the replays' plan.json; writes sensitivity.json"
-    )
+    ap.add_argument("--out", type=Path, required=True, help="writes sensitivity.json here")
     ap.add_argument("--scenarios", default="conv-1s-b,conv-2s-b")
     ap.add_argument("--policies", default="sarathi,vllm,fairbatching")
     ap.add_argument("--loads", default="0.92,0.96,1.0", help="multiples of the plan's baseline capacity")
     ap.add_argument("--scales", default="1,1.03,1.056,1.09", help="step price multipliers; the first is the reference")
     ap.add_argument("--all-steps", action="store_true", help="scale every step, not only those carrying prefill")
-    ap.add_argument("--plan", type=Path, help="default: OUT/plan.json, else results/gpu-tail-h100/plan.json")
+    ap.add_argument("--plan", type=Path, default=Path("results/gpu-tail-h100/plan.json"), help="the replays' plan")
     ap.add_argument("--cpus", type=int, default=2)
     args = ap.parse_args()
-    plan_path = args.plan or next(
-        (p for p in (args.out / "plan.json", Path("results/gpu-tail-h100/plan.json")) if p.exists()), None
-    )
-    if plan_path is None or not plan_path.exists():
-        raise ConfigError(f"--plan {plan_path}: no such file")
-    plan = json.loads(plan_path.read_text())
+    if not args.plan.is_file():
+        raise ConfigError(f"--plan {args.plan}: no such file")
+    plan = json.loads(args.plan.read_text())
     base = {r["scenario"]: r["base_rps"] for r in plan["rows"]}
     scenarios = args.scenarios.split(",")
     for s in scenarios:
         if s not in base:
-            raise ConfigError(f"--scenarios {s!r}: not in {plan_path} (has {', '.join(base)})")
-    policies = args.policies.split(",")
-    for p in policies:
-        if p not in ("fairbatching", "sarathi", "vllm", "prefill-first"):
-            raise ConfigError(f"--policies {p!r}: not a policy (fairbatching, sarathi, vllm, prefill-first)")
+            raise ConfigError(f"--scenarios {s!r}: not in {args.plan} (has {', '.join(base)})")
+    try:
+        policies = policy_names(args.policies)
+    except ConfigError as exc:
+        raise ConfigError(f"--policies {args.policies!r}: {exc}") from None
     loads, scales = _numbers(args.loads, "--loads"), _numbers(args.scales, "--scales")
     cells = [(s, p, round(base[s] * x, 2)) for s in scenarios for x in loads for p in policies]
     jobs = [(s, p, q, plan["profile"], k, args.all_steps) for s, p, q in cells for k in scales]
@@ -90,10 +86,7 @@ def main() -> None:
             }
         )
     doc = {"profile": plan["profile"], "all_steps": args.all_steps, "scales": scales, "rows": rows}
-    args.out.mkdir(parents=True, exist_ok=True)
-    tmp = args.out / "sensitivity.json.tmp"
-    tmp.write_text(json.dumps(doc, indent=1) + "\n")
-    tmp.replace(args.out / "sensitivity.json")
+    atomic_write_text(args.out / "sensitivity.json", json.dumps(doc, indent=1) + "\n")
     what = "every step" if args.all_steps else "steps carrying prefill"
     print(
         f"SLO met with {what} priced x scale; then the points lost per 1% of step price, from the first scale to each\n"

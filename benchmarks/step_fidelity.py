@@ -67,14 +67,8 @@ PROFILE = "llama-3-8b-h200-engine"
 STEPS = Path("results/gpu-tail")
 TRAIN_CALLS = (1,)  # conversation windows at 1.0x / 1.15x
 HELD_OUT_CALLS = (2, 3)  # conversation at 0.85x and other variants; code, mixed SLO classes, long prompts
-FRESH_CALLS = (
-    5,
-    6,
-    7,
-    8,
-    9,
-    10,
-)  # replayed after the refit was bundled (code 6586fc4, 8292536, a40be5a); call 4 was lost
+# replayed after the refit was bundled (code 6586fc4, 8292536, a40be5a); call 4 was lost
+FRESH_CALLS = (5, 6, 7, 8, 9, 10)
 IDLE_GAP_S = 0.02  # a step whose next one started later than this after it ended: the loop idled in between
 COLUMNS = ("scenario", "load", "label", "start", "new_tokens", "context_tokens", "num_seqs", "attn_work", "seconds")
 PATHS = ("decode-graph", "mixed-graph", "piecewise", "eager")

@@ -23,7 +23,7 @@ def _run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
         (["--scenarios", "nope"], "--scenarios 'nope': not in"),
         (["--loads", "1,a"], "--loads '1,a': not a comma-separated list of numbers"),
         (["--scales", "0"], "--scales '0': every value must be in (0, 4]"),
-        (["--policies", "fifo"], "--policies 'fifo': not a policy"),
+        (["--policies", "fifo"], "--policies 'fifo': unknown policy 'fifo'"),
         (["--plan", "missing.json"], "--plan missing.json: no such file"),
     ],
 )
