@@ -208,6 +208,25 @@ def test_plan_refuses_to_mix_profiles_in_one_plan(tmp_path):
     assert json.loads(plan.read_text()) == {"profile": "llama-3-8b-h200-engine", "rows": []}
 
 
+def test_plan_writes_each_scenarios_capacities_and_replay_spans(tmp_path):
+    """The plan phase simulates each policy's capacity on the scenario and every load's span (what `run` budgets
+    by), on the profile named; a row for another scenario already in the plan is kept."""
+    kept = {"scenario": "conv-1s-b", "base_rps": 1.0}
+    (tmp_path / "plan.json").write_text(json.dumps({"profile": "llama-3-8b-h100-engine", "rows": [kept]}))
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu_tail.py"), "plan", "--out", str(tmp_path), "--cpus", "1"]
+    cmd += ["--profile", "llama-3-8b-h100-engine", "--scenarios", "code-b"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env={"PYTHONPATH": str(ROOT / "src")}, timeout=300)
+    assert done.returncode == 0, done.stderr
+    doc = json.loads((tmp_path / "plan.json").read_text())
+    assert doc["profile"] == "llama-3-8b-h100-engine"
+    assert doc["rows"][0] == kept
+    row = doc["rows"][1]
+    assert row["scenario"] == "code-b"
+    assert row["base_rps"] == row["sim_capacity_rps"][row["base_policy"]] > 0
+    assert set(row["span_s"]) == {f"{p}@{f}" for p in ("fairbatching", "sarathi", "vllm") for f in doc["loads"]}
+    assert all(span > 0 for span in row["span_s"].values())
+
+
 def test_a_plan_made_on_another_gpu_models_profile_is_refused_on_this_one():
     """The H100 plan's loads on an H200 (or the reverse) would be another load in the wrong GPU's table: run says
     so before any replay (``_check_device`` raises it as a one-line error, exit 2) unless --any-gpu."""
