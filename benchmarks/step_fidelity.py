@@ -25,6 +25,8 @@ Phase ``record`` (the default data set only): what ``resim.json`` and the step l
 two bundled H200 profiles' ``fit.validation`` (the record ``fairbatching profile`` writes after its own held-out
 replays; ``fairbatching profiles`` shows it): the replays and steps each profile was not fitted on, its step-period
 MAPE there, and the simulated SLO attainment against the GPU's per policy.
+Phase ``validate``: issue 28's counts over both GPUs' ``resim.json`` and ``capacity.json`` (results/sim-vs-gpu and
+results/sim-vs-gpu-h100): held-out cells within 5 points, capacities within 5%, rankings; ``validation.json``.
 
   PYTHONPATH=src python3 benchmarks/step_fidelity.py analyse --out results/sim-vs-gpu
   PYTHONPATH=src python3 benchmarks/step_fidelity.py fit --out results/sim-vs-gpu \\
@@ -34,6 +36,7 @@ MAPE there, and the simulated SLO attainment against the GPU's per policy.
   PYTHONPATH=src python3 benchmarks/step_fidelity.py capacity --out results/sim-vs-gpu
   PYTHONPATH=src python3 benchmarks/step_fidelity.py sample --out tests/data
   PYTHONPATH=src python3 benchmarks/step_fidelity.py record --out results/sim-vs-gpu
+  PYTHONPATH=src python3 benchmarks/step_fidelity.py validate --out results/sim-vs-gpu
 
 The H100 replays (results/gpu-tail-h100; every phase in results/sim-vs-gpu-h100/README.md):
 
@@ -61,6 +64,7 @@ from fairbatching.costmodel.model import CostModel
 from fairbatching.costmodel.profile import load_profile
 from fairbatching.costmodel.serving import period_mape
 from fairbatching.errors import ConfigError, ProfileError
+from fairbatching.validate import atomic_write_text
 
 # the default data set: the H200 tail replays
 PROFILE = "llama-3-8b-h200-engine"
@@ -581,6 +585,107 @@ def capacity_markdown(doc: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+# --- validate -----------------------------------------------------------------------------------------------
+SOURCES = (Path("results/sim-vs-gpu"), Path("results/sim-vs-gpu-h100"))  # validate: each GPU's resim + capacity
+CELL_TARGET = 0.9  # issue 28: share of held-out cells within TOLERANCE_PTS
+CAPACITY_TARGET = 0.05  # issue 28: every simulated capacity within this of the GPU's bracket
+
+
+def validation_cells(folder: Path) -> list[dict]:
+    """``folder``'s resim.json cells with what the issue's counts need: the window's size and SLO, and whether each
+    pricing was fitted on the replay (the bundled profiles never were: they were calibrated on the first 300
+    conversation requests; the refit on its train calls)."""
+    doc = json.loads((folder / "resim.json").read_text())
+    scenarios = _gpu_tail().SCENARIOS
+    device = "H100" if "h100" in doc["profile"] else "H200"
+    return [
+        {
+            "device": device,
+            "scenario": c["scenario"],
+            "requests": scenarios[c["scenario"]].requests,
+            "slo": [scenarios[c["scenario"]].slo.ttft, scenarios[c["scenario"]].slo.tpot],
+            "load": c["load"],
+            "policy": c["label"],
+            "call": c["call"],
+            "gpu": round(c["gpu"], 4),
+            "bundled": {"profile": doc["profile"], "sim": round(c["before"], 4), "held_out": True},
+            "refit": {"profile": doc["pricing_after"], "sim": round(c["after"], 4), "held_out": not c["fitted_on"]},
+        }
+        for c in doc["cells"]
+    ]
+
+
+def cell_counts(cells: list[dict], key: str) -> dict:
+    """Held-out cells under pricing ``key`` within the tolerance: all, 1 s / 50 ms conversation, >= 600 requests."""
+
+    def count(cs: list[dict]) -> dict:
+        within = sum(abs(c[key]["sim"] - c["gpu"]) <= TOLERANCE_PTS / 100 for c in cs)
+        bias = round(100 * float(np.mean([c[key]["sim"] - c["gpu"] for c in cs])), 2) if cs else None
+        return {"cells": len(cs), "within": within, "share": round(within / len(cs), 3) if cs else None, "bias": bias}
+
+    held = [c for c in cells if c[key]["held_out"]]
+    return {
+        "all": count(held),
+        "conv_1s_50ms": count([c for c in held if c["scenario"].startswith("conv-1s")]),
+        "600_requests": count([c for c in held if c["requests"] >= 600]),
+        **{d: count([c for c in held if c["device"] == d]) for d in sorted({c["device"] for c in held})},
+    }
+
+
+def validate(sources: list[Path]) -> dict:
+    """Issue 28's validation over every GPU's replays: the held-out cells, the capacities and the rankings, under
+    the bundled pricing and under the refit, each against the issue's targets."""
+    cells = [c for f in sources for c in validation_cells(f)]
+    caps = {f: json.loads((f / "capacity.json").read_text()) for f in sources}
+    resims = {f: json.loads((f / "resim.json").read_text()) for f in sources}
+    summary = {}
+    for key, old in (("bundled", "before"), ("refit", "after")):
+        counts = cell_counts(cells, key)
+        closed = [r for d in caps.values() for r in d["rows"] if r["lo"] is not None and r["hi"] is not None]
+        cap_ok = sum(abs(r[f"gap_{old}"]) <= CAPACITY_TARGET for r in closed)
+        ranked = sum(d["same_ranking"][old] for d in resims.values())
+        points = sum(len(d["points"]) for d in resims.values())
+        pairs = [sum(d["clear_pairs_same_order"]["all"][old][i] for d in resims.values()) for i in (0, 1)]
+        summary[key] = {
+            "cells_within_5pts": counts,
+            "capacity_within_5pct": [cap_ok, len(closed)],
+            "points_same_ranking": [ranked, points],
+            "clear_pairs_same_order": pairs,
+            "met": {
+                "cells": counts["all"]["share"] >= CELL_TARGET,
+                "capacity": cap_ok == len(closed),
+                "ranking": ranked == points,
+            },
+        }
+    return {
+        "about": "issue 28: simulated SLO attainment against the GPU's on replayed windows the pricing was not "
+        "fitted on; a cell is one policy at one load of one window; a capacity is a policy's 90%-attainment load, "
+        "against the GPU's bracket of replayed loads (closed brackets only)",
+        "made_by": "PYTHONPATH=src python3 benchmarks/step_fidelity.py validate --out results/sim-vs-gpu",
+        "sources": [str(f) for f in sources],
+        "targets": {"cells_within_5pts": CELL_TARGET, "capacity_within": CAPACITY_TARGET, "ranking": "every point"},
+        "summary": summary,
+        "cells": cells,
+    }
+
+
+def validation_markdown(doc: dict) -> str:
+    lines = [
+        "| steps priced by | held-out cells within 5 pts | 1 s / 50 ms | 600-request windows | mean sim - GPU | "
+        "capacity within 5% | same ranking | clear pairs in order |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for key, s in doc["summary"].items():
+        c = s["cells_within_5pts"]
+        frac = " | ".join(f"{c[g]['within']}/{c[g]['cells']}" for g in ("all", "conv_1s_50ms", "600_requests"))
+        lines.append(
+            f"| {key} | {frac} | {c['all']['bias']:+.1f} pts | {s['capacity_within_5pct'][0]}/"
+            f"{s['capacity_within_5pct'][1]} | {s['points_same_ranking'][0]}/{s['points_same_ranking'][1]} | "
+            f"{s['clear_pairs_same_order'][0]}/{s['clear_pairs_same_order'][1]} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 # --- record -------------------------------------------------------------------------------------------------
 PROFILE_DIR = Path("src/fairbatching/costmodel/profiles")
 
@@ -671,7 +776,7 @@ def data_from(args: argparse.Namespace) -> Data:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("phase", choices=("analyse", "fit", "resim", "capacity", "sample", "record"))
+    ap.add_argument("phase", choices=("analyse", "fit", "resim", "capacity", "sample", "record", "validate"))
     ap.add_argument("--rows", type=int, default=3000, help="sample: steps in each of the train and held-out files")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--steps", type=Path, default=STEPS, help="folder of the replays.jsonl and steps-call*.csv.gz")
@@ -700,6 +805,17 @@ def main() -> None:
             if not (data.steps / "replays.jsonl").is_file():
                 raise ConfigError(f"{data.steps / 'replays.jsonl'}: no such file")
         args.out.mkdir(parents=True, exist_ok=True)
+        if args.phase == "validate":
+            if missing := [
+                str(f / n) for f in SOURCES for n in ("resim.json", "capacity.json") if not (f / n).is_file()
+            ]:
+                raise ConfigError(
+                    f"{missing[0]}: no such file (run resim and capacity first, from the repository root)"
+                )
+            doc = validate(list(SOURCES))
+            atomic_write_text(args.out / "validation.json", json.dumps(doc, indent=2) + "\n")
+            print(validation_markdown(doc))
+            return
         if args.phase in ("resim", "capacity"):
             replays = [json.loads(s) for s in (data.steps / "replays.jsonl").read_text().splitlines() if s.strip()]
             if args.phase == "resim":

@@ -130,3 +130,39 @@ def test_the_data_set_is_an_argument_and_a_bad_one_is_one_line_and_exit_2(tmp_pa
         cmd = [sys.executable, script, "analyse", "--out", str(tmp_path), *bad]
         res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": env})
         assert res.returncode == 2 and res.stderr.startswith("error: ") and res.stderr.count("\n") == 1, bad
+
+
+def _cell(sim: float, gpu: float, scenario: str = "code-b", requests: int = 200, held_out: bool = True) -> dict:
+    return {
+        "device": "H100",
+        "scenario": scenario,
+        "requests": requests,
+        "gpu": gpu,
+        "bundled": {"sim": sim, "held_out": True},
+        "refit": {"sim": sim, "held_out": held_out},
+    }
+
+
+def test_validation_counts_only_cells_the_pricing_was_not_fitted_on_and_five_points_is_within():
+    cells = [
+        _cell(0.95, 0.90),
+        _cell(0.96, 0.90, "conv-1s-b", 600),
+        _cell(0.50, 0.90, held_out=False),
+        _cell(0.80, 0.90, "conv-2s-b", 600),
+    ]
+    counts = _step_fidelity().cell_counts
+    refit, bundled = counts(cells, "refit"), counts(cells, "bundled")
+    assert refit["all"] == {"cells": 3, "within": 1, "share": 0.333, "bias": 0.33}
+    assert bundled["all"]["cells"] == 4 and bundled["all"]["within"] == 1
+    assert refit["conv_1s_50ms"]["within"] == 0 and refit["600_requests"]["cells"] == 2
+
+
+def test_the_committed_validation_is_what_its_sources_give(monkeypatch):
+    """results/sim-vs-gpu/validation.json is recomputed from the resim and capacity files it names: a source
+    changed without it (or the reverse) fails here."""
+    sf = _step_fidelity()
+    monkeypatch.chdir(ROOT)
+    committed = json.loads((ROOT / "results/sim-vs-gpu/validation.json").read_text())
+    fresh = json.loads(json.dumps(sf.validate([Path(s) for s in committed["sources"]])))
+    assert fresh == committed
+    assert len([c for c in committed["cells"] if c["bundled"]["held_out"]]) >= 100
