@@ -25,14 +25,23 @@ if __name__ == "__main__":
     ap.add_argument("-n", type=int, default=4000)
     ap.add_argument("--qps", type=float, default=60.0, help="where each search starts")
     ap.add_argument("--tolerance", type=float, default=0.03)
-    ap.add_argument("--stacks", default=STACKS)
+    ap.add_argument("--stacks", default=STACKS, help="policy:router[:admission], comma-separated")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     rows = []
     for item in a.stacks.split(","):
-        policy, router = item.split(":")
+        policy, router, *admission = item.split(":")
         spec = RunSpec(
-            policy, "multi-turn", a.qps, a.seed, a.n, 2.0, 0.1, cluster=ClusterShape(4, router), prefix_caching=True
+            policy,
+            "multi-turn",
+            a.qps,
+            a.seed,
+            a.n,
+            2.0,
+            0.1,
+            cluster=ClusterShape(4, router),
+            prefix_caching=True,
+            admission=admission[0] if admission else "none",
         )
         res = find_capacity(spec, Sweeper(None, 1), 0.9, 1, a.qps, a.tolerance, first_seed=a.seed)
         rows.append(
