@@ -8,9 +8,12 @@ One process. Run from the repository root:
 
 import argparse
 import json
+import sys
 from dataclasses import asdict
 
+from fairbatching.errors import ConfigError
 from fairbatching.evaluation.capacity import find_capacity
+from fairbatching.evaluation.cluster import cluster_stacks
 from fairbatching.evaluation.sweep import Sweeper
 from fairbatching.runs import ClusterShape, RunSpec
 
@@ -28,21 +31,16 @@ if __name__ == "__main__":
     ap.add_argument("--stacks", default=STACKS, help="policy:router[:admission], comma-separated")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
+    base = RunSpec(
+        "fairbatching", "multi-turn", a.qps, a.seed, a.n, 2.0, 0.1, cluster=ClusterShape(4), prefix_caching=True
+    )
+    try:
+        stacks = cluster_stacks(a.stacks, base)
+    except ConfigError as exc:
+        print(f"error: --stacks: {exc}", file=sys.stderr)
+        sys.exit(2)
     rows = []
-    for item in a.stacks.split(","):
-        policy, router, *admission = item.split(":")
-        spec = RunSpec(
-            policy,
-            "multi-turn",
-            a.qps,
-            a.seed,
-            a.n,
-            2.0,
-            0.1,
-            cluster=ClusterShape(4, router),
-            prefix_caching=True,
-            admission=admission[0] if admission else "none",
-        )
+    for spec in stacks:
         res = find_capacity(spec, Sweeper(None, 1), 0.9, 1, a.qps, a.tolerance, first_seed=a.seed)
         rows.append(
             {
