@@ -381,6 +381,11 @@ def _simulate(args: tuple[dict, str, str | None, float]) -> float:
     return sim["slo"]
 
 
+def within_tolerance(sim: float, gpu: float) -> bool:
+    """A simulated attainment close enough to the GPU's: the one test every count of issue 28 uses."""
+    return abs(sim - gpu) <= TOLERANCE_PTS / 100
+
+
 def ranking(rows: list[dict], key: str) -> list[str]:
     return [r["label"] for r in sorted(rows, key=lambda r: (-r[key], r["label"]))]
 
@@ -428,9 +433,7 @@ def resim(replays: list[dict], data: Data, pricing: str, cpus: int, noise: float
     ]
     keys = ("before", "after")
     groups = {"all": cells, **{g.key: [c for c in cells if c["call"] in g.calls] for g in data.not_fitted}}
-    within = {
-        g: {k: sum(abs(c[k] - c["gpu"]) <= TOLERANCE_PTS / 100 for c in cs) for k in keys} for g, cs in groups.items()
-    }
+    within = {g: {k: sum(within_tolerance(c[k], c["gpu"]) for c in cs) for k in keys} for g, cs in groups.items()}
     bias = {
         g: {k: round(100 * float(np.mean([c[k] - c["gpu"] for c in cs])), 2) for k in keys} for g, cs in groups.items()
     }
@@ -591,11 +594,10 @@ CELL_TARGET = 0.9  # issue 28: share of held-out cells within TOLERANCE_PTS
 CAPACITY_TARGET = 0.05  # issue 28: every simulated capacity within this of the GPU's bracket
 
 
-def validation_cells(folder: Path) -> list[dict]:
-    """``folder``'s resim.json cells with what the issue's counts need: the window's size and SLO, and whether each
+def validation_cells(doc: dict) -> list[dict]:
+    """A resim.json's cells with what the issue's counts need: the window's size and SLO, and whether each
     pricing was fitted on the replay (the bundled profiles never were: they were calibrated on the first 300
     conversation requests; the refit on its train calls)."""
-    doc = json.loads((folder / "resim.json").read_text())
     scenarios = _gpu_tail().SCENARIOS
     device = "H100" if "h100" in doc["profile"] else "H200"
     return [
@@ -619,7 +621,7 @@ def cell_counts(cells: list[dict], key: str) -> dict:
     """Held-out cells under pricing ``key`` within the tolerance: all, 1 s / 50 ms conversation, >= 600 requests."""
 
     def count(cs: list[dict]) -> dict:
-        within = sum(abs(c[key]["sim"] - c["gpu"]) <= TOLERANCE_PTS / 100 for c in cs)
+        within = sum(within_tolerance(c[key]["sim"], c["gpu"]) for c in cs)
         bias = round(100 * float(np.mean([c[key]["sim"] - c["gpu"] for c in cs])), 2) if cs else None
         return {"cells": len(cs), "within": within, "share": round(within / len(cs), 3) if cs else None, "bias": bias}
 
@@ -635,17 +637,17 @@ def cell_counts(cells: list[dict], key: str) -> dict:
 def validate(sources: list[Path]) -> dict:
     """Issue 28's validation over every GPU's replays: the held-out cells, the capacities and the rankings, under
     the bundled pricing and under the refit, each against the issue's targets."""
-    cells = [c for f in sources for c in validation_cells(f)]
-    caps = {f: json.loads((f / "capacity.json").read_text()) for f in sources}
-    resims = {f: json.loads((f / "resim.json").read_text()) for f in sources}
+    resims = [json.loads((f / "resim.json").read_text()) for f in sources]
+    cells = [c for d in resims for c in validation_cells(d)]
+    caps = [json.loads((f / "capacity.json").read_text()) for f in sources]
+    closed = [r for d in caps for r in d["rows"] if r["lo"] is not None and r["hi"] is not None]
+    points = sum(len(d["points"]) for d in resims)
     summary = {}
     for key, old in (("bundled", "before"), ("refit", "after")):
         counts = cell_counts(cells, key)
-        closed = [r for d in caps.values() for r in d["rows"] if r["lo"] is not None and r["hi"] is not None]
         cap_ok = sum(abs(r[f"gap_{old}"]) <= CAPACITY_TARGET for r in closed)
-        ranked = sum(d["same_ranking"][old] for d in resims.values())
-        points = sum(len(d["points"]) for d in resims.values())
-        pairs = [sum(d["clear_pairs_same_order"]["all"][old][i] for d in resims.values()) for i in (0, 1)]
+        ranked = sum(d["same_ranking"][old] for d in resims)
+        pairs = [sum(d["clear_pairs_same_order"]["all"][old][i] for d in resims) for i in (0, 1)]
         summary[key] = {
             "cells_within_5pts": counts,
             "capacity_within_5pct": [cap_ok, len(closed)],
@@ -697,7 +699,7 @@ def validation_from_resim(doc: dict, key: str, held: list[dict], mape: dict, ste
     for c in held:
         gaps[c["label"]].append(100 * (c[key] - c["gpu"]))
     worst = max(abs(g) for gs in gaps.values() for g in gs)
-    within = sum(abs(c[key] - c["gpu"]) <= TOLERANCE_PTS / 100 for c in held)  # as resim's within_5pts
+    within = sum(within_tolerance(c[key], c["gpu"]) for c in held)
     mean = float(np.mean([g for gs in gaps.values() for g in gs]))
     passed = worst <= TOLERANCE_PTS and mape["all"] <= STEP_TOLERANCE
     return {
