@@ -272,3 +272,23 @@ def test_a_capacity_no_load_failed_is_printed_as_a_lower_bound():
     bracketed = CapacityResult("sarathi", "w", 12.0, 0.9, 0.02, (12.0, 12.2))
     lines = capacity_lines([open_ended, bracketed], None, 10)
     assert "lower bound" in lines[0] and "lower bound" not in lines[1]
+
+
+def test_capacity_cli_searches_behind_node_admission(tmp_path):
+    """`capacity --admission reject`: every run of the search is behind the node's admission, which refuses at
+    the overloaded loads (counted as missed), and capacity.json says so; a bad mode is one line, exit 2."""
+    from test_cli import cli
+
+    cache, out = tmp_path / "cache", tmp_path / "out"
+    args = ("capacity", "-n", "80", "--seeds", "1", "--tolerance", "0.25", "--policies", "fairbatching")
+    res = cli(*args, "--admission", "reject", "--cache", str(cache), "--workers", "1", "--out", str(out))
+    assert res.returncode == 0, res.stderr
+    assert "behind node admission reject" in res.stdout
+    doc = json.loads((out / "capacity.json").read_text())
+    assert doc["admission"] == "reject"
+    runs = [json.loads(p.read_text()) for p in cache.glob("*.json")]
+    assert runs and {r["spec"]["admission"] for r in runs} == {"reject"}
+    assert any(r["summary"]["rejected"] > 0 for r in runs if r["spec"]["qps"] > doc["results"][0]["capacity_qps"])
+    bad = cli(*args, "--admission", "maybe", "--out", str(tmp_path / "bad"))
+    assert bad.returncode == 2 and "'maybe'" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "bad").exists()

@@ -19,6 +19,7 @@ from rich.markup import escape
 from fairbatching import cli_engine
 from fairbatching.cli_options import (
     POLICY_NAMES,
+    AdmissionOpt,
     BackendArgs,
     NodeArgs,
     PoliciesOpt,
@@ -221,10 +222,12 @@ def capacity(
     b: BackendArgs,
     out: Annotated[Path | None, typer.Option("--out", help="Write capacity.json here")] = None,
     prefix_caching: PrefixCachingOpt = False,
+    admission: AdmissionOpt = "none",
     under_test: UnderTestOpt = "fairbatching",
 ) -> None:
     """Highest request rate each policy sustains at the SLO-attainment target (bracketing + bisection;
-    --backend gpu: real-time replays from the simulated capacity on, the simulator beside each point)."""
+    --backend gpu: real-time replays from the simulated capacity on, the simulator beside each point;
+    --admission: every policy behind the node's admission control, its refusals counted as missed)."""
     from fairbatching.costmodel.profile import load_profile
     from fairbatching.evaluation.bounds import spec_bound
     from fairbatching.evaluation.capacity import capacity_lines, policy_capacities
@@ -241,15 +244,20 @@ def capacity(
     sweeper = sw.sweeper()
     gpu, profile = _gpu_and_profile("capacity", b, profile)
     check_slo_feasible(slo.slo, load_profile(profile))
-    base = _base_spec(names[0], workload, 1.0, num, slo, profile, gpu, prefix_caching)
+    base = replace(_base_spec(names[0], workload, 1.0, num, slo, profile, gpu, prefix_caching), admission=admission)
     bound = spec_bound(base, seeds)
     with cli_engine.started_engines(gpu) as engines, Activity(console) as status:
         sweeper.engines = engines
         results = policy_capacities(base, names, sweeper, target, seeds, start, tolerance, console.print, status)
+    if base.admission != "none":
+        out_console.print(f"behind node admission {base.admission}: each policy's refused requests count as missed")
     for line in capacity_lines(results, bound, num, under_test):
         out_console.print(line)
     if out:
-        _write_capacity(out, {"workload": workload, "clairvoyant_qps": bound}, results, gpu, prefix_caching)
+        data: dict[str, object] = {"workload": workload, "clairvoyant_qps": bound}
+        if base.admission != "none":
+            data["admission"] = str(base.admission)
+        _write_capacity(out, data, results, gpu, prefix_caching)
 
 
 def _gpu_and_profile(

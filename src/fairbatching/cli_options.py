@@ -101,6 +101,13 @@ PolicyOptionOpt = Annotated[
         help="policy.key=value, e.g. sarathi.token_budget=2048 (repeatable); `fairbatching options` lists them",
     ),
 ]
+AdmissionOpt = Annotated[
+    str,
+    typer.Option(
+        "--admission",
+        help="Node admission control on the PAB: none, reject or defer (refused requests count as missed)",
+    ),
+]
 UnderTestOpt = Annotated[
     str,
     typer.Option("--under-test", help="The policy the others are baselines for: its gain is against the best of them"),
@@ -192,9 +199,7 @@ class NodeArgs:
     max_len: Annotated[
         int, typer.Option("--max-model-len", help="Reject requests longer than this (tokens)", callback=at_least_one)
     ] = 131072
-    admission: Annotated[
-        str, typer.Option("--admission", help="Node admission control on the PAB: none, reject or defer")
-    ] = "none"
+    admission: AdmissionOpt = "none"
     policy_option: PolicyOptionOpt = None
     prefix_caching: PrefixCachingOpt = False
 
