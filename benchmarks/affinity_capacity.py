@@ -11,6 +11,8 @@ import json
 import sys
 from dataclasses import asdict
 
+from affinity_study import set_max_num_seqs
+
 from fairbatching.errors import ConfigError
 from fairbatching.evaluation.capacity import find_capacity
 from fairbatching.evaluation.cluster import cluster_stacks
@@ -29,8 +31,11 @@ if __name__ == "__main__":
     ap.add_argument("--qps", type=float, default=60.0, help="where each search starts")
     ap.add_argument("--tolerance", type=float, default=0.03)
     ap.add_argument("--stacks", default=STACKS, help="policy:router[:admission], comma-separated")
+    ap.add_argument("--max-num-seqs", type=int, default=None, help="every node's sequence slots (a diagnostic)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
+    if a.max_num_seqs:
+        set_max_num_seqs(a.max_num_seqs)
     base = RunSpec(
         "fairbatching", "multi-turn", a.qps, a.seed, a.n, 2.0, 0.1, cluster=ClusterShape(4), prefix_caching=True
     )
@@ -46,6 +51,7 @@ if __name__ == "__main__":
             {
                 "stack": spec.label,
                 "seed": a.seed,
+                **({"max_num_seqs": a.max_num_seqs} if a.max_num_seqs else {}),
                 "capacity_qps": res.capacity_qps,
                 "bracket": res.bracket,
                 "curve": [asdict(p) for p in res.curve],

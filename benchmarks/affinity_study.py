@@ -55,6 +55,13 @@ def study(router: str, policy: str, qps: float, seed: int, n: int) -> dict:
     }
 
 
+def set_max_num_seqs(slots: int) -> None:
+    """A diagnostic: every cluster node's policy with ``slots`` sequence slots instead of its default (cluster
+    runs take no policy options). In-process only: a sweeper's worker processes keep the default."""
+    make = simulator.make_policy
+    simulator.make_policy = lambda name, cost, tpot_slo=None: make(name, cost, tpot_slo, max_num_seqs=slots)
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--qps", type=float, default=88.0)
@@ -64,10 +71,7 @@ if __name__ == "__main__":
     ap.add_argument("--max-num-seqs", type=int, default=None, help="a diagnostic: the nodes' sequence slots")
     a = ap.parse_args()
     if a.max_num_seqs:
-        make = simulator.make_policy
-        simulator.make_policy = lambda name, cost, tpot_slo=None: make(
-            name, cost, tpot_slo, max_num_seqs=a.max_num_seqs
-        )
+        set_max_num_seqs(a.max_num_seqs)
     for item in a.stacks.split(","):
         policy, router = item.split(":")
         print(json.dumps(study(router, policy, a.qps, a.seed, a.n)), flush=True)
