@@ -254,10 +254,7 @@ def capacity(
     for line in capacity_lines(results, bound, num, under_test):
         out_console.print(line)
     if out:
-        data: dict[str, object] = {"workload": workload, "clairvoyant_qps": bound}
-        if base.admission != "none":
-            data["admission"] = str(base.admission)
-        _write_capacity(out, data, results, gpu, prefix_caching)
+        _write_capacity(out, {"workload": workload, "clairvoyant_qps": bound}, results, gpu, base)
 
 
 def _gpu_and_profile(
@@ -307,16 +304,18 @@ def _write_capacity(
     data: dict[str, object],
     results: list[CapacityResult],
     gpu: cli_engine.GpuBackend | None,
-    prefix_caching: bool,
+    base: RunSpec,
 ) -> None:
-    """``capacity.json``: ``data``, the policies' results, and the backend and prefix caching where not the
-    defaults."""
+    """``capacity.json``: ``data``, the policies' results, and the backend, prefix caching and node admission
+    of the search (``base``) where not the defaults."""
     with staged_dir(out) as tmp:
         data["results"] = [asdict(r) for r in results]
         if gpu is not None:
             data["backend"] = cli_engine.backend_settings(gpu)
-        if prefix_caching:
+        if base.prefix_caching:
             data["prefix_caching"] = True
+        if base.admission != "none":
+            data["admission"] = str(base.admission)
         (tmp / "capacity.json").write_text(json.dumps(data, indent=2) + "\n")
 
 
