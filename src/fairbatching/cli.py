@@ -244,7 +244,7 @@ def capacity(
     sweeper = sw.sweeper()
     gpu, profile = _gpu_and_profile("capacity", b, profile)
     check_slo_feasible(slo.slo, load_profile(profile))
-    base = replace(_base_spec(names[0], workload, 1.0, num, slo, profile, gpu, prefix_caching), admission=admission)
+    base = _base_spec(names[0], workload, 1.0, num, slo, profile, gpu, prefix_caching, admission=admission)
     bound = spec_bound(base, seeds)
     with cli_engine.started_engines(gpu) as engines, Activity(console) as status:
         sweeper.engines = engines
@@ -278,8 +278,10 @@ def _base_spec(
     gpu: cli_engine.GpuBackend | None,
     prefix_caching: bool,
     cluster: ClusterShape | None = None,
+    admission: str = "none",
 ) -> RunSpec:
-    """The run a command varies (policy, load, seed), on the simulator or on ``gpu``'s engines."""
+    """The run a command varies (policy, load, seed), on the simulator or on ``gpu``'s engines, behind node
+    ``admission``."""
     from fairbatching.core.backend import Backend
     from fairbatching.runs import RunSpec
 
@@ -292,6 +294,7 @@ def _base_spec(
         slo.ttft,
         slo.tpot,
         profile,
+        admission=admission,
         cluster=cluster,
         backend=Backend.SIM if gpu is None else Backend.GPU,
         engine=None if gpu is None else gpu.engine,
