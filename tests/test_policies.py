@@ -331,3 +331,23 @@ def test_aged_prefills_take_only_their_share_of_the_step_and_the_feasible_one_th
     assert list(chunks(late_share=0.25)) == ["new"]  # no age limit: nothing is aged, late_last as before
     with pytest.raises(ValueError, match="late_share"):
         FairBatchingPolicy(cost, late_share=0)
+
+
+def test_a_prefill_that_the_queue_ahead_makes_late_gives_way_to_the_ones_it_would_make_late(cost):
+    """One long prompt that could make its first token alone, and two short ones just behind it in deadline
+    order that cannot after it: earliest-deadline-first saves one, and the most-on-time order two."""
+    long_work = cost.predict(6000, 6000, 1, attn_work(6000, 0))
+    age = 2.0 - 1.2 * long_work  # TTFT 2 s: the long one's deadline 1.2x its time alone from now
+    long = waiting("long", NOW, age=age, prompt=6000)
+    short = [waiting(f"s{i}", NOW, age=age - 0.001 * (i + 1), prompt=2000) for i in range(2)]
+    step = cost.predict(4000, 4000, 1, attn_work(4000, 0))  # steps of ~4,000 tokens: the queue spans several
+
+    def order(**options) -> list[str]:
+        pol = FairBatchingPolicy(cost, max_batch_time=step, **options)
+        return ids(pol.schedule(state(NOW, [], [long, *short])))
+
+    assert order(queue_margin=None)[0] == "long"  # alone it is feasible: EDF serves it first
+    assert order(queue_margin=0.0)[:2] == ["s0", "s1"]  # behind it neither short one would be on time
+    assert order()[:2] == ["s0", "s1"]  # the default
+    with pytest.raises(ValueError, match="queue_margin"):
+        FairBatchingPolicy(cost, queue_margin=-1)

@@ -176,6 +176,12 @@ class FairBatchingConfig(BatchLimits):
         6.0, "a step's first prefill chunk must be worth this many t_mixed of prefill time", lo=0.0
     )
     late_last: bool = option(True, "serve prefills whose TTFT is lost after those that can still make it")
+    queue_margin: float | None = option(
+        0.5,
+        "judge a prefill feasible with the queue ahead of it (most on time, Moore-Hodgson), its first token"
+        " at the end of a step: this many step budgets after its work; null: alone",
+        lo=0.0,
+    )
     late_age_limit: float | None = option(
         None, "TTFT SLOs waited after which a lost prefill is back in deadline order", lo=0.0, lo_open=True
     )

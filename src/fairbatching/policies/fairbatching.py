@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 import math
 from itertools import accumulate
 from operator import attrgetter
@@ -49,6 +50,10 @@ class FairBatchingPolicy(Policy):
          KV or slot pressure yielding stalls admissions (Little's law).
     Prefills whose first-token deadline is already lost go after those that can still make theirs
     (``late_last``): plain EDF serves the late ones first and, under a burst, makes every request late.
+    "Can still make it" is judged with the queue ahead (``queue_margin``; null: alone): served in deadline
+    order at the share of the GPU the decodes leave, each first token at the end of a step, the most that can
+    all be on time stay feasible (Moore-Hodgson: where one would be late, the longest so far gives way). EDF
+    alone serves a long prompt that just makes it and lets the short ones behind it miss by a step.
     Passed over without limit, though, a lost request's TTFT grows with the backlog (the P99 TTFT tail):
     ``late_age_limit`` (in TTFT SLOs waited) puts one that has waited that long back in deadline order.
     Promoted ahead of every feasible prefill, though, aged requests take whole steps under overload and make
@@ -67,6 +72,7 @@ class FairBatchingPolicy(Policy):
         self.late_last = cfg.late_last
         self.late_age_limit = cfg.late_age_limit
         self.late_share = cfg.late_share
+        self.queue_margin = cfg.queue_margin
         self.yield_reserve = cfg.yield_reserve
         self.mixed_amortization = cfg.mixed_amortization
         self.max_batch_time = math.inf if cfg.max_batch_time is None else cfg.max_batch_time
@@ -87,15 +93,18 @@ class FairBatchingPolicy(Policy):
         budget = prefill_budget = self.max_batch_time
         n_urgent = 0
         may_yield = True
+        horizon = (0.0, 1.0)  # a step's length and the prefills' share of the GPU (queue feasibility)
         if decodes:
             decodes.sort(key=_deadline)  # our own list: urgent decodes are a prefix, slack ones the rest
             budget, full_batch, all_decodes, may_yield = self._capacity(state, decodes, computed, tpot)
+            if self.queue_margin is not None:
+                horizon = (budget, self._prefill_share(decodes, computed, tpot, budget, may_yield))
             margin = self.urgency_margin * all_decodes + (self.yield_reserve * tpot if may_yield else 0.0)
             n_urgent, computed = self._add_urgent_decodes(b, decodes, computed, budget, margin)
             budget = prefill_budget = max(budget, b.time())
             if not may_yield and n_urgent < len(decodes) and budget < full_batch:
                 prefill_budget -= self._other_decodes_time(b, decodes, n_urgent, all_decodes)
-        backlog = self._add_prefills(b, prefills, state.waiting, prefill_budget, decodes, n_urgent)
+        backlog = self._add_prefills(b, prefills, state.waiting, prefill_budget, decodes, n_urgent, horizon)
         if n_urgent < len(decodes):
             rest, computed = _not_preempted(b.plan, decodes[n_urgent:], computed)
             self._add_slack_decodes(b, rest, budget if backlog and may_yield else math.inf, computed)
@@ -170,6 +179,7 @@ class FairBatchingPolicy(Policy):
         budget: float,
         decodes: list[Request],
         n_urgent: int,
+        horizon: tuple[float, float] = (0.0, 1.0),
     ) -> bool:
         """Phase 2, earliest deadline first over ongoing prefills and the head of the queue.
 
@@ -185,6 +195,9 @@ class FairBatchingPolicy(Policy):
         pool.sort(key=_deadline)
         if self.late_last:
             aged, feasible, late = self._feasible_first(pool, b.state.now)
+            if self.queue_margin is not None and len(feasible) > 1:
+                feasible, doomed = self._most_on_time(feasible, b.state.now, *horizon)
+                late = sorted(doomed + late, key=_deadline) if doomed else late
             if aged:  # first, within their share of the prefill time
                 start = b.time()
                 aged = aged[self._add_aged(b, aged, start + self.late_share * max(budget - start, 0.0), reserve) :]
@@ -251,6 +264,46 @@ class FairBatchingPolicy(Policy):
                 n = r.num_tokens - c
                 (late if d <= now + predict(n, c + n, 1, n * (c + (n + 1) * 0.5)) else feasible).append(r)
         return aged, feasible, late
+
+    def _prefill_share(
+        self, decodes: list[Request], computed: int, tpot: float, budget: float, may_yield: bool
+    ) -> float:
+        """The share of GPU time prefills get while these decodes keep their pace: each decode needs a token per
+        TPOT (per step when decodes may not yield), and every step of ``budget`` pays its fixed costs."""
+        cost = self.cost_model
+        n = len(decodes)
+        ctx = computed + n
+        fixed = cost.predict(2, 2, 1, attn_work(2, 0))
+        decode_part = max(cost.predict(n + 2, ctx + 2, n + 1, ctx + attn_work(2, 0)) - fixed, 0.0)
+        period = tpot if may_yield and tpot < math.inf else budget
+        share = 1.0 - decode_part / max(period, 1e-9) - fixed / max(budget, 1e-9)
+        return min(max(share, 0.05), 1.0)
+
+    def _most_on_time(
+        self, feasible: list[Request], now: float, step: float, share: float
+    ) -> tuple[list[Request], list[Request]]:
+        """The most of ``feasible`` (deadline order) that can all make their first token, served in that order
+        at ``share`` of the GPU, each token at the end of a step ``queue_margin`` budgets after its work
+        (Moore-Hodgson: whenever one would be late, drop the longest so far); and the others, which cannot."""
+        predict = self.cost_model.predict
+        floor = predict(2, 2, 1, attn_work(2, 0))
+        clock = now + self.queue_margin * step
+        longest: list[tuple[float, int]] = []
+        dropped: set[int] = set()
+        for i, r in enumerate(feasible):
+            c = r.num_computed
+            n = r.num_tokens - c
+            work = max(predict(n, c + n, 1, n * (c + (n + 1) * 0.5)) - floor, 0.0) / share
+            heapq.heappush(longest, (-work, i))
+            clock += work
+            if clock > r.first_deadline:
+                most, j = heapq.heappop(longest)
+                clock += most
+                dropped.add(j)
+        if not dropped:
+            return feasible, []
+        keep = [r for i, r in enumerate(feasible) if i not in dropped]
+        return keep, [r for i, r in enumerate(feasible) if i in dropped]
 
     def _first_chunk_floor(self) -> int:
         """Smallest partial chunk worth opening a mixed step for: ``mixed_amortization`` x the model's
