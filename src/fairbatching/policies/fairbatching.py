@@ -195,8 +195,9 @@ class FairBatchingPolicy(Policy):
         pool.sort(key=_deadline)
         if self.late_last:
             aged, feasible, late = self._feasible_first(pool, b.state.now)
-            if self.queue_margin is not None and len(feasible) > 1:
-                feasible, doomed = self._most_on_time(feasible, b.state.now, *horizon)
+            margin = self.queue_margin
+            if margin is not None and len(feasible) > 1:
+                feasible, doomed = self._most_on_time(feasible, b.state.now + margin * horizon[0], horizon[1])
                 late = sorted(doomed + late, key=_deadline) if doomed else late
             if aged:  # first, within their share of the prefill time
                 start = b.time()
@@ -279,15 +280,14 @@ class FairBatchingPolicy(Policy):
         share = 1.0 - decode_part / max(period, 1e-9) - fixed / max(budget, 1e-9)
         return min(max(share, 0.05), 1.0)
 
-    def _most_on_time(
-        self, feasible: list[Request], now: float, step: float, share: float
-    ) -> tuple[list[Request], list[Request]]:
+    def _most_on_time(self, feasible: list[Request], start: float, share: float) -> tuple[list[Request], list[Request]]:
         """The most of ``feasible`` (deadline order) that can all make their first token, served in that order
-        at ``share`` of the GPU, each token at the end of a step ``queue_margin`` budgets after its work
-        (Moore-Hodgson: whenever one would be late, drop the longest so far); and the others, which cannot."""
+        from ``start`` (now plus ``queue_margin`` step budgets: a first token comes at the end of a step) at
+        ``share`` of the GPU (Moore-Hodgson: where one would be late, the longest so far gives way); and the
+        others, which cannot."""
         predict = self.cost_model.predict
         floor = predict(2, 2, 1, attn_work(2, 0))
-        clock = now + self.queue_margin * step
+        clock = start
         longest: list[tuple[float, int]] = []
         dropped: set[int] = set()
         for i, r in enumerate(feasible):
