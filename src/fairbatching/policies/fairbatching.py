@@ -12,7 +12,7 @@ from fairbatching.config import FairBatchingConfig
 from fairbatching.core.envelope import count_urgent
 from fairbatching.core.plan import BatchPlan
 from fairbatching.core.request import Request
-from fairbatching.costmodel.model import BatchPricer, attn_work
+from fairbatching.costmodel.model import BatchPricer, CostModel, attn_work
 from fairbatching.policies.base import BatchBuilder, Policy, SchedulerState, count_crossing, total_computed
 
 
@@ -73,6 +73,7 @@ class FairBatchingPolicy(Policy):
         self.late_age_limit = cfg.late_age_limit
         self.late_share = cfg.late_share
         self.queue_margin = cfg.queue_margin
+        self._prior = CostModel(cost_model.params)  # what online calibration scales (queue feasibility)
         self.yield_reserve = cfg.yield_reserve
         self.mixed_amortization = cfg.mixed_amortization
         self.max_batch_time = math.inf if cfg.max_batch_time is None else cfg.max_batch_time
@@ -285,15 +286,22 @@ class FairBatchingPolicy(Policy):
         from ``start`` (now plus ``queue_margin`` step budgets: a first token comes at the end of a step) at
         ``share`` of the GPU (Moore-Hodgson: where one would be late, the longest so far gives way); and the
         others, which cannot."""
-        predict = self.cost_model.predict
-        floor = predict(2, 2, 1, attn_work(2, 0))
+        # Each prompt's work at the model's marginal rates (linear: for p > 1 an upper bound on what it adds to a
+        # step), scaled as the planner's model scales the prior (online calibration) and by the GPU share.
+        cost = self.cost_model
+        params = cost.params
+        ref = attn_work(1024, 0)
+        scale = cost.predict(1024, 1024, 1, ref) / self._prior.predict(1024, 1024, 1, ref) / share
+        per_token = (params.c_tok + params.c_kv) * scale
+        per_context = params.c_kv * scale
+        per_pair = params.c_attn * scale
         clock = start
         longest: list[tuple[float, int]] = []
         dropped: set[int] = set()
         for i, r in enumerate(feasible):
             c = r.num_computed
             n = r.num_tokens - c
-            work = max(predict(n, c + n, 1, n * (c + (n + 1) * 0.5)) - floor, 0.0) / share
+            work = per_token * n + per_context * c + per_pair * n * (c + (n + 1) * 0.5)
             heapq.heappush(longest, (-work, i))
             clock += work
             if clock > r.first_deadline:
