@@ -64,8 +64,8 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     "a3s20": {"late_age_limit": 3.0, "late_share": 0.2},
     "a3s35": {"late_age_limit": 3.0, "late_share": 0.35},
     "a3s50": {"late_age_limit": 3.0, "late_share": 0.5},
+    "alone": {"queue_margin": None},  # feasibility judged alone: the default before queue feasibility
     "qm0": {"queue_margin": 0.0},
-    "qm05": {"queue_margin": 0.5},
     "qm1": {"queue_margin": 1.0},
 }
 
