@@ -86,6 +86,7 @@ OPTION_VALUES = {
     "late_last": st.booleans(),
     "late_age_limit": st.none() | st.floats(0.5, 4.0),
     "late_share": st.floats(0.05, 1.0),
+    "queue_margin": st.none() | st.floats(0.0, 2.0),
 }
 
 
