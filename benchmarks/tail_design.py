@@ -9,6 +9,7 @@ on another (``--seeds 21,22,23``); the GPU replays use seeds 1-3, so neither set
 
   PYTHONPATH=src python3 benchmarks/tail_design.py --seeds 11,12
   PYTHONPATH=src python3 benchmarks/tail_design.py --seeds 21,22,23 --only fb,age3,a1s20
+  PYTHONPATH=src python3 benchmarks/tail_design.py --seeds 21,22,23 --only fb,alone --admission reject
 """
 
 from __future__ import annotations
@@ -71,13 +72,19 @@ CANDIDATES: dict[str, dict[str, Any]] = {
 
 
 def run(
-    sc: Scenario, policy: str, options: dict[str, Any], qps: float, seeds: list[int], err: StepError
+    sc: Scenario,
+    policy: str,
+    options: dict[str, Any],
+    qps: float,
+    seeds: list[int],
+    err: StepError,
+    admission: str = "none",
 ) -> list[Summary]:
     prof = load_profile("llama-3-8b-h200-engine")
     out = []
     for seed in seeds:
         w = family(sc.workload).build(qps, seed, sc.requests)
-        exp = Experiment(w, prof, sc.slo, policy_options={policy: options}, step_error=err)
+        exp = Experiment(w, prof, sc.slo, policy_options={policy: options}, step_error=err, admission=admission)
         out.append(exp.run(policy).summary)
     return out
 
@@ -87,24 +94,32 @@ def attainment(sums: list[Summary]) -> float:
 
 
 def capacity(
-    sc: Scenario, policy: str, seeds: list[int], err: StepError, options: dict[str, Any] | None = None
+    sc: Scenario,
+    policy: str,
+    seeds: list[int],
+    err: StepError,
+    options: dict[str, Any] | None = None,
+    admission: str = "none",
 ) -> float:
     """Highest rate with mean attainment >= the scenario's target: bracket by x1.15 steps, then bisect to 2%."""
-    target = sc.target
+
+    def met(qps: float) -> bool:
+        return attainment(run(sc, policy, options or {}, qps, seeds, err, admission)) >= sc.target
+
     lo = hi = sc.guess
-    if attainment(run(sc, policy, options or {}, hi, seeds, err)) >= target:
-        while attainment(run(sc, policy, options or {}, hi * 1.15, seeds, err)) >= target:
+    if met(hi):
+        while met(hi * 1.15):
             hi *= 1.15
         lo, hi = hi, hi * 1.15
     else:
-        while attainment(run(sc, policy, options or {}, lo / 1.15, seeds, err)) < target:
+        while not met(lo / 1.15):
             lo /= 1.15
             if lo < sc.guess / 50:
-                raise SystemExit(f"{sc.name}: {policy} never reaches {target:.0%}")
+                raise SystemExit(f"{sc.name}: {policy} never reaches {sc.target:.0%}")
         lo, hi = lo / 1.15, lo
     while hi / lo > 1.02:
         mid = (lo * hi) ** 0.5
-        lo, hi = (mid, hi) if attainment(run(sc, policy, options or {}, mid, seeds, err)) >= target else (lo, mid)
+        lo, hi = (mid, hi) if met(mid) else (lo, mid)
     return lo
 
 
@@ -117,33 +132,35 @@ def main() -> None:
     ap.add_argument("--capacity", action="store_true", help="also each candidate's capacity (x best baseline)")
     ap.add_argument("--mixed-scale", type=float, default=1.18)
     ap.add_argument("--noise", type=float, default=0.08)
+    ap.add_argument("--admission", default="none", help="node admission of the FairBatching candidates (none, reject)")
     args = ap.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     err = StepError(1.0, args.mixed_scale, args.noise)
     names = list(CANDIDATES) if args.only is None else args.only.split(",")
     wanted = None if args.scenarios is None else args.scenarios.split(",")
-    print(f"seeds {seeds}, {err}")
-    print("| scenario | load | policy | SLO met (mean) | P99 TTFT mean / worst window (s) |")
-    print("|---|---|---|---:|---|")
+    print(f"seeds {seeds}, {err}, FairBatching's node admission: {args.admission}")
+    print("| scenario | load | policy | SLO met (mean) | P99 TTFT mean / worst window (s) | refused |")
+    print("|---|---|---|---:|---|---:|")
     for sc in SCENARIOS:
         if wanted and not any(sc.name.startswith(w) for w in wanted):
             continue
         caps = {p: capacity(sc, p, seeds, err) for p in BASELINES}
         best = max(caps.values())
-        print(f"| {sc.name} | capacity | " + ", ".join(f"{p} {c:.2f}" for p, c in caps.items()) + " | | |", flush=True)
+        named = ", ".join(f"{p} {c:.2f}" for p, c in caps.items())
+        print(f"| {sc.name} | capacity | {named} | | | |", flush=True)
         if args.capacity:
             for n in names:
-                c = capacity(sc, "fairbatching", seeds, err, CANDIDATES[n])
-                print(f"| {sc.name} | capacity | {n} {c:.2f} = {c / best:.2f}x | | |", flush=True)
+                c = capacity(sc, "fairbatching", seeds, err, CANDIDATES[n], args.admission)
+                print(f"| {sc.name} | capacity | {n} {c:.2f} = {c / best:.2f}x | | | |", flush=True)
         for factor in map(float, args.loads.split(",")):
             qps = best * factor
             rows = [(p, run(sc, p, {}, qps, seeds, err)) for p in BASELINES]
-            rows += [(n, run(sc, "fairbatching", CANDIDATES[n], qps, seeds, err)) for n in names]
+            rows += [(n, run(sc, "fairbatching", CANDIDATES[n], qps, seeds, err, args.admission)) for n in names]
             for name, sums in rows:
                 p99 = [s.ttft.p99 for s in sums]
                 print(
                     f"| {sc.name} | {factor:g}x = {qps:.2f} | {name} | {attainment(sums):.1%} |"
-                    f" {statistics.mean(p99):.2f} / {max(p99):.2f} |",
+                    f" {statistics.mean(p99):.2f} / {max(p99):.2f} | {sum(s.rejected for s in sums)} |",
                     flush=True,
                 )
 
