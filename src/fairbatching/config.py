@@ -178,8 +178,8 @@ class FairBatchingConfig(BatchLimits):
     late_last: bool = option(True, "serve prefills whose TTFT is lost after those that can still make it")
     queue_margin: float | None = option(
         0.5,
-        "judge a prefill feasible with the queue ahead of it (most on time, Moore-Hodgson), its first token"
-        " at the end of a step: this many step budgets after its work; null: alone",
+        "step budgets added to the queue's work when judging which prefills can still be on time (Moore-Hodgson);"
+        " null: each judged alone",
         lo=0.0,
     )
     late_age_limit: float | None = option(
