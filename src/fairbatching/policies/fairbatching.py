@@ -98,7 +98,7 @@ class FairBatchingPolicy(Policy):
         if decodes:
             decodes.sort(key=_deadline)  # our own list: urgent decodes are a prefix, slack ones the rest
             budget, full_batch, all_decodes, may_yield = self._capacity(state, decodes, computed, tpot)
-            if self.queue_margin is not None:
+            if self.queue_margin is not None and (prefills or state.waiting):
                 horizon = (budget, self._prefill_share(decodes, computed, tpot, budget, may_yield))
             margin = self.urgency_margin * all_decodes + (self.yield_reserve * tpot if may_yield else 0.0)
             n_urgent, computed = self._add_urgent_decodes(b, decodes, computed, budget, margin)
@@ -180,7 +180,7 @@ class FairBatchingPolicy(Policy):
         budget: float,
         decodes: list[Request],
         n_urgent: int,
-        horizon: tuple[float, float] = (0.0, 1.0),
+        horizon: tuple[float, float],
     ) -> bool:
         """Phase 2, earliest deadline first over ongoing prefills and the head of the queue.
 
@@ -277,7 +277,7 @@ class FairBatchingPolicy(Policy):
         ctx = computed + n
         fixed = cost.predict(2, 2, 1, attn_work(2, 0))
         decode_part = max(cost.predict(n + 2, ctx + 2, n + 1, ctx + attn_work(2, 0)) - fixed, 0.0)
-        period = tpot if may_yield and tpot < math.inf else budget
+        period = tpot if may_yield else budget
         share = 1.0 - decode_part / max(period, 1e-9) - fixed / max(budget, 1e-9)
         return min(max(share, 0.05), 1.0)
 
