@@ -41,6 +41,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from fairbatching.config import options_of
 from fairbatching.core.request import SLO, RequestStatus
 from fairbatching.costmodel.profile import load_profile
 from fairbatching.errors import ConfigError
@@ -435,6 +436,7 @@ def replay_job(
         "label": v.label,
         "policy": v.policy,
         "options": dict(v.options),
+        "config": {k: getattr(policy.config, k) for k in options_of(type(policy.config))},
         "admission": v.admission,
         "window": {"workload": sc.workload, "start": sc.start, "seed": sc.seed, "requests": len(w)},
         "slo": [sc.slo.ttft, sc.slo.tpot],
@@ -589,9 +591,18 @@ def capacity_brackets(rows: list[dict]) -> list[dict]:
     return out
 
 
+#: Defaults that changed after rows were replayed without recording their whole config (``config``): what those
+#: rows ran. Queue feasibility (c839ae4) made ``queue_margin`` 0.5; every such row predates it.
+BEFORE_RECORDED_CONFIG = {"fairbatching": {"queue_margin": None}}
+
+
 def row_variant(r: dict) -> Variant:
-    """The variant a replay row ran."""
-    return Variant(r["label"], r["policy"], tuple(sorted(r["options"].items())), r.get("admission", "none"))
+    """The variant a replay row ran: its whole recorded config, or its options over the defaults of its time."""
+    if "config" in r:  # less the TPOT SLO, which the simulation takes from the scenario as the replay did
+        options = {k: v for k, v in r["config"].items() if k != "tpot_slo"}
+    else:
+        options = {**BEFORE_RECORDED_CONFIG.get(r["policy"], {}), **r["options"]}
+    return Variant(r["label"], r["policy"], tuple(sorted(options.items())), r.get("admission", "none"))
 
 
 def _sim_row(r: dict) -> dict:

@@ -57,6 +57,14 @@ def test_variants_and_jobs_parse_or_name_the_bad_part():
             gpu_tail.parse_job(bad, ["fairbatching"])
 
 
+def test_a_row_is_simulated_with_the_config_it_ran_not_todays_defaults():
+    old = {**_row("fairbatching", 1.0, 0.9, 1.0), "options": {"late_age_limit": 3}}
+    assert dict(gpu_tail.row_variant(old).options) == {"late_age_limit": 3, "queue_margin": None}
+    assert dict(gpu_tail.row_variant(_row("sarathi", 1.0, 0.9, 1.0)).options) == {}
+    recorded = {**old, "config": {"queue_margin": 0.5, "late_age_limit": 3, "tpot_slo": 0.1}}
+    assert dict(gpu_tail.row_variant(recorded).options) == {"late_age_limit": 3, "queue_margin": 0.5}
+
+
 def test_jobs_follow_the_selections_order_and_price_each_replay_from_the_plan():
     plan = {"rows": [{"scenario": "code", "base_rps": 10.0, "span_s": {"fairbatching@1.0": 20.0, "vllm@1.15": 30.0}}]}
     variants = [gpu_tail.Variant("fairbatching", "fairbatching"), gpu_tail.Variant("fb-x", "fairbatching")]
@@ -176,6 +184,7 @@ def test_driver_end_to_end_on_a_cpu_engine_runs_resumes_and_reports(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "replays.jsonl").read_text().splitlines()]
     assert [r["label"] for r in rows] == ["fairbatching", "fb-age3", "sarathi"]
     assert rows[1]["options"] == {"late_age_limit": 3} and all(r["gpu"]["requests"] == 6 for r in rows)
+    assert rows[1]["config"]["late_age_limit"] == 3 and rows[0]["config"]["queue_margin"] == 0.5
     with gzip.open(tmp_path / "steps.csv.gz", "rt") as f:
         steps = list(csv.DictReader(f))
     for r in rows:  # one line per executed step, in start order, each saying how it ran
