@@ -15,6 +15,8 @@ from fairbatching.core.request import Request
 from fairbatching.costmodel.model import BatchPricer, CostModel, attn_work
 from fairbatching.policies.base import BatchBuilder, Policy, SchedulerState, count_crossing, total_computed
 
+_REF_ATTN = attn_work(1024, 0)  # a 1024-token prefill from scratch: where calibration's scale is read
+
 
 def _deadline(r: Request) -> float:
     """The sort key of deadline order (a typed function: compiled, it reads the field without a lookup)."""
@@ -73,7 +75,8 @@ class FairBatchingPolicy(Policy):
         self.late_age_limit = cfg.late_age_limit
         self.late_share = cfg.late_share
         self.queue_margin = cfg.queue_margin
-        self._prior = CostModel(cost_model.params)  # what online calibration scales (queue feasibility)
+        # What online calibration scales, priced at a reference prefill (queue feasibility).
+        self._prior_ref = CostModel(cost_model.params).predict(1024, 1024, 1, _REF_ATTN)
         self.yield_reserve = cfg.yield_reserve
         self.mixed_amortization = cfg.mixed_amortization
         self.max_batch_time = math.inf if cfg.max_batch_time is None else cfg.max_batch_time
@@ -275,8 +278,9 @@ class FairBatchingPolicy(Policy):
         cost = self.cost_model
         n = len(decodes)
         ctx = computed + n
-        fixed = cost.predict(2, 2, 1, attn_work(2, 0))
-        decode_part = max(cost.predict(n + 2, ctx + 2, n + 1, ctx + attn_work(2, 0)) - fixed, 0.0)
+        pair = attn_work(2, 0)
+        fixed = cost.predict(2, 2, 1, pair)
+        decode_part = max(cost.predict(n + 2, ctx + 2, n + 1, ctx + pair) - fixed, 0.0)
         period = tpot if may_yield else budget
         share = 1.0 - decode_part / max(period, 1e-9) - fixed / max(budget, 1e-9)
         return min(max(share, 0.05), 1.0)
@@ -290,8 +294,7 @@ class FairBatchingPolicy(Policy):
         # step), scaled as the planner's model scales the prior (online calibration) and by the GPU share.
         cost = self.cost_model
         params = cost.params
-        ref = attn_work(1024, 0)
-        scale = cost.predict(1024, 1024, 1, ref) / self._prior.predict(1024, 1024, 1, ref) / share
+        scale = cost.predict(1024, 1024, 1, _REF_ATTN) / self._prior_ref / share
         per_token = (params.c_tok + params.c_kv) * scale
         per_context = params.c_kv * scale
         per_pair = params.c_attn * scale
@@ -302,12 +305,13 @@ class FairBatchingPolicy(Policy):
             c = r.num_computed
             n = r.num_tokens - c
             work = per_token * n + per_context * c + per_pair * n * (c + (n + 1) * 0.5)
-            heapq.heappush(longest, (-work, i))
             clock += work
-            if clock > r.first_deadline:
-                most, j = heapq.heappop(longest)
+            if clock > r.first_deadline:  # one heap operation: add it, and the longest so far gives way
+                most, j = heapq.heappushpop(longest, (-work, i))
                 clock += most
                 dropped.add(j)
+            else:
+                heapq.heappush(longest, (-work, i))
         if not dropped:
             return feasible, []
         keep = [r for i, r in enumerate(feasible) if i not in dropped]
