@@ -300,7 +300,8 @@ class FairBatchingPolicy(Policy):
         per_pair = params.c_attn * scale
         clock = start
         longest: list[tuple[float, int]] = []
-        dropped: set[int] = set()
+        gives_way = [False] * len(feasible)
+        any_gave_way = False
         for i, r in enumerate(feasible):
             c = r.num_computed
             n = r.num_tokens - c
@@ -309,13 +310,13 @@ class FairBatchingPolicy(Policy):
             if clock > r.first_deadline:  # one heap operation: add it, and the longest so far gives way
                 most, j = heapq.heappushpop(longest, (-work, i))
                 clock += most
-                dropped.add(j)
+                gives_way[j] = any_gave_way = True
             else:
                 heapq.heappush(longest, (-work, i))
-        if not dropped:
+        if not any_gave_way:
             return feasible, []
-        keep = [r for i, r in enumerate(feasible) if i not in dropped]
-        return keep, [r for i, r in enumerate(feasible) if i in dropped]
+        keep = [r for i, r in enumerate(feasible) if not gives_way[i]]
+        return keep, [r for i, r in enumerate(feasible) if gives_way[i]]
 
     def _first_chunk_floor(self) -> int:
         """Smallest partial chunk worth opening a mixed step for: ``mixed_amortization`` x the model's
