@@ -11,7 +11,7 @@ import json
 import sys
 from dataclasses import asdict
 
-from affinity_study import set_max_num_seqs
+from affinity_study import set_kv_scale, set_max_num_seqs
 
 from fairbatching.errors import ConfigError
 from fairbatching.evaluation.capacity import find_capacity
@@ -32,10 +32,13 @@ if __name__ == "__main__":
     ap.add_argument("--tolerance", type=float, default=0.03)
     ap.add_argument("--stacks", default=STACKS, help="policy:router[:admission], comma-separated")
     ap.add_argument("--max-num-seqs", type=int, default=None, help="every node's sequence slots (a diagnostic)")
+    ap.add_argument("--kv-scale", type=float, default=None, help="every node's KV cache x this (a diagnostic)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     if a.max_num_seqs:
         set_max_num_seqs(a.max_num_seqs)
+    if a.kv_scale:
+        set_kv_scale(a.kv_scale)
     base = RunSpec(
         "fairbatching", "multi-turn", a.qps, a.seed, a.n, 2.0, 0.1, cluster=ClusterShape(4), prefix_caching=True
     )
@@ -52,6 +55,7 @@ if __name__ == "__main__":
                 "stack": spec.label,
                 "seed": a.seed,
                 **({"max_num_seqs": a.max_num_seqs} if a.max_num_seqs else {}),
+                **({"kv_scale": a.kv_scale} if a.kv_scale else {}),
                 "capacity_qps": res.capacity_qps,
                 "bracket": res.bracket,
                 "curve": [asdict(p) for p in res.curve],

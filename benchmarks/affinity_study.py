@@ -9,9 +9,11 @@ Run from the repository root (one process):
 
 import argparse
 import json
+from dataclasses import replace
 
 from fairbatching.cluster import simulator
 from fairbatching.cluster.simulator import _Cluster
+from fairbatching.costmodel.profile import Profile
 from fairbatching.metrics.summary import prefix_hit_rate, summarize
 from fairbatching.runs import ClusterShape, RunSpec, _cluster_config
 from fairbatching.workloads.families import family
@@ -62,6 +64,18 @@ def set_max_num_seqs(slots: int) -> None:
     simulator.make_policy = lambda name, cost, tpot_slo=None: make(name, cost, tpot_slo, max_num_seqs=slots)
 
 
+def set_kv_scale(scale: float) -> None:
+    """A diagnostic: every cluster node's KV cache (and so its prefix cache, and the router's index of it)
+    ``scale`` times its profile's. In-process only, as ``set_max_num_seqs``."""
+    load = simulator.load_profile
+
+    def scaled(name: str) -> Profile:
+        prof = load(name)
+        return replace(prof, kv=replace(prof.kv, num_blocks=int(prof.kv.num_blocks * scale)))
+
+    simulator.load_profile = scaled
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--qps", type=float, default=88.0)
@@ -69,9 +83,12 @@ if __name__ == "__main__":
     ap.add_argument("-n", type=int, default=4000)
     ap.add_argument("--stacks", default="fairbatching:pab-affinity,fairbatching:prefix-affinity,fairbatching:pab")
     ap.add_argument("--max-num-seqs", type=int, default=None, help="a diagnostic: the nodes' sequence slots")
+    ap.add_argument("--kv-scale", type=float, default=None, help="a diagnostic: every node's KV cache x this")
     a = ap.parse_args()
     if a.max_num_seqs:
         set_max_num_seqs(a.max_num_seqs)
+    if a.kv_scale:
+        set_kv_scale(a.kv_scale)
     for item in a.stacks.split(","):
         policy, router = item.split(":")
         print(json.dumps(study(router, policy, a.qps, a.seed, a.n)), flush=True)
