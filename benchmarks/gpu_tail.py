@@ -41,7 +41,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from fairbatching.config import options_of
+from fairbatching.config import options_of, policy_config
 from fairbatching.core.request import SLO, RequestStatus
 from fairbatching.costmodel.profile import load_profile
 from fairbatching.errors import ConfigError
@@ -537,7 +537,8 @@ def _tightest_class_ratio(row: dict, best: dict) -> float | None:
 
 
 def build_report(replays: list[dict], sims: dict[tuple, dict]) -> dict:
-    """Points grouped by scenario and load, each replay with its simulation, and the comparisons."""
+    """Points grouped by scenario and load (``replays`` in the order they ran: the last replay of a point counts),
+    each replay with its simulation, and the comparisons."""
     latest = {row_key(r): r for r in replays}  # a point replayed again: its last replay counts
     points = []
     for scenario in dict.fromkeys(k[0] for k in latest):
@@ -555,7 +556,7 @@ def build_report(replays: list[dict], sims: dict[tuple, dict]) -> dict:
                 }
             )
     profiles = sorted({r.get("profile", PROFILE) for r in replays})
-    return {"profile": ", ".join(profiles), "points": points, "capacity": capacity_brackets(list(latest.values()))}
+    return {"profile": ", ".join(profiles), "points": points, "capacity": capacity_brackets(as_last_replayed(replays))}
 
 
 def capacity_brackets(rows: list[dict]) -> list[dict]:
@@ -603,6 +604,20 @@ def row_variant(r: dict) -> Variant:
     else:
         options = {**BEFORE_RECORDED_CONFIG.get(r["policy"], {}), **r["options"]}
     return Variant(r["label"], r["policy"], tuple(sorted(options.items())), r.get("admission", "none"))
+
+
+def as_last_replayed(replays: list[dict]) -> list[dict]:
+    """The latest replay of each point (``replays`` in the order they ran), less those whose policy did not run as
+    its (scenario, label)'s last replay did (options resolved over the defaults): a capacity bracket, and its
+    simulated twin, is one policy's, not a default before a change mixed with the default after it."""
+
+    def ran(r: dict) -> tuple:
+        v = row_variant(r)
+        return policy_config(v.policy).resolve(None, dict(v.options)), v.admission
+
+    last = {(r["scenario"], r["label"]): ran(r) for r in replays}
+    latest = {row_key(r): r for r in replays}
+    return [r for r in latest.values() if ran(r) == last[(r["scenario"], r["label"])]]
 
 
 def _sim_row(r: dict) -> dict:
@@ -714,7 +729,7 @@ def report(args: argparse.Namespace) -> None:
     with ProcessPoolExecutor(args.cpus) as pool:
         futures = {k: pool.submit(_sim_row, r) for k, r in latest.items()}
         sims = {k: f.result() for k, f in futures.items()}
-    doc = build_report(list(latest.values()), sims)
+    doc = build_report(replays, sims)
     (args.out / "tail.json").write_text(json.dumps(doc, indent=2) + "\n")
     table = markdown(doc)
     readme = args.out / "README.md"

@@ -526,9 +526,10 @@ def bracket_gap(cap: float, lo: float | None, hi: float | None) -> float:
 
 def capacity(replays: list[dict], data: Data, pricing: str, cpus: int) -> dict:
     """Every policy's GPU capacity bracket (benchmarks/gpu_tail.py's ``capacity_brackets`` over the latest
-    replays) beside its simulated capacity under the bundled pricing and ``pricing``."""
-    latest = list({(r["scenario"], float(r["load"]), r["label"]): r for r in replays}.values())
-    brackets = _gpu_tail().capacity_brackets(latest)
+    replays that ran as the last did) beside its simulated capacity under the bundled pricing and ``pricing``."""
+    gt = _gpu_tail()
+    latest = gt.as_last_replayed(replays)
+    brackets = gt.capacity_brackets(latest)
     jobs = [
         (next(r for r in latest if (r["scenario"], r["label"]) == (b["scenario"], b["label"])), b["lo"] or b["hi"])
         for b in brackets

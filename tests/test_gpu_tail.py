@@ -65,6 +65,18 @@ def test_a_row_is_simulated_with_the_config_it_ran_not_todays_defaults():
     assert dict(gpu_tail.row_variant(recorded).options) == {"late_age_limit": 3, "queue_margin": 0.5}
 
 
+def test_a_capacity_bracket_holds_only_the_rows_that_ran_as_the_last_replay():
+    # The default before queue feasibility (no recorded config) at 1.0x, 1.15x and 1.3x, missed at 1.3x; then the
+    # default after it replayed 1.0x and 1.15x again: the last replay decides, not the order points first came.
+    before = [_row("fairbatching", x, ok, 9.0) for x, ok in ((1.0, 0.95), (1.15, 0.95), (1.3, 0.5))]
+    after = [{**_row("fairbatching", x, 0.95, 2.0), "config": {"queue_margin": 0.5}} for x in (1.0, 1.15)]
+    vllm_old, vllm_new = _row("vllm", 0.9, 0.95, 1.0), {**_row("vllm", 1.0, 0.5, 3.0), "config": {"max_num_seqs": 256}}
+    rows = gpu_tail.as_last_replayed([*before, vllm_old, *after, vllm_new])
+    assert rows == [*after, vllm_old, vllm_new]  # vLLM's policy ran the same throughout
+    fb = next(b for b in gpu_tail.capacity_brackets(rows) if b["label"] == "fairbatching")
+    assert (fb["lo"], fb["hi"]) == (23.0, None)
+
+
 def test_jobs_follow_the_selections_order_and_price_each_replay_from_the_plan():
     plan = {"rows": [{"scenario": "code", "base_rps": 10.0, "span_s": {"fairbatching@1.0": 20.0, "vllm@1.15": 30.0}}]}
     variants = [gpu_tail.Variant("fairbatching", "fairbatching"), gpu_tail.Variant("fb-x", "fairbatching")]
