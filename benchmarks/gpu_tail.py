@@ -555,7 +555,7 @@ def build_report(replays: list[dict], sims: dict[tuple, dict]) -> dict:
                     "vs_best_baseline": compare_point(rows),
                 }
             )
-    profiles = sorted({r.get("profile", PROFILE) for r in replays})
+    profiles = sorted({r.get("profile", PROFILE) for r in latest.values()})
     return {"profile": ", ".join(profiles), "points": points, "capacity": capacity_brackets(as_last_replayed(replays))}
 
 
@@ -593,14 +593,14 @@ def capacity_brackets(rows: list[dict]) -> list[dict]:
 
 
 #: Defaults that changed after rows were replayed without recording their whole config (``config``): what those
-#: rows ran. Queue feasibility (c839ae4) made ``queue_margin`` 0.5; every such row predates it.
+#: rows ran. Queue feasibility (bd2115f) made ``queue_margin`` 0.5; every such row predates it.
 BEFORE_RECORDED_CONFIG = {"fairbatching": {"queue_margin": None}}
 
 
 def row_variant(r: dict) -> Variant:
     """The variant a replay row ran: its whole recorded config, or its options over the defaults of its time."""
-    if "config" in r:  # less the TPOT SLO, which the simulation takes from the scenario as the replay did
-        options = {k: v for k, v in r["config"].items() if k != "tpot_slo"}
+    if "config" in r:  # less the TPOT SLO, which the simulation takes from the scenario as the replay did (unless set)
+        options = {k: v for k, v in r["config"].items() if k != "tpot_slo" or k in r["options"]}
     else:
         options = {**BEFORE_RECORDED_CONFIG.get(r["policy"], {}), **r["options"]}
     return Variant(r["label"], r["policy"], tuple(sorted(options.items())), r.get("admission", "none"))
@@ -722,7 +722,7 @@ NOTES = "## Reading it"
 
 
 def report(args: argparse.Namespace) -> None:
-    replays = read_rows([args.out / "replays.jsonl", *args.resume])
+    replays = read_rows([*args.resume, args.out / "replays.jsonl"])  # in the order they ran
     if not replays:
         raise ConfigError(f"no replays in {args.out / 'replays.jsonl'}")
     latest = {row_key(r): r for r in replays}

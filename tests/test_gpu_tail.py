@@ -63,6 +63,8 @@ def test_a_row_is_simulated_with_the_config_it_ran_not_todays_defaults():
     assert dict(gpu_tail.row_variant(_row("sarathi", 1.0, 0.9, 1.0)).options) == {}
     recorded = {**old, "config": {"queue_margin": 0.5, "late_age_limit": 3, "tpot_slo": 0.1}}
     assert dict(gpu_tail.row_variant(recorded).options) == {"late_age_limit": 3, "queue_margin": 0.5}
+    chosen = {**recorded, "options": {"tpot_slo": 0.05}, "config": {**recorded["config"], "tpot_slo": 0.05}}
+    assert dict(gpu_tail.row_variant(chosen).options)["tpot_slo"] == 0.05  # the variant's TPOT, not the scenario's
 
 
 def test_a_capacity_bracket_holds_only_the_rows_that_ran_as_the_last_replay():
@@ -164,10 +166,14 @@ def test_capacity_brackets_bound_the_lead_by_the_best_plain_baseline():
 
 def test_report_takes_the_last_replay_of_a_point_and_marks_targets_in_the_table():
     first = _row("fairbatching", 1.0, 0.50, 9.0)
-    again = _row("fairbatching", 1.0, 0.95, 1.0)
+    stale = _row("fairbatching", 1.3, 0.50, 9.0)  # the default before queue feasibility: not in the bracket
+    again = {**_row("fairbatching", 1.0, 0.95, 1.0), "config": {"queue_margin": 0.5}}
     base = _row("sarathi", 1.0, 0.85, 2.0)
     sims = {gpu_tail.row_key(base): {"slo": 0.9, "ttft_p99": 1.5}}
-    doc = gpu_tail.build_report([first, base, again], sims)
+    doc = gpu_tail.build_report([first, stale, base, again], sims)
+    fb = next(b for b in doc["capacity"] if b["label"] == "fairbatching")
+    assert (fb["lo"], fb["hi"]) == (20.0, None)
+    doc["points"] = [p for p in doc["points"] if p["load"] == 1.0]
     (point,) = doc["points"]
     assert [r["gpu"]["slo"] for r in point["policies"]] == [0.95, 0.85]
     assert point["policies"][1]["sim"]["slo"] == 0.9 and point["policies"][0]["sim"] is None
