@@ -41,7 +41,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from fairbatching.config import options_of, policy_config
+from fairbatching.config import policy_config
 from fairbatching.core.request import SLO, RequestStatus
 from fairbatching.costmodel.profile import load_profile
 from fairbatching.errors import ConfigError
@@ -436,7 +436,7 @@ def replay_job(
         "label": v.label,
         "policy": v.policy,
         "options": dict(v.options),
-        "config": {k: getattr(policy.config, k) for k in options_of(type(policy.config))},
+        "config": asdict(policy.config),
         "admission": v.admission,
         "window": {"workload": sc.workload, "start": sc.start, "seed": sc.seed, "requests": len(w)},
         "slo": [sc.slo.ttft, sc.slo.tpot],
