@@ -117,6 +117,10 @@ SCENARIOS = {
         # Added after long-prompt-b's 100-request rows moved by up to 25 points from one replay to the next: twice the
         # requests, at a trace position no tuning looked at.
         Scenario("long-prompt-c", "mooncake-conv", SLO(10.0, 0.1), 200, start=9000, fit_context=True),
+        # Conversation windows first replayed after queue feasibility became the default (c839ae4), at trace
+        # positions no tuning or calibration window covers.
+        Scenario("conv-1s-c", "azure-conv", SLO(1.0, 0.05), 600, start=6500),
+        Scenario("conv-2s-c", "azure-conv", SLO(2.0, 0.1), 600, start=17000),
     )
 }
 
