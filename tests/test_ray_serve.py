@@ -85,10 +85,20 @@ def test_completion_bodies_are_checked_field_by_field():
         "include_usage text": ({"prompt": "x", "stream_options": {"include_usage": "yes"}}, "'stream_options.incl"),
         "nan slo": ({"prompt": "x", "vllm_xargs": {"ttft_slo": float("nan")}}, "'ttft_slo' must be >= 0"),
         "bool max_tokens": ({"prompt": "x", "max_tokens": True}, "'max_tokens' must be an integer"),
+        "huge max_tokens": ({"prompt": "x", "max_tokens": 10**400}, "'max_tokens' is too large"),
+        "huge slo": ({"prompt": "x", "vllm_xargs": {"ttft_slo": 10**400}}, "'ttft_slo' is too large"),
+        "temperature text": ({"prompt": "x", "temperature": "hot"}, "'temperature' must be a number"),
+        "top_p above 1": ({"prompt": "x", "top_p": 1.5}, "'top_p' must be <= 1"),
+        "negative temperature": ({"prompt": "x", "temperature": -1}, "'temperature' must be >= 0"),
+        "seed float": ({"prompt": "x", "seed": 1.5}, "'seed' must be an integer"),
+        "stop number": ({"prompt": "x", "stop": 3}, "'stop' must be a string or a list of strings"),
+        "echo text": ({"prompt": "x", "echo": "yes"}, "'echo' must be true or false"),
     }
     for body, message in bad.values():
-        with pytest.raises(BadRequest, match=message):
+        with pytest.raises(BadRequest, match=re.escape(message)):
             parse(body)
+    sampled = {"temperature": 0, "top_p": 0.9, "seed": 7, "stop": ["\n"], "echo": False, "logprobs": None}
+    assert parse({"prompt": "x", **sampled}).max_tokens == 16  # well-typed sampling fields pass
 
 
 def test_request_checker_refuses_slos_below_the_profile_floor_or_above_the_ceiling_and_bad_json():
@@ -519,6 +529,11 @@ def server_counts(url: str) -> dict:
         return json.loads(resp.read())
 
 
+def server_inflight(url: str) -> int:
+    with urllib.request.urlopen(f"{url}/v1/fairbatching/inflight", timeout=30) as resp:
+        return json.loads(resp.read())["in_flight"]
+
+
 def bench(url: str, trace: Path, out: Path, on_start=None) -> dict:
     """Replay ``trace`` with the `bench` client; ``on_start`` is called as it starts sending (after its
     start-up, which on a loaded machine takes seconds), so timed events line up with the trace."""
@@ -566,6 +581,9 @@ BAD_BODIES = [  # (body, status, what the message says)
     (b'"a string"', 400, "JSON object"),
     (b"\xff\xfe\x00", 400, "not valid JSON"),
     (b"", 400, "not valid JSON"),
+    (b'{"prompt":[1],"max_tokens":1' + b"0" * 400 + b"}", 400, "'max_tokens' is too large (401 digits)"),
+    (b'{"prompt":[1],"max_tokens":' + b"9" * 5000 + b"}", 400, "not valid JSON"),
+    (b'{"prompt":[1],"temperature":"hot"}', 400, "'temperature' must be a number"),
     (b'{"prompt":"' + b"a" * 70_000 + b'"}', 413, "over the limit of 65536 bytes"),
 ]
 
@@ -621,6 +639,18 @@ def test_a_client_that_goes_away_mid_stream_is_counted_as_cancelled(serve_url):
     resp = conn.getresponse()
     assert resp.status == 200 and resp.readline().startswith(b"data:")  # its stream has begun
     conn.close()
+    counts = wait_for(lambda: diff(server_counts(serve_url), before) or None, 60, "the disconnect to be counted")
+    assert counts == {"cancelled: client disconnected": 1}
+
+
+def test_a_client_that_goes_away_while_its_body_is_read_is_counted_as_cancelled(serve_url):
+    deploy(serve_url, "pab", limits=Limits(body_timeout_s=30.0))
+    host, port = serve_url.removeprefix("http://").split(":")
+    before = server_counts(serve_url)
+    with socket.create_connection((host, int(port)), timeout=60) as sock:
+        head = f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        sock.sendall(f"{head}Content-Length: 100\r\n\r\n".encode() + b'{"prompt": ')
+        wait_for(lambda: server_inflight(serve_url) or None, 60, "the server to start reading the body")
     counts = wait_for(lambda: diff(server_counts(serve_url), before) or None, 60, "the disconnect to be counted")
     assert counts == {"cancelled: client disconnected": 1}
 

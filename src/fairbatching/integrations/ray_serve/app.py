@@ -26,10 +26,11 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
-from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, TaskCancelledError
 from ray.serve.config import RequestRouterConfig
 from ray.serve.exceptions import RequestCancelledError
 from ray.serve.handle import DeploymentHandle
+from starlette.requests import ClientDisconnect
 
 from fairbatching.core.modes import Admission, parse_mode
 from fairbatching.core.request import SLO
@@ -53,6 +54,7 @@ ROUTERS = ("pab", "pab-affinity", "prefix-affinity", "default")
 BUDGET_ROUTERS = ("pab", "pab-affinity")  # the routers that see budgets, so can refuse
 MAX_ATTEMPTS = 4  # sends of one request whose replicas keep dying before its first token
 _REPLICA_GONE = (RayActorError, ActorDiedError, ActorUnavailableError)
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before its answer (nobody reads it)
 SHUTDOWN_WAIT_LOOP_S = 0.2  # how often a stopping replica checks it has nothing left (Ray's default: 2 s)
 logger = logging.getLogger(__name__)
 
@@ -164,6 +166,11 @@ class OpenAIIngress:
         """Every request's outcome so far, by kind and reason (a bounded set of keys)."""
         return dict(self.counts)
 
+    @api.get("/v1/fairbatching/inflight")
+    async def in_flight(self) -> dict:
+        """How many requests the ingress holds now: reading their bodies, waiting for a replica or streaming."""
+        return {"in_flight": len(self.inflight)}
+
     @api.post("/v1/completions")
     async def completions(self, request: Request) -> Response:
         if self.draining:
@@ -178,6 +185,9 @@ class OpenAIIngress:
         except asyncio.CancelledError:
             self.counts["cancelled: client disconnected"] += 1
             raise
+        except (ClientDisconnect, TaskCancelledError):  # gone while its body was read, or Ray cancelled its call
+            self.counts["cancelled: client disconnected"] += 1
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
         except Exception:
             logger.exception("request %s failed", rid)
             return self._error("failed: internal error", f"request {rid}: internal error", "internal_error", 500)

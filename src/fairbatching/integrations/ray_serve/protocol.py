@@ -61,9 +61,42 @@ def _number(body: dict, key: str, default: float, kind: type, minimum: float) ->
     value = body.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int | float) or (kind is int and not isinstance(value, int)):
         raise BadRequest(f"'{key}' must be {'an integer' if kind is int else 'a number'}, got {value!r}")
-    if not math.isfinite(value) or value < minimum:
+    try:
+        finite = math.isfinite(value)
+    except OverflowError:  # an integer past any float
+        raise BadRequest(f"'{key}' is too large ({len(str(value))} digits)") from None
+    if not finite or value < minimum:
         raise BadRequest(f"'{key}' must be >= {minimum:g}, got {value!r}")
     return value
+
+
+# OpenAI sampling fields the simulated nodes do not act on, checked as vLLM checks them: a client's typo is a
+# 400, not silently ignored. Each: (the type it must have, its range).
+SAMPLING_FIELDS: dict[str, tuple[type, float, float]] = {
+    "temperature": (float, 0.0, 2.0),
+    "top_p": (float, 0.0, 1.0),
+    "presence_penalty": (float, -2.0, 2.0),
+    "frequency_penalty": (float, -2.0, 2.0),
+    "seed": (int, -(2**63), 2**64 - 1),
+    "logprobs": (int, 0, 20),
+}
+
+
+def _sampling(body: dict) -> None:
+    for key, (kind, low, high) in SAMPLING_FIELDS.items():
+        if body.get(key) is None:
+            continue
+        value = _number(body, key, 0, kind, low)
+        if value > high:
+            raise BadRequest(f"'{key}' must be <= {high:g}, got {value!r}")
+    stop = body.get("stop")
+    if stop is not None and not (
+        isinstance(stop, str) or (isinstance(stop, list) and all(isinstance(s, str) for s in stop))
+    ):
+        raise BadRequest(f"'stop' must be a string or a list of strings, got {stop!r}")
+    for key in ("echo", "ignore_eos"):
+        if body.get(key) is not None and not isinstance(body[key], bool):
+            raise BadRequest(f"'{key}' must be true or false, got {body[key]!r}")
 
 
 def _prompt_ids(prompt: Any, tokenizer: ByteTokenizer, nested: bool = False) -> list[int]:
@@ -109,6 +142,7 @@ def parse_completion(
     ids = _prompt_ids(body["prompt"], tokenizer)
     prompt_tokens = len(ids)
     max_tokens = _number(body, "max_tokens", 16, int, 1)
+    _sampling(body)
     n = _number(body, "n", 1, int, 1)
     if n != 1:
         raise BadRequest(f"'n' must be 1 (one completion per request), got {n}")
@@ -183,7 +217,7 @@ class RequestChecker:
             body = json.loads(raw)
         except RecursionError:
             raise BadRequest("the request body is not acceptable JSON: it nests too deeply") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        except ValueError as exc:  # not JSON, not UTF-8, or an integer literal past Python's digit limit
             raise BadRequest(f"the request body is not valid JSON: {exc}") from None
         return self.parse(body)
 
