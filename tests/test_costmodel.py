@@ -14,6 +14,7 @@ from fairbatching.costmodel import (
     load_profile,
     load_profile_rows,
 )
+from fairbatching.costmodel.fit import ROW_FIELDS
 from fairbatching.costmodel.model import attn_work, predict_with
 from fairbatching.errors import ConfigError, ProfileError
 
@@ -101,6 +102,66 @@ def test_malformed_profile_file_is_a_clear_error(tmp_path):
     bad.write_text(json.dumps(neg))
     with pytest.raises(ProfileError, match="c_tok"):
         Profile.load(bad)
+
+
+def write_profile(path, **changes):
+    """The analytic profile as a JSON file, with ``changes`` (``params``: merged into its params)."""
+    data = json.loads(json.dumps(analytic_profile().to_json()))
+    data["params"].update(changes.pop("params", {}))
+    path.write_text(json.dumps({**data, **changes}))
+    return path
+
+
+@pytest.mark.parametrize(
+    "changes,message",
+    [
+        ({"params": {"t_weights": 1e300}}, r"params.t_weights must be finite and at most 3600, got 1e\+300"),
+        ({"params": {"c_attn": 3600, "p": 32}}, "the cost model overflows pricing one prompt that fills the"),
+        ({"params": {"p": 33}}, "params.p must be finite and at most 32, got 33"),
+        ({"fit": "abc"}, "fit must be an object or null, got 'abc'"),
+        ({"fit": [1, 2]}, "fit must be an object or null, got \\[1, 2\\]"),
+        ({"fit": {"validation": 5}}, "fit.validation must be an object, got 5"),
+        ({"fit": {"validation": {"x": 1}}}, "fit.validation.passed must be true or false, got None"),
+        ({"fit": {"validation": {"passed": True, "max_gap_pts": "a"}}}, "fit.validation.max_gap_pts .* got 'a'"),
+        ({"bogus_key": 1}, "unknown profile field\\(s\\) 'bogus_key'"),
+        ({"hardware": [["device", 1]]}, "hardware must be an object"),
+        ({"name": None}, "name must be a string, got None"),
+    ],
+)
+def test_bad_profile_fields_are_refused_at_load_naming_file_and_field(tmp_path, changes, message):
+    """Each once loaded and then ended a run (or `profiles`) in a traceback, or was silently ignored."""
+    bad = write_profile(tmp_path / "bad.json", **changes)
+    with pytest.raises(ProfileError, match=f"bad.json: {message}"):
+        Profile.load(bad)
+
+
+def test_every_bundled_profile_and_a_recorded_validation_load(tmp_path):
+    for name in available_profiles():
+        load_profile(name)
+    check = {"passed": False, "max_gap_pts": 4.5, "verdict": "FAILED"}
+    assert Profile.load(write_profile(tmp_path / "ok.json", fit={"validation": check})).fit == {"validation": check}
+
+
+def test_profile_rows_errors_name_file_line_field_and_value(tmp_path):
+    header = ",".join(ROW_FIELDS) + "\n"
+    good = [f"{n},{n + 100},1,{n * (n + 1) / 2},0.0{n}\n" for n in range(1, 12)]
+    rows = tmp_path / "rows.csv"
+    rows.write_text(header + "10,10,1,55,0.01\n\n\n10,10,0,55,0.01\n")  # blank lines count
+    with pytest.raises(ProfileError, match=r"rows.csv: line 5: num_seqs must be a finite number >= 1, got '0'"):
+        load_profile_rows(rows)
+    rows.write_text(header + "10,10,1,nan,0.01\n")
+    with pytest.raises(ProfileError, match=r"rows.csv: line 2: attn_work must be a finite number >= 0, got 'nan'"):
+        load_profile_rows(rows)
+    rows.write_text(header + "".join(good[:2]))
+    with pytest.raises(ProfileError, match=r"rows.csv: 2 profile rows; need at least 10"):
+        load_profile_rows(rows)
+    rows.write_text(header + "".join(good))
+    assert len(load_profile_rows(rows)) == 11
+    jsonl = tmp_path / "rows.jsonl"
+    record = json.dumps(dict(zip(ROW_FIELDS, (10, 10, 1, 55, 0.01), strict=True)))
+    jsonl.write_text(f"{record}\n" * 5 + "{bad\n")
+    with pytest.raises(ProfileError, match=r"rows.jsonl: line 6: not valid JSON"):
+        load_profile_rows(jsonl)
 
 
 def test_profile_rows_errors_name_file_and_line(tmp_path):

@@ -72,6 +72,16 @@ def test_mooncake_jsonl(tmp_path):
         ("f.jsonl", '{"timestamp": 0, "input_length": 5}\n', "line 1: missing field.*output_length"),
         ("g.csv", "a,b,c\n1,2,3\n", "cannot tell the trace format"),
         ("h.csv", "TIMESTAMP,ContextTokens,GeneratedTokens\n", "has no requests"),
+        (  # the file's line, counting the blank lines the reader skips
+            "i.csv",
+            "TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:17:03,5,1\n\n\n2023-11-16 18:17:04,abc,1\n",
+            "line 5: ContextTokens is not a number: 'abc'",
+        ),
+        (  # and the lines of a quoted multi-line field
+            "j.csv",
+            'Timestamp,Model,Request tokens,Response tokens\n1,"multi\nline",10,10\n2,m,abc,10\n',
+            "line 4: Request tokens is not a number",
+        ),
     ],
 )
 def test_malformed_traces_name_file_and_line(tmp_path, name, text, message):

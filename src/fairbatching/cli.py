@@ -8,6 +8,7 @@ error answer at once and a simulation starts without what it does not use.
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -45,12 +46,14 @@ from fairbatching.progress import Activity, progress_bar
 from fairbatching.validate import (
     at_least_one,
     check_output_dir,
+    comma_items,
     fraction,
     non_negative,
     open_fraction,
     policy_names,
     positive,
     staged_dir,
+    under_test_of,
 )
 
 if TYPE_CHECKING:
@@ -223,7 +226,7 @@ def capacity(
     out: Annotated[Path | None, typer.Option("--out", help="Write capacity.json here")] = None,
     prefix_caching: PrefixCachingOpt = False,
     admission: AdmissionOpt = "none",
-    under_test: UnderTestOpt = "fairbatching",
+    under_test: UnderTestOpt = None,
 ) -> None:
     """Highest request rate each policy sustains at the SLO-attainment target (bracketing + bisection;
     --backend gpu: real-time replays from the simulated capacity on, the simulator beside each point;
@@ -235,7 +238,7 @@ def capacity(
     from fairbatching.workloads.families import family
 
     names = policy_names(policies)
-    policy_names(under_test)
+    under = under_test_of(under_test, names)
     if out:
         check_output_dir(out)
     fam = family(workload)
@@ -251,7 +254,7 @@ def capacity(
         results = policy_capacities(base, names, sweeper, target, seeds, start, tolerance, console.print, status)
     if base.admission != "none":
         out_console.print(f"behind node admission {base.admission}: each policy's refused requests count as missed")
-    for line in capacity_lines(results, bound, num, under_test):
+    for line in capacity_lines(results, bound, num, under):
         out_console.print(line)
     if out:
         _write_capacity(out, {"workload": workload, "clairvoyant_qps": bound}, results, gpu, base)
@@ -374,14 +377,14 @@ def evaluate(
     profile: ProfileOpt = None,
     sw: SweepArgs,
     b: BackendArgs,
-    under_test: UnderTestOpt = "fairbatching",
+    under_test: UnderTestOpt = None,
 ) -> None:
     """The single-node evaluation: capacities, clairvoyant bounds, equal-load P99 TTFT, curves, slack
     (--backend gpu: real-time replays from the simulated capacities on, the simulator beside each number)."""
     from fairbatching.evaluation import evaluate as ev
 
     names = policy_names(policies)
-    policy_names(under_test)
+    under = under_test_of(under_test, names)
     parsed = ev.parse_scenarios(scenarios)
     check_output_dir(out)
     gpu, profile = _gpu_and_profile("evaluate", b, profile)
@@ -402,7 +405,7 @@ def evaluate(
             profile,
             console.print,
             status,
-            under_test,
+            under,
             engine,
         )
         table, page, plots = ev.write_report(rows, parsed, names, tmp, num, target, profile, status, engine, engines)
@@ -438,24 +441,26 @@ def cluster(
     b: BackendArgs,
     out: Annotated[Path | None, typer.Option("--out", help="Write cluster.json here")] = None,
     prefix_caching: PrefixCachingOpt = False,
-    under_test: UnderTestOpt = "fairbatching",
+    under_test: UnderTestOpt = None,
 ) -> None:
     """Compare node-policy + router stacks on a simulated cluster (one load, or capacity with --capacity;
     --backend gpu: one engine per node on the wall clock, the simulator beside each run)."""
     from fairbatching.costmodel.profile import load_profile
     from fairbatching.runs import ClusterShape, check_slo_feasible
 
-    policy_names(under_test)
+    run = [item.split(":")[0] for item in comma_items("--pairs", pairs)]
+    under = under_test_of(under_test, run, "--pairs")
     if out:
         check_output_dir(out)
     if b.gpus is not None and b.gpus != nodes:
         raise FairBatchingError(f"--gpus {b.gpus} with --nodes {nodes}: a cluster on the GPU runs one engine per node")
-    gpu, profile = _gpu_and_profile("cluster", replace(b, gpus=nodes), profile)
+    on_nodes = replace(b, gpus=nodes) if b.gpus is None and b.backend != "sim" else b  # one engine per node
+    gpu, profile = _gpu_and_profile("cluster", on_nodes, profile)
     shape = ClusterShape(nodes, "pab", report_interval, report_delay)
-    base = _base_spec(under_test, workload, qps, num, slo, profile, gpu, prefix_caching, cluster=shape)
+    base = _base_spec(under or run[0], workload, qps, num, slo, profile, gpu, prefix_caching, cluster=shape)
     check_slo_feasible(slo.slo, load_profile(profile))
     with cli_engine.started_engines(gpu) as engines:
-        _cluster(base, pairs, sw, find_capacity_, seeds, tolerance, out, engines)
+        _cluster(base, pairs, sw, find_capacity_, seeds, tolerance, out, under, engines)
 
 
 def _cluster(
@@ -466,9 +471,10 @@ def _cluster(
     seeds: int,
     tolerance: float,
     out: Path | None,
+    under_test: str | None,
     engines: object = None,
 ) -> None:
-    """``base.policy`` is the policy under test: the stacks of other policies are the baselines."""
+    """The stacks of policies other than ``under_test`` are the baselines (all of them, with none)."""
     from fairbatching.evaluation import cluster as cl
     from fairbatching.metrics.table import show
 
@@ -478,7 +484,7 @@ def _cluster(
     title = cl.cluster_title(base, seeds if capacity else None)
     if capacity:
         rows = cl.stack_capacities(stacks, sweeper, seeds, tolerance, console.print, lambda: Activity(console))
-        table = cl.capacity_table(rows, title, base.policy)
+        table = cl.capacity_table(rows, title, under_test)
     else:
         with progress_bar(console, label_width=14) as bar:
             task = bar.add_task("cluster", total=len(stacks))
@@ -614,11 +620,12 @@ def main() -> None:
     except OSError as exc:  # the machine, not the input: a full disk, a file removed under us
         _fail(f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": "), 1)
     if code == 130:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C (or the group's SIGINT) while we say so
         console.print("aborted")
     if isinstance(code, int) and code:
         sys.exit(code)
 
 
 def _fail(message: str, code: int) -> None:
-    console.print(f"[red]error:[/] {escape(message)}")
+    console.print(f"[red]error:[/] {escape(message)}", emoji=False)  # ":1234:" in a value is no emoji code
     sys.exit(code)

@@ -10,7 +10,7 @@ import json
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -30,9 +30,15 @@ from fairbatching.cli_options import (
     out_console,
     save_summary,
 )
-from fairbatching.errors import FairBatchingError, install_hint
+from fairbatching.errors import ConfigError, FairBatchingError, install_hint
 from fairbatching.progress import Activity, progress_bar
-from fairbatching.validate import atomic_write_text, check_output_dir, open_fraction, parse_policy_options
+from fairbatching.validate import (
+    at_least_one,
+    atomic_write_text,
+    check_output_dir,
+    open_fraction,
+    parse_policy_options,
+)
 
 if TYPE_CHECKING:
     from fairbatching.core.backend import EngineSpec
@@ -61,14 +67,17 @@ ValidationRequests = Annotated[
 CPU_MAX_PARAMS = 1_500_000_000
 
 
-def check_engine_device(command: str, e: EngineArgs) -> str:
-    """The device ``command`` runs its engine on, checked before anything is built: without a CUDA GPU a GPU
-    command says so at once (not after minutes building an 8B model on the CPU), and a CPU run happens only
-    when asked for (``--device cpu``) with a model small enough for a CPU."""
+def check_engine_device(command: str, e: EngineArgs, max_context: int) -> str:
+    """The device ``command`` runs its engine on, checked (with the engine's sizes) before anything is built:
+    without a CUDA GPU a GPU command says so at once (not after minutes building an 8B model on the CPU), and a
+    CPU run happens only when asked for (``--device cpu``) with a model small enough for a CPU."""
     try:
         import torch
     except ImportError as exc:
         raise FairBatchingError(f"`{command}` runs the GPU engine: {install_hint('gpu')} ({exc})") from None
+    from fairbatching.engine.config import check_engine_sizes, model_config
+
+    check_engine_sizes(e.num_blocks, e.block_size, max_context)
     device = e.device or "cuda"
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
@@ -78,8 +87,6 @@ def check_engine_device(command: str, e: EngineArgs) -> str:
         return device
     if device != "cpu":
         raise FairBatchingError(f"--device {device!r}: use cuda, cuda:N or cpu")
-    from fairbatching.engine.config import model_config
-
     params = model_config(e.model).num_params
     if params > CPU_MAX_PARAMS:
         raise FairBatchingError(
@@ -107,8 +114,9 @@ def gpu_backend(command: str, b: BackendArgs) -> GpuBackend | None:
     from fairbatching.core.modes import parse_mode
 
     if parse_mode(Backend, b.backend, "--backend") is Backend.SIM:
+        _refuse_engine_options(b)
         return None
-    device = check_engine_device(command, b)
+    device = check_engine_device(command, b, b.max_context)
     import torch
 
     from fairbatching.engine.cluster import replica_devices
@@ -120,6 +128,15 @@ def gpu_backend(command: str, b: BackendArgs) -> GpuBackend | None:
         b.model, b.max_context, b.num_blocks, device=None if cuda else "cpu", block_size=b.block_size, hardware=hardware
     )
     return GpuBackend(engine, devices, device)
+
+
+def _refuse_engine_options(b: BackendArgs) -> None:
+    """The simulator builds no engine: an engine option set off its default would be ignored without a word.
+    (Off its default, not given: typer 0.29 keeps click's parameter source private.)"""
+    for f in fields(BackendArgs):
+        value = getattr(b, f.name)
+        if f.name != "backend" and value != f.default:
+            raise ConfigError(f"--{f.name.replace('_', '-')} {value}: applies only to --backend gpu")
 
 
 def backend_settings(gpu: GpuBackend) -> dict[str, Any]:
@@ -219,7 +236,9 @@ def profile(
     out: Annotated[Path, typer.Option("--out", help="Folder for rows.csv and profile.json")],
     e: EngineArgs,
     max_context: MaxContext = 32768,
-    repeats: Annotated[int, typer.Option("--repeats", help="Timed runs per composition (median)")] = 5,
+    repeats: Annotated[
+        int, typer.Option("--repeats", help="Timed runs per composition (median)", callback=at_least_one)
+    ] = 5,
     grid: Annotated[str, typer.Option("--grid", help="full, or quick (a few compositions, for a smoke test)")] = "full",
     name: Annotated[str | None, typer.Option("--name", help="Profile name (default: MODEL-DEVICE-measured)")] = None,
     calibration_requests: CalibrationRequests = 300,
@@ -229,7 +248,7 @@ def profile(
     """Measure batch latencies on the GPU engine, fit the cost model, calibrate it on served steps (replays of a
     trace window, planned for the SLO), validate it on a held-out window, and write the profile: one command from
     a fresh GPU to a profile that says how far to trust it."""
-    check_engine_device("profile", e)
+    check_engine_device("profile", e, max_context)
     from fairbatching.core.modes import Grid, parse_mode
     from fairbatching.engine.profiler import default_grid
     from fairbatching.evaluation.calibrate import check_windows
@@ -419,7 +438,7 @@ def replay(
     prefix_caching: PrefixCachingOpt = False,
 ) -> None:
     """Replay a workload in real time on the GPU engine (--replicas N: GPUs 0..N-1 behind one router)."""
-    device = check_engine_device("replay", e)
+    device = check_engine_device("replay", e, max_context)
     from fairbatching.costmodel.profile import load_profile
     from fairbatching.metrics.summary import summarize
     from fairbatching.metrics.table import show, summary_table

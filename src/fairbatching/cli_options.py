@@ -109,8 +109,12 @@ AdmissionOpt = Annotated[
     ),
 ]
 UnderTestOpt = Annotated[
-    str,
-    typer.Option("--under-test", help="The policy the others are baselines for: its gain is against the best of them"),
+    str | None,
+    typer.Option(
+        "--under-test",
+        help="The policy the others are baselines for: its gain is against the best of them (default: fairbatching "
+        "when it runs)",
+    ),
 ]
 WideOpt = Annotated[bool, typer.Option("--wide", help="Show every column (files always carry them all)")]
 RequestsOpt = Annotated[int, typer.Option("--num-requests", "-n", help="Requests per run", callback=at_least_one)]
@@ -180,8 +184,8 @@ PrefixCachingOpt = Annotated[
 
 @dataclass
 class SloArgs:
-    ttft: Annotated[float, typer.Option("--ttft-slo", help="TTFT SLO in seconds")] = DEFAULT_TTFT_S
-    tpot: Annotated[float, typer.Option("--tpot-slo", help="TPOT SLO in seconds")] = DEFAULT_TPOT_S
+    ttft: Annotated[float, typer.Option("--ttft-slo", help="TTFT SLO in seconds", callback=positive)] = DEFAULT_TTFT_S
+    tpot: Annotated[float, typer.Option("--tpot-slo", help="TPOT SLO in seconds", callback=positive)] = DEFAULT_TPOT_S
 
     @property
     def slo(self) -> SLO:

@@ -61,6 +61,13 @@ class WorkloadSpec:
     seed: int = 0
     generated: str | None = None
 
+    def __post_init__(self) -> None:
+        if self.trace is None and self.fmt != "auto":
+            raise ConfigError(f"--format {self.fmt}: reads a --trace file, and none is given")
+        if self.trace is None and self.start:
+            what = f"the generated {self.generated!r}" if self.generated else "the embedded default"
+            raise ConfigError(f"--start {self.start}: skips requests of a --trace, not of {what} workload")
+
     def build(self) -> Workload:
         if self.generated is not None or self.trace is None:
             n = 2000 if self.num_requests is None else self.num_requests

@@ -40,12 +40,18 @@ fraction = _check(lambda v: 0 < v <= 1, "in (0, 1]")
 open_fraction = _check(lambda v: 0 < v < 1, "in (0, 1)")
 
 
+def comma_items(option: str, text: str) -> list[str]:
+    """The items of a comma-separated option; none at all is an error, not a run of nothing."""
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    if not items:
+        raise ConfigError(f"{option}: no values given")
+    return items
+
+
 def positive_list(option: str, text: str) -> list[float]:
     """A comma-separated list of positive finite numbers, e.g. ``--qps 12,14``."""
     values = []
-    for item in (x.strip() for x in text.split(",")):
-        if not item:
-            continue
+    for item in comma_items(option, text):
         try:
             v = float(item)
         except ValueError:
@@ -53,8 +59,6 @@ def positive_list(option: str, text: str) -> list[float]:
         if not (math.isfinite(v) and v > 0):
             raise ConfigError(f"{option}: must be positive finite numbers, got {item!r}")
         values.append(v)
-    if not values:
-        raise ConfigError(f"{option}: no values given")
     return values
 
 
@@ -67,6 +71,17 @@ def check_policy_options(policy: str, options: dict[str, Any], origin: str = "--
         policy_config(policy).resolve(None, options)
     except ConfigError as exc:
         raise ConfigError(f"{origin} {exc}") from None
+
+
+def under_test_of(under_test: str | None, run: list[str], option: str = "--policies") -> str | None:
+    """The policy the others are baselines for: ``--under-test`` when given (it must be among those ``run``),
+    else fairbatching when it runs (else none: every policy is a baseline)."""
+    if under_test is None:
+        return "fairbatching" if "fairbatching" in run else None
+    policy_names(under_test)
+    if under_test not in run:
+        raise ConfigError(f"--under-test {under_test!r} is not among {option} ({', '.join(run)}): it would not run")
+    return under_test
 
 
 def policy_names(policies: str) -> list[str]:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +20,7 @@ ROW_FIELDS = ("new_tokens", "context_tokens", "num_seqs", "attn_work", "latency_
 # zero overflow the relative-error fit.
 MIN_LATENCY_S = 1e-6
 MAX_LATENCY_S = 3600.0
+MIN_FIT_ROWS = 10  # 8 parameters, and some rows held out
 
 
 @dataclass(frozen=True)
@@ -40,7 +43,8 @@ class FitReport:
 
 
 def load_profile_rows(path: str | Path) -> np.ndarray:
-    """Rows ``[new_tokens, context_tokens, num_seqs, attn_work, latency_s]`` from a CSV or JSON(L) file."""
+    """Rows ``[new_tokens, context_tokens, num_seqs, attn_work, latency_s]`` from a CSV or JSON(L) file, enough
+    to fit; a bad value is refused naming its line, field and value, since one bad row skews every parameter."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8-sig")
@@ -48,54 +52,75 @@ def load_profile_rows(path: str | Path) -> np.ndarray:
         raise ProfileError(f"{path}: cannot read profile rows: {exc.strerror}") from None
     except UnicodeDecodeError:
         raise ProfileError(f"{path}: not a CSV or JSON text file (not UTF-8)") from None
-    if path.suffix in (".json", ".jsonl"):
-        records = _json_records(path, text)
-    else:
-        try:
-            reader = csv.DictReader(text.splitlines())
-            missing = [f for f in ROW_FIELDS if f not in (reader.fieldnames or [])]
-            if missing:
-                raise ProfileError(f"{path}: line 1: missing column(s) {', '.join(missing)}")
-            records = [(i + 2, row) for i, row in enumerate(reader)]
-        except csv.Error as exc:
-            raise ProfileError(f"{path}: not a readable CSV file: {exc}") from None
-    rows = []
-    for line, rec in records:
-        try:
-            values = [float(rec[f]) for f in ROW_FIELDS]
-        except (KeyError, TypeError, ValueError, OverflowError) as exc:
-            raise ProfileError(f"{path}: line {line}: bad or missing value ({exc})") from None
-        if not all(np.isfinite(values)) or min(values) < 0 or values[2] < 1 or values[4] <= 0:
-            raise ProfileError(f"{path}: line {line}: values must be finite, non-negative, with seqs >= 1")
-        if not MIN_LATENCY_S <= values[4] <= MAX_LATENCY_S:
-            raise ProfileError(
-                f"{path}: line {line}: latency_s {values[4]:g} is outside [{MIN_LATENCY_S:g}, {MAX_LATENCY_S:g}] s"
-            )
-        rows.append(values)
-    if not rows:
-        raise ProfileError(f"{path}: no profile rows")
+    records = _json_records(path, text) if path.suffix in (".json", ".jsonl") else _csv_records(path, text)
+    rows = [_row_values(path, where, rec) for where, rec in records]
+    if len(rows) < MIN_FIT_ROWS:
+        raise ProfileError(
+            f"{path}: {len(rows)} profile rows; need at least {MIN_FIT_ROWS} to fit 8 parameters and hold some out"
+        )
     return np.asarray(rows, dtype=float)
 
 
-def _json_records(path: Path, text: str) -> list[tuple[int, dict]]:
-    lines = text.splitlines()
+def _csv_records(path: Path, text: str) -> list[tuple[str, dict]]:
+    """Each row with its line in the file (the reader's ``line_num`` counts blank lines and the lines of quoted
+    multi-line fields; a multi-line row reports its last line)."""
     try:
-        if path.suffix == ".jsonl":
-            records = [(i + 1, json.loads(s)) for i, s in enumerate(lines) if s.strip()]
-        else:
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        missing = [f for f in ROW_FIELDS if f not in (reader.fieldnames or [])]
+        if missing:
+            raise ProfileError(f"{path}: line 1: missing column(s) {', '.join(missing)}")
+        return [(f"line {reader.line_num}", row) for row in reader]
+    except csv.Error as exc:
+        raise ProfileError(f"{path}: not a readable CSV file: {exc}") from None
+
+
+def _json_records(path: Path, text: str) -> list[tuple[str, dict]]:
+    """Each row object with where it is: its line in a JSONL file, its place in a JSON list."""
+    if path.suffix == ".jsonl":
+        records = []
+        for n, line in enumerate(text.split("\n"), start=1):  # read_text made every line end "\n"
+            try:
+                if line.strip():
+                    records.append((f"line {n}", json.loads(line)))
+            except json.JSONDecodeError as exc:
+                raise ProfileError(f"{path}: line {n}: not valid JSON: {exc.msg}") from None
+    else:
+        try:
             data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ProfileError(f"{path}: line {exc.lineno}: not valid JSON: {exc.msg}") from None
-    if path.suffix != ".jsonl":
+        except json.JSONDecodeError as exc:
+            raise ProfileError(f"{path}: line {exc.lineno}: not valid JSON: {exc.msg}") from None
         if isinstance(data, dict):
             data = data.get("rows", [])
         if not isinstance(data, list):
             raise ProfileError(f"{path}: expected a JSON list of row objects, or an object with a 'rows' list")
-        records = [(i + 1, r) for i, r in enumerate(data)]
-    for line, rec in records:
+        records = [(f"row {n}", r) for n, r in enumerate(data, start=1)]
+    for where, rec in records:
         if not isinstance(rec, dict):
-            raise ProfileError(f"{path}: row {line}: expected an object with fields {', '.join(ROW_FIELDS)}")
+            raise ProfileError(f"{path}: {where}: expected an object with fields {', '.join(ROW_FIELDS)}")
     return records
+
+
+def _row_values(path: Path, where: str, rec: dict) -> list[float]:
+    """One row's values in ``ROW_FIELDS`` order; the error names the field and the value."""
+    values = []
+    for name in ROW_FIELDS:
+        raw = rec.get(name)
+        try:
+            if isinstance(raw, bool):
+                raise TypeError
+            value = float(raw)  # type: ignore[arg-type]  # anything float() refuses is the error below
+        except (TypeError, ValueError, OverflowError):
+            problem = "is missing" if raw is None else f"is not a number: {raw!r}"
+            raise ProfileError(f"{path}: {where}: {name} {problem}") from None
+        lowest = 1 if name == "num_seqs" else 0
+        if not (math.isfinite(value) and value >= lowest):
+            raise ProfileError(f"{path}: {where}: {name} must be a finite number >= {lowest}, got {raw!r}")
+        values.append(value)
+    if not MIN_LATENCY_S <= values[-1] <= MAX_LATENCY_S:
+        raise ProfileError(
+            f"{path}: {where}: latency_s {values[-1]:g} is outside [{MIN_LATENCY_S:g}, {MAX_LATENCY_S:g}] s"
+        )
+    return values
 
 
 def _mape(theta: np.ndarray, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
@@ -136,8 +161,10 @@ def _checked_rows(rows: np.ndarray, holdout_fraction: float) -> np.ndarray:
     rows = np.asarray(rows, dtype=float)
     if rows.ndim != 2 or rows.shape[1] != len(ROW_FIELDS):
         raise ProfileError(f"profile rows must have {len(ROW_FIELDS)} columns: {', '.join(ROW_FIELDS)}")
-    if len(rows) < 10:
-        raise ProfileError(f"need at least 10 profile rows to fit 8 parameters and hold some out, got {len(rows)}")
+    if len(rows) < MIN_FIT_ROWS:
+        raise ProfileError(
+            f"need at least {MIN_FIT_ROWS} profile rows to fit 8 parameters and hold some out, got {len(rows)}"
+        )
     if not 0 < holdout_fraction < 1:
         raise ProfileError(f"the held-out fraction must be in (0, 1), got {holdout_fraction!r}")
     # Rows that barely vary (e.g. one batch measured 20 times) fit many parameter sets perfectly: the error

@@ -17,6 +17,11 @@ from fairbatching.errors import ConfigError, ProfileError
 
 ANALYTIC_PROFILE = "llama-3-8b-h100-analytic"  # roofline estimate, computed in code
 DEFAULT_PROFILE = "llama-3-8b-h100-engine"  # measured on our GPU engine (results/gpu-engine)
+PROFILE_FIELDS = ("name", "source", "model", "hardware", "params", "kv", "fit", "note", "extra")
+# Every cost parameter but p is seconds per unit of work (a step, a sequence, a token): over an hour is a unit
+# mistake, and far larger values overflow the model's power mean. p is bounded where the fit bounds it.
+MAX_COST_S = 3600.0
+MAX_P = 32.0
 
 
 @dataclass(frozen=True)
@@ -52,25 +57,17 @@ class Profile:
 
     @classmethod
     def from_json(cls, data: dict[str, Any], origin: str = "<json>") -> Profile:
-        kv, params = data.get("kv"), data.get("params")
-        if isinstance(kv, dict):
-            for key in ("num_blocks", "block_size"):
-                if key in kv and (isinstance(kv[key], bool) or not isinstance(kv[key], int)):
-                    raise ProfileError(f"{origin}: kv.{key} must be a whole number, got {kv[key]!r}")
-        if isinstance(params, dict):
-            for key, value in params.items():
-                if isinstance(value, bool) or not isinstance(value, int | float):
-                    raise ProfileError(f"{origin}: params.{key} must be a number, got {value!r}")
+        _check_fields(data, origin)
         try:
             profile = cls(
-                name=str(data["name"]),
-                source=str(data["source"]),
+                name=data["name"],
+                source=data["source"],
                 model=dict(data.get("model", {})),
                 hardware=dict(data.get("hardware", {})),
                 params=CostParams(**data["params"]),
                 kv=KVCacheConfig(**data["kv"]),
                 fit=data.get("fit"),
-                note=str(data.get("note", "")),
+                note=data.get("note", ""),
                 extra=dict(data.get("extra", {})),
             )
         except KeyError as exc:
@@ -96,11 +93,63 @@ class Profile:
         return cls.from_json(data, origin=str(path))
 
 
+def _check_fields(data: dict[str, Any], origin: str) -> None:
+    """Refuse an unknown, mistyped or out-of-range field by name: otherwise it is ignored, becomes a silent
+    default, or ends a run in a traceback."""
+    unknown = [key for key in data if key not in PROFILE_FIELDS]
+    if unknown:
+        raise ProfileError(
+            f"{origin}: unknown profile field(s) {', '.join(map(repr, unknown))}; expected {', '.join(PROFILE_FIELDS)}"
+        )
+    for key, value in data.items():
+        kind = str if key in ("name", "source", "note") else dict
+        if key != "fit" and not isinstance(value, kind):
+            raise ProfileError(f"{origin}: {key} must be {'a string' if kind is str else 'an object'}, got {value!r}")
+    for key, value in data.get("kv", {}).items():
+        if key in ("num_blocks", "block_size") and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ProfileError(f"{origin}: kv.{key} must be a whole number, got {value!r}")
+    for key, value in data.get("params", {}).items():
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ProfileError(f"{origin}: params.{key} must be a number, got {value!r}")
+        high = MAX_P if key == "p" else MAX_COST_S
+        if not (math.isfinite(value) and value <= high):
+            raise ProfileError(f"{origin}: params.{key} must be finite and at most {high:g}, got {value!r}")
+    _check_fit(data.get("fit"), origin)
+
+
+def _check_fit(fit: object, origin: str) -> None:
+    """The fit section is a free-form record, but `profiles` shows its validation verdict: refuse a shape it
+    cannot show, at load, rather than when it is listed."""
+    if fit is None:
+        return
+    if not isinstance(fit, dict):
+        raise ProfileError(f"{origin}: fit must be an object or null, got {fit!r}")
+    check = fit.get("validation")
+    if check is None:
+        return
+    if not isinstance(check, dict):
+        raise ProfileError(f"{origin}: fit.validation must be an object, got {check!r}")
+    passed, gap = check.get("passed"), check.get("max_gap_pts")
+    if not isinstance(passed, bool):
+        raise ProfileError(f"{origin}: fit.validation.passed must be true or false, got {passed!r}")
+    if isinstance(gap, bool) or not isinstance(gap, int | float) or not math.isfinite(gap):
+        raise ProfileError(f"{origin}: fit.validation.max_gap_pts must be a finite number, got {gap!r}")
+
+
 def _check_usable(profile: Profile, origin: str) -> None:
-    """Refuse a cost model that prices work as free: every run on it would report zero latency and 100% SLO."""
+    """Refuse a cost model that prices work as free (every run on it would report zero latency and 100% SLO),
+    or that overflows on a batch the KV cache holds (the run would end in a traceback)."""
     cost = profile.cost_model()
-    step = cost.predict(1, 1, 1, 1.0)
-    prefill = cost.predict(2048, 2048, 1, 2048 * 2049 / 2)
+    cap = profile.kv.capacity_tokens
+    try:
+        step, prefill, filled = (cost.predict(n, n, 1, n * (n + 1) / 2) for n in (1, 2048, cap))
+    except OverflowError:
+        step = prefill = filled = math.inf
+    if not math.isfinite(filled):
+        raise ProfileError(
+            f"{origin}: the cost model overflows pricing one prompt that fills the {cap:,}-token KV cache: "
+            "its params are too large"
+        )
     if not (math.isfinite(step) and step > 0):
         raise ProfileError(f"{origin}: the cost model prices a one-token decode step at {step!r} s; need > 0")
     if not (math.isfinite(prefill) and prefill > step):

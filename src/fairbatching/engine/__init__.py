@@ -22,7 +22,7 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ConfigError(f"the GPU engine needs PyTorch: {install_hint('gpu')}") from exc
 
-from fairbatching.engine.config import PRESETS, ModelConfig, model_config
+from fairbatching.engine.config import PRESETS, ModelConfig, check_engine_sizes, model_config
 from fairbatching.engine.model import LlamaModel
 from fairbatching.engine.runner import ModelRunner
 
@@ -70,6 +70,7 @@ def build_engine(
     ``warmup`` is False. On CUDA without ``num_blocks`` the KV cache is sized after warm-up was measured:
     the engine warms on a small cache, runs its largest step, and the cache then takes what that left free
     (``kv_cache_blocks``), at most ``kv_memory_fraction`` of the memory free after the weights."""
+    check_engine_sizes(num_blocks, block_size, max_context)
     config = model_config(model)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():

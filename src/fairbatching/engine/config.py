@@ -134,6 +134,18 @@ PRESETS: dict[str, ModelConfig] = {
 }
 
 
+def check_engine_sizes(num_blocks: int | None, block_size: int, max_context: int) -> None:
+    """The engine's sizes, checked before anything is built: a bad one otherwise fails deep in the engine's start
+    (a division by zero) or once its replay begins. Any block size >= 1 serves: the kernels address the cache by
+    flat slot (block * block_size + offset), so none needs a power of two."""
+    if num_blocks is not None and num_blocks < 2:
+        raise ConfigError(f"--num-blocks {num_blocks}: must be >= 2 (block 0 is the engine's scratch block)")
+    if block_size < 1:
+        raise ConfigError(f"--block-size {block_size}: must be >= 1 (tokens per KV block)")
+    if max_context < 2:
+        raise ConfigError(f"--max-context {max_context}: must be >= 2 (a prompt token and an output token)")
+
+
 def model_config(name_or_path: str) -> ModelConfig:
     """A preset name, or a checkpoint directory with a config.json."""
     if name_or_path in PRESETS:

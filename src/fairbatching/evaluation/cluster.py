@@ -13,7 +13,7 @@ from fairbatching.evaluation.capacity import search_capacity
 from fairbatching.evaluation.sweep import Sweeper
 from fairbatching.metrics.table import Column, FittedTable
 from fairbatching.runs import RunResult, RunSpec
-from fairbatching.validate import policy_names
+from fairbatching.validate import comma_items, policy_names
 
 RUN_FIELDS = ("slo_attainment", "ttft_attainment", "tpot_attainment", "goodput_rps", "rejected", "preemptions")
 
@@ -24,7 +24,7 @@ def cluster_stacks(pairs: str, base: RunSpec) -> list[RunSpec]:
 
     assert base.cluster is not None
     stacks = []
-    for item in [p.strip() for p in pairs.split(",") if p.strip()]:
+    for item in comma_items("--pairs", pairs):
         parts = item.split(":")
         if len(parts) not in (2, 3):
             raise ConfigError(f"--pairs takes policy:router[:admission], got {item!r}")

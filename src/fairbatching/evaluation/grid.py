@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -15,20 +16,25 @@ from fairbatching.metrics.summary import Summary
 from fairbatching.metrics.table import Column, FittedTable
 from fairbatching.report.curves import plot_load_curves
 from fairbatching.runs import RunResult, RunSpec, check_slo_feasible
-from fairbatching.validate import positive_list
+from fairbatching.validate import comma_items, positive_list
 
 CSV_HEADER = "workload,ttft_slo,tpot_slo,qps,seed,policy,ttft_p99,tpot_p99,tpot_attainment,slo_attainment"
 
 
 def parse_slos(text: str) -> list[tuple[float, float]]:
     """``TTFT:TPOT`` pairs in seconds, comma-separated."""
-    try:
-        pairs = [tuple(float(x) for x in pair.split(":")) for pair in text.split(",") if pair.strip()]
-    except ValueError:
-        raise ConfigError(f"--slos takes TTFT:TPOT pairs of numbers, e.g. 2:0.1,1:0.05; got {text!r}") from None
-    if any(len(p) != 2 for p in pairs):
-        raise ConfigError("--slos takes TTFT:TPOT pairs, e.g. --slos 2:0.1,1:0.05")
-    return [(p[0], p[1]) for p in pairs]
+    pairs = []
+    for item in comma_items("--slos", text):
+        try:
+            pair = tuple(float(x) for x in item.split(":"))
+        except ValueError:
+            raise ConfigError(f"--slos takes TTFT:TPOT pairs of numbers, e.g. 2:0.1,1:0.05; got {item!r}") from None
+        if len(pair) != 2:
+            raise ConfigError(f"--slos takes TTFT:TPOT pairs, e.g. --slos 2:0.1,1:0.05; got {item!r}")
+        if not all(math.isfinite(x) and x > 0 for x in pair):
+            raise ConfigError(f"--slos {item!r}: TTFT and TPOT must be positive finite seconds")
+        pairs.append((pair[0], pair[1]))
+    return pairs
 
 
 def sweep_specs(
@@ -42,7 +48,7 @@ def sweep_specs(
         check_slo_feasible(SLO(ttft, tpot), prof)
     return [
         RunSpec(p, w, q, s, num, ttft, tpot, profile)
-        for w in [x.strip() for x in workloads.split(",") if x.strip()]
+        for w in comma_items("--workloads", workloads)
         for ttft, tpot in slo_pairs
         for q in qps_levels
         for p in policies

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import fields
@@ -25,6 +26,7 @@ from fairbatching.workloads.families import family
 
 # runs done (a GPU replay under way counts by the share of its requests that ended), runs in all
 Progress = Callable[[float, int], None]
+RAY_PROBE_TIMEOUT_S = 5.0  # a live cluster's head answers a TCP connect at once
 # Fields every cached summary has (the hit rate only where prefixes were cached, classes only with several).
 SUMMARY_FIELDS = {f.name for f in fields(Summary)} - {"per_request", *OPTIONAL}
 
@@ -39,6 +41,8 @@ class Sweeper:
     ):
         self.cache_dir = Path(cache_dir) if cache_dir else None  # created with the first result it holds
         self.workers = workers or os.cpu_count() or 1
+        if ray_address is not None:
+            check_ray_address(ray_address)
         self.ray_address = ray_address
         self.engines = engines  # the GPU backend's (engine.cluster.EngineCluster), started by the caller
         self._ray = None
@@ -143,6 +147,20 @@ class Sweeper:
         while pending:
             ready, pending = ray.wait(pending, num_returns=1)
             yield ray.get(ready[0])
+
+
+def check_ray_address(address: str) -> None:
+    """Refuse a cluster address nothing answers at, before any run: ``ray.init`` retries one for minutes, and a
+    sweep whose results are all cached would never try it."""
+    if address in ("local", "auto"):  # auto: a cluster started on this machine (Ray says so if there is none)
+        return
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not (host and sep and port.isdigit()):
+        raise ConfigError(f"--ray {address!r}: give local, auto, HOST:PORT or ray://HOST:PORT")
+    try:
+        socket.create_connection((host, int(port)), timeout=RAY_PROBE_TIMEOUT_S).close()
+    except OSError as exc:
+        raise ConfigError(f"--ray {address}: nothing answers at {host}:{port} ({exc.strerror or exc})") from None
 
 
 def _valid_entry(entry: Any, key: str) -> bool:

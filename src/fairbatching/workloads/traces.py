@@ -44,6 +44,8 @@ ENCODING = "utf-8-sig"
 
 
 def _csv_rows(path: Path, required: tuple[str, ...]) -> Iterator[tuple[int, dict[str, str]]]:
+    """Each row with its line in the file (the reader's ``line_num``: counting blank lines and the lines of
+    quoted multi-line fields, which the reader passes over; a multi-line row reports its last line)."""
     with _open(path, newline="", encoding=ENCODING) as f:
         reader = csv.DictReader(f)
         header = [h.strip() for h in (reader.fieldnames or [])]
@@ -51,7 +53,8 @@ def _csv_rows(path: Path, required: tuple[str, ...]) -> Iterator[tuple[int, dict
         if missing:
             raise WorkloadError(f"{path}: line 1: missing column(s) {', '.join(missing)}; found {', '.join(header)}")
         reader.fieldnames = header
-        yield from enumerate(reader, start=2)
+        for row in reader:
+            yield reader.line_num, row
 
 
 def _short(raw: object) -> str:

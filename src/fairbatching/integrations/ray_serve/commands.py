@@ -23,13 +23,41 @@ from fairbatching.cli_options import PrefixCachingOpt, grouped
 from fairbatching.config import DEFAULT_TPOT_S, DEFAULT_TTFT_S
 from fairbatching.errors import ConfigError, install_hint
 from fairbatching.progress import progress_bar
-from fairbatching.validate import check_output_dir, non_negative, positive, staged_dir
+from fairbatching.validate import at_least_one, check_output_dir, non_negative, positive, staged_dir
 
 console = Console(stderr=True, soft_wrap=True)
 out_console = Console(width=None if sys.stdout.isatty() else 200)
 
-Ttft = Annotated[float, typer.Option("--ttft-slo", help="TTFT SLO in seconds (default for requests without one)")]
-Tpot = Annotated[float, typer.Option("--tpot-slo", help="TPOT SLO in seconds (default for requests without one)")]
+Ttft = Annotated[
+    float,
+    typer.Option("--ttft-slo", help="TTFT SLO in seconds (default for requests without one)", callback=positive),
+]
+Tpot = Annotated[
+    float,
+    typer.Option("--tpot-slo", help="TPOT SLO in seconds (default for requests without one)", callback=positive),
+]
+
+
+Replicas = Annotated[int, typer.Option("--replicas", "-r", help="Simulated node replicas", callback=at_least_one)]
+TimeScale = Annotated[
+    float, typer.Option("--time-scale", help="Wall seconds per profiled second (0.5: twice as fast)", callback=positive)
+]
+ReportInterval = Annotated[
+    float, typer.Option("--report-interval", help="Seconds between PAB reports", callback=positive)
+]
+ReportDelay = Annotated[
+    float, typer.Option("--report-delay", help="Expected report delivery delay (s)", callback=non_negative)
+]
+BenchRequests = Annotated[
+    int | None, typer.Option("--num-requests", "-n", help="Use this many requests", callback=at_least_one)
+]
+BenchStart = Annotated[
+    int, typer.Option("--start", help="Skip this many requests of the trace first", callback=non_negative)
+]
+BenchQps = Annotated[float | None, typer.Option("--qps", help="Rescale arrivals to this mean rate", callback=positive)]
+BenchSeed = Annotated[
+    int, typer.Option("--seed", help="Seed of the embedded workload and the prompt tokens", callback=non_negative)
+]
 
 
 def _need(module: str, extra: str) -> None:
@@ -76,7 +104,7 @@ class LimitArgs:
 @grouped
 def serve(
     *,
-    replicas: Annotated[int, typer.Option("--replicas", "-r", help="Simulated node replicas")] = 2,
+    replicas: Replicas = 2,
     policy: Annotated[str, typer.Option("--policy", "-p", help="Node scheduling policy")] = "fairbatching",
     profile: Annotated[str | None, typer.Option("--profile", help="Cost-model profile (name or JSON)")] = None,
     router: Annotated[
@@ -92,11 +120,9 @@ def serve(
     prefix_caching: PrefixCachingOpt = False,
     ttft: Ttft = DEFAULT_TTFT_S,
     tpot: Tpot = DEFAULT_TPOT_S,
-    time_scale: Annotated[
-        float, typer.Option("--time-scale", help="Wall seconds per profiled second (0.5: twice as fast)")
-    ] = 1.0,
-    report_interval: Annotated[float, typer.Option("--report-interval", help="Seconds between PAB reports")] = 0.5,
-    report_delay: Annotated[float, typer.Option("--report-delay", help="Expected report delivery delay (s)")] = 0.2,
+    time_scale: TimeScale = 1.0,
+    report_interval: ReportInterval = 0.5,
+    report_delay: ReportDelay = 0.2,
     model_name: Annotated[
         str, typer.Option("--model-name", help="Model name the endpoint serves")
     ] = "fairbatching-sim",
@@ -202,10 +228,10 @@ def bench(
     url: Annotated[str, typer.Option("--url", help="Server base URL, e.g. http://127.0.0.1:8000")],
     trace: Annotated[Path | None, typer.Option("--trace", help="Trace file (default: the embedded workload)")] = None,
     fmt: Annotated[str, typer.Option("--format", help="Trace format: auto, azure, burstgpt, mooncake")] = "auto",
-    num: Annotated[int | None, typer.Option("--num-requests", "-n", help="Use this many requests")] = None,
-    start: Annotated[int, typer.Option("--start", help="Skip this many requests of the trace first")] = 0,
-    qps: Annotated[float | None, typer.Option("--qps", help="Rescale arrivals to this mean rate")] = None,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the embedded workload and the prompt tokens")] = 0,
+    num: BenchRequests = None,
+    start: BenchStart = 0,
+    qps: BenchQps = None,
+    seed: BenchSeed = 0,
     ttft: Ttft = DEFAULT_TTFT_S,
     tpot: Tpot = DEFAULT_TPOT_S,
     model: Annotated[str | None, typer.Option("--model", help="Model name (default: the server's first)")] = None,
