@@ -1,6 +1,9 @@
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -66,3 +69,14 @@ def sigint_as_from_a_terminal() -> None:
     """``preexec_fn`` of a command a test interrupts: SIGINT at its default, so the command hears a Ctrl-C even
     where the tests run with SIGINT ignored (a background job of a non-interactive shell passes that on)."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def assert_refused_before_work(tmp_path: Path, args: list[str], message: str) -> None:
+    """``fairbatching ARGS`` (``{tmp}`` standing for ``tmp_path``) exits 2 with one line saying ``message``, and
+    leaves no ``{tmp}/p`` behind: refused before anything was built or written."""
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    res = subprocess.run([sys.executable, "-m", "fairbatching", *args], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2, res.stderr
+    assert message in res.stderr and "Traceback" not in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert not (tmp_path / "p").exists()

@@ -80,6 +80,7 @@ def test_simulate_json(tmp_path):
         (["bench", "--url", "http://127.0.0.1:1", "--start", "-1"], "Invalid value for '--start'"),
         (["serve", "--replicas", "0"], "Invalid value for '--replicas'"),
         (["serve", "--report-interval", "0"], "Invalid value for '--report-interval'"),
+        (["simulate", "--max-model-len", "1"], "Invalid value for '--max-model-len': must be >= 2"),
     ],
 )
 def test_bad_input_is_one_clear_line_not_a_traceback(args, message, tmp_path):
@@ -95,6 +96,20 @@ def test_malformed_trace_names_file_and_line(tmp_path):
     res = cli("simulate", "--trace", str(trace))
     assert res.returncode == 2 and "t.csv: line 3: ContextTokens must be >= 1" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_a_window_longer_than_its_trace_is_refused_not_cut_short(tmp_path):
+    trace = tmp_path / "t.csv"
+    rows = "".join(f"2023-11-16 18:17:{s:02d},50,10\n" for s in range(31))
+    trace.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n" + rows)
+    for args, message in (
+        (["simulate", "--trace", str(trace), "-n", "40"], "has 31 requests: fewer than 40 from request 0"),
+        (["simulate", "--trace", str(trace), "-n", "20", "--start", "20"], "fewer than 20 from request 20"),
+        (["capacity", "-w", str(trace), "-n", "1000", "--seeds", "1", "--workers", "1"], "only 31 requests"),
+    ):
+        res = cli(*args, "--policies" if args[0] == "capacity" else "-p", "vllm", cwd=tmp_path)
+        assert res.returncode == 2 and message in res.stderr, res.stderr
+    assert cli("simulate", "--trace", str(trace), "-n", "31", "-p", "vllm").returncode == 0
 
 
 def test_fit_profile_roundtrip(tmp_path):

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
+from conftest import assert_refused_before_work
 
 from fairbatching.errors import ConfigError
 
@@ -40,12 +38,7 @@ GPU_COMPARE = ["compare", "-n", "4", "--backend", "gpu", *CPU, "--out", "{tmp}/p
     ],
 )
 def test_bad_or_ignored_engine_options_exit_2_before_any_work(tmp_path, args, message):
-    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
-    res = subprocess.run([sys.executable, "-m", "fairbatching", *args], capture_output=True, text=True, timeout=300)
-    assert res.returncode == 2, res.stderr
-    assert message in res.stderr and "Traceback" not in res.stderr
-    assert len(res.stderr.strip().splitlines()) == 1, res.stderr
-    assert not (tmp_path / "p").exists()
+    assert_refused_before_work(tmp_path, args, message)
 
 
 def test_the_engine_refuses_bad_sizes_before_building_its_model():

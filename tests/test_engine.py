@@ -13,6 +13,7 @@ import textwrap
 from dataclasses import asdict, replace
 
 import pytest
+from conftest import assert_refused_before_work
 
 torch = pytest.importorskip("torch", reason="the engine tests need the [gpu] extra (torch)")
 transformers = pytest.importorskip("transformers", reason="HF parity tests need transformers")
@@ -440,12 +441,7 @@ def test_fused_kernels_match_torch_and_hf_in_interpreter(llama, prompts, referen
     ],
 )
 def test_gpu_commands_without_a_gpu_exit_2_before_building_anything(tmp_path, args, message):
-    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
-    res = subprocess.run([sys.executable, "-m", "fairbatching", *args], capture_output=True, text=True, timeout=300)
-    assert res.returncode == 2, res.stderr
-    assert message in res.stderr and "Traceback" not in res.stderr
-    assert len(res.stderr.strip().splitlines()) == 1, res.stderr
-    assert not (tmp_path / "p").exists()
+    assert_refused_before_work(tmp_path, args, message)
 
 
 def short_outputs(trace_window):

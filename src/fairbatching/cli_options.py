@@ -27,6 +27,7 @@ from fairbatching.config import DEFAULT_QPS, DEFAULT_TPOT_S, DEFAULT_TTFT_S, POL
 from fairbatching.errors import ConfigError
 from fairbatching.validate import (
     at_least_one,
+    at_least_two,
     check_output_dir,
     non_negative,
     parse_policy_options,
@@ -201,7 +202,7 @@ class NodeArgs:
         float | None, typer.Option("--queue-timeout", help="Drop requests waiting longer (s)", callback=positive)
     ] = None
     max_len: Annotated[
-        int, typer.Option("--max-model-len", help="Reject requests longer than this (tokens)", callback=at_least_one)
+        int, typer.Option("--max-model-len", help="Reject requests longer than this (tokens)", callback=at_least_two)
     ] = 131072
     admission: AdmissionOpt = "none"
     policy_option: PolicyOptionOpt = None

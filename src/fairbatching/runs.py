@@ -77,6 +77,10 @@ class WorkloadSpec:
             return default_workload(n, qps, self.seed)
         limit = None if self.num_requests is None else self.start + self.num_requests
         w = load_trace(self.trace, self.fmt, limit=limit)
+        if limit is not None and len(w) < limit:  # a shorter window would be measured as the one asked for
+            raise ConfigError(
+                f"{self.trace} has {len(w)} requests: fewer than {self.num_requests} from request {self.start}"
+            )
         if self.num_requests is not None or self.start:
             w = w.head(max(len(w) - self.start, 1) if self.num_requests is None else self.num_requests, self.start)
         return w.rescaled(self.qps) if self.qps is not None else w

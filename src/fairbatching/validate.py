@@ -36,6 +36,7 @@ def _check(ok: Callable[[float], bool], what: str) -> Callable[[Any], Any]:
 positive = _check(lambda v: math.isfinite(v) and v > 0, "a positive finite number")
 non_negative = _check(lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
 at_least_one = _check(lambda v: v >= 1, ">= 1")
+at_least_two = _check(lambda v: v >= 2, ">= 2 (a prompt token and an output token)")
 fraction = _check(lambda v: 0 < v <= 1, "in (0, 1]")
 open_fraction = _check(lambda v: 0 < v < 1, "in (0, 1)")
 

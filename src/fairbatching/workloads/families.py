@@ -70,10 +70,15 @@ class WorkloadFamily:
             return None  # missing: the run itself reports it
         return _file_hash(str(path.resolve()), st.st_mtime_ns, st.st_size)
 
-    def check(self) -> None:
-        """Load the trace now, so a bad file fails with its own message before any worker starts."""
+    def check(self, num_requests: int | None = None) -> None:
+        """Load the trace now, so a bad file fails with its own message before any worker starts; a window of
+        ``num_requests`` must fit in it (a shorter one would be measured as if it were the window asked for)."""
         if self.trace is not None:
-            _load(str(self.path()))
+            full = _load(str(self.path()))
+            if num_requests is not None and num_requests > len(full):
+                raise ConfigError(
+                    f"-n {num_requests}: workload {self.name!r} ({self.path()}) has only {len(full)} requests"
+                )
 
 
 def _load(path: str) -> Workload:
