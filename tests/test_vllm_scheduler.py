@@ -305,6 +305,64 @@ def test_urgent_decodes_are_never_displaced(model_dir, monkeypatch):
     assert out.num_scheduled_tokens.get("100", 0) <= 64 - 20
 
 
+def _recording(sched) -> list:
+    """The plans ``sched``'s policy makes, as it makes them."""
+    plans, plan = [], sched.fb_policy.schedule
+    sched.fb_policy.schedule = lambda state: plans.append(plan(state)) or plans[-1]
+    return plans
+
+
+def test_planned_decodes_run_even_behind_a_running_prefill(model_dir, monkeypatch):
+    """vLLM gives each running request what it asks for, in list order: a long prompt mid-prefill ahead of the
+    decodes would take the whole budget, unless the steered list puts the planned decodes first."""
+    sched = make_scheduler(
+        model_dir, monkeypatch, max_num_seqs=64, max_num_batched_tokens=64, env={"FAIRBATCHING_CALIBRATION": "off"}
+    )
+    plans = _recording(sched)
+    (prompt,) = make_requests(1, prompt_len=1800, max_tokens=4, start=100, extra_args={"ttft_slo": 30, "tpot_slo": 1})
+    sched.add_request(prompt)
+    step(sched)  # the prompt is running, mid-prefill, first in vLLM's running list
+    for r in make_requests(10, prompt_len=8, max_tokens=200, extra_args={"ttft_slo": 5.0, "tpot_slo": 0.02}):
+        sched.add_request(r)
+    starved = 0
+    for _ in range(30):
+        plans.clear()
+        out, _ = step(sched)
+        decodes = [r.request_id for r, n in plans[-1].items if n == 1] if plans else []
+        starved += any(rid not in out.num_scheduled_tokens for rid in decodes)
+    assert sched.running[0].request_id == "100" and prompt.num_computed_tokens > 64  # the case arose
+    assert starved == 0
+
+
+def test_the_requests_the_plan_preempts_are_the_ones_vllm_preempts(model_dir, monkeypatch):
+    sched = make_scheduler(model_dir, monkeypatch, num_blocks=12, block_size=16, max_num_batched_tokens=512)
+    plans = _recording(sched)
+    reqs = make_requests(4, prompt_len=40, max_tokens=40)  # 4 x 80 tokens need 20 blocks; 11 usable
+    chosen, preempted = set(), set()
+
+    def check(s, out):
+        if plans:
+            chosen.update(r.request_id for r in plans[-1].preempted)
+        preempted.update(out.preempted_req_ids or ())
+        plans.clear()
+
+    assert run_all(sched, reqs, max_steps=2000, check=check) == {r.request_id for r in reqs}
+    assert chosen and preempted == chosen
+
+
+def test_planned_decodes_with_draft_tokens_get_room_for_them(model_dir, monkeypatch):
+    """With speculative decoding a decode verifies its drafts: the budget holds 1 + k tokens for each."""
+    sched = make_scheduler(model_dir, monkeypatch, max_num_seqs=64, max_num_batched_tokens=256)
+    plans = _recording(sched)
+    _decoding(sched, 32, prompt_len=8, tpot=0.05, ttft=2.0)
+    for r in sched.running:
+        r.spec_token_ids = [1, 2, 3]  # as vLLM's update_draft_token_ids sets them
+    plans.clear()
+    out = sched.schedule()
+    assert all(out.num_scheduled_tokens.get(r.request_id) == 4 for r, n in plans[-1].items if n == 1)
+    assert out.total_num_scheduled_tokens == 4 * 32
+
+
 @pytest.fixture
 def vllm_log(caplog):
     """vLLM's configured logger does not propagate to the root, where caplog listens: listen on it directly."""

@@ -2,12 +2,17 @@
 
 Each step the policy plans a batch over engine-neutral request views (``core.Request``) built from vLLM's
 running and waiting requests. The plan is then carried out by vLLM's own ``Scheduler.schedule()``, steered:
-its running list holds only the planned running requests, in plan order; its waiting queue only the
-planned waiting ones, in plan order; and its token budget is the plan's token count. vLLM therefore
-still does everything else exactly as usual: KV allocation and preemption, prefix caching, structured
-output, spec decode, stop/abort handling and finished-request bookkeeping. Unplanned requests go back to
-their lists afterwards, in their original order. If the policy plans nothing while vLLM has work (its KV
-accounting is coarser than vLLM's), the step falls back to vLLM's own decision, and is counted.
+the requests the plan preempts are preempted first (vLLM's own preemption, by recompute); the running list
+holds only the planned running requests, decodes before prefill chunks (vLLM gives each running request what it
+asks for, in list order, so only then does each get its planned share), otherwise in plan order; the waiting
+queue only the planned waiting ones, in plan order; and the token budget is the plan's token count plus the
+planned decodes' draft tokens. vLLM therefore still does everything else exactly as usual: KV allocation,
+prefix caching, structured output, spec decode, stop/abort handling and finished-request bookkeeping.
+Running requests come before waiting ones in vLLM's loop, so a new prompt the plan puts ahead of one already
+mid-prefill gets what the running chunk leaves. Unplanned requests go back to their lists afterwards, in their
+original order. If the policy plans nothing
+while vLLM has work (its KV accounting is coarser than vLLM's), the step falls back to vLLM's own decision,
+and is counted.
 """
 
 from __future__ import annotations
@@ -172,25 +177,43 @@ class FairBatchingMixin:
         return output
 
     def _steered(self, plan, args, kwargs):
-        """Run vLLM's schedule() over exactly the planned requests, in plan order, with the plan's budget."""
-        order = {r.request_id: i for i, r in enumerate(plan.requests)}
+        """Run vLLM's schedule() over exactly the planned requests, with the plan's budget, after preempting
+        the plan's victims."""
+        self._preempt(plan.preempted)
+        chunks = plan.tokens_by_id()
         running, waiting, holding = self.running, self.waiting, self.kv_holding_waiting
-        planned = [self.requests[rid] for rid in order if rid in self.requests]
+        planned = [self.requests[rid] for rid in chunks if rid in self.requests]
         planned_running = [r for r in planned if r.status == VllmStatus.RUNNING]
-        hidden = [r for r in running if r.request_id not in order] if len(planned_running) < len(running) else []
-        if hidden:
-            self.running = planned_running  # already in plan order
+        planned_running.sort(key=lambda r: chunks[r.request_id] > 1)  # decodes first, each in plan order
+        hidden = [r for r in running if r.request_id not in chunks]
+        self.running = planned_running
         in_holding = set(map(id, holding)) if holding else set()
         planned_queued = [r for r in planned if r.status != VllmStatus.RUNNING]
         self.waiting = self._queue([r for r in planned_queued if id(r) not in in_holding])
         self.kv_holding_waiting = self._queue([r for r in planned_queued if id(r) in in_holding])
         budget = self.max_num_scheduled_tokens
-        self.max_num_scheduled_tokens = min(budget, plan.new_tokens)
+        drafts = sum(len(r.spec_token_ids) for r in planned_running if chunks[r.request_id] == 1)
+        self.max_num_scheduled_tokens = min(budget, plan.new_tokens + drafts)
         try:
             return super().schedule(*args, **kwargs)
         finally:
             self.max_num_scheduled_tokens = budget
             self._restore(running, hidden, waiting, holding, planned_queued)
+
+    def _preempt(self, victims: list[Request]) -> None:
+        """Preempt the plan's victims as vLLM preempts (blocks freed, back to the front of the waiting queue,
+        reported in this step's output); else vLLM would preempt a planned request to make the same room."""
+        if not victims:
+            return
+        ids = {v.request_id for v in victims}
+        now = time.monotonic()
+        keep = []
+        for r in self.running:
+            if r.request_id in ids and r.status == VllmStatus.RUNNING:
+                self._preempt_request(r, now, drop_stale_output=self.requires_kv_delivery)
+            else:
+                keep.append(r)
+        self.running = keep
 
     def _queue(self, requests: list[VllmRequest]):
         q = create_request_queue(self.policy)
@@ -199,12 +222,12 @@ class FairBatchingMixin:
         return q
 
     def _restore(self, running, hidden, waiting, holding, planned_queued) -> None:
-        """Put back what the plan left out, in its original order; what vLLM moved stays where it put it:
-        admitted requests joined running, preempted ones go to the front of the waiting queue."""
-        if hidden:
-            was_running = set(map(id, running))
-            kept = [r for r in self.running if id(r) in was_running]
-            self.running = kept + hidden + [r for r in self.running if id(r) not in was_running]
+        """Put back what the plan left out, and the running list in its original order; what vLLM moved stays
+        where it put it: admitted requests joined running, preempted ones go to the front of the waiting queue."""
+        was_running = set(map(id, running))
+        still = set(map(id, self.running)) | set(map(id, hidden))
+        admitted_now = [r for r in self.running if id(r) not in was_running]
+        self.running = [r for r in running if id(r) in still] + admitted_now
         planned_ids = set(map(id, planned_queued))
         admitted = [r for r in planned_queued if r.status == VllmStatus.RUNNING]
         for original, scratch in ((waiting, self.waiting), (holding, self.kv_holding_waiting)):
