@@ -60,7 +60,7 @@ def shortened(args: list[str]) -> list[str]:
         return out
     if "-n" in out:
         out[out.index("-n") + 1] = NUM
-    elif out[0] not in ("traces", "profiles", "options", "fit-profile"):
+    elif out[0] not in ("traces", "profiles", "options", "fit-profile", "vllm-settings"):
         out += ["-n", NUM]
     if out[0] in SEARCHES or "--capacity" in out:
         out += ["--seeds", "1", "--tolerance", "0.3"]

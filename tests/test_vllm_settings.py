@@ -133,6 +133,27 @@ def test_request_slo_override():
     assert request_slo(None, default) == (default, None)
     assert request_slo({"other": 1}, default) == (default, None)
     assert request_slo({"ttft_slo": 0.5}, default) == (SLO(0.5, 0.1), None)
+    slo, problem = request_slo({"tpot_slo": 1e-9}, default, floor=0.005)
+    assert slo == default and "below the fastest possible decode step (5 ms)" in problem
+    assert request_slo({"tpot_slo": 0.006}, default, floor=0.005) == (SLO(2.0, 0.006), None)
     for bad in ({"tpot_slo": "nan"}, {"ttft_slo": -1}, {"ttft_slo": True}, {"tpot_slo": "0.05"}):
         slo, problem = request_slo(bad, default)
         assert slo == default and "invalid per-request SLO" in problem and "vllm_xargs" in problem
+
+
+def test_vllm_settings_checks_what_vllm_would_read_before_a_model_loads():
+    import os
+    import subprocess
+    import sys
+
+    def run(*args, **env):
+        full = {k: v for k, v in os.environ.items() if not k.startswith("FAIRBATCHING_")} | env
+        cmd = [sys.executable, "-m", "fairbatching", "vllm-settings", *args]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=full)
+
+    ok = run("--additional-config", '{"fairbatching": {"policy": "sarathi"}}', FAIRBATCHING_TTFT_SLO="1.5")
+    assert ok.returncode == 0 and "policy=sarathi ttft_slo=1.5s" in ok.stdout, ok.stderr
+    bad = run(FAIRBATCHING_TPOT_SLO="1e-9")
+    assert bad.returncode == 2 and "FAIRBATCHING_TPOT_SLO=1e-09" in bad.stderr and "Traceback" not in bad.stderr
+    assert run("--additional-config", "[1]").returncode == 2
+

@@ -595,6 +595,28 @@ def options(
         out_console.print(table)
 
 
+@app.command("vllm-settings", context_settings=HELP_UNSET)
+def vllm_settings(
+    additional_config: Annotated[
+        str | None, typer.Option("--additional-config", help="What you pass vLLM's --additional-config (JSON)")
+    ] = None,
+) -> None:
+    """Check the vLLM scheduler's settings (FAIRBATCHING_* variables, the FAIRBATCHING_CONFIG file,
+    --additional-config) in a second: vLLM reads them only after loading the model. Prints the effective
+    settings, or the one line vLLM would stop with."""
+    from fairbatching.integrations.vllm.settings import SchedulerSettings
+
+    extra = None
+    if additional_config is not None:
+        try:
+            extra = json.loads(additional_config)
+        except json.JSONDecodeError as exc:
+            raise FairBatchingError(f"--additional-config: not JSON: {exc}") from None
+        if not isinstance(extra, dict):
+            raise FairBatchingError(f"--additional-config: must be a JSON object, got {additional_config!r}")
+    out_console.print(SchedulerSettings.load(additional_config=extra).describe(), markup=False)
+
+
 def _serve_commands() -> None:
     from fairbatching.integrations.ray_serve import commands
 

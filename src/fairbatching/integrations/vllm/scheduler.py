@@ -61,9 +61,11 @@ class FairBatchingMixin:
         super().__init__(*args, **kwargs)
         try:
             self.fb_settings = SchedulerSettings.load(additional_config=self.vllm_config.additional_config)
+            cost = self.fb_settings.load_profile().cost_model()
             self.fb_policy = self.fb_settings.make_policy(
-                self.fb_settings.load_profile().cost_model(), self.max_num_running_reqs, self.max_num_scheduled_tokens
+                cost, self.max_num_running_reqs, self.max_num_scheduled_tokens
             )
+            self.fb_floor = cost.predict(1, 1, 1, 1.0)  # no SLO below one lone decode step can be met
             self._fb_gauges = self._start_exporter()
         except ConfigError as exc:  # vLLM prints the traceback; this is the line that says what to fix
             logger.error("%s", exc)
@@ -116,7 +118,7 @@ class FairBatchingMixin:
         if request.request_id in self.fb_views:  # a streaming session's next chunk: same request, same view
             return
         params = request.sampling_params
-        slo, problem = request_slo(params.extra_args if params else None, self.fb_settings.default_slo)
+        slo, problem = request_slo(params.extra_args if params else None, self.fb_settings.default_slo, self.fb_floor)
         if problem:
             logger.warning("request %s: %s", request.request_id, problem)
         p = self.fb_policy

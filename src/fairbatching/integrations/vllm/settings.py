@@ -264,15 +264,23 @@ _CHECKS: dict[str, Callable[[Any], Any]] = {
 }
 
 
-def request_slo(extra_args: Mapping[str, Any] | None, default: SLO) -> tuple[SLO, str | None]:
-    """The request's SLO from its ``extra_args``, and a message naming the problem when they are invalid."""
+def request_slo(extra_args: Mapping[str, Any] | None, default: SLO, floor: float = 0.0) -> tuple[SLO, str | None]:
+    """The request's SLO from its ``extra_args``, and a message naming the problem when they are invalid. Below
+    ``floor`` (the profile's fastest decode step, as the defaults are checked against) no schedule can meet an SLO:
+    a client asking for one would make its requests urgent forever, so the default applies."""
     if not extra_args or not ({"ttft_slo", "tpot_slo"} & set(extra_args)):
         return default, None
     ttft, tpot = extra_args.get("ttft_slo", default.ttft), extra_args.get("tpot_slo", default.tpot)
     try:
-        return SLO(_seconds(ttft), _seconds(tpot)), None
+        slo = SLO(_seconds(ttft), _seconds(tpot))
     except ConfigError:
         return default, (
             f"invalid per-request SLO ttft_slo={ttft!r} tpot_slo={tpot!r} in vllm_xargs: "
             "each must be a positive finite number of seconds"
         )
+    if min(slo.ttft, slo.tpot) < floor:
+        return default, (
+            f"per-request SLO ttft_slo={ttft!r} tpot_slo={tpot!r} in vllm_xargs is below the fastest possible decode "
+            f"step ({floor * 1e3:.3g} ms): no schedule can meet it"
+        )
+    return slo, None
