@@ -156,4 +156,3 @@ def test_vllm_settings_checks_what_vllm_would_read_before_a_model_loads():
     bad = run(FAIRBATCHING_TPOT_SLO="1e-9")
     assert bad.returncode == 2 and "FAIRBATCHING_TPOT_SLO=1e-09" in bad.stderr and "Traceback" not in bad.stderr
     assert run("--additional-config", "[1]").returncode == 2
-
