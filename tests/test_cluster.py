@@ -33,7 +33,14 @@ def test_heterogeneous_nodes_and_policies():
 
 
 @pytest.mark.parametrize("on_failure", ["fail", "retry"])
-def test_node_failure_is_noticed_within_a_report_interval_and_loses_nothing(on_failure):
+def test_node_failure_is_noticed_within_a_report_interval_and_loses_nothing(on_failure, monkeypatch):
+    from fairbatching.cluster import simulator
+
+    sent_to_the_dead = []  # (when): a request routed to the failed node, failed (fail) or sent again (retry)
+    lost = simulator._Cluster.lost
+    monkeypatch.setattr(
+        simulator._Cluster, "lost", lambda self, spec, t, why: sent_to_the_dead.append(t) or lost(self, spec, t, why)
+    )
     w = default_workload(800, 40.0)
     cfg = ClusterConfig(
         homogeneous(3, "fairbatching"),
@@ -52,6 +59,7 @@ def test_node_failure_is_noticed_within_a_report_interval_and_loses_nothing(on_f
     assert all("node 1" in r.finish_reason for r in failed)
     # Sent to the dead node only until its last report goes stale: later arrivals avoid it.
     assert not [r for r in failed if r.arrival > 5.0 + cfg.staleness + 1e-9]
+    assert sent_to_the_dead and max(sent_to_the_dead) <= 5.0 + cfg.staleness + 1e-9
     if on_failure == "retry":
         assert all(r.token_times for r in failed)  # only requests that had streamed tokens fail
         assert len(by_status[RequestStatus.FINISHED]) > len(w) - 60

@@ -28,6 +28,8 @@ def test_urgent_when_skipping_this_batch_misses_the_deadline():
     # Next token due at t=1.0. With 0.3 s batches, skipping means the token comes at now + 0.6 at best.
     assert not is_urgent(r, now=0.3, batch_time=0.3)
     assert is_urgent(r, now=0.5, batch_time=0.3)
+    # Exactly at the cutoff (0.5 + 0.25 + 0.25 = 1.0): the token comes on its deadline, which is on time.
+    assert not is_urgent(r, now=0.5, batch_time=0.25)
     assert is_urgent(r, now=0.5, batch_time=0.2, next_batch_time=0.31)
 
 
@@ -80,6 +82,7 @@ def test_count_urgent_is_is_urgent_over_sorted_deadlines_lists_or_arrays():
         assert count_urgent(deadlines, now, batch, follow) == expected
         assert count_urgent(np.array(deadlines), now, batch, follow) == expected
         assert all((d < urgency_cutoff(now, batch, follow)) == (i < expected) for i, d in enumerate(deadlines))
+    assert count_urgent([0.5, 1.0, 1.0], 0.5, 0.25) == 1  # a deadline at the cutoff is on time, not urgent
 
 
 def test_token_deadline_takes_index_arrays():

@@ -1,7 +1,8 @@
 """Property-based tests: random workloads, SLO mixes, profiles and policy options through every policy on the
 node simulator and through the cluster simulator.
 
-Every run must account for each request exactly once, never hold more KV blocks than the node has, generate
+Every run must account for each request exactly once, never hold more KV blocks than the node has (node runs;
+the cluster's nodes are held to it by the node tests), generate
 exactly the output it was asked for (finished) or less (ended early, with a reason), give finite metrics,
 and give the same result twice. CI runs a short profile; ``FAIRBATCHING_PROPERTY_EXAMPLES=2500`` runs the
 long one (4 policies + the cluster: 12,500 cases), e.g. with ``--hypothesis-show-statistics``.

@@ -73,6 +73,14 @@ def test_the_bundled_serving_profile_is_the_refit_and_records_its_held_out_error
     assert prof.hardware["device"] == device and prof.kv == load_profile(f"llama-3-8b-{gpu}-engine").kv
 
 
+def test_the_bundled_h200_serving_profile_prices_the_held_out_steps_within_the_bound(steps):
+    """Not the error its JSON records: the error of its own parameters on held-out steps (calls 2-3, which its
+    refit on call 1 never saw)."""
+    _, held = steps
+    decode, prefill = mape(load_profile("llama-3-8b-h200-serving").cost_model(), held)
+    assert decode <= DECODE_BOUND and prefill <= PREFILL_BOUND, (decode, prefill)
+
+
 def _step_fidelity():
     spec = importlib.util.spec_from_file_location("step_fidelity", ROOT / "benchmarks" / "step_fidelity.py")
     assert spec is not None and spec.loader is not None

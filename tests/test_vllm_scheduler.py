@@ -299,7 +299,9 @@ def test_urgent_decodes_are_never_displaced(model_dir, monkeypatch):
     decodes = _decoding(sched, 20, prompt_len=8, tpot=0.02)
     (prompt,) = make_requests(1, prompt_len=400, max_tokens=4, start=100)
     sched.add_request(prompt)
-    time.sleep(0.1)  # every decode is now behind its envelope
+    behind = max(sched.fb_views[r.request_id].next_deadline for r in decodes)
+    while time.time() <= behind:  # until every decode is behind its envelope
+        time.sleep(0.005)
     out, _ = step(sched)
     assert all(out.num_scheduled_tokens.get(r.request_id) == 1 for r in decodes)
     assert out.num_scheduled_tokens.get("100", 0) <= 64 - 20
