@@ -11,10 +11,11 @@ from fairbatching.core import SLO, BlockAllocator, KVCacheConfig, Request
 from fairbatching.costmodel import CostModel, CostParams
 from fairbatching.policies import SchedulerState
 
-# Modules that start vLLM, Ray Serve, PyTorch models or a mypyc build: most of the suite's time, so
-# `pytest -m "not slow"` leaves them out for a quick check (README, "Two commands").
+# Modules that start vLLM, Ray Serve, PyTorch models, a mypyc build or fresh-venv installs: most of the suite's
+# time, so `pytest -m "not slow"` leaves them out for a quick check (README, "Two commands").
 SLOW_MODULES = {
     "test_compiled",
+    "test_extras",
     "test_engine",
     "test_engine_cluster",
     "test_prefix_cache_gpu",
