@@ -92,6 +92,7 @@ def test_bad_environment_is_named(env, message):
         ({"policy_options": {"kv_high_watermark": float("nan")}}, "kv_high_watermark=nan: must be a finite number"),
         ({"policy_options": {"min_chunk": True}}, "min_chunk=True: must be an integer"),
         ({"policy_options": {"bogus": 1}}, "fairbatching.bogus: unknown option; fairbatching takes"),
+        ({"policy": ["sarathi"]}, "policy=\\['sarathi'\\]: unknown policy"),
     ],
 )
 def test_bad_additional_config_is_named(section, message):

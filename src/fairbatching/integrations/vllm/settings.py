@@ -215,7 +215,7 @@ def _seconds(value: Any) -> float:
 
 
 def _policy(value: Any) -> str:
-    if value not in POLICIES:
+    if not isinstance(value, str) or value not in POLICIES:
         raise ConfigError(f"unknown policy; choose from {', '.join(POLICIES)}")
     return value
 
