@@ -81,6 +81,7 @@ def test_simulate_json(tmp_path):
         (["serve", "--replicas", "0"], "Invalid value for '--replicas'"),
         (["serve", "--report-interval", "0"], "Invalid value for '--report-interval'"),
         (["simulate", "--max-model-len", "1"], "Invalid value for '--max-model-len': must be >= 2"),
+        (["cluster", "--gpus", "3", "--nodes", "4"], "--gpus 3: applies only to --backend gpu"),
     ],
 )
 def test_bad_input_is_one_clear_line_not_a_traceback(args, message, tmp_path):
@@ -96,6 +97,15 @@ def test_malformed_trace_names_file_and_line(tmp_path):
     res = cli("simulate", "--trace", str(trace))
     assert res.returncode == 2 and "t.csv: line 3: ContextTokens must be >= 1" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_a_ray_address_in_ipv6_brackets_is_probed_not_looked_up_as_a_name():
+    from fairbatching.errors import ConfigError
+    from fairbatching.evaluation.sweep import check_ray_address
+
+    with pytest.raises(ConfigError, match=r"--ray \[::1\]:1: nothing answers at \[::1\]:1") as refused:
+        check_ray_address("[::1]:1")
+    assert "not known" not in str(refused.value)
 
 
 def test_a_window_longer_than_its_trace_is_refused_not_cut_short(tmp_path):

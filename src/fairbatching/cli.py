@@ -452,10 +452,10 @@ def cluster(
     under = under_test_of(under_test, run, "--pairs")
     if out:
         check_output_dir(out)
-    if b.gpus is not None and b.gpus != nodes:
-        raise FairBatchingError(f"--gpus {b.gpus} with --nodes {nodes}: a cluster on the GPU runs one engine per node")
     on_nodes = replace(b, gpus=nodes) if b.gpus is None and b.backend != "sim" else b  # one engine per node
     gpu, profile = _gpu_and_profile("cluster", on_nodes, profile)
+    if b.gpus is not None and b.gpus != nodes:
+        raise FairBatchingError(f"--gpus {b.gpus} with --nodes {nodes}: a cluster on the GPU runs one engine per node")
     shape = ClusterShape(nodes, "pab", report_interval, report_delay)
     base = _base_spec(under or run[0], workload, qps, num, slo, profile, gpu, prefix_caching, cluster=shape)
     check_slo_feasible(slo.slo, load_profile(profile))

@@ -158,7 +158,7 @@ def check_ray_address(address: str) -> None:
     if not (host and sep and port.isdigit()):
         raise ConfigError(f"--ray {address!r}: give local, auto, HOST:PORT or ray://HOST:PORT")
     try:
-        socket.create_connection((host, int(port)), timeout=RAY_PROBE_TIMEOUT_S).close()
+        socket.create_connection((host.strip("[]"), int(port)), timeout=RAY_PROBE_TIMEOUT_S).close()  # [IPv6]
     except OSError as exc:
         raise ConfigError(f"--ray {address}: nothing answers at {host}:{port} ({exc.strerror or exc})") from None
 

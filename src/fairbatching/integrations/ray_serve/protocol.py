@@ -70,8 +70,8 @@ def _number(body: dict, key: str, default: float, kind: type, minimum: float) ->
     return value
 
 
-# OpenAI sampling fields the simulated nodes do not act on, checked as vLLM checks them: a client's typo is a
-# 400, not silently ignored. Each: (the type it must have, its range).
+# OpenAI sampling fields the simulated nodes do not act on, checked for their JSON type and range: a client's typo
+# is a 400, not silently ignored (stricter than vLLM, which coerces "0.5" to a number). Each: (type, range).
 SAMPLING_FIELDS: dict[str, tuple[type, float, float]] = {
     "temperature": (float, 0.0, 2.0),
     "top_p": (float, 0.0, 1.0),

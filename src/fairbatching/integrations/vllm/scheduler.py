@@ -4,7 +4,8 @@ Each step the policy plans a batch over engine-neutral request views (``core.Req
 running and waiting requests. The plan is then carried out by vLLM's own ``Scheduler.schedule()``, steered:
 the requests the plan preempts are preempted first (vLLM's own preemption, by recompute); the running list
 holds only the planned running requests, decodes before prefill chunks (vLLM gives each running request what it
-asks for, in list order, so only then does each get its planned share), otherwise in plan order; the waiting
+asks for, in list order: so the decodes get their token, and the prefill chunks share what is left, the first
+taking what it asks for), otherwise in plan order; the waiting
 queue only the planned waiting ones, in plan order; and the token budget is the plan's token count plus the
 planned decodes' draft tokens. vLLM therefore still does everything else exactly as usual: KV allocation,
 prefix caching, structured output, spec decode, stop/abort handling and finished-request bookkeeping.
@@ -210,8 +211,8 @@ class FairBatchingMixin:
         ids = {v.request_id for v in victims}
         now = time.monotonic()
         keep = []
-        for r in self.running:
-            if r.request_id in ids and r.status == VllmStatus.RUNNING:
+        for r in self.running:  # blocks whose free is deferred (an async KV connector) would free nothing now
+            if r.request_id in ids and r.status == VllmStatus.RUNNING and self._request_blocks_can_be_freed(r):
                 self._preempt_request(r, now, drop_stale_output=self.requires_kv_delivery)
             else:
                 keep.append(r)
@@ -232,10 +233,20 @@ class FairBatchingMixin:
         self.running = [r for r in running if id(r) in still] + admitted_now
         planned_ids = set(map(id, planned_queued))
         admitted = [r for r in planned_queued if r.status == VllmStatus.RUNNING]
+        in_holding = set(map(id, holding))
+        # planned, not admitted, and now in the other queue (e.g. an async KV load began): vLLM looks for it there
+        switched = [
+            r
+            for r in planned_queued
+            if r.status != VllmStatus.RUNNING and self._holds_kv_blocks(r) != (id(r) in in_holding)
+        ]
         for original, scratch in ((waiting, self.waiting), (holding, self.kv_holding_waiting)):
             moved_in = [r for r in scratch if id(r) not in planned_ids]  # preempted during this step
             if admitted:
                 original.remove_requests(admitted)
+            if switched:
+                original.remove_requests([r for r in switched if (id(r) in in_holding) == (original is holding)])
+                moved_in += [r for r in switched if (id(r) in in_holding) != (original is holding)]
             if moved_in:
                 original.prepend_requests(reversed(moved_in))  # FCFS prepends in reverse
         self.waiting, self.kv_holding_waiting = waiting, holding
