@@ -604,16 +604,9 @@ def vllm_settings(
     """Check the vLLM scheduler's settings (FAIRBATCHING_* variables, the FAIRBATCHING_CONFIG file,
     --additional-config) in a second: vLLM reads them only after loading the model. Prints the effective
     settings, or the one line vLLM would stop with."""
-    from fairbatching.integrations.vllm.settings import SchedulerSettings
+    from fairbatching.integrations.vllm.settings import SchedulerSettings, json_mapping
 
-    extra = None
-    if additional_config is not None:
-        try:
-            extra = json.loads(additional_config)
-        except json.JSONDecodeError as exc:
-            raise FairBatchingError(f"--additional-config: not JSON: {exc}") from None
-        if not isinstance(extra, dict):
-            raise FairBatchingError(f"--additional-config: must be a JSON object, got {additional_config!r}")
+    extra = None if additional_config is None else json_mapping(additional_config, "--additional-config")
     out_console.print(SchedulerSettings.load(additional_config=extra).describe(), markup=False)
 
 

@@ -196,12 +196,20 @@ def _read_file(path: Path) -> dict[str, Any]:
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: invalid YAML: {exc}") from None
     else:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{path}: line {exc.lineno}: invalid JSON: {exc.msg}") from None
+        return json_mapping(text, str(path))
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the fairbatching scheduler config must be a mapping")
+    return data
+
+
+def json_mapping(text: str, where: str) -> dict[str, Any]:
+    """``text`` as a JSON object, or one line naming ``where``, the line and what is wrong."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{where}: line {exc.lineno}: invalid JSON: {exc.msg}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: the fairbatching scheduler config must be a mapping, got {text.strip()[:40]!r}")
     return data
 
 
