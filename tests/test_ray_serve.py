@@ -10,6 +10,7 @@ timing fails here first rather than on a loaded CI machine: tests wait on condit
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import re
@@ -611,13 +612,20 @@ def test_bad_request_bodies_get_a_4xx_naming_the_field_and_the_server_keeps_answ
     assert counts == {"bad request": len(BAD_BODIES) - 1, "bad request: body too large": 2, "finished": 1}
 
 
-def test_a_slow_client_is_cut_off_by_the_body_read_timeout(serve_url):
-    deploy(serve_url, "pab", limits=Limits(body_timeout_s=1.0))
-    host, port = serve_url.removeprefix("http://").split(":")
-    before = server_counts(serve_url)
+@contextlib.contextmanager
+def a_body_begun(url: str):
+    """A raw connection whose request declares a 100-byte body and sends its first bytes only."""
+    host, port = url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=60) as sock:
         head = f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-        sock.sendall(f"{head}Content-Length: 100\r\n\r\n".encode() + b'{"prompt": ')  # and then nothing
+        sock.sendall(f"{head}Content-Length: 100\r\n\r\n".encode() + b'{"prompt": ')
+        yield sock
+
+
+def test_a_slow_client_is_cut_off_by_the_body_read_timeout(serve_url):
+    deploy(serve_url, "pab", limits=Limits(body_timeout_s=1.0))
+    before = server_counts(serve_url)
+    with a_body_begun(serve_url) as sock:  # and then nothing
         reply = b""
         while chunk := sock.recv(65536):  # until the server answers and closes (60 s is only a deadline)
             reply += chunk
@@ -645,11 +653,8 @@ def test_a_client_that_goes_away_mid_stream_is_counted_as_cancelled(serve_url):
 
 def test_a_client_that_goes_away_while_its_body_is_read_is_counted_as_cancelled(serve_url):
     deploy(serve_url, "pab", limits=Limits(body_timeout_s=30.0))
-    host, port = serve_url.removeprefix("http://").split(":")
     before = server_counts(serve_url)
-    with socket.create_connection((host, int(port)), timeout=60) as sock:
-        head = f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-        sock.sendall(f"{head}Content-Length: 100\r\n\r\n".encode() + b'{"prompt": ')
+    with a_body_begun(serve_url):
         wait_for(lambda: server_inflight(serve_url) or None, 60, "the server to start reading the body")
     counts = wait_for(lambda: diff(server_counts(serve_url), before) or None, 60, "the disconnect to be counted")
     assert counts == {"cancelled: client disconnected": 1}

@@ -41,6 +41,12 @@ fraction = _check(lambda v: 0 < v <= 1, "in (0, 1]")
 open_fraction = _check(lambda v: 0 < v < 1, "in (0, 1)")
 
 
+def check_slo_seconds(option: str, item: str, ttft: float, tpot: float) -> None:
+    """An SLO pair read from ``item`` of ``option`` (e.g. ``--slos 2:0.1``): both positive finite seconds."""
+    if not all(math.isfinite(x) and x > 0 for x in (ttft, tpot)):
+        raise ConfigError(f"{option} {item!r}: TTFT and TPOT must be positive finite seconds")
+
+
 def comma_items(option: str, text: str) -> list[str]:
     """The items of a comma-separated option; none at all is an error, not a run of nothing."""
     items = [x.strip() for x in text.split(",") if x.strip()]

@@ -159,11 +159,16 @@ def _check_usable(profile: Profile, origin: str) -> None:
         )
 
 
+def fastest_decode_step(cost: CostModel) -> float:
+    """One lone decode step: the floor under any TTFT or TPOT a schedule can meet."""
+    return cost.predict(1, 1, 1, 1.0)
+
+
 def check_slo_feasible(slo: SLO, profile: Profile, names: tuple[str, str] = ("TTFT SLO", "TPOT SLO")) -> None:
     """Reject SLOs no schedule can meet on this hardware: a TTFT or TPOT below one lone decode step.
 
     ``names``: what the caller's message calls the TTFT and the TPOT (an option, a setting and its source)."""
-    step = profile.cost_model().predict(1, 1, 1, 1.0)
+    step = fastest_decode_step(profile.cost_model())
     for name, value in zip(names, (slo.ttft, slo.tpot), strict=True):
         if value < step:
             raise ConfigError(

@@ -32,7 +32,7 @@ from fairbatching.report.curves import plot_load_curves, plot_slack_timeline
 from fairbatching.report.html import write_html_page
 from fairbatching.report.plots import plot_comparison
 from fairbatching.runs import Engines, RunResult, RunSpec, check_slo_feasible, experiment
-from fairbatching.validate import atomic_write_text, comma_items, positive_list
+from fairbatching.validate import atomic_write_text, check_slo_seconds, comma_items, positive_list
 from fairbatching.workloads.families import family
 
 LOAD_FACTORS = (0.7, 0.85, 1.0, 1.1, 1.25, 1.5)
@@ -66,8 +66,7 @@ def parse_scenarios(text: str) -> list[Scenario]:
             raise ConfigError(
                 f"--scenarios takes workload:TTFT:TPOT:start_qps items, e.g. default:2:0.1:8; got {item!r}"
             ) from None
-        if not all(math.isfinite(x) and x > 0 for x in (sc.ttft, sc.tpot)):
-            raise ConfigError(f"--scenarios {item!r}: TTFT and TPOT must be positive finite seconds")
+        check_slo_seconds("--scenarios", item, sc.ttft, sc.tpot)
         scenarios.append(sc)
     return scenarios
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from fairbatching.metrics.summary import Summary
 from fairbatching.metrics.table import Column, FittedTable
 from fairbatching.report.curves import plot_load_curves
 from fairbatching.runs import RunResult, RunSpec, check_slo_feasible
-from fairbatching.validate import comma_items, positive_list
+from fairbatching.validate import check_slo_seconds, comma_items, positive_list
 
 CSV_HEADER = "workload,ttft_slo,tpot_slo,qps,seed,policy,ttft_p99,tpot_p99,tpot_attainment,slo_attainment"
 
@@ -31,8 +30,7 @@ def parse_slos(text: str) -> list[tuple[float, float]]:
             raise ConfigError(f"--slos takes TTFT:TPOT pairs of numbers, e.g. 2:0.1,1:0.05; got {item!r}") from None
         if len(pair) != 2:
             raise ConfigError(f"--slos takes TTFT:TPOT pairs, e.g. --slos 2:0.1,1:0.05; got {item!r}")
-        if not all(math.isfinite(x) and x > 0 for x in pair):
-            raise ConfigError(f"--slos {item!r}: TTFT and TPOT must be positive finite seconds")
+        check_slo_seconds("--slos", item, *pair)
         pairs.append((pair[0], pair[1]))
     return pairs
 

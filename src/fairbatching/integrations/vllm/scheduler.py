@@ -33,6 +33,7 @@ from vllm.v1.request import RequestStatus as VllmStatus
 from fairbatching.core.kv import BlockAllocator, KVCacheConfig
 from fairbatching.core.request import Request
 from fairbatching.core.state import RELEASE_WINDOW
+from fairbatching.costmodel.profile import fastest_decode_step
 from fairbatching.errors import ConfigError
 from fairbatching.integrations.vllm import SUPPORTED_VLLM
 from fairbatching.integrations.vllm.settings import SchedulerSettings, request_slo
@@ -66,7 +67,7 @@ class FairBatchingMixin:
             self.fb_policy = self.fb_settings.make_policy(
                 cost, self.max_num_running_reqs, self.max_num_scheduled_tokens
             )
-            self.fb_floor = cost.predict(1, 1, 1, 1.0)  # no SLO below one lone decode step can be met
+            self.fb_floor = fastest_decode_step(cost)
             self._fb_gauges = self._start_exporter()
         except ConfigError as exc:  # vLLM prints the traceback; this is the line that says what to fix
             logger.error("%s", exc)
@@ -229,10 +230,9 @@ class FairBatchingMixin:
         where it put it: admitted requests joined running, preempted ones go to the front of the waiting queue."""
         was_running = set(map(id, running))
         still = set(map(id, self.running)) | set(map(id, hidden))
-        admitted_now = [r for r in self.running if id(r) not in was_running]
-        self.running = [r for r in running if id(r) in still] + admitted_now
+        admitted = [r for r in self.running if id(r) not in was_running]  # planned waiting requests vLLM admitted
+        self.running = [r for r in running if id(r) in still] + admitted
         planned_ids = set(map(id, planned_queued))
-        admitted = [r for r in planned_queued if r.status == VllmStatus.RUNNING]
         in_holding = set(map(id, holding))
         # planned, not admitted, and now in the other queue (e.g. an async KV load began): vLLM looks for it there
         switched = [
