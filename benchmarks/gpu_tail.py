@@ -121,6 +121,9 @@ SCENARIOS = {
         # positions no tuning or calibration window covers.
         Scenario("conv-1s-c", "azure-conv", SLO(1.0, 0.05), 600, start=6500),
         Scenario("conv-2s-c", "azure-conv", SLO(2.0, 0.1), 600, start=17000),
+        # Added for issue 28's held-out count (2026-12-07), planned before any replay, at positions no window covers.
+        Scenario("conv-1s-d", "azure-conv", SLO(1.0, 0.05), 600, start=10500),
+        Scenario("conv-2s-d", "azure-conv", SLO(2.0, 0.1), 600, start=2000),
     )
 }
 
