@@ -591,6 +591,7 @@ def capacity_markdown(doc: dict) -> str:
 
 # --- validate -----------------------------------------------------------------------------------------------
 SOURCES = (Path("results/sim-vs-gpu"), Path("results/sim-vs-gpu-h100"))  # validate: each GPU's resim + capacity
+REPLAYS = {"H200": STEPS / "replays.jsonl", "H100": Path("results/gpu-tail-h100/replays.jsonl")}  # validate: repeats
 CELL_TARGET = 0.9  # issue 28: share of held-out cells within TOLERANCE_PTS
 CAPACITY_TARGET = 0.05  # issue 28: every simulated capacity within this of the GPU's bracket
 
@@ -635,7 +636,47 @@ def cell_counts(cells: list[dict], key: str) -> dict:
     }
 
 
-def validate(sources: list[Path]) -> dict:
+def gpu_repeats(replays: dict[str, list[dict]]) -> dict:
+    """The GPU against itself: every point (window, load, policy as configured) replayed more than once, each
+    later replay against the first. A session holds one machine and replays one commit, so replays with the same
+    ``code`` ran on the same machine, others on another. This is the floor under any simulator's error."""
+    pairs = []
+    for device, rows in replays.items():
+        seen: dict[tuple, dict] = {}
+        for r in rows:
+            key = (r["scenario"], float(r["load"]), r["label"], json.dumps(r.get("config") or None, sort_keys=True))
+            if r["policy"] in _gpu_tail().BASELINES:
+                key = key[:3]
+            if (first := seen.setdefault(key, r)) is not r:
+                pairs.append(
+                    {
+                        "device": device,
+                        "scenario": r["scenario"],
+                        "load": float(r["load"]),
+                        "policy": r["label"],
+                        "codes": [first.get("code"), r.get("code")],
+                        "same_machine": first.get("code") is not None and first.get("code") == r.get("code"),
+                        "gpu": [round(first["gpu"]["slo"], 4), round(r["gpu"]["slo"], 4)],
+                        "prefill_factors": [
+                            round(first["calibration_factors"][1], 3),
+                            round(r["calibration_factors"][1], 3),
+                        ],
+                    }
+                )
+
+    def count(ps: list[dict]) -> list[int]:
+        return [sum(within_tolerance(p["gpu"][1], p["gpu"][0]) for p in ps), len(ps)]
+
+    return {
+        "within_5pts": {
+            "same_machine": count([p for p in pairs if p["same_machine"]]),
+            "other_machine": count([p for p in pairs if not p["same_machine"]]),
+        },
+        "pairs": pairs,
+    }
+
+
+def validate(sources: list[Path], replays: dict[str, list[dict]]) -> dict:
     """Issue 28's validation over every GPU's replays: the held-out cells, the capacities and the rankings, under
     the bundled pricing and under the refit, each against the issue's targets."""
     resims = [json.loads((f / "resim.json").read_text()) for f in sources]
@@ -668,6 +709,7 @@ def validate(sources: list[Path]) -> dict:
         "sources": [str(f) for f in sources],
         "targets": {"cells_within_5pts": CELL_TARGET, "capacity_within": CAPACITY_TARGET, "ranking": "every point"},
         "summary": summary,
+        "gpu_repeats": gpu_repeats(replays),
         "cells": cells,
     }
 
@@ -686,6 +728,13 @@ def validation_markdown(doc: dict) -> str:
             f"{s['capacity_within_5pct'][1]} | {s['points_same_ranking'][0]}/{s['points_same_ranking'][1]} | "
             f"{s['clear_pairs_same_order'][0]}/{s['clear_pairs_same_order'][1]} |"
         )
+    rep = doc["gpu_repeats"]["within_5pts"]
+    lines += [
+        "",
+        "The GPU against itself, a point replayed again: within 5 points on the same machine "
+        f"{rep['same_machine'][0]}/{rep['same_machine'][1]}, on another machine "
+        f"{rep['other_machine'][0]}/{rep['other_machine'][1]}.",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -815,7 +864,8 @@ def main() -> None:
                 raise ConfigError(
                     f"{missing[0]}: no such file (run resim and capacity first, from the repository root)"
                 )
-            doc = validate(list(SOURCES))
+            replays = {d: [json.loads(x) for x in f.read_text().splitlines() if x.strip()] for d, f in REPLAYS.items()}
+            doc = validate(list(SOURCES), replays)
             atomic_write_text(args.out / "validation.json", json.dumps(doc, indent=2) + "\n")
             print(validation_markdown(doc))
             return
