@@ -636,6 +636,11 @@ def cell_counts(cells: list[dict], key: str) -> dict:
     }
 
 
+def read_replays() -> dict[str, list[dict]]:
+    """Each GPU's tail replays, in the order they ran."""
+    return {d: [json.loads(x) for x in f.read_text().splitlines() if x.strip()] for d, f in REPLAYS.items()}
+
+
 def gpu_repeats(replays: dict[str, list[dict]]) -> dict:
     """The GPU against itself: every point (window, load, policy as configured) replayed more than once, each
     later replay against the first. A session holds one machine and replays one commit, so replays with the same
@@ -864,8 +869,7 @@ def main() -> None:
                 raise ConfigError(
                     f"{missing[0]}: no such file (run resim and capacity first, from the repository root)"
                 )
-            replays = {d: [json.loads(x) for x in f.read_text().splitlines() if x.strip()] for d, f in REPLAYS.items()}
-            doc = validate(list(SOURCES), replays)
+            doc = validate(list(SOURCES), read_replays())
             atomic_write_text(args.out / "validation.json", json.dumps(doc, indent=2) + "\n")
             print(validation_markdown(doc))
             return

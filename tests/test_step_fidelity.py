@@ -171,6 +171,37 @@ def test_the_committed_validation_is_what_its_sources_give(monkeypatch):
     sf = _step_fidelity()
     monkeypatch.chdir(ROOT)
     committed = json.loads((ROOT / "results/sim-vs-gpu/validation.json").read_text())
-    fresh = json.loads(json.dumps(sf.validate([Path(s) for s in committed["sources"]])))
+    fresh = json.loads(json.dumps(sf.validate([Path(s) for s in committed["sources"]], sf.read_replays())))
     assert fresh == committed
     assert len([c for c in committed["cells"] if c["bundled"]["held_out"]]) >= 100
+
+
+def _replay(scenario, label, policy, code, slo, config=None):
+    return {
+        "scenario": scenario,
+        "load": 1.0,
+        "label": label,
+        "policy": policy,
+        "code": code,
+        "config": config,
+        "gpu": {"slo": slo},
+        "calibration_factors": [1.0, 1.1],
+    }
+
+
+def test_a_point_replayed_again_pairs_with_its_first_replay_and_the_machine_is_told_by_its_code():
+    fb_old, fb_new = {"queue_margin": None}, {"queue_margin": 0.5}
+    rows = [
+        _replay("w", "sarathi", "sarathi", "a", 0.80),
+        _replay("w", "sarathi", "sarathi", "a", 0.82, config={"max_num_batched_tokens": 512}),
+        _replay("w", "sarathi", "sarathi", "b", 0.60),
+        _replay("w", "fairbatching", "fairbatching", "a", 0.90, fb_old),
+        _replay("w", "fairbatching", "fairbatching", "b", 0.70, fb_new),
+        _replay("v", "vllm", "vllm", "b", 0.5),
+    ]
+    rep = _step_fidelity().gpu_repeats({"H100": rows})
+    assert [(p["codes"], p["same_machine"], p["gpu"]) for p in rep["pairs"]] == [
+        (["a", "a"], True, [0.8, 0.82]),
+        (["a", "b"], False, [0.8, 0.6]),
+    ]
+    assert rep["within_5pts"] == {"same_machine": [1, 1], "other_machine": [0, 1]}
