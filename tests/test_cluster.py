@@ -150,3 +150,44 @@ def test_cluster_capacity_search_and_cli(tmp_path):
     assert "sarathi+round-robin" in out.stdout and "fairbatching+pab+reject" in out.stdout
     bad = cli("cluster", "--pairs", "fairbatching:round-robin:reject")
     assert bad.returncode == 2 and "needs the pab router" in bad.stderr
+
+
+@pytest.mark.parametrize("on_failure", ["fail", "retry"])
+def test_a_failed_node_s_deferred_requests_end_once(on_failure, tmp_path, monkeypatch):
+    """A node that fails holding requests its admission deferred: each ends once, failed or sent again."""
+    import json
+    from importlib import resources
+
+    from fairbatching.cluster import simulator
+    from fairbatching.workloads.spec import RequestSpec, Workload
+
+    doc = json.loads((resources.files("fairbatching.costmodel") / "profiles/llama-3-8b-h100-engine.json").read_text())
+    doc["kv"]["num_blocks"] = 2000
+    (small := tmp_path / "small-kv.json").write_text(json.dumps(doc))
+    deferred_at_failure = []
+    fail = simulator._Cluster.fail
+    monkeypatch.setattr(
+        simulator._Cluster,
+        "fail",
+        lambda self, i, t: deferred_at_failure.append(len(self.nodes[i].deferred)) or fail(self, i, t),
+    )
+    arrivals = (0.00052, 0.00185, 0.00185, 0.00185, 0.00202, 0.00202, 0.00268)
+    shapes = ((34, 49), (1189, 20), (859, 20), (628, 33), (1760, 9), (1161, 44), (1807, 25))
+    w = Workload(
+        "w", tuple(RequestSpec(f"r{i}", a, p, o) for i, (a, (p, o)) in enumerate(zip(arrivals, shapes, strict=True)))
+    )
+    cfg = ClusterConfig(
+        (NodeSpec("vllm", str(small)), NodeSpec("vllm", str(small))),
+        SLO(0.2, 0.02),
+        router="pab-affinity",
+        admission="defer",
+        report_interval=0.05,
+        failures=((0, 0.00366),),
+        on_failure=on_failure,
+    )
+    res = simulate_cluster(w, cfg)
+    assert deferred_at_failure == [1]
+    assert ids(res) == sorted(s.request_id for s in w.requests)
+    assert summarize("vllm", "w", res.requests, res.end_time, res.busy_time, 0).failed == sum(
+        r.status is RequestStatus.FAILED for r in res.requests
+    )

@@ -49,6 +49,18 @@ def test_summary_counts_failures_as_misses():
     assert request_metrics(rejected).ttft != request_metrics(rejected).ttft  # NaN for never-served
 
 
+def test_a_request_lost_after_its_first_token_counts_as_failed_and_not_in_the_served_ttft():
+    ok = finished("ok", 0.0, [0.2, 0.3])
+    lost = Request("lost", 0.0, 10, SLO(1.0, 0.1))
+    lost.record_token(5.0)
+    lost.status, lost.finish_reason = RequestStatus.FAILED, "node 0 failed at 5.100 s"
+    s = summarize("p", "w", [ok, lost], end_time=6.0, busy_time=1.0, preemptions=0)
+    assert (s.requests, s.finished, s.rejected, s.timed_out, s.failed) == (2, 1, 0, 0, 1)
+    assert s.ttft.max == pytest.approx(0.2)
+    assert s.to_dict()["failed"] == 1
+    assert "failed" not in summarize("p", "w", [ok], 1.0, 0.5, 0).to_dict()  # absent where none failed
+
+
 def test_summary_files(tmp_path):
     s = summarize("p", "w", [finished("a", 0.0, [0.2, 0.3])], 1.0, 0.5, 0)
     s.write_json(tmp_path / "s.json")

@@ -209,3 +209,26 @@ def test_node_admission_with_mixed_slo_classes_helps_rather_than_halves_attainme
     }
     none, with_admission = (runs[a].run("fairbatching").summary.slo_attainment for a in ("none", mode))
     assert with_admission >= none - 0.05
+
+
+def test_fast_forward_matches_stepping_while_requests_are_deferred():
+    """A decode-only stretch must not run past requests node admission deferred: each is re-checked every step."""
+    relaxed, tight, loose, mid = SLO(2.0, 0.1), SLO(0.2, 0.02), SLO(8.0, 0.2), SLO(1.0, 0.03)
+    rows = [
+        (0.1521, 3972, 197, relaxed), (0.1828, 1718, 159, None), (0.2192, 1554, 123, relaxed),
+        (0.2255, 441, 59, tight), (0.2384, 166, 153, loose), (0.2660, 127, 306, mid), (0.3011, 2665, 271, relaxed),
+        (0.3238, 1774, 262, None), (0.3531, 3481, 202, relaxed), (0.3603, 1696, 27, relaxed),
+        (0.4056, 1641, 176, None), (0.4711, 1286, 138, None), (0.5096, 772, 49, None),
+        (0.5207, 1636, 337, relaxed), (0.5529, 2059, 75, relaxed), (0.5540, 1985, 314, None),
+    ]  # fmt: skip
+    w = Workload("w", tuple(RequestSpec(f"r{i}", a, p, o, s) for i, (a, p, o, s) in enumerate(rows)))
+    profile = load_profile(None)
+    ends = {}
+    for fast in (True, False):
+        res = run(
+            "sarathi", w, profile, KVCacheConfig(300, 16), fast_forward=fast, admission="defer", queue_timeout=1.0
+        )
+        ends[fast] = {r.request_id: (r.status, r.finish_reason, r.token_times) for r in res.requests}
+    assert {k: v[:2] for k, v in ends[True].items()} == {k: v[:2] for k, v in ends[False].items()}
+    for k, (_, _, times) in ends[True].items():
+        assert times == pytest.approx(ends[False][k][2], rel=1e-9, abs=1e-9)

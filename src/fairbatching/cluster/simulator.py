@@ -169,6 +169,9 @@ class _Cluster:
             if self.alive[i]:
                 n.drain()
         requests = [r for n in self.nodes for r in n.done] + self.ended
+        ended = sorted(r.request_id for r in requests)
+        if ended != sorted(s.request_id for s in specs):
+            raise RuntimeError(f"the cluster ended {len(ended)} requests ({len(set(ended))} distinct) of {total}")
         if progress is not None:
             progress(total, total)
         return ClusterResult(
@@ -245,7 +248,7 @@ class _Cluster:
             return
         self.alive[index] = False
         node = self.nodes[index]
-        for r in node.running + node.waiting:
+        for r in node.running + node.waiting + node.deferred:
             node.kv.free(r)
             spec = self.sent.pop(r.request_id)
             if r.token_times or self.cfg.on_failure == "fail":
@@ -255,6 +258,7 @@ class _Cluster:
                 self.push(t, _RETRY, (spec, None))
         node.running.clear()
         node.waiting.clear()
+        node.deferred.clear()
 
     def lost(self, spec: RequestSpec, t: float, reason: str) -> None:
         if self.cfg.on_failure == "retry":

@@ -126,7 +126,7 @@ def class_summaries(per: list[RequestMetrics]) -> list[ClassSummary] | None:
             tpot_slo=tpot,
             requests=len(ms),
             slo_attainment=sum(m.slo_met for m in ms) / len(ms),
-            ttft=Dist.of(np.array([m.ttft for m in ms], dtype=float)),
+            ttft=Dist.of(np.array([m.ttft for m in ms if m.status == RequestStatus.FINISHED.value], dtype=float)),
         )
         for (ttft, tpot), ms in sorted(groups.items())
     ]
@@ -161,12 +161,16 @@ class Summary:
     # With more than one SLO class among the requests: each class's attainment and TTFT (None otherwise, and
     # then absent from the JSON).
     classes: list[ClassSummary] | None = None
+    # Requests lost with a node that failed (a cluster with failures; 0, and then absent from the JSON, otherwise).
+    failed: int = 0
 
     def to_dict(self, with_requests: bool = False) -> dict:
         d = {
             f.name: _plain(getattr(self, f.name))
             for f in fields(self)
-            if f.name != "per_request" and not (f.name in OPTIONAL and getattr(self, f.name) is None)
+            if f.name != "per_request"
+            and not (f.name in OPTIONAL and getattr(self, f.name) is None)
+            and not (f.name == "failed" and not self.failed)
         }
         if with_requests:
             d["per_request"] = [asdict(m) for m in self.per_request]
@@ -215,7 +219,9 @@ def summarize(
     n = len(per)
     start = min((r.arrival for r in requests), default=0.0)
     duration = max(end_time - start, 1e-12)
-    col = {k: np.array([getattr(m, k) for m in per], dtype=float) for k in ("ttft", "tpot", "e2e", "queue_delay")}
+    col = {k: np.array([getattr(m, k) for m in per], dtype=float) for k in ("tpot", "e2e", "queue_delay")}
+    # TTFT over the requests served: one that got a token and then failed or was refused is not served.
+    col["ttft"] = np.array([m.ttft for m in per if m.status == RequestStatus.FINISHED.value], dtype=float)
     gaps = [np.diff(r.token_times) for r in requests if len(r.token_times) > 1]
     tbt = np.concatenate(gaps) if gaps else np.array([])
     good = sum(m.slo_met for m in per)
@@ -227,6 +233,7 @@ def summarize(
         finished=sum(m.status == RequestStatus.FINISHED.value for m in per),
         rejected=sum(m.status == RequestStatus.REJECTED.value for m in per),
         timed_out=sum(m.status == RequestStatus.TIMED_OUT.value for m in per),
+        failed=sum(m.status == RequestStatus.FAILED.value for m in per),
         duration_s=duration,
         ttft=Dist.of(col["ttft"]),
         tpot=Dist.of(col["tpot"]),

@@ -263,9 +263,10 @@ class Node:
 
     def _start_stretch(self, plan: BatchPlan, horizon: float) -> bool:
         """Replay ``plan`` as a decode-only stretch (``_fast_forward``) when it runs every running decode with
-        nothing queued: the policy would plan the same batch until something arrives or finishes."""
+        nothing queued or deferred (a deferred request is re-checked every step): the policy would plan the same
+        batch until something arrives or finishes."""
         running = self.running
-        if self._fast and not self.waiting and plan.num_decodes == len(running) == plan.num_seqs:
+        if self._fast and not (self.waiting or self.deferred) and plan.num_decodes == len(running) == plan.num_seqs:
             steps, elapsed = self._fast_forward(horizon)
             if steps:
                 self._advance(steps, elapsed)
