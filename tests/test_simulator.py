@@ -232,3 +232,35 @@ def test_fast_forward_matches_stepping_while_requests_are_deferred():
     assert {k: v[:2] for k, v in ends[True].items()} == {k: v[:2] for k, v in ends[False].items()}
     for k, (_, _, times) in ends[True].items():
         assert times == pytest.approx(ends[False][k][2], rel=1e-9, abs=1e-9)
+
+
+@pytest.mark.parametrize("policy", list(POLICIES))
+def test_a_prompt_that_fills_the_cache_neither_waits_forever_nor_holds_back_the_queue(policy):
+    """A prompt needing all but one block passes the node's fit check; the admission reserve must not stall it
+    (it starts in chunks) or the requests behind it."""
+    w = Workload("w", (RequestSpec("big", 0.0, 4780, 10), RequestSpec("small", 0.1, 100, 10)))
+    res = run(policy, w, load_profile(None), KVCacheConfig(300, 16))
+    assert {r.request_id: r.status for r in res.requests} == {
+        "big": RequestStatus.FINISHED,
+        "small": RequestStatus.FINISHED,
+    }
+
+
+def test_a_preempted_request_that_cannot_get_its_kv_back_does_not_stall_the_prefill_holding_it():
+    """Under a small cache, a request preempted after its first token sorts first (its decode deadline) but
+    cannot re-prefill while a running prefill holds the KV: that prefill must still run, or both starve."""
+    tight, relaxed, mid, loose, short = SLO(0.2, 0.02), SLO(2.0, 0.1), SLO(1.0, 0.03), SLO(8.0, 0.2), SLO(0.5, 0.05)
+    rows = [
+        (3.3781, 1739, 5, tight), (3.3781, 1207, 2, relaxed), (3.3781, 4103, 3, mid), (3.5720, 2002, 2, mid),
+        (3.5790, 3865, 5, None), (3.5790, 2426, 1, loose), (3.7716, 4587, 1, mid), (3.7792, 1539, 4, short),
+        (3.9888, 3546, 3, mid), (4.0129, 3403, 5, loose), (4.0989, 3938, 1, loose), (4.2040, 3532, 2, relaxed),
+        (4.2886, 532, 4, relaxed),
+    ]  # fmt: skip
+    w = Workload("w", tuple(RequestSpec(f"r{i}", a, p, o, s) for i, (a, p, o, s) in enumerate(rows)))
+    profile = load_profile(None)
+    cost = profile.cost_model()
+    config = NodeConfig(default_slo=mid, kv=KVCacheConfig(300, 16), admission="defer")
+    res = simulate(make_policy("fairbatching", cost, tpot_slo=mid.tpot), cost, w, config)
+    stuck = [r.request_id for r in res.requests if "could not schedule" in (r.finish_reason or "")]
+    assert not stuck
+    assert len(res.requests) == len(rows)

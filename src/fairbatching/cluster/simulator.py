@@ -165,13 +165,7 @@ class _Cluster:
                     progress(total - arrivals_left, total)
             else:
                 self.dispatch(payload[0], t, payload[1])
-        for i, n in enumerate(self.nodes):
-            if self.alive[i]:
-                n.drain()
-        requests = [r for n in self.nodes for r in n.done] + self.ended
-        ended = sorted(r.request_id for r in requests)
-        if ended != sorted(s.request_id for s in specs):
-            raise RuntimeError(f"the cluster ended {len(ended)} requests ({len(set(ended))} distinct) of {total}")
+        requests = self.drain(specs)
         if progress is not None:
             progress(total, total)
         return ClusterResult(
@@ -181,6 +175,17 @@ class _Cluster:
             sum(n.preemptions for n in self.nodes),
             [self.node_summary(i) for i in range(len(self.nodes))],
         )
+
+    def drain(self, specs: list[RequestSpec]) -> list[Request]:
+        """Every live node runs out its work; returns every request ended, each exactly once."""
+        for i, n in enumerate(self.nodes):
+            if self.alive[i]:
+                n.drain()
+        requests = [r for n in self.nodes for r in n.done] + self.ended
+        ended = sorted(r.request_id for r in requests)
+        if ended != sorted(s.request_id for s in specs):
+            raise RuntimeError(f"the cluster ended {len(ended)} requests ({len(set(ended))} distinct) of {len(specs)}")
+        return requests
 
     def node_summary(self, i: int) -> dict:
         n = self.nodes[i]

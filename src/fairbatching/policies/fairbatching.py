@@ -18,6 +18,20 @@ from fairbatching.policies.base import BatchBuilder, Policy, SchedulerState, cou
 _REF_ATTN = attn_work(1024, 0)  # a 1024-token prefill from scratch: where calibration's scale is read
 
 
+def _chunk_within_blocks(b: BatchBuilder, r: Request, n: int, blocks: int) -> int:
+    """The largest chunk of at most ``n`` tokens of ``r`` whose KV fits in ``blocks`` (0 if none does)."""
+    if b.blocks_needed(r, n) <= blocks:
+        return n
+    lo, hi = 0, n
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if b.blocks_needed(r, mid) <= blocks:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
 def _deadline(r: Request) -> float:
     """The sort key of deadline order (a typed function: compiled, it reads the field without a lookup)."""
     return r.next_deadline
@@ -198,16 +212,9 @@ class FairBatchingPolicy(Policy):
         reserve = self._decode_block_reserve(b, decodes, n_urgent, admitting) if waiting else 0
         pool.sort(key=_deadline)
         if self.late_last:
-            aged, feasible, late = self._feasible_first(pool, b.state.now)
-            margin = self.queue_margin
-            if margin is not None and len(feasible) > 1:
-                feasible, doomed = self._most_on_time(feasible, b.state.now + margin * horizon[0], horizon[1])
-                late = sorted(doomed + late, key=_deadline) if doomed else late
-            if aged:  # first, within their share of the prefill time
-                start = b.time()
-                aged = aged[self._add_aged(b, aged, start + self.late_share * max(budget - start, 0.0), reserve) :]
-            pool = feasible + aged + late
+            pool = self._late_last(b, pool, budget, reserve, horizon)
         first_chunk = self._first_chunk_floor()
+        blocked = False
         for r in pool:
             remaining = r.num_tokens - r.num_computed
             if b.full:
@@ -217,10 +224,34 @@ class FairBatchingPolicy(Policy):
             opens_mixed = b.new_tokens <= b.seqs and r.first_deadline > b.state.now + budget
             if n < remaining and n < (first_chunk if opens_mixed else self.min_chunk):
                 return True
-            held = r.num_blocks > 0
-            if not b.add(r, n, preempt=held, reserve=0 if held else reserve) or n < remaining:
+            if r.num_blocks > 0:  # mid-prefill: it grows, preempting if it must
+                if not b.add(r, n, preempt=True) or n < remaining:
+                    return True
+                continue
+            # A request joining the running set takes what the free KV above the reserve holds, in chunks; one
+            # that cannot start now is passed over, so it never holds back the prefills behind it.
+            n = _chunk_within_blocks(b, r, n, b.free_blocks - reserve)
+            if (n < remaining and n < self.min_chunk) or not b.add(r, n, reserve=reserve):
+                blocked = True
+                continue
+            if n < remaining:
                 return True
-        return len(waiting) > self.edf_window
+        return blocked or len(waiting) > self.edf_window
+
+    def _late_last(
+        self, b: BatchBuilder, pool: list[Request], budget: float, reserve: int, horizon: tuple[float, float]
+    ) -> list[Request]:
+        """``pool`` (in deadline order) with the prefills that can still make their TTFT first and the lost ones
+        last; lost ones past the age limit are scheduled here first, within their share of the prefill time."""
+        aged, feasible, late = self._feasible_first(pool, b.state.now)
+        margin = self.queue_margin
+        if margin is not None and len(feasible) > 1:
+            feasible, doomed = self._most_on_time(feasible, b.state.now + margin * horizon[0], horizon[1])
+            late = sorted(doomed + late, key=_deadline) if doomed else late
+        if aged:
+            start = b.time()
+            aged = aged[self._add_aged(b, aged, start + self.late_share * max(budget - start, 0.0), reserve) :]
+        return feasible + aged + late
 
     def _add_aged(self, b: BatchBuilder, aged: list[Request], cap: float, reserve: int) -> int:
         """Aged prefills, in order, while the step's predicted time stays within ``cap``; returns how many were
