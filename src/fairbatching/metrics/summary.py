@@ -168,9 +168,7 @@ class Summary:
         d = {
             f.name: _plain(getattr(self, f.name))
             for f in fields(self)
-            if f.name != "per_request"
-            and not (f.name in OPTIONAL and getattr(self, f.name) is None)
-            and not (f.name == "failed" and not self.failed)
+            if f.name != "per_request" and not (f.name in OPTIONAL and getattr(self, f.name) == OPTIONAL[f.name])
         }
         if with_requests:
             d["per_request"] = [asdict(m) for m in self.per_request]
@@ -197,7 +195,8 @@ class Summary:
 
 
 DISTS = ("ttft", "tpot", "tbt", "e2e", "queue_delay")
-OPTIONAL = ("prefix_hit_rate", "classes")  # left out of the JSON where None
+# Left out of the JSON where they hold these values, so results without them read as before.
+OPTIONAL = {"prefix_hit_rate": None, "classes": None, "failed": 0}
 
 
 def _plain(value: object) -> object:
