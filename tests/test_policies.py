@@ -155,6 +155,8 @@ def test_unknown_policy_and_bad_options_are_config_errors(cost):
         make_policy("edf", cost)
     with pytest.raises(ConfigError, match="vllm.chunk: unknown option; vllm takes max_num_batched_tokens"):
         make_policy("vllm", cost, chunk=3)
+    with pytest.raises(ConfigError, match="fairbatching.min_chunk=64: above max_num_batched_tokens=32"):
+        make_policy("fairbatching", cost, max_num_batched_tokens=32, min_chunk=64)
 
 
 @pytest.mark.parametrize("name", ["fairbatching", "sarathi", "vllm", "prefill-first"])

@@ -193,6 +193,14 @@ class FairBatchingConfig(BatchLimits):
         lo_open=True,
     )
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.min_chunk > self.max_num_batched_tokens:
+            raise ConfigError(
+                f"fairbatching.min_chunk={self.min_chunk}: above max_num_batched_tokens={self.max_num_batched_tokens}, "
+                "so no partial prefill could ever be scheduled"
+            )
+
 
 #: Every policy's config by the policy's name (the CLI's list of policies, in order).
 POLICY_CONFIGS: dict[str, type[PolicyConfig]] = {

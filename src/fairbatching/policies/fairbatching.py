@@ -18,18 +18,11 @@ from fairbatching.policies.base import BatchBuilder, Policy, SchedulerState, cou
 _REF_ATTN = attn_work(1024, 0)  # a 1024-token prefill from scratch: where calibration's scale is read
 
 
-def _chunk_within_blocks(b: BatchBuilder, r: Request, n: int, blocks: int) -> int:
-    """The largest chunk of at most ``n`` tokens of ``r`` whose KV fits in ``blocks`` (0 if none does)."""
-    if b.blocks_needed(r, n) <= blocks:
-        return n
-    lo, hi = 0, n
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if b.blocks_needed(r, mid) <= blocks:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
+def _admit(b: BatchBuilder, r: Request, n: int, reserve: int) -> bool:
+    """``r`` joins the running set with ``n`` tokens, leaving ``reserve`` blocks free; a reserve never keeps out a
+    request the whole cache could hold."""
+    cap = max(b.state.kv.num_blocks - b.blocks_needed(r, n), 0)
+    return b.add(r, n, reserve=min(reserve, cap))
 
 
 def _deadline(r: Request) -> float:
@@ -224,18 +217,16 @@ class FairBatchingPolicy(Policy):
             opens_mixed = b.new_tokens <= b.seqs and r.first_deadline > b.state.now + budget
             if n < remaining and n < (first_chunk if opens_mixed else self.min_chunk):
                 return True
-            if r.num_blocks > 0:  # mid-prefill: it grows, preempting if it must
-                if not b.add(r, n, preempt=True) or n < remaining:
+            if r.num_blocks > 0:  # mid-prefill: it grows, preempting if it must (not past a blocked admission)
+                if not b.add(r, n, preempt=not blocked) or n < remaining:
                     return True
-                continue
-            # A request joining the running set takes what the free KV above the reserve holds, in chunks; one
-            # that cannot start now is passed over, so it never holds back the prefills behind it.
-            n = _chunk_within_blocks(b, r, n, b.free_blocks - reserve)
-            if (n < remaining and n < self.min_chunk) or not b.add(r, n, reserve=reserve):
-                blocked = True
-                continue
-            if n < remaining:
-                return True
+            elif not blocked:  # requests join the running set in deadline order: none past one that cannot
+                if not _admit(b, r, n, reserve):
+                    if decodes:  # the KV they free goes to this request first: the rest waits for it
+                        return True
+                    blocked = True  # nothing running frees KV: the prefills holding it must go on
+                elif n < remaining:
+                    return True
         return blocked or len(waiting) > self.edf_window
 
     def _late_last(
