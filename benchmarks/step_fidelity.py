@@ -864,7 +864,8 @@ def main() -> None:
         args.out.mkdir(parents=True, exist_ok=True)
         if args.phase == "validate":
             if missing := [
-                str(f / n) for f in SOURCES for n in ("resim.json", "capacity.json") if not (f / n).is_file()
+                *(str(f / n) for f in SOURCES for n in ("resim.json", "capacity.json") if not (f / n).is_file()),
+                *(str(f) for f in REPLAYS.values() if not f.is_file()),
             ]:
                 raise ConfigError(
                     f"{missing[0]}: no such file (run resim and capacity first, from the repository root)"

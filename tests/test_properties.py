@@ -96,6 +96,11 @@ def policy_options(draw: st.DrawFn, policy: str) -> dict:
     names = sorted(set(options_of(POLICY_CONFIGS[policy])) & set(OPTION_VALUES))
     chosen = draw(st.lists(st.sampled_from(names), unique=True, max_size=len(names))) if names else []
     options = {k: draw(OPTION_VALUES[k]) for k in chosen}
+    declared = options_of(POLICY_CONFIGS[policy])
+    if "min_chunk" in declared:  # a chunk floor above the step's token cap is refused: draw one under it
+        cap = options.get("max_num_batched_tokens", declared["max_num_batched_tokens"].default)
+        if options.get("min_chunk", declared["min_chunk"].default) > cap:
+            options["min_chunk"] = draw(st.integers(1, cap))
     check_policy_options(policy, options)  # the generator only makes what the CLI accepts
     return options
 

@@ -264,3 +264,15 @@ def test_a_preempted_request_that_cannot_get_its_kv_back_does_not_stall_the_pref
     stuck = [r.request_id for r in res.requests if "could not schedule" in (r.finish_reason or "")]
     assert not stuck
     assert len(res.requests) == len(rows)
+
+
+def test_prefills_holding_the_kv_a_blocked_request_needs_grow_by_preempting_when_nothing_else_runs():
+    """No decode runs, the first request to admit cannot get its KV, and the prefills holding it need more blocks
+    than are free: one of them must preempt to go on, or the node stalls for good."""
+    tight, relaxed = SLO(0.2, 0.02), SLO(2.0, 0.1)
+    rows = [(1.6635, 351, 4, tight), (1.6649, 4175, 3, tight), (1.6843, 1715, 3, relaxed), (1.7778, 2501, 1, tight)]
+    w = Workload("w", tuple(RequestSpec(f"r{i}", a, p, o, s) for i, (a, p, o, s) in enumerate(rows)))
+    cost = load_profile(None).cost_model()
+    policy = make_policy("fairbatching", cost, tpot_slo=0.05, max_num_batched_tokens=512)
+    res = simulate(policy, cost, w, NodeConfig(default_slo=SLO(1.0, 0.05), kv=KVCacheConfig(300, 16)))
+    assert [r.request_id for r in res.requests if r.status is not RequestStatus.FINISHED] == []

@@ -217,14 +217,15 @@ class FairBatchingPolicy(Policy):
             opens_mixed = b.new_tokens <= b.seqs and r.first_deadline > b.state.now + budget
             if n < remaining and n < (first_chunk if opens_mixed else self.min_chunk):
                 return True
-            if r.num_blocks > 0:  # mid-prefill: it grows, preempting if it must (not past a blocked admission)
-                if not b.add(r, n, preempt=not blocked) or n < remaining:
+            if r.num_blocks > 0:  # mid-prefill: it grows, preempting if it must
+                if not b.add(r, n, preempt=True) or n < remaining:
                     return True
             elif not blocked:  # requests join the running set in deadline order: none past one that cannot
                 if not _admit(b, r, n, reserve):
-                    if decodes:  # the KV they free goes to this request first: the rest waits for it
+                    if decodes or b.seqs:  # the KV freed goes to this request first: the rest waits for it
                         return True
-                    blocked = True  # nothing running frees KV: the prefills holding it must go on
+                    # Else the step would be empty and no decode frees KV: the prefills holding it must go on.
+                    blocked = True
                 elif n < remaining:
                     return True
         return blocked or len(waiting) > self.edf_window

@@ -11,6 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from fairbatching.core.request import RequestStatus  # noqa: E402
 from fairbatching.metrics.summary import Summary  # noqa: E402
 from fairbatching.serving.node import IterationLog  # noqa: E402
 
@@ -68,7 +69,8 @@ def plot_comparison(
     window = max(duration / 60, 1.0)
     seen: dict[str, list[np.ndarray]] = {"ttft": [], "tpot": [], "p99": []}
     for s, log in zip(summaries, logs, strict=True):
-        ttft = np.array([m.ttft for m in s.per_request])
+        served = [m.status == RequestStatus.FINISHED.value for m in s.per_request]
+        ttft = np.where(served, [m.ttft for m in s.per_request], np.nan)  # as the summary's: over requests served
         tpot = np.array([m.tpot for m in s.per_request])
         _cdf(a_ttft, ttft, s.policy)
         _cdf(a_tpot, tpot, s.policy, scale=1e3)
