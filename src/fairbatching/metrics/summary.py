@@ -46,6 +46,12 @@ class RequestMetrics:
     def slo_met(self) -> bool:
         return self.ttft_met and self.tpot_met
 
+    @property
+    def served(self) -> bool:
+        """Finished: a request that got a token and then failed or was refused is not served, and the TTFT
+        figures leave it out."""
+        return self.status == RequestStatus.FINISHED.value
+
 
 def request_metrics(r: Request) -> RequestMetrics:
     times = r.token_times
@@ -126,7 +132,7 @@ def class_summaries(per: list[RequestMetrics]) -> list[ClassSummary] | None:
             tpot_slo=tpot,
             requests=len(ms),
             slo_attainment=sum(m.slo_met for m in ms) / len(ms),
-            ttft=Dist.of(np.array([m.ttft for m in ms if m.status == RequestStatus.FINISHED.value], dtype=float)),
+            ttft=Dist.of(np.array([m.ttft for m in ms if m.served], dtype=float)),
         )
         for (ttft, tpot), ms in sorted(groups.items())
     ]
@@ -219,8 +225,7 @@ def summarize(
     start = min((r.arrival for r in requests), default=0.0)
     duration = max(end_time - start, 1e-12)
     col = {k: np.array([getattr(m, k) for m in per], dtype=float) for k in ("tpot", "e2e", "queue_delay")}
-    # TTFT over the requests served: one that got a token and then failed or was refused is not served.
-    col["ttft"] = np.array([m.ttft for m in per if m.status == RequestStatus.FINISHED.value], dtype=float)
+    col["ttft"] = np.array([m.ttft for m in per if m.served], dtype=float)
     gaps = [np.diff(r.token_times) for r in requests if len(r.token_times) > 1]
     tbt = np.concatenate(gaps) if gaps else np.array([])
     good = sum(m.slo_met for m in per)

@@ -20,9 +20,12 @@ _REF_ATTN = attn_work(1024, 0)  # a 1024-token prefill from scratch: where calib
 
 def _admit(b: BatchBuilder, r: Request, n: int, reserve: int) -> bool:
     """``r`` joins the running set with ``n`` tokens, leaving ``reserve`` blocks free; a reserve never keeps out a
-    request the whole cache could hold."""
-    cap = max(b.state.kv.num_blocks - b.blocks_needed(r, n), 0)
-    return b.add(r, n, reserve=min(reserve, cap))
+    request the whole cache could hold. (A failed ``add`` changes nothing, so the capped retry is only paid for
+    when the first try fails.)"""
+    if b.add(r, n, reserve=reserve):
+        return True
+    cap = b.state.kv.num_blocks - b.blocks_needed(r, n)
+    return 0 <= cap < reserve and b.add(r, n, reserve=cap)
 
 
 def _deadline(r: Request) -> float:

@@ -11,7 +11,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from fairbatching.core.request import RequestStatus  # noqa: E402
 from fairbatching.metrics.summary import Summary  # noqa: E402
 from fairbatching.serving.node import IterationLog  # noqa: E402
 
@@ -69,8 +68,7 @@ def plot_comparison(
     window = max(duration / 60, 1.0)
     seen: dict[str, list[np.ndarray]] = {"ttft": [], "tpot": [], "p99": []}
     for s, log in zip(summaries, logs, strict=True):
-        served = [m.status == RequestStatus.FINISHED.value for m in s.per_request]
-        ttft = np.where(served, [m.ttft for m in s.per_request], np.nan)  # as the summary's: over requests served
+        ttft = np.array([m.ttft if m.served else np.nan for m in s.per_request])  # as the summary's
         tpot = np.array([m.tpot for m in s.per_request])
         _cdf(a_ttft, ttft, s.policy)
         _cdf(a_tpot, tpot, s.policy, scale=1e3)
