@@ -620,7 +620,8 @@ def validation_cells(doc: dict) -> list[dict]:
 
 
 def cell_counts(cells: list[dict], key: str) -> dict:
-    """Held-out cells under pricing ``key`` within the tolerance: all, 1 s / 50 ms conversation, >= 600 requests."""
+    """Held-out cells under pricing ``key`` within the tolerance: all, 1 s / 50 ms conversation, >= 600 requests,
+    per GPU and per policy (where the misses sit: a policy at its knee moves most with the machine)."""
 
     def count(cs: list[dict]) -> dict:
         within = sum(within_tolerance(c[key]["sim"], c["gpu"]) for c in cs)
@@ -633,6 +634,7 @@ def cell_counts(cells: list[dict], key: str) -> dict:
         "conv_1s_50ms": count([c for c in held if c["scenario"].startswith("conv-1s")]),
         "600_requests": count([c for c in held if c["requests"] >= 600]),
         **{d: count([c for c in held if c["device"] == d]) for d in sorted({c["device"] for c in held})},
+        "policies": {p: count([c for c in held if c["policy"] == p]) for p in sorted({c["policy"] for c in held})},
     }
 
 
@@ -643,8 +645,9 @@ def read_replays() -> dict[str, list[dict]]:
 
 def gpu_repeats(replays: dict[str, list[dict]]) -> dict:
     """The GPU against itself: every point (window, load, policy as configured) replayed more than once, each
-    later replay against the first. A session holds one machine and replays one commit, so replays with the same
-    ``code`` ran on the same machine, others on another. This is the floor under any simulator's error."""
+    later replay against the point's first replay on the same machine, or its first replay where that machine
+    had none. A session holds one machine and replays one commit, so replays with the same ``code`` ran on the
+    same machine, others on another. This is the floor under any simulator's error."""
     pairs = []
     for device, rows in replays.items():
         seen: dict[tuple, dict] = {}
@@ -652,7 +655,10 @@ def gpu_repeats(replays: dict[str, list[dict]]) -> dict:
             key = (r["scenario"], float(r["load"]), r["label"], json.dumps(r.get("config") or None, sort_keys=True))
             if r["policy"] in _gpu_tail().BASELINES:
                 key = key[:3]
-            if (first := seen.setdefault(key, r)) is not r:
+            first = seen.setdefault(key, r)
+            if r.get("code") is not None and (here := seen.setdefault((*key, r["code"]), r)) is not r:
+                first = here
+            if first is not r:
                 pairs.append(
                     {
                         "device": device,
@@ -734,7 +740,12 @@ def validation_markdown(doc: dict) -> str:
             f"{s['clear_pairs_same_order'][0]}/{s['clear_pairs_same_order'][1]} |"
         )
     rep = doc["gpu_repeats"]["within_5pts"]
+    by_policy = doc["summary"]["refit"]["cells_within_5pts"]["policies"]
     lines += [
+        "",
+        "Held-out cells within 5 points under the refit, per policy: "
+        + ", ".join(f"{p} {c['within']}/{c['cells']}" for p, c in by_policy.items())
+        + ".",
         "",
         "The GPU against itself, a point replayed again: within 5 points on the same machine "
         f"{rep['same_machine'][0]}/{rep['same_machine'][1]}, on another machine "

@@ -140,9 +140,12 @@ def test_the_data_set_is_an_argument_and_a_bad_one_is_one_line_and_exit_2(tmp_pa
         assert res.returncode == 2 and res.stderr.startswith("error: ") and res.stderr.count("\n") == 1, bad
 
 
-def _cell(sim: float, gpu: float, scenario: str = "code-b", requests: int = 200, held_out: bool = True) -> dict:
+def _cell(
+    sim: float, gpu: float, scenario: str = "code-b", requests: int = 200, held_out: bool = True, policy: str = "vllm"
+) -> dict:
     return {
         "device": "H100",
+        "policy": policy,
         "scenario": scenario,
         "requests": requests,
         "gpu": gpu,
@@ -156,13 +159,14 @@ def test_validation_counts_only_cells_the_pricing_was_not_fitted_on_and_five_poi
         _cell(0.95, 0.90),
         _cell(0.96, 0.90, "conv-1s-b", 600),
         _cell(0.50, 0.90, held_out=False),
-        _cell(0.80, 0.90, "conv-2s-b", 600),
+        _cell(0.80, 0.90, "conv-2s-b", 600, policy="sarathi"),
     ]
     counts = _step_fidelity().cell_counts
     refit, bundled = counts(cells, "refit"), counts(cells, "bundled")
     assert refit["all"] == {"cells": 3, "within": 1, "share": 0.333, "bias": 0.33}
     assert bundled["all"]["cells"] == 4 and bundled["all"]["within"] == 1
     assert refit["conv_1s_50ms"]["within"] == 0 and refit["600_requests"]["cells"] == 2
+    assert {p: (c["within"], c["cells"]) for p, c in refit["policies"].items()} == {"sarathi": (0, 1), "vllm": (1, 2)}
 
 
 def test_the_committed_validation_is_what_its_sources_give(monkeypatch):
@@ -189,7 +193,7 @@ def _replay(scenario, label, policy, code, slo, config=None):
     }
 
 
-def test_a_point_replayed_again_pairs_with_its_first_replay_and_the_machine_is_told_by_its_code():
+def test_a_point_replayed_again_pairs_with_its_first_replay_on_that_machine_told_by_its_code_else_its_first():
     fb_old, fb_new = {"queue_margin": None}, {"queue_margin": 0.5}
     rows = [
         _replay("w", "sarathi", "sarathi", "a", 0.80),
@@ -198,10 +202,12 @@ def test_a_point_replayed_again_pairs_with_its_first_replay_and_the_machine_is_t
         _replay("w", "fairbatching", "fairbatching", "a", 0.90, fb_old),
         _replay("w", "fairbatching", "fairbatching", "b", 0.70, fb_new),
         _replay("v", "vllm", "vllm", "b", 0.5),
+        _replay("w", "sarathi", "sarathi", "b", 0.63),
     ]
     rep = _step_fidelity().gpu_repeats({"H100": rows})
     assert [(p["codes"], p["same_machine"], p["gpu"]) for p in rep["pairs"]] == [
         (["a", "a"], True, [0.8, 0.82]),
         (["a", "b"], False, [0.8, 0.6]),
+        (["b", "b"], True, [0.6, 0.63]),
     ]
-    assert rep["within_5pts"] == {"same_machine": [1, 1], "other_machine": [0, 1]}
+    assert rep["within_5pts"] == {"same_machine": [2, 2], "other_machine": [0, 1]}
