@@ -21,8 +21,8 @@ of the GPU per group of calls and each point's policy ranking; ``resim.json``.
 Phase ``capacity``: each policy's simulated capacity (90% attainment) on the replayed windows, under both pricings,
 beside the GPU's capacity bracket from the loads replayed (benchmarks/gpu_tail.py's ``capacity_brackets``);
 ``capacity.json``.
-Phase ``record`` (the default data set only): what ``resim.json`` and the step logs measured, written into the
-two bundled H200 profiles' ``fit.validation`` (the record ``fairbatching profile`` writes after its own held-out
+Phase ``record``: what ``resim.json`` and the step logs measured, written into the data set's two bundled
+profiles' ``fit.validation`` (the record ``fairbatching profile`` writes after its own held-out
 replays; ``fairbatching profiles`` shows it): the replays and steps each profile was not fitted on, its step-period
 MAPE there, and the simulated SLO attainment against the GPU's per policy.
 Phase ``validate``: issue 28's counts over both GPUs' ``resim.json`` and ``capacity.json`` (results/sim-vs-gpu and
@@ -758,9 +758,12 @@ def validation_markdown(doc: dict) -> str:
 PROFILE_DIR = Path("src/fairbatching/costmodel/profiles")
 
 
-def validation_from_resim(doc: dict, key: str, held: list[dict], mape: dict, steps: int, planning: str) -> dict:
+def validation_from_resim(
+    doc: dict, key: str, held: list[dict], mape: dict, steps: int, planning: str, source: str, fitted: str
+) -> dict:
     """A profile's ``fit.validation`` from measured GPU replays: the resimulated cells ``held`` (attainment only:
-    resim.json has no simulated P99 TTFT) under ``key`` ("before": bundled pricing, "after": the refit's)."""
+    resim.json has no simulated P99 TTFT) under ``key`` ("before": bundled pricing, "after": the refit's);
+    ``source`` says where they were measured, ``fitted`` which calls the refit was fitted on."""
     gaps = {c["label"]: [] for c in held}
     for c in held:
         gaps[c["label"]].append(100 * (c[key] - c["gpu"]))
@@ -769,16 +772,15 @@ def validation_from_resim(doc: dict, key: str, held: list[dict], mape: dict, ste
     mean = float(np.mean([g for gs in gaps.values() for g in gs]))
     passed = worst <= TOLERANCE_PTS and mape["all"] <= STEP_TOLERANCE
     return {
-        "source": "measured on an H200 (results/gpu-tail replays; results/sim-vs-gpu/resim.json and step_fidelity.md), "
-        "recorded by benchmarks/step_fidelity.py record, not by `fairbatching profile`",
+        "source": f"{source}, recorded by benchmarks/step_fidelity.py record, not by `fairbatching profile`",
         "window": {
             "replays": len(held),
             "windows": sorted({c["scenario"] for c in held}),
             "held_out": "none of "
-            "these replays was fitted on (the first 300 conversation requests were; the refit: call 1)",
+            f"these replays was fitted on (the first 300 conversation requests were; the refit: {fitted})",
         },
         "load": f"{', '.join(f'{x:g}x' for x in sorted({c['load'] for c in held}))} the best baseline's simulated "
-        "capacity per window (results/gpu-tail/plan.json)",
+        "capacity per window (the replays' plan.json)",
         "planning": planning,
         "policies": [
             {
@@ -798,18 +800,22 @@ def validation_from_resim(doc: dict, key: str, held: list[dict], mape: dict, ste
     }
 
 
-def record(steps: Steps, doc: dict) -> None:
-    """Both bundled H200 profiles' ``fit.validation``, from the replays and steps each was not fitted on."""
-    train = steps.of(H200.train)
-    engine_plans = f"{PROFILE} (with online calibration), on the GPU and in the simulator"
+def record(data: Data, steps: Steps, doc: dict, out: Path) -> None:
+    """The data set's two bundled profiles' ``fit.validation`` (the one its policies planned on, and its refit),
+    from the replays and steps each was not fitted on."""
+    train = steps.of(data.train)
+    device = json.loads((data.steps / "replays.jsonl").read_text().splitlines()[0])["device"]
+    source = f"measured on an {device} ({data.steps} replays; {out}/resim.json and step_fidelity.md)"
+    fitted = calls_label(data.train.calls)
+    engine_plans = f"{data.profile} (with online calibration), on the GPU and in the simulator"
     for name, key, held, sel in (
-        (PROFILE, "before", doc["cells"], np.ones(len(train), bool)),
-        ("llama-3-8b-h200-serving", "after", [c for c in doc["cells"] if not c["fitted_on"]], ~train),
+        (data.profile, "before", doc["cells"], np.ones(len(train), bool)),
+        (data.serving, "after", [c for c in doc["cells"] if not c["fitted_on"]], ~train),
     ):
         prof = load_profile(name)
-        plan = engine_plans if name == PROFILE else f"{engine_plans}; this profile prices the simulated steps"
+        plan = engine_plans if name == data.profile else f"{engine_plans}; this profile prices the simulated steps"
         check = validation_from_resim(
-            doc, key, held, mape_by_kind(prof.cost_model(), steps.select(sel)), int(sel.sum()), plan
+            doc, key, held, mape_by_kind(prof.cost_model(), steps.select(sel)), int(sel.sum()), plan, source, fitted
         )
         path = PROFILE_DIR / f"{name}.json"
         tmp = path.with_name(path.name + ".tmp")
@@ -864,8 +870,10 @@ def main() -> None:
     try:
         data = data_from(args)
         pricing = args.pricing or data.serving
-        if args.phase == "record" and data != H200:
-            raise ConfigError("record writes the bundled H200 profiles' validation: only on the default data set")
+        if args.phase == "record" and (
+            missing := [n for n in (data.profile, data.serving) if not (PROFILE_DIR / f"{n}.json").is_file()]
+        ):
+            raise ConfigError(f"--profile {data.profile}: record writes bundled profiles, and {missing[0]} is not one")
         if args.phase in ("resim", "capacity"):
             load_profile(pricing)
             if not 0 <= args.noise < 1:
@@ -903,7 +911,7 @@ def main() -> None:
             return
         steps = read_steps(data.files())
         if args.phase == "record":
-            record(steps, json.loads((args.out / "resim.json").read_text()))
+            record(data, steps, json.loads((args.out / "resim.json").read_text()), args.out)
             return
         train, held = steps.select(steps.of(data.train)), steps.select(steps.of(data.not_fitted[0]))
         trained = calls_label(data.train.calls)

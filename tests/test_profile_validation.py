@@ -50,11 +50,15 @@ def test_the_verdict_passes_only_within_both_tolerances_and_names_the_largest_ga
     assert record["step_mape"]["steps"] == 20 and record["window"]["held_out"].startswith("requests 9000-9002")
 
 
-def test_the_bundled_h200_profiles_record_their_measured_validation():
-    """Recorded from results/sim-vs-gpu (benchmarks/step_fidelity.py record): both fail the 5-point tolerance on
-    some held-out GPU replay, the refit by less."""
-    engine, serving = (load_profile(n).fit["validation"] for n in ("llama-3-8b-h200-engine", "llama-3-8b-h200-serving"))
-    assert engine["window"]["replays"] == 71 and serving["window"]["replays"] == 59
+@pytest.mark.parametrize(
+    ("gpu", "replays", "results"),
+    [("h200", (72, 60), "results/sim-vs-gpu"), ("h100", (124, 91), "results/sim-vs-gpu-h100")],
+)
+def test_the_bundled_profiles_record_their_measured_validation(gpu: str, replays: tuple[int, int], results: str):
+    """Recorded from that GPU's resim (benchmarks/step_fidelity.py record): both fail the 5-point tolerance on
+    some held-out GPU replay, the refit by less, and the refit is scored only on replays it was not fitted on."""
+    engine, serving = (load_profile(f"llama-3-8b-{gpu}-{kind}").fit["validation"] for kind in ("engine", "serving"))
+    assert (engine["window"]["replays"], serving["window"]["replays"]) == replays
     assert not engine["passed"] and not serving["passed"]
     assert serving["max_gap_pts"] < engine["max_gap_pts"] and serving["step_mape"]["all"] < engine["step_mape"]["all"]
-    assert "results/sim-vs-gpu" in engine["source"]
+    assert results in engine["source"] and gpu.upper() in engine["source"]
