@@ -327,3 +327,18 @@ def test_progress_bars_show_the_time_remaining_while_a_task_runs():
     assert eta.render(bar.tasks[task]).plain == ""  # done: the elapsed column says how long it took
     unknown = bar.add_task("searching", total=None)
     assert eta.render(bar.tasks[unknown]).plain == ""
+
+
+def test_a_simulated_capacity_says_how_far_its_profile_was_checked_against_a_gpu():
+    """The profile's recorded verdict against the GPU, or that it has none (an analytic profile's estimates)."""
+    from fairbatching.cli import _gpu_check
+    from fairbatching.costmodel.profile import load_profile
+
+    measured = load_profile("llama-3-8b-h100-serving")
+    line = _gpu_check(measured.name, measured.fit["validation"])
+    assert line.startswith("profile llama-3-8b-h100-serving against the GPU, as recorded: FAILED: ") and "91" in line
+    analytic = load_profile("llama-3-8b-h100-analytic")
+    assert "validation" not in (analytic.fit or {})
+    assert _gpu_check(analytic.name, None).endswith(
+        "records no check against a GPU: its capacities are unvalidated estimates"
+    )

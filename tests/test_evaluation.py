@@ -4,6 +4,7 @@ from types import SimpleNamespace
 import pytest
 
 from fairbatching.costmodel import load_profile
+from fairbatching.costmodel.profile import DEFAULT_PROFILE
 from fairbatching.errors import ConfigError
 from fairbatching.evaluation import Sweeper, find_capacity
 from fairbatching.evaluation import sweep as sweep_mod
@@ -286,6 +287,9 @@ def test_capacity_cli_searches_behind_node_admission(tmp_path):
     assert "behind node admission reject" in res.stdout
     doc = json.loads((out / "capacity.json").read_text())
     assert doc["admission"] == "reject"
+    check = load_profile(DEFAULT_PROFILE).fit["validation"]["verdict"]  # how far to trust it, as the profile records
+    assert doc["profile_check"] == f"profile {DEFAULT_PROFILE} against the GPU, as recorded: {check}"
+    assert doc["profile_check"] in " ".join(res.stdout.split())
     runs = [json.loads(p.read_text()) for p in cache.glob("*.json")]
     assert runs and {r["spec"]["admission"] for r in runs} == {"reject"}
     assert any(r["summary"]["rejected"] > 0 for r in runs if r["spec"]["qps"] > doc["results"][0]["capacity_qps"])

@@ -256,8 +256,14 @@ def capacity(
         out_console.print(f"behind node admission {base.admission}: each policy's refused requests count as missed")
     for line in capacity_lines(results, bound, num, under):
         out_console.print(line)
+    data: dict[str, object] = {"workload": workload, "clairvoyant_qps": bound}
+    if gpu is None:
+        prof = load_profile(profile)
+        check = _gpu_check(prof.name, (prof.fit or {}).get("validation"))
+        out_console.print(check)
+        data["profile_check"] = check
     if out:
-        _write_capacity(out, {"workload": workload, "clairvoyant_qps": bound}, results, gpu, base)
+        _write_capacity(out, data, results, gpu, base)
 
 
 def _gpu_and_profile(
@@ -554,6 +560,14 @@ def profiles(
         wide,
     )
     show(out_console, table)
+
+
+def _gpu_check(name: str, check: dict | None) -> str:
+    """How far to trust a simulated capacity: what the profile records of its simulator against the GPU on
+    replays it was not fitted on (`fairbatching profile` records it)."""
+    if not check:
+        return f"profile {name} records no check against a GPU: its capacities are unvalidated estimates"
+    return f"profile {name} against the GPU, as recorded: {check['verdict']}"
 
 
 def _validated(check: dict | None) -> str:
