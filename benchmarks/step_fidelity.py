@@ -763,7 +763,7 @@ def validation_from_resim(
 ) -> dict:
     """A profile's ``fit.validation`` from measured GPU replays: the resimulated cells ``held`` (attainment only:
     resim.json has no simulated P99 TTFT) under ``key`` ("before": bundled pricing, "after": the refit's);
-    ``source`` says where they were measured, ``fitted`` which calls the refit was fitted on."""
+    ``source`` says where they were measured, ``fitted`` what this profile was fitted on."""
     gaps = {c["label"]: [] for c in held}
     for c in held:
         gaps[c["label"]].append(100 * (c[key] - c["gpu"]))
@@ -776,8 +776,7 @@ def validation_from_resim(
         "window": {
             "replays": len(held),
             "windows": sorted({c["scenario"] for c in held}),
-            "held_out": "none of "
-            f"these replays was fitted on (the first 300 conversation requests were; the refit: {fitted})",
+            "held_out": f"none of these replays was fitted on ({fitted})",
         },
         "load": f"{', '.join(f'{x:g}x' for x in sorted({c['load'] for c in held}))} the best baseline's simulated "
         "capacity per window (the replays' plan.json)",
@@ -806,11 +805,17 @@ def record(data: Data, steps: Steps, doc: dict, out: Path) -> None:
     train = steps.of(data.train)
     device = json.loads((data.steps / "replays.jsonl").read_text().splitlines()[0])["device"]
     source = f"measured on an {device} ({data.steps} replays; {out}/resim.json and step_fidelity.md)"
-    fitted = calls_label(data.train.calls)
+    refit_on = f"this profile was fitted on {calls_label(data.train.calls)} of {data.steps}"
     engine_plans = f"{data.profile} (with online calibration), on the GPU and in the simulator"
-    for name, key, held, sel in (
-        (data.profile, "before", doc["cells"], np.ones(len(train), bool)),
-        (data.serving, "after", [c for c in doc["cells"] if not c["fitted_on"]], ~train),
+    for name, key, held, sel, fitted in (
+        (
+            data.profile,
+            "before",
+            doc["cells"],
+            np.ones(len(train), bool),
+            "this profile's note says what it was fitted on",
+        ),
+        (data.serving, "after", [c for c in doc["cells"] if not c["fitted_on"]], ~train, refit_on),
     ):
         prof = load_profile(name)
         plan = engine_plans if name == data.profile else f"{engine_plans}; this profile prices the simulated steps"

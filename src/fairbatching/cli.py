@@ -259,7 +259,7 @@ def capacity(
     data: dict[str, object] = {"workload": workload, "clairvoyant_qps": bound}
     if gpu is None:
         prof = load_profile(profile)
-        check = _gpu_check(prof.name, (prof.fit or {}).get("validation"))
+        check = _gpu_check(profile or prof.name, (prof.fit or {}).get("validation"))
         out_console.print(check)
         data["profile_check"] = check
     if out:
