@@ -252,17 +252,13 @@ def capacity(
     with cli_engine.started_engines(gpu) as engines, Activity(console) as status:
         sweeper.engines = engines
         results = policy_capacities(base, names, sweeper, target, seeds, start, tolerance, console.print, status)
+    check = None if gpu else _gpu_check(profile)
     if base.admission != "none":
         out_console.print(f"behind node admission {base.admission}: each policy's refused requests count as missed")
-    for line in capacity_lines(results, bound, num, under):
+    for line in [*capacity_lines(results, bound, num, under), *([check] if check else [])]:
         out_console.print(line)
-    data: dict[str, object] = {"workload": workload, "clairvoyant_qps": bound}
-    if gpu is None:
-        prof = load_profile(profile)
-        check = _gpu_check(profile or prof.name, (prof.fit or {}).get("validation"))
-        out_console.print(check)
-        data["profile_check"] = check
     if out:
+        data = {"workload": workload, "clairvoyant_qps": bound, **({"profile_check": check} if check else {})}
         _write_capacity(out, data, results, gpu, base)
 
 
@@ -562,9 +558,14 @@ def profiles(
     show(out_console, table)
 
 
-def _gpu_check(name: str, check: dict | None) -> str:
-    """How far to trust a simulated capacity: what the profile records of its simulator against the GPU on
-    replays it was not fitted on (`fairbatching profile` records it)."""
+def _gpu_check(profile: str | None) -> str:
+    """How far to trust a simulated capacity: what the profile (a bundled name or a file; None: the default)
+    records of its simulator against the GPU on replays it was not fitted on (`fairbatching profile` records
+    it)."""
+    from fairbatching.costmodel.profile import load_profile
+
+    prof = load_profile(profile)
+    name, check = profile or prof.name, (prof.fit or {}).get("validation")
     if not check:
         return f"profile {name} records no check against a GPU: its capacities are unvalidated estimates"
     return f"profile {name} against the GPU, as recorded: {check['verdict']}"
