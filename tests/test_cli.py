@@ -334,9 +334,10 @@ def test_a_simulated_capacity_says_how_far_its_profile_was_checked_against_a_gpu
     from fairbatching.cli import _gpu_check
     from fairbatching.costmodel.profile import load_profile
 
-    line = _gpu_check("llama-3-8b-h100-serving")
+    line = _gpu_check("llama-3-8b-h100-serving", load_profile("llama-3-8b-h100-serving"))
     assert line.startswith("profile llama-3-8b-h100-serving against the GPU, as recorded: FAILED: ") and "91" in line
-    assert "validation" not in (load_profile("llama-3-8b-h100-analytic").fit or {})
-    assert _gpu_check("llama-3-8b-h100-analytic").endswith(
+    analytic = load_profile("llama-3-8b-h100-analytic")
+    assert "validation" not in (analytic.fit or {})
+    assert _gpu_check("llama-3-8b-h100-analytic", analytic).endswith(
         "records no check against a GPU: its capacities are unvalidated estimates"
     )

@@ -57,6 +57,7 @@ from fairbatching.validate import (
 )
 
 if TYPE_CHECKING:
+    from fairbatching.costmodel.profile import Profile
     from fairbatching.evaluation.capacity import CapacityResult
     from fairbatching.runs import ClusterShape, Experiment, RunResult, RunSpec
 
@@ -246,20 +247,19 @@ def capacity(
         raise FairBatchingError(f"workload {workload!r} needs {fam.path()}, which is missing")
     sweeper = sw.sweeper()
     gpu, profile = _gpu_and_profile("capacity", b, profile)
-    check_slo_feasible(slo.slo, load_profile(profile))
+    check_slo_feasible(slo.slo, prof := load_profile(profile))
     base = _base_spec(names[0], workload, 1.0, num, slo, profile, gpu, prefix_caching, admission=admission)
     bound = spec_bound(base, seeds)
     with cli_engine.started_engines(gpu) as engines, Activity(console) as status:
         sweeper.engines = engines
         results = policy_capacities(base, names, sweeper, target, seeds, start, tolerance, console.print, status)
-    check = None if gpu else _gpu_check(profile)
+    check = None if gpu else _gpu_check(profile or prof.name, prof)
     if base.admission != "none":
         out_console.print(f"behind node admission {base.admission}: each policy's refused requests count as missed")
     for line in [*capacity_lines(results, bound, num, under), *([check] if check else [])]:
         out_console.print(line)
     if out:
-        data = {"workload": workload, "clairvoyant_qps": bound, **({"profile_check": check} if check else {})}
-        _write_capacity(out, data, results, gpu, base)
+        _write_capacity(out, {"workload": workload, "clairvoyant_qps": bound}, results, gpu, base, check)
 
 
 def _gpu_and_profile(
@@ -313,11 +313,15 @@ def _write_capacity(
     results: list[CapacityResult],
     gpu: cli_engine.GpuBackend | None,
     base: RunSpec,
+    profile_check: str | None = None,
 ) -> None:
     """``capacity.json``: ``data``, the policies' results, and the backend, prefix caching and node admission
-    of the search (``base``) where not the defaults."""
+    of the search (``base``) where not the defaults, and the profile's GPU check where a simulated search has
+    one to say."""
     with staged_dir(out) as tmp:
         data["results"] = [asdict(r) for r in results]
+        if profile_check:
+            data["profile_check"] = profile_check
         if gpu is not None:
             data["backend"] = cli_engine.backend_settings(gpu)
         if base.prefix_caching:
@@ -558,14 +562,10 @@ def profiles(
     show(out_console, table)
 
 
-def _gpu_check(profile: str | None) -> str:
-    """How far to trust a simulated capacity: what the profile (a bundled name or a file; None: the default)
-    records of its simulator against the GPU on replays it was not fitted on (`fairbatching profile` records
-    it)."""
-    from fairbatching.costmodel.profile import load_profile
-
-    prof = load_profile(profile)
-    name, check = profile or prof.name, (prof.fit or {}).get("validation")
+def _gpu_check(name: str, prof: Profile) -> str:
+    """How far to trust a simulated capacity: what profile ``name`` (a bundled name or a file) records of its
+    simulator against the GPU on replays it was not fitted on (`fairbatching profile` records it)."""
+    check = (prof.fit or {}).get("validation")
     if not check:
         return f"profile {name} records no check against a GPU: its capacities are unvalidated estimates"
     return f"profile {name} against the GPU, as recorded: {check['verdict']}"
