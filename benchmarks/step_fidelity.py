@@ -878,7 +878,9 @@ def main() -> None:
         if args.phase == "record" and (
             missing := [n for n in (data.profile, data.serving) if not (PROFILE_DIR / f"{n}.json").is_file()]
         ):
-            raise ConfigError(f"--profile {data.profile}: record writes bundled profiles, and {missing[0]} is not one")
+            raise ConfigError(
+                f"--profile {data.profile}: record writes bundled profile files, and {missing[0]} has none"
+            )
         if args.phase in ("resim", "capacity"):
             load_profile(pricing)
             if not 0 <= args.noise < 1:
